@@ -1,0 +1,130 @@
+//! Trust bundles: the CA certificates that peers of one trust domain are validated against, as PEM and as
+//! a SPIFFE bundle (a JWK set whose keys have `use: x509-svid`, SPIFFE Trust Domain and Bundle §4).
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use rustls::pki_types::{CertificateDer, TrustAnchor};
+use x509_parser::public_key::PublicKey;
+
+use crate::cert::{certs_from_pem, certs_to_pem, parse_cert, KeyAlgorithm, PemError};
+use crate::spiffe::TrustDomain;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error("certificate {index} of the bundle cannot be a trust anchor: {reason}")]
+    BadAnchor { index: usize, reason: String },
+}
+
+/// The trust anchors of one trust domain.
+///
+/// The parsed webpki anchors are computed once here, because the verifiers use them on every handshake.
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    trust_domain: TrustDomain,
+    certs: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    pub fn new(
+        trust_domain: TrustDomain,
+        certs: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, BundleError> {
+        let anchors = certs
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                parse_cert(c).map_err(|reason| BundleError::BadAnchor { index, reason })?;
+                webpki::anchor_from_trusted_cert(c)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BundleError::BadAnchor {
+                        index,
+                        reason: format!("{e:?}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            trust_domain,
+            certs,
+            anchors,
+        })
+    }
+
+    pub fn from_pem(trust_domain: TrustDomain, pem: &str) -> Result<Self, BundleError> {
+        Self::new(trust_domain, certs_from_pem(pem)?)
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+
+    pub fn to_pem(&self) -> String {
+        certs_to_pem(&self.certs)
+    }
+
+    /// The SPIFFE bundle (JWKS) form. `sequence` lets consumers order updates of the same trust domain;
+    /// `refresh_hint_secs` tells them how often to poll.
+    pub fn to_spiffe_json(&self, sequence: u64, refresh_hint_secs: u64) -> serde_json::Value {
+        let keys: Vec<serde_json::Value> = self.certs.iter().filter_map(|c| jwk_for(c)).collect();
+        serde_json::json!({
+            "keys": keys,
+            "spiffe_sequence": sequence,
+            "spiffe_refresh_hint": refresh_hint_secs,
+        })
+    }
+}
+
+/// One JWK for a trust anchor. Certificates whose key type has no JWK form are left out rather than
+/// encoded wrongly (they still appear in the PEM bundle).
+fn jwk_for(der: &CertificateDer<'_>) -> Option<serde_json::Value> {
+    let cert = parse_cert(der).ok()?;
+    let spki = cert.public_key();
+    let x5c = [STANDARD.encode(der.as_ref())];
+    let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+    let mut jwk = match (KeyAlgorithm::of(spki), spki.parsed().ok()?) {
+        (alg @ (KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384), PublicKey::EC(point)) => {
+            // Uncompressed point: 0x04 || X || Y, both coordinates of equal length.
+            let data = point.data();
+            let coord = (data.len().checked_sub(1)?) / 2;
+            if data.first() != Some(&4) || data.len() != 1 + 2 * coord {
+                return None;
+            }
+            let crv = if alg == KeyAlgorithm::EcdsaP256 {
+                "P-256"
+            } else {
+                "P-384"
+            };
+            serde_json::json!({
+                "kty": "EC", "crv": crv,
+                "x": b64(&data[1..1 + coord]), "y": b64(&data[1 + coord..]),
+            })
+        }
+        (KeyAlgorithm::Rsa { .. }, PublicKey::RSA(rsa)) => serde_json::json!({
+            "kty": "RSA",
+            "n": b64(strip_leading_zeros(rsa.modulus)),
+            "e": b64(strip_leading_zeros(rsa.exponent)),
+        }),
+        (KeyAlgorithm::Ed25519, _) => serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "x": b64(&spki.subject_public_key.data),
+        }),
+        _ => return None,
+    };
+    jwk["use"] = "x509-svid".into();
+    jwk["x5c"] = serde_json::json!(x5c);
+    Some(jwk)
+}
+
+fn strip_leading_zeros(b: &[u8]) -> &[u8] {
+    let first = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[first..]
+}
