@@ -401,3 +401,14 @@ impl ServerCertVerifier for SvidServerVerifier {
 pub fn unix_time(t: std::time::SystemTime) -> UnixTime {
     UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
 }
+
+/// A readable one-line explanation of a handshake error, for logs and CLI output. rustls prints the
+/// errors that verifiers return as `Other(...)` in debug form; this prints ours with their messages.
+pub fn explain(err: &rustls::Error) -> String {
+    if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) = err {
+        if let Some(r) = inner.downcast_ref::<PeerRejection>() {
+            return format!("invalid peer certificate: {r}");
+        }
+    }
+    err.to_string()
+}
