@@ -122,7 +122,7 @@ pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
 /// Parses one DER certificate, refusing trailing bytes.
 pub(crate) fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".into()),
         Err(e) => Err(format!("not a valid X.509 certificate: {e}")),
     }

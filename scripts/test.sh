@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole Strait test suite, exactly as CI runs it (`.ci/run` calls this file):
+#
+#     sudo bash scripts/test.sh
+#
+# Installs the Debian packages the tests use, then checks formatting, runs clippy with warnings as
+# errors, and runs every test of the workspace against one shared release build. End-to-end tests
+# create network namespaces and nftables tables, which needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "error: $*" >&2; exit 1; }
+step() { printf '\n==> %s\n' "$*"; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root: sudo bash scripts/test.sh (the suite installs Debian packages and creates network namespaces and nftables tables)"
+command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer (rustup) and run this again"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+
+# Debian packages the tests drive: openssl (independent certificate checks), nftables and iproute2
+# (capture and namespaces), curl (a real HTTP client).
+packages=(openssl nftables iproute2 curl ca-certificates)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing ${missing[*]}"
+  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand (this script expects Debian or Ubuntu)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq || die "apt-get update failed: check the package mirror is reachable"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "could not install ${missing[*]}"
+fi
+
+# regorus runs ~3.5x slower and serialises threads when backtraces are captured (see NOTES.md).
+export RUST_LIB_BACKTRACE=0
+
+step "cargo fmt --check"
+cargo fmt --all --check || die "code is not formatted: run cargo fmt --all"
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (release)"
+cargo test --workspace --release --locked
