@@ -102,11 +102,12 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PemErro
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
     certs
         .into_iter()
-        .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+        .map(|c| pem_encode("CERTIFICATE", c.as_ref()))
         .collect()
 }
 
-pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
+/// Encodes DER bytes as one PEM block with the given label.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

@@ -249,10 +249,22 @@ pub struct SvidClientVerifier {
     expected: PeerIdMatcher,
     algs: WebPkiSupportedAlgorithms,
     root_hints: Vec<DistinguishedName>,
+    mandatory: bool,
 }
 
 impl SvidClientVerifier {
+    /// Client certificates are required.
     pub fn new(bundle: Arc<TrustBundle>, expected: PeerIdMatcher) -> Self {
+        Self::build(bundle, expected, true)
+    }
+
+    /// Client certificates are optional, but one that is presented must pass every check (used by the
+    /// control plane, where joining nodes and admins have no SVID yet and nodes do).
+    pub fn optional(bundle: Arc<TrustBundle>, expected: PeerIdMatcher) -> Self {
+        Self::build(bundle, expected, false)
+    }
+
+    fn build(bundle: Arc<TrustBundle>, expected: PeerIdMatcher, mandatory: bool) -> Self {
         let root_hints = bundle
             .anchors()
             .iter()
@@ -263,6 +275,7 @@ impl SvidClientVerifier {
             expected,
             algs: provider().signature_verification_algorithms,
             root_hints,
+            mandatory,
         }
     }
 }
@@ -282,7 +295,7 @@ impl ClientCertVerifier for SvidClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn verify_client_cert(
@@ -411,4 +424,98 @@ pub fn explain(err: &rustls::Error) -> String {
         }
     }
     err.to_string()
+}
+
+/// Verifies a server whose trust anchor is known only by its SHA-256 pin (a first join, before the node has
+/// the trust bundle). The server must send the anchor in its chain; the chain is then validated against
+/// that anchor alone, and the leaf must be an SVID of the anchor's trust domain whose path is `path`.
+pub struct PinnedServerVerifier {
+    pin: [u8; 32],
+    path: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedServerVerifier {
+    pub fn new(pin: [u8; 32], path: impl Into<String>) -> Self {
+        Self {
+            pin,
+            path: path.into(),
+            algs: provider().signature_verification_algorithms,
+        }
+    }
+
+    /// Finds the pinned anchor in `certs` and returns the bundle it makes, or `UnknownIssuer`.
+    pub fn pinned_bundle(
+        &self,
+        leaf: &CertificateDer<'_>,
+        certs: &[CertificateDer<'_>],
+    ) -> Result<TrustBundle, PeerRejection> {
+        let anchor = certs
+            .iter()
+            .find(|c| ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == self.pin)
+            .ok_or(PeerRejection::UnknownIssuer)?;
+        let id = svid_id(leaf).map_err(PeerRejection::Shape)?;
+        TrustBundle::new(id.trust_domain(), vec![anchor.clone().into_owned()])
+            .map_err(|e| PeerRejection::Invalid(e.to_string()))
+    }
+}
+
+impl fmt::Debug for PinnedServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedServerVerifier")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let path = self.path.clone();
+        self.pinned_bundle(end_entity, intermediates)
+            .and_then(|bundle| {
+                let expected =
+                    PeerIdMatcher::predicate(format!("spiffe://<td>{path}"), move |id| {
+                        id.path() == path
+                    });
+                verify_peer(
+                    &bundle,
+                    &expected,
+                    end_entity,
+                    intermediates,
+                    now,
+                    PeerRole::Server,
+                )
+            })
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(|r| r.into_rustls(now))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
 }

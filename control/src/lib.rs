@@ -1,3 +1,18 @@
-//! `strait-control`: the control plane (CA service, node join, workload registry, policy distributor).
+//! `strait-control`: the control plane.
 //!
-//! Built by the issue "Control plane"; this crate is empty until then.
+//! - [`server`]: the HTTPS API process (admins by token, nodes by SVID, joins by one-time token).
+//! - [`store`]: crash-safe state in one redb file.
+//! - [`registry`]: workload declarations, validated, with field-path errors.
+//! - [`tokens`]: join tokens (hashed at rest, CA-pinned) and the admin credential.
+//! - [`api`]: paths and bodies; [`client`]: the API client; [`node`]: the node side (join, renew, SVIDs).
+//! - [`init`]: `strait control init`; [`context`]: the CLI's kubectl-style contexts.
+
+pub mod api;
+pub mod client;
+pub mod context;
+pub mod init;
+pub mod node;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod tokens;

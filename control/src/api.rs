@@ -1,0 +1,162 @@
+//! The control plane's HTTP API: paths and JSON bodies, shared by the server, the CLI and the proxy.
+//!
+//! | method | path | who | body → answer |
+//! |---|---|---|---|
+//! | GET | `/v1/ready` | anyone | → `ready` |
+//! | GET | `/v1/bundle` | anyone | → trust bundle PEM |
+//! | POST | `/v1/join` | holder of a join token | [`JoinRequest`] → [`NodeCertResponse`] |
+//! | POST | `/v1/node/renew` | node (mTLS, node SVID) | [`RenewRequest`] → [`NodeCertResponse`] |
+//! | POST | `/v1/node/svids` | node (mTLS) | [`SvidRequest`] → [`SvidResponse`] |
+//! | GET | `/v1/node/directory` | node (mTLS) | → [`Directory`] |
+//! | POST | `/v1/admin/tokens` | admin (bearer) | [`TokenRequest`] → [`TokenResponse`] |
+//! | GET | `/v1/admin/workloads` | admin | → `[Workload]` |
+//! | POST | `/v1/admin/workloads` | admin | `Workload` → [`ChangeResponse`] |
+//! | POST | `/v1/admin/workloads/remove` | admin | [`RemoveRequest`] → [`RemoveResponse`] |
+//! | POST | `/v1/admin/apply` | admin | YAML or JSON [`crate::registry::ApplyDocument`] → [`crate::store::ApplyReport`] |
+//! | GET | `/v1/admin/status` | admin | → [`Status`] |
+//!
+//! Errors are `{"error": {"code", "message", "field"?}}` with a matching HTTP status.
+
+use serde::{Deserialize, Serialize};
+use strait_ca::SpiffeId;
+
+use crate::registry::{NodeName, Workload};
+use crate::store::{Change, NodeRecord};
+
+/// Port the control plane's API listens on by default (Istio's istiod uses 15012 for the same job).
+pub const DEFAULT_PORT: u16 = 15012;
+/// The path of the control plane's own SPIFFE ID: `spiffe://<td>/strait/control`.
+pub const CONTROL_ID_PATH: &str = "/strait/control";
+
+pub mod paths {
+    pub const READY: &str = "/v1/ready";
+    pub const BUNDLE: &str = "/v1/bundle";
+    pub const JOIN: &str = "/v1/join";
+    pub const NODE_RENEW: &str = "/v1/node/renew";
+    pub const NODE_SVIDS: &str = "/v1/node/svids";
+    pub const NODE_DIRECTORY: &str = "/v1/node/directory";
+    pub const ADMIN_TOKENS: &str = "/v1/admin/tokens";
+    pub const ADMIN_WORKLOADS: &str = "/v1/admin/workloads";
+    pub const ADMIN_WORKLOADS_REMOVE: &str = "/v1/admin/workloads/remove";
+    pub const ADMIN_APPLY: &str = "/v1/admin/apply";
+    pub const ADMIN_STATUS: &str = "/v1/admin/status";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub token: String,
+    pub csr_pem: String,
+    /// host:port where other proxies reach this node's tunnel port.
+    #[serde(default)]
+    pub tunnel_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr_pem: String,
+    #[serde(default)]
+    pub tunnel_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeCertResponse {
+    pub id: SpiffeId,
+    pub chain_pem: String,
+    pub bundle_pem: String,
+    pub trust_domain: String,
+    pub not_after: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvidRequest {
+    pub workload: SpiffeId,
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SvidResponse {
+    pub id: SpiffeId,
+    pub chain_pem: String,
+    pub not_after: u64,
+}
+
+/// What a proxy needs to route: every workload, and where each node's tunnel port is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Directory {
+    /// The registry revision this directory was built from (monotonic).
+    pub revision: u64,
+    pub workloads: Vec<Workload>,
+    pub nodes: Vec<DirectoryNode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectoryNode {
+    pub name: NodeName,
+    pub tunnel_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub node: NodeName,
+    /// Lifetime in seconds (default one hour, at most a week).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub node: NodeName,
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeResponse {
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRequest {
+    pub id: SpiffeId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub removed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    /// Seconds since the node last called the control plane (since this process started); `None` when it
+    /// has not called since.
+    pub last_seen_secs_ago: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub trust_domain: String,
+    pub revision: u64,
+    pub ca_not_after: u64,
+    pub nodes: Vec<NodeStatus>,
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}

@@ -1,0 +1,283 @@
+//! A client of the control plane's API, used by the CLI (admin token), node proxies (node SVID) and joining
+//! nodes (anchor pin from the join token).
+//!
+//! Requests share one HTTP/2 connection, re-established when it drops, so a proxy asking for many SVIDs
+//! pays one TLS handshake, not one per request.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use serde::{de::DeserializeOwned, Serialize};
+use strait_ca::verify::{PinnedServerVerifier, SvidServerVerifier};
+use strait_ca::{PeerIdMatcher, Svid, TrustBundle};
+
+use crate::api::{ErrorBody, CONTROL_ID_PATH, DEFAULT_PORT};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Answers larger than this are refused (a directory of tens of thousands of workloads fits).
+const MAX_RESPONSE: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad control plane address {0:?}: use https://HOST:PORT")]
+    BadUrl(String),
+    #[error("cannot reach the control plane at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("TLS with the control plane failed: {0}")]
+    Tls(String),
+    #[error("control plane request failed: {0}")]
+    Http(String),
+    #[error("{message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+        field: Option<String>,
+    },
+    #[error("unexpected answer from the control plane: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// How the client authenticates the control plane.
+pub enum ServerTrust {
+    /// The trust bundle: the server must prove `spiffe://<td>/strait/control`.
+    Bundle(Arc<TrustBundle>),
+    /// A first join: only the SHA-256 of the trust anchor is known (from the join token).
+    Pin([u8; 32]),
+}
+
+pub struct ApiClient {
+    host: String,
+    port: u16,
+    authority: String,
+    tls: Arc<rustls::ClientConfig>,
+    bearer: Option<String>,
+    conn: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl ApiClient {
+    /// `server` is `https://host:port` (or `host:port`); `client_cert` is the node SVID for node routes.
+    pub fn new(
+        server: &str,
+        trust: ServerTrust,
+        client_cert: Option<&Svid>,
+        bearer: Option<String>,
+    ) -> Result<Self, ClientError> {
+        let with_scheme = if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("https://{server}")
+        };
+        let uri: Uri = with_scheme
+            .parse()
+            .map_err(|_| ClientError::BadUrl(server.into()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(ClientError::BadUrl(server.into()));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::BadUrl(server.into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(DEFAULT_PORT);
+
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
+            ServerTrust::Bundle(bundle) => {
+                let td = bundle.trust_domain().id_string();
+                let want = format!("{td}{CONTROL_ID_PATH}");
+                Arc::new(SvidServerVerifier::new(
+                    bundle,
+                    PeerIdMatcher::predicate(want.clone(), move |id| id.as_str() == want),
+                ))
+            }
+            ServerTrust::Pin(pin) => Arc::new(PinnedServerVerifier::new(pin, CONTROL_ID_PATH)),
+        };
+        let builder =
+            rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| ClientError::Tls(e.to_string()))?
+                .dangerous() // the verifier checks the chain and the control plane's SPIFFE ID
+                .with_custom_certificate_verifier(verifier);
+        let mut tls = match client_cert {
+            Some(svid) => builder
+                .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
+                .map_err(|e| ClientError::Tls(e.to_string()))?,
+            None => builder.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Self {
+            host,
+            port,
+            authority,
+            tls: Arc::new(tls),
+            bearer,
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: self.authority.clone(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| connect_err("timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.host.clone())
+            .map_err(|_| ClientError::BadUrl(self.host.clone()))?;
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ClientError::Tls("handshake timed out".into()))?
+        .map_err(|e| {
+            ClientError::Tls(
+                e.get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .map(strait_ca::verify::explain)
+                    .unwrap_or_else(|| e.to_string()),
+            )
+        })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// A ready sender: the cached connection, or a new one. The lock is never held across an await.
+    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        let cached = self.conn.lock().ok().and_then(|c| c.clone());
+        if let Some(mut s) = cached {
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+        let fresh = self.connect().await?;
+        if let Ok(mut c) = self.conn.lock() {
+            *c = Some(fresh.clone());
+        }
+        Ok(fresh)
+    }
+
+    /// Sends one request and returns status and body.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut sender = self.sender().await?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("https://{}{}", self.authority, path));
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        if let Some(token) = &self.bearer {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let fut = async {
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let status = resp.status();
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| ClientError::Http("request timed out".into()))?
+    }
+
+    /// Sends JSON (or nothing) and decodes a JSON answer; an error answer becomes [`ClientError::Api`].
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let (ct, bytes) = match body {
+            Some(b) => (
+                Some("application/json"),
+                Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?),
+            ),
+            None => (None, Bytes::new()),
+        };
+        let (status, answer) = self.raw(method, path, ct, bytes).await?;
+        decode(status, &answer)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+}
+
+/// Decodes an answer: the JSON body on success, the API error otherwise.
+pub fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+    if status.is_success() {
+        return serde_json::from_slice(body).map_err(|e| ClientError::Decode(e.to_string()));
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => Err(ClientError::Api {
+            status,
+            code: e.error.code,
+            message: e.error.message,
+            field: e.error.field,
+        }),
+        Err(_) => Err(ClientError::Api {
+            status,
+            code: "http".into(),
+            message: format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()),
+            field: None,
+        }),
+    }
+}

@@ -1,0 +1,239 @@
+//! The node side of the API: joining with a token, renewing the node SVID, obtaining workload SVIDs and
+//! fetching the directory. Keys are generated here, in the process that will use them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::PrivateKeyDer;
+use strait_ca::cert::certs_from_pem;
+use strait_ca::csr::generate_key_and_csr;
+use strait_ca::files::{self, PUBLIC_MODE, SECRET_MODE};
+use strait_ca::{SpiffeId, Svid, TrustBundle, TrustDomain};
+
+use crate::api::{self, paths};
+use crate::client::{ApiClient, ClientError, ServerTrust};
+use crate::tokens::{sha256, JoinToken};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    #[error("invalid join token: {0}")]
+    Token(#[from] crate::tokens::TokenError),
+    #[error("the control plane answered with an unusable certificate or bundle: {0}")]
+    BadAnswer(String),
+    #[error("cannot generate a key: {0}")]
+    Key(String),
+    #[error(transparent)]
+    File(#[from] strait_ca::files::FileError),
+}
+
+/// A node's identity: its SVID (key generated here) and the trust bundle.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub svid: Svid,
+    pub bundle: Arc<TrustBundle>,
+    pub not_after: SystemTime,
+}
+
+/// Files a node keeps in its data directory.
+pub mod layout {
+    pub const NODE_CERT: &str = "node-cert.pem";
+    pub const NODE_KEY: &str = "node-key.pem";
+    pub const BUNDLE: &str = "bundle.pem";
+}
+
+fn new_csr() -> Result<(PrivateKeyDer<'static>, String), NodeError> {
+    let (key, der) = generate_key_and_csr().map_err(|e| NodeError::Key(e.to_string()))?;
+    Ok((
+        key,
+        strait_ca::cert::pem_encode("CERTIFICATE REQUEST", &der),
+    ))
+}
+
+fn identity_from(
+    resp: api::NodeCertResponse,
+    key: PrivateKeyDer<'static>,
+) -> Result<NodeIdentity, NodeError> {
+    let bad = |e: &dyn std::fmt::Display| NodeError::BadAnswer(e.to_string());
+    let td = TrustDomain::new(&resp.trust_domain).map_err(|e| bad(&e))?;
+    let bundle = TrustBundle::from_pem(td, &resp.bundle_pem).map_err(|e| bad(&e))?;
+    let chain = certs_from_pem(&resp.chain_pem).map_err(|e| bad(&e))?;
+    let id = strait_ca::cert::svid_id(&chain[0]).map_err(|e| bad(&e))?;
+    if id != resp.id {
+        return Err(NodeError::BadAnswer(format!(
+            "asked for {}, got a certificate for {id}",
+            resp.id
+        )));
+    }
+    Ok(NodeIdentity {
+        svid: Svid { id, chain, key },
+        bundle: Arc::new(bundle),
+        not_after: UNIX_EPOCH + Duration::from_secs(resp.not_after),
+    })
+}
+
+/// Joins the mesh with a one-time token. The control plane is authenticated by the anchor pin in the token.
+pub async fn join(
+    server: &str,
+    token: &str,
+    tunnel_address: Option<String>,
+) -> Result<NodeIdentity, NodeError> {
+    let parsed = JoinToken::parse(token)?;
+    let client = ApiClient::new(server, ServerTrust::Pin(parsed.ca_pin), None, None)?;
+    let (key, csr_pem) = new_csr()?;
+    let resp: api::NodeCertResponse = client
+        .post(
+            paths::JOIN,
+            &api::JoinRequest {
+                token: token.trim().to_owned(),
+                csr_pem,
+                tunnel_address,
+            },
+        )
+        .await?;
+    let identity = identity_from(resp, key)?;
+    // The bundle handed over must contain the anchor the token pinned.
+    if !identity
+        .bundle
+        .certs()
+        .iter()
+        .any(|c| sha256(c.as_ref()) == parsed.ca_pin)
+    {
+        return Err(NodeError::BadAnswer(
+            "the trust bundle does not contain the CA pinned by the join token".into(),
+        ));
+    }
+    Ok(identity)
+}
+
+impl NodeIdentity {
+    pub fn id(&self) -> &SpiffeId {
+        &self.svid.id
+    }
+
+    /// Writes the node SVID (key 0600) and bundle into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), NodeError> {
+        files::create_private_dir(dir)?;
+        let key = strait_ca::cert::pem_encode("PRIVATE KEY", self.svid.key.secret_der());
+        files::write_atomic(&dir.join(layout::NODE_KEY), key.as_bytes(), SECRET_MODE)?;
+        files::write_atomic(
+            &dir.join(layout::NODE_CERT),
+            strait_ca::cert::certs_to_pem(&self.svid.chain).as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        files::write_atomic(
+            &dir.join(layout::BUNDLE),
+            self.bundle.to_pem().as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        Ok(())
+    }
+
+    /// Reads what [`save`](Self::save) wrote; refuses a key others can read.
+    pub fn load(dir: &Path) -> Result<Self, NodeError> {
+        let bad = |e: &dyn std::fmt::Display| NodeError::BadAnswer(e.to_string());
+        let key_pem = files::read_secret_pem(&dir.join(layout::NODE_KEY))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let chain =
+            certs_from_pem(&files::read_pem(&dir.join(layout::NODE_CERT))?).map_err(|e| bad(&e))?;
+        let summary = strait_ca::cert::CertSummary::of(&chain[0]).map_err(|e| bad(&e))?;
+        let id = summary.spiffe_id.map_err(|e| bad(&e))?;
+        let bundle = TrustBundle::from_pem(
+            id.trust_domain(),
+            &files::read_pem(&dir.join(layout::BUNDLE))?,
+        )
+        .map_err(|e| bad(&e))?;
+        Ok(Self {
+            svid: Svid { id, chain, key },
+            bundle: Arc::new(bundle),
+            not_after: summary.not_after,
+        })
+    }
+}
+
+/// A node's authenticated session with the control plane (mTLS with the node SVID).
+pub struct NodeClient {
+    api: ApiClient,
+}
+
+impl NodeClient {
+    pub fn new(server: &str, identity: &NodeIdentity) -> Result<Self, NodeError> {
+        Ok(Self {
+            api: ApiClient::new(
+                server,
+                ServerTrust::Bundle(identity.bundle.clone()),
+                Some(&identity.svid),
+                None,
+            )?,
+        })
+    }
+
+    /// A new node SVID (new key) authenticated by the current one.
+    pub async fn renew(&self, tunnel_address: Option<String>) -> Result<NodeIdentity, NodeError> {
+        let (key, csr_pem) = new_csr()?;
+        let resp: api::NodeCertResponse = self
+            .api
+            .post(
+                paths::NODE_RENEW,
+                &api::RenewRequest {
+                    csr_pem,
+                    tunnel_address,
+                },
+            )
+            .await?;
+        identity_from(resp, key)
+    }
+
+    /// An SVID for a workload registered on this node, with a key generated here.
+    pub async fn workload_svid(
+        &self,
+        workload: &SpiffeId,
+    ) -> Result<(Svid, SystemTime), NodeError> {
+        let (key, csr_pem) = new_csr()?;
+        self.workload_svid_for_csr(workload, key, csr_pem).await
+    }
+
+    /// Like [`workload_svid`](Self::workload_svid) with a key and CSR made by the caller.
+    pub async fn workload_svid_for_csr(
+        &self,
+        workload: &SpiffeId,
+        key: PrivateKeyDer<'static>,
+        csr_pem: String,
+    ) -> Result<(Svid, SystemTime), NodeError> {
+        let resp: api::SvidResponse = self
+            .api
+            .post(
+                paths::NODE_SVIDS,
+                &api::SvidRequest {
+                    workload: workload.clone(),
+                    csr_pem,
+                },
+            )
+            .await?;
+        let chain =
+            certs_from_pem(&resp.chain_pem).map_err(|e| NodeError::BadAnswer(e.to_string()))?;
+        let id =
+            strait_ca::cert::svid_id(&chain[0]).map_err(|e| NodeError::BadAnswer(e.to_string()))?;
+        if &id != workload {
+            return Err(NodeError::BadAnswer(format!(
+                "asked for {workload}, got {id}"
+            )));
+        }
+        Ok((
+            Svid { id, chain, key },
+            UNIX_EPOCH + Duration::from_secs(resp.not_after),
+        ))
+    }
+
+    pub async fn directory(&self) -> Result<api::Directory, NodeError> {
+        Ok(self.api.get(paths::NODE_DIRECTORY).await?)
+    }
+}
+
+/// A key and PEM CSR for callers that want to prepare requests ahead of time (benchmarks).
+pub fn prepare_csr() -> Result<(PrivateKeyDer<'static>, String), NodeError> {
+    new_csr()
+}

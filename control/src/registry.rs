@@ -1,0 +1,315 @@
+//! The workload registry's types: what an operator declares about a workload, validated on the way in.
+//!
+//! A workload is a SPIFFE ID on one node, recognised there either by the Unix user its processes run as (VM
+//! mode) or by its IP addresses (Kubernetes mode), serving on declared ports. The wire and file form is a
+//! flat map (`uid: 1001` or `ips: [10.0.0.5]`); in code the choice is an enum, so a workload with both or
+//! neither cannot exist.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use strait_ca::SpiffeId;
+
+/// A node name: also a SPIFFE path segment (`spiffe://TD/node/<name>`), so limited to letters, digits,
+/// `.`, `-`, `_`, at most 253 bytes (a DNS name's length).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct NodeName(String);
+
+impl NodeName {
+    pub fn new(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 253 {
+            return Err("a node name must be 1 to 253 characters".into());
+        }
+        if s == "." || s == ".." {
+            return Err("a node name cannot be '.' or '..'".into());
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        {
+            return Err(format!(
+                "a node name may contain only letters, digits, '.', '-' and '_' (found {c:?})"
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How the proxy treats a port's traffic (used by the authorization layer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (requests parsed and authorized one by one).
+    Http,
+    /// HTTP/2 with prior knowledge (gRPC and the like).
+    Http2,
+    /// Opaque TCP: one decision per connection.
+    Tcp,
+    /// Not declared: detect from the first bytes, never waiting long for server-first protocols.
+    #[default]
+    Auto,
+}
+
+/// A port a workload serves on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// PERMISSIVE: plaintext from other hosts is accepted on this port (for migrations). Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permissive: bool,
+}
+
+/// `5000` or `{port: 5000, protocol: http}` in files.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortInput {
+    Bare(u16),
+    Full(PortSpec),
+}
+
+/// How the node recognises the workload's traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// VM mode: processes running as this Unix user.
+    Uid(u32),
+    /// Kubernetes mode: these pod addresses (one or more, v4 and v6).
+    Ips(Vec<IpAddr>),
+}
+
+/// A registered workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawWorkload", into = "RawWorkload")]
+pub struct Workload {
+    pub id: SpiffeId,
+    pub node: NodeName,
+    pub selector: Selector,
+    /// Sorted by port, no duplicates.
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    id: SpiffeId,
+    node: NodeName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ips: Vec<IpAddr>,
+    #[serde(default, serialize_with = "serialize_ports")]
+    ports: Vec<PortSpecSer>,
+}
+
+/// Ports in serialised form (always the full map).
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct PortSpecSer(#[serde(deserialize_with = "deserialize_port")] PortSpec);
+
+fn deserialize_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PortSpec, D::Error> {
+    Ok(match PortInput::deserialize(d)? {
+        PortInput::Bare(port) => PortSpec {
+            port,
+            protocol: Protocol::Auto,
+            permissive: false,
+        },
+        PortInput::Full(p) => p,
+    })
+}
+
+fn serialize_ports<S: serde::Serializer>(ports: &[PortSpecSer], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ports.iter().map(|p| &p.0))
+}
+
+impl TryFrom<RawWorkload> for Workload {
+    type Error = String;
+    fn try_from(raw: RawWorkload) -> Result<Self, String> {
+        let selector = match (raw.uid, raw.ip, raw.ips.is_empty()) {
+            (Some(uid), None, true) => Selector::Uid(uid),
+            (None, Some(ip), true) => Selector::Ips(vec![ip]),
+            (None, None, false) => Selector::Ips(raw.ips),
+            (None, None, true) => {
+                return Err("give either `uid` (VM mode) or `ip`/`ips` (Kubernetes mode)".into())
+            }
+            _ => return Err("give only one of `uid`, `ip` and `ips`".into()),
+        };
+        let mut ports: Vec<PortSpec> = raw.ports.into_iter().map(|p| p.0).collect();
+        if ports.is_empty() {
+            return Err("`ports` needs at least one port".into());
+        }
+        if ports.iter().any(|p| p.port == 0) {
+            return Err("port 0 is not a port".into());
+        }
+        ports.sort_by_key(|p| p.port);
+        if ports.windows(2).any(|w| w[0].port == w[1].port) {
+            return Err("a port is listed twice".into());
+        }
+        Ok(Workload {
+            id: raw.id,
+            node: raw.node,
+            selector,
+            ports,
+        })
+    }
+}
+
+impl From<Workload> for RawWorkload {
+    fn from(w: Workload) -> Self {
+        let (uid, ips) = match w.selector {
+            Selector::Uid(u) => (Some(u), Vec::new()),
+            Selector::Ips(ips) => (None, ips),
+        };
+        RawWorkload {
+            id: w.id,
+            node: w.node,
+            uid,
+            ip: None,
+            ips,
+            ports: w.ports.into_iter().map(PortSpecSer).collect(),
+        }
+    }
+}
+
+impl Serialize for PortSpecSer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// The document `strait apply -f` sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApplyDocument {
+    pub api_version: ApiVersion,
+    pub kind: ApplyKind,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ApiVersion {
+    #[serde(rename = "strait.dev/v1")]
+    V1,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ApplyKind {
+    WorkloadList,
+}
+
+/// A document that could not be read, with the path of the offending field (`workloads[1].ports`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Parses JSON into `T`, naming the field that is wrong.
+pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+    de.end().map_err(|e| FieldError {
+        field: ".".into(),
+        message: e.to_string(),
+    })?;
+    Ok(v)
+}
+
+/// Parses YAML into `T`, naming the field that is wrong.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
+    let de = serde_norway::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(path_error)
+}
+
+fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> FieldError {
+    let field = e.path().to_string();
+    FieldError {
+        field: if field.is_empty() { ".".into() } else { field },
+        message: e.into_inner().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_with_shorthand_ports_parses() {
+        let doc: ApplyDocument = from_yaml(
+            br#"
+apiVersion: strait.dev/v1
+kind: WorkloadList
+workloads:
+  - id: spiffe://example.org/ns/a/sa/web
+    node: host-a
+    uid: 1001
+    ports: [8080, {port: 5000, protocol: http}]
+  - id: spiffe://example.org/ns/a/sa/db
+    node: host-b
+    ips: [10.0.0.5, "fd00::5"]
+    ports: [{port: 5432, protocol: tcp, permissive: true}]
+"#,
+        )
+        .unwrap();
+        assert_eq!(doc.workloads.len(), 2);
+        assert_eq!(doc.workloads[0].selector, Selector::Uid(1001));
+        assert_eq!(doc.workloads[0].ports[0].port, 5000, "sorted");
+        assert_eq!(doc.workloads[0].ports[1].protocol, Protocol::Auto);
+        assert!(doc.workloads[1].ports[0].permissive);
+        // Round trip through JSON keeps everything.
+        let json = serde_json::to_vec(&doc.workloads).unwrap();
+        let back: Vec<Workload> = from_json(&json).unwrap();
+        assert_eq!(back, doc.workloads);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = from_yaml::<ApplyDocument>(
+            b"apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n  - id: spiffe://example.org/a\n    node: n\n    uid: 1\n    ports: [70000]\n",
+        )
+        .unwrap_err();
+        assert!(e.field.starts_with("workloads[0]"), "{e}");
+        let e = from_yaml::<ApplyDocument>(
+            b"apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n  - id: spiffe://Example.org/a\n    node: n\n    uid: 1\n    ports: [1]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "workloads[0].id", "{e}");
+        assert!(e.message.contains("lower-case"), "{e}");
+        let e = from_json::<Workload>(
+            br#"{"id":"spiffe://t/a","node":"n","uid":1,"ips":["10.0.0.1"],"ports":[1]}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("only one of"), "{e}");
+        let e = from_json::<Workload>(
+            br#"{"id":"spiffe://t/a","node":"n","uid":1,"ports":[1],"colour":"red"}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("colour"), "{e}");
+        let e = from_yaml::<ApplyDocument>(b"apiVersion: v2\nkind: WorkloadList\n").unwrap_err();
+        assert_eq!(e.field, "apiVersion");
+    }
+}

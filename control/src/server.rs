@@ -1,0 +1,814 @@
+//! The control plane process: HTTPS (TLS 1.3) API over the store and the CA.
+//!
+//! One listener serves three kinds of callers, told apart per request:
+//! - **admins**, by a bearer token (its SHA-256 compared in constant time);
+//! - **nodes**, by their node SVID as TLS client certificate (optional at the TLS layer, required by the
+//!   `/v1/node/*` routes; a presented certificate must pass every check or the handshake fails);
+//! - **joining nodes**, by a one-time join token in the request body.
+//!
+//! Store and CA work blocks (fsync, signatures), so handlers run it on the blocking pool; no lock is held
+//! across an await.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::Serialize;
+use strait_ca::verify::peer_id;
+use strait_ca::{CertificateAuthority, CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustBundle};
+use tokio::net::TcpListener;
+use tracing::{debug, error, info, warn};
+
+use crate::api::{self, paths, ErrorBody, ErrorDetail};
+use crate::registry::{from_json, from_yaml, ApplyDocument, FieldError, NodeName, Workload};
+use crate::store::{NodeRecord, Store, StoreError, TokenRecord};
+use crate::tokens::{sha256, AdminToken, JoinToken};
+
+/// Largest request body accepted (an apply document of a few thousand workloads fits).
+pub const MAX_BODY: usize = 1 << 20;
+/// Largest header block accepted, HTTP/1.1 and HTTP/2.
+pub const MAX_HEADERS: usize = 16 * 1024;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_TOKEN_TTL: u64 = 3600;
+const MAX_TOKEN_TTL: u64 = 7 * 86400;
+
+/// Files in the control plane's data directory.
+pub mod layout {
+    pub const CA_DIR: &str = "ca";
+    pub const STORE: &str = "store.redb";
+    pub const ADMIN_TOKEN: &str = "admin.token";
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Lifetime of node and workload SVIDs.
+    pub svid_ttl: Duration,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The control plane's own serving certificate, swapped at half life without restarting the listener.
+#[derive(Debug)]
+struct ServingCert(arc_swap::ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// Issues the control plane's SVID with a key made here (never written anywhere), and sends the trust
+/// anchor in the chain so that a joining node can check it against the pin in its token.
+fn serving_cert(
+    ca: &CertificateAuthority,
+    id: &SpiffeId,
+    ttl: Duration,
+) -> anyhow::Result<(CertifiedKey, SystemTime)> {
+    let now = SystemTime::now();
+    let svid = ca.issue_with_new_key(id, ttl, now)?;
+    let mut chain = svid.chain;
+    chain.extend(ca.trust_bundle().certs().iter().cloned());
+    let key = strait_ca::tls::provider()
+        .key_provider
+        .load_private_key(svid.key)?;
+    Ok((CertifiedKey::new(chain, key), now + ttl))
+}
+
+pub struct State {
+    ca: CertificateAuthority,
+    store: Store,
+    bundle_pem: String,
+    admin_hash: [u8; 32],
+    ca_pin: [u8; 32],
+    svid_ttl: Duration,
+    /// Last call per node since this process started (kept in memory: writing it on every call would cost
+    /// an fsync per request).
+    last_seen: Mutex<HashMap<NodeName, Instant>>,
+}
+
+impl State {
+    /// Opens the data directory written by [`crate::init::init`].
+    pub fn open(data_dir: &Path, svid_ttl: Duration) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let ca = CertificateAuthority::load(&data_dir.join(layout::CA_DIR), SystemTime::now())
+            .context("loading the CA")?;
+        let store = Store::open(&data_dir.join(layout::STORE)).context("opening the store")?;
+        let admin_hash = store.admin_hash()?.with_context(|| {
+            format!(
+                "{} has no admin credential; run `strait control init`",
+                data_dir.display()
+            )
+        })?;
+        let anchor = ca
+            .trust_bundle()
+            .certs()
+            .first()
+            .context("the CA has no trust anchor")?;
+        Ok(Self {
+            bundle_pem: ca.trust_bundle().to_pem(),
+            ca_pin: sha256(anchor.as_ref()),
+            ca,
+            store,
+            admin_hash,
+            svid_ttl,
+            last_seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn control_id(&self) -> anyhow::Result<SpiffeId> {
+        Ok(SpiffeId::parse(&format!(
+            "{}{}",
+            self.ca.trust_domain().id_string(),
+            api::CONTROL_ID_PATH
+        ))?)
+    }
+
+    fn bundle(&self) -> Arc<TrustBundle> {
+        Arc::new(self.ca.trust_bundle().clone())
+    }
+
+    fn touch(&self, node: &NodeName) {
+        if let Ok(mut m) = self.last_seen.lock() {
+            m.insert(node.clone(), Instant::now());
+        }
+    }
+}
+
+/// Runs the API until `shutdown` resolves.
+pub async fn serve(
+    state: Arc<State>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let control_id = state.control_id()?;
+    let (cert, mut not_after) = serving_cert(&state.ca, &control_id, state.svid_ttl)?;
+    let resolver = Arc::new(ServingCert(arc_swap::ArcSwap::from_pointee(cert)));
+
+    // Only node SVIDs may be presented as client certificates here; workloads talk to their proxy, never
+    // to the control plane.
+    let nodes_only =
+        PeerIdMatcher::predicate("a node identity (spiffe://<td>/node/<name>)", |id| {
+            matches!(id.kind(), IdKind::Node { .. })
+        });
+    let mut tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::optional(
+            state.bundle(),
+            nodes_only,
+        )))
+        .with_cert_resolver(resolver.clone());
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADERS);
+    http.http2()
+        .max_header_list_size(MAX_HEADERS as u32)
+        .max_concurrent_streams(256);
+    let http = Arc::new(http);
+
+    info!(addr = %listener.local_addr()?, id = %control_id, "control plane listening");
+    tokio::pin!(shutdown);
+    loop {
+        // Renew the serving certificate at half life.
+        let half_life = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            / 2;
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("control plane shutting down");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(half_life.max(Duration::from_secs(1))) => {
+                match serving_cert(&state.ca, &control_id, state.svid_ttl) {
+                    Ok((cert, na)) => {
+                        resolver.0.store(Arc::new(cert));
+                        not_after = na;
+                        info!("renewed the control plane's serving certificate");
+                    }
+                    Err(e) => error!(error = %e, "cannot renew the serving certificate; retrying in 1 s"),
+                }
+            }
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, state, http) = (acceptor.clone(), state.clone(), http.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            let reason = e
+                                .get_ref()
+                                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                                .map(strait_ca::verify::explain)
+                                .unwrap_or_else(|| e.to_string());
+                            warn!(%remote, %reason, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let node = peer_id(tls.get_ref().1).and_then(|id| match id.kind() {
+                        IdKind::Node { name } => NodeName::new(name).ok(),
+                        _ => None,
+                    });
+                    let ctx = Arc::new(Caller { remote, node });
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (state, ctx) = (state.clone(), ctx.clone());
+                        async move { Ok::<_, Infallible>(route(state, ctx, req).await) }
+                    });
+                    if let Err(e) = http.serve_connection(TokioIo::new(tls), svc).await {
+                        debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Who is calling, as far as the TLS layer knows.
+struct Caller {
+    remote: SocketAddr,
+    /// The verified node, when the caller presented a node SVID.
+    node: Option<NodeName>,
+}
+
+/// An error answer: status, stable code, message, and the offending field when there is one.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn bad_field(e: FieldError) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid",
+            message: e.to_string(),
+            field: Some(e.field),
+        }
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        error!(error = %e, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the control plane log",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::internal(e)
+    }
+}
+
+type Reply = Result<Response<Full<Bytes>>, ApiError>;
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn error_response(e: ApiError) -> Response<Full<Bytes>> {
+    let mut r = json(
+        e.status,
+        &ErrorBody {
+            error: ErrorDetail {
+                code: e.code.into(),
+                message: e.message,
+                field: e.field,
+            },
+        },
+    );
+    if e.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"strait\""),
+        );
+    }
+    r
+}
+
+/// Runs blocking work (store, signatures) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+}
+
+async fn route(
+    state: Arc<State>,
+    caller: Arc<Caller>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let result = dispatch(&state, &caller, &method, &path, req).await;
+    let response = result.unwrap_or_else(error_response);
+    debug!(remote = %caller.remote, %method, %path, status = response.status().as_u16(), "request");
+    response
+}
+
+async fn dispatch(
+    state: &Arc<State>,
+    caller: &Arc<Caller>,
+    method: &Method,
+    path: &str,
+    req: Request<Incoming>,
+) -> Reply {
+    match (method, path) {
+        (&Method::GET, paths::READY) => Ok(text(StatusCode::OK, "ready\n")),
+        (&Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, state.bundle_pem.clone())),
+        (&Method::POST, paths::JOIN) => join(state, caller, req).await,
+        (_, p) if p.starts_with("/v1/node/") => {
+            let node = caller.node.clone().ok_or_else(|| {
+                warn!(remote = %caller.remote, path = p, "node route called without a node certificate");
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "node routes need the node's SVID as TLS client certificate (join first)",
+                )
+            })?;
+            state.touch(&node);
+            match (method, p) {
+                (&Method::POST, paths::NODE_RENEW) => renew(state, node, req).await,
+                (&Method::POST, paths::NODE_SVIDS) => workload_svid(state, node, req).await,
+                (&Method::GET, paths::NODE_DIRECTORY) => directory(state).await,
+                _ => Err(not_found(method, p)),
+            }
+        }
+        (_, p) if p.starts_with("/v1/admin/") => {
+            authorize_admin(state, caller, &req, p)?;
+            match (method, p) {
+                (&Method::POST, paths::ADMIN_TOKENS) => create_token(state, req).await,
+                (&Method::GET, paths::ADMIN_WORKLOADS) => {
+                    let st = state.clone();
+                    let list = blocking(move || Ok(st.store.workloads()?)).await?;
+                    Ok(json(StatusCode::OK, &list))
+                }
+                (&Method::POST, paths::ADMIN_WORKLOADS) => put_workload(state, req).await,
+                (&Method::POST, paths::ADMIN_WORKLOADS_REMOVE) => remove_workload(state, req).await,
+                (&Method::POST, paths::ADMIN_APPLY) => apply(state, req).await,
+                (&Method::GET, paths::ADMIN_STATUS) => status(state).await,
+                _ => Err(not_found(method, p)),
+            }
+        }
+        _ => Err(not_found(method, path)),
+    }
+}
+
+fn not_found(method: &Method, path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {path}"),
+    )
+}
+
+fn authorize_admin(
+    state: &State,
+    caller: &Caller,
+    req: &Request<Incoming>,
+    path: &str,
+) -> Result<(), ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(AdminToken::parse);
+    match presented {
+        Some(t) if crate::tokens::hashes_equal(&t.hash(), &state.admin_hash) => Ok(()),
+        Some(_) => {
+            warn!(remote = %caller.remote, path, "admin call with a wrong credential refused");
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "the admin credential is not valid",
+            ))
+        }
+        None => {
+            warn!(remote = %caller.remote, path, "anonymous admin call refused");
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "admin calls need `Authorization: Bearer <admin token>` (see `strait control init`)",
+            ))
+        }
+    }
+}
+
+async fn body(req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request bodies are limited to {MAX_BODY} bytes"),
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.to_string())
+            }
+        })?
+        .to_bytes();
+    Ok((content_type, bytes))
+}
+
+async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let (_, bytes) = body(req).await?;
+    from_json(&bytes).map_err(ApiError::bad_field)
+}
+
+fn check_csr(pem: &str) -> Result<CheckedCsr, ApiError> {
+    CheckedCsr::from_pem(pem).map_err(|e| {
+        ApiError::bad_field(FieldError {
+            field: "csr_pem".into(),
+            message: e.to_string(),
+        })
+    })
+}
+
+fn check_tunnel_address(addr: &Option<String>) -> Result<(), ApiError> {
+    match addr {
+        Some(a) if a.parse::<SocketAddr>().is_err() => Err(ApiError::bad_field(FieldError {
+            field: "tunnel_address".into(),
+            message: format!("{a:?} is not an address:port"),
+        })),
+        _ => Ok(()),
+    }
+}
+
+/// The generic refusal a joining caller sees; the log says which check failed.
+fn join_refused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "join_refused",
+        "the join token is not valid (unknown, expired or already used); create a new one with `strait node token create`",
+    )
+}
+
+async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Reply {
+    let r: api::JoinRequest = json_body(req).await?;
+    check_tunnel_address(&r.tunnel_address)?;
+    let token = JoinToken::parse(&r.token).map_err(|_| {
+        warn!(remote = %caller.remote, "join with a malformed token refused");
+        join_refused()
+    })?;
+    let csr = check_csr(&r.csr_pem)?;
+    let (st, remote) = (state.clone(), caller.remote);
+    let resp = blocking(move || {
+        let now = SystemTime::now();
+        let node = match st
+            .store
+            .consume_token(&token.id, &token.secret_hash(), secs(now))?
+        {
+            Ok(node) => node,
+            Err(refusal) => {
+                // The token id is a lookup key, not a secret; the secret is never logged.
+                warn!(%remote, token_id = %token.id, reason = %refusal, "join refused");
+                return Err(join_refused());
+            }
+        };
+        let resp = issue_node_cert(&st, &node, &csr, r.tunnel_address, now, true)?;
+        info!(%remote, node = %node, token_id = %token.id, "node joined");
+        Ok(resp)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+fn issue_node_cert(
+    st: &State,
+    node: &NodeName,
+    csr: &CheckedCsr,
+    tunnel_address: Option<String>,
+    now: SystemTime,
+    joining: bool,
+) -> Result<api::NodeCertResponse, ApiError> {
+    let id = SpiffeId::node(st.ca.trust_domain(), node.as_str()).map_err(ApiError::internal)?;
+    let svid = st
+        .ca
+        .issue(csr, &id, st.svid_ttl, now)
+        .map_err(ApiError::internal)?;
+    let old = st.store.node(node.as_str())?;
+    let rec = NodeRecord {
+        name: node.clone(),
+        tunnel_address: tunnel_address
+            .or_else(|| old.as_ref().and_then(|o| o.tunnel_address.clone())),
+        joined_at: match (&old, joining) {
+            (Some(o), false) => o.joined_at,
+            _ => secs(now),
+        },
+        cert_not_after: secs(svid.not_after),
+        last_cert_at: secs(now),
+    };
+    st.store.put_node(&rec)?;
+    st.touch(node);
+    Ok(api::NodeCertResponse {
+        id,
+        chain_pem: svid.chain_pem(),
+        bundle_pem: st.bundle_pem.clone(),
+        trust_domain: st.ca.trust_domain().to_string(),
+        not_after: secs(svid.not_after),
+    })
+}
+
+async fn renew(state: &Arc<State>, node: NodeName, req: Request<Incoming>) -> Reply {
+    let r: api::RenewRequest = json_body(req).await?;
+    check_tunnel_address(&r.tunnel_address)?;
+    let csr = check_csr(&r.csr_pem)?;
+    let st = state.clone();
+    let resp = blocking(move || {
+        let resp = issue_node_cert(&st, &node, &csr, r.tunnel_address, SystemTime::now(), false)?;
+        info!(node = %node, "node certificate renewed");
+        Ok(resp)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+async fn workload_svid(state: &Arc<State>, node: NodeName, req: Request<Incoming>) -> Reply {
+    let r: api::SvidRequest = json_body(req).await?;
+    let csr = check_csr(&r.csr_pem)?;
+    let st = state.clone();
+    let resp = blocking(move || {
+        let registered = st.store.workload(&r.workload)?;
+        match registered {
+            Some(w) if w.node == node => {}
+            Some(w) => {
+                warn!(node = %node, workload = %r.workload, registered_on = %w.node,
+                      "node asked for a workload registered on another node; refused");
+                return Err(forbidden_workload(&r.workload));
+            }
+            None => {
+                warn!(node = %node, workload = %r.workload, "node asked for an unregistered workload; refused");
+                return Err(forbidden_workload(&r.workload));
+            }
+        }
+        let svid = st
+            .ca
+            .issue(&csr, &r.workload, st.svid_ttl, SystemTime::now())
+            .map_err(ApiError::internal)?;
+        debug!(node = %node, workload = %r.workload, "workload SVID issued");
+        Ok(api::SvidResponse {
+            id: svid.id.clone(),
+            chain_pem: svid.chain_pem(),
+            not_after: secs(svid.not_after),
+        })
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+fn forbidden_workload(id: &SpiffeId) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "not_your_workload",
+        format!("{id} is not registered on this node"),
+    )
+}
+
+async fn directory(state: &Arc<State>) -> Reply {
+    let st = state.clone();
+    let dir = blocking(move || {
+        // One snapshot would need one read transaction across tables; the revision is read first, so a
+        // concurrent change makes the answer at worst newer than its revision says, and the proxy's next
+        // fetch sees the bumped revision and refreshes.
+        let revision = st.store.revision()?;
+        Ok(api::Directory {
+            revision,
+            workloads: st.store.workloads()?,
+            nodes: st
+                .store
+                .nodes()?
+                .into_iter()
+                .map(|n| api::DirectoryNode {
+                    name: n.name,
+                    tunnel_address: n.tunnel_address,
+                })
+                .collect(),
+        })
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &dir))
+}
+
+async fn create_token(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::TokenRequest = json_body(req).await?;
+    let ttl = r.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL {
+        return Err(ApiError::bad_field(FieldError {
+            field: "ttl_secs".into(),
+            message: format!("must be between 1 and {MAX_TOKEN_TTL} seconds"),
+        }));
+    }
+    let st = state.clone();
+    let resp = blocking(move || {
+        let token = JoinToken::generate(st.ca_pin).map_err(ApiError::internal)?;
+        let now = unix_now();
+        let rec = TokenRecord {
+            node: r.node.clone(),
+            secret_sha256: token.secret_hash(),
+            created_at: now,
+            expires_at: now + ttl,
+            used_at: None,
+        };
+        st.store.put_token(&token.id, &rec)?;
+        let purged = st.store.purge_expired_tokens(now)?;
+        info!(node = %r.node, token_id = %token.id, ttl, purged, "join token created");
+        Ok(api::TokenResponse {
+            token: token.reveal(),
+            node: r.node,
+            expires_at: rec.expires_at,
+        })
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+fn check_trust_domain(st: &State, workloads: &[Workload]) -> Result<(), ApiError> {
+    for (i, w) in workloads.iter().enumerate() {
+        if !w.id.is_member_of(st.ca.trust_domain()) {
+            return Err(ApiError::bad_field(FieldError {
+                field: format!("workloads[{i}].id"),
+                message: format!("{} is outside trust domain {}", w.id, st.ca.trust_domain()),
+            }));
+        }
+        if !matches!(w.id.kind(), IdKind::Workload { .. }) {
+            return Err(ApiError::bad_field(FieldError {
+                field: format!("workloads[{i}].id"),
+                message: format!(
+                    "{} is not a workload ID (spiffe://{}/ns/<namespace>/sa/<service-account>)",
+                    w.id,
+                    st.ca.trust_domain()
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+async fn put_workload(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let w: Workload = json_body(req).await?;
+    let st = state.clone();
+    let change = blocking(move || {
+        check_trust_domain(&st, std::slice::from_ref(&w)).map_err(|mut e| {
+            e.field = Some("id".into());
+            e
+        })?;
+        let report = st.store.apply(std::slice::from_ref(&w))?;
+        let change = if report.created > 0 {
+            crate::store::Change::Created
+        } else if report.updated > 0 {
+            crate::store::Change::Updated
+        } else {
+            crate::store::Change::Unchanged
+        };
+        info!(workload = %w.id, node = %w.node, ?change, "workload registered");
+        Ok(change)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &api::ChangeResponse { change }))
+}
+
+async fn remove_workload(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::RemoveRequest = json_body(req).await?;
+    let st = state.clone();
+    let removed = blocking(move || {
+        let removed = st.store.remove_workload(&r.id)?;
+        info!(workload = %r.id, removed, "workload removal");
+        Ok(removed)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &api::RemoveResponse { removed }))
+}
+
+async fn apply(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let (content_type, bytes) = body(req).await?;
+    let doc: ApplyDocument = match content_type.as_deref() {
+        Some(ct) if ct.starts_with("application/json") => from_json(&bytes),
+        _ => from_yaml(&bytes),
+    }
+    .map_err(ApiError::bad_field)?;
+    let st = state.clone();
+    let report = blocking(move || {
+        check_trust_domain(&st, &doc.workloads)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, w) in doc.workloads.iter().enumerate() {
+            if !seen.insert(&w.id) {
+                return Err(ApiError::bad_field(FieldError {
+                    field: format!("workloads[{i}].id"),
+                    message: format!("{} appears twice in the document", w.id),
+                }));
+            }
+        }
+        let report = st.store.apply(&doc.workloads)?;
+        info!(
+            created = report.created,
+            updated = report.updated,
+            unchanged = report.unchanged,
+            "apply"
+        );
+        Ok(report)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &report))
+}
+
+async fn status(state: &Arc<State>) -> Reply {
+    let st = state.clone();
+    let status = blocking(move || {
+        let seen = st.last_seen.lock().map(|m| m.clone()).unwrap_or_default();
+        let nodes = st
+            .store
+            .nodes()?
+            .into_iter()
+            .map(|record| api::NodeStatus {
+                last_seen_secs_ago: seen.get(&record.name).map(|t| t.elapsed().as_secs()),
+                record,
+            })
+            .collect();
+        Ok(api::Status {
+            trust_domain: st.ca.trust_domain().to_string(),
+            revision: st.store.revision()?,
+            ca_not_after: secs(st.ca.not_after()),
+            nodes,
+            workloads: st.store.workloads()?,
+        })
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &status))
+}

@@ -1,0 +1,391 @@
+//! The control plane's state in one redb file.
+//!
+//! Why redb: a single file, no server, pure Rust, ACID transactions with copy-on-write pages and a
+//! checksummed commit slot, so a crash at any moment leaves the last committed transaction intact; a
+//! commit returns only after `fsync` (`Durability::Immediate`), which is what "acknowledged writes
+//! survive `kill -9`" needs. SQLite would do as well but adds a C library for no gain here.
+//!
+//! Values are JSON: the store is small (thousands of workloads), and JSON keeps it inspectable and lets
+//! fields be added without migrations. Every method is one transaction and blocks on disk I/O: async
+//! callers run them on the blocking pool.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use strait_ca::SpiffeId;
+
+use crate::registry::{NodeName, Workload};
+use crate::tokens::{hashes_equal, Sha256};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
+
+const KEY_ADMIN_HASH: &str = "admin_token_sha256";
+/// Bumped by every change to the registry: the directory version proxies compare.
+const KEY_REVISION: &str = "registry_revision";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(impl From<$t> for StoreError {
+        fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+    })*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A join token as stored: the secret's hash, never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub node: NodeName,
+    pub secret_sha256: Sha256,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub used_at: Option<u64>,
+}
+
+/// Why a join token was refused. Each case is logged; the caller sees one generic refusal so that a
+/// guesser learns nothing about which tokens exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("join token secret does not match")]
+    WrongSecret,
+    #[error("join token expired")]
+    Expired,
+    #[error("join token already used (replay)")]
+    Replayed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: NodeName,
+    /// Where other proxies reach this node's tunnel port (host:port), as the node reported it.
+    pub tunnel_address: Option<String>,
+    pub joined_at: u64,
+    pub cert_not_after: u64,
+    /// Last time the node renewed or asked for certificates (persisted on those writes only).
+    pub last_cert_at: u64,
+}
+
+/// Result of an upsert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs to JSON cannot fail (no maps with non-string keys, no I/O).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store file with mode 0600 and makes sure every table exists.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let txn = db.begin_write()?;
+        for t in [META, TOKENS, NODES, WORKLOADS] {
+            txn.open_table(t)?;
+        }
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    pub fn admin_hash(&self) -> Result<Option<Sha256>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        let v = t.get(KEY_ADMIN_HASH)?;
+        v.map(|v| decode(KEY_ADMIN_HASH, v.value())).transpose()
+    }
+
+    pub fn set_admin_hash(&self, hash: &Sha256) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(KEY_ADMIN_HASH, encode(hash).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn put_token(&self, id: &str, rec: &TokenRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOKENS)?.insert(id, encode(rec).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Checks a join token and marks it used, in one durable transaction: two concurrent joins with the
+    /// same token cannot both succeed, and a crash after the answer cannot make a used token usable again.
+    /// Expired and used tokens are deleted lazily here.
+    pub fn consume_token(
+        &self,
+        id: &str,
+        secret_hash: &Sha256,
+        now: u64,
+    ) -> Result<Result<NodeName, TokenRefusal>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut t = txn.open_table(TOKENS)?;
+            let rec: Option<TokenRecord> = t.get(id)?.map(|v| decode(id, v.value())).transpose()?;
+            match rec {
+                None => Err(TokenRefusal::Unknown),
+                Some(r) if !hashes_equal(&r.secret_sha256, secret_hash) => {
+                    Err(TokenRefusal::WrongSecret)
+                }
+                Some(r) if r.used_at.is_some() => Err(TokenRefusal::Replayed),
+                Some(r) if now >= r.expires_at => Err(TokenRefusal::Expired),
+                Some(mut r) => {
+                    r.used_at = Some(now);
+                    // Keep the used record until it would have expired, so a replay is reported as a
+                    // replay (not as an unknown token) while the token is still fresh.
+                    t.insert(id, encode(&r).as_slice())?;
+                    Ok(r.node)
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// Removes join tokens that expired before `now` (used or not).
+    pub fn purge_expired_tokens(&self, now: u64) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write()?;
+        let n = {
+            let mut t = txn.open_table(TOKENS)?;
+            let mut expired = Vec::new();
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let rec: TokenRecord = decode(k.value(), v.value())?;
+                if rec.expires_at <= now {
+                    expired.push(k.value().to_owned());
+                }
+            }
+            for k in &expired {
+                t.remove(k.as_str())?;
+            }
+            expired.len()
+        };
+        txn.commit()?;
+        Ok(n)
+    }
+
+    pub fn put_node(&self, rec: &NodeRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(NODES)?
+            .insert(rec.name.as_str(), encode(rec).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NODES)?;
+        let v = t.get(name)?;
+        v.map(|v| decode(name, v.value())).transpose()
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.all(NODES)
+    }
+
+    pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
+        self.all(WORKLOADS)
+    }
+
+    pub fn workload(&self, id: &SpiffeId) -> Result<Option<Workload>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(WORKLOADS)?;
+        let v = t.get(id.as_str())?;
+        v.map(|v| decode(id.as_str(), v.value())).transpose()
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(def)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        let v = t.get(KEY_REVISION)?;
+        Ok(v.map(|v| decode(KEY_REVISION, v.value()))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    /// Creates or updates workloads in one transaction (all or nothing). Identical entries are left alone,
+    /// and the revision moves only if something changed, so applying the same file twice changes nothing.
+    pub fn apply(&self, workloads: &[Workload]) -> Result<ApplyReport, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut report = ApplyReport::default();
+        {
+            let mut t = txn.open_table(WORKLOADS)?;
+            for w in workloads {
+                let key = w.id.as_str();
+                let old: Option<Workload> =
+                    t.get(key)?.map(|v| decode(key, v.value())).transpose()?;
+                match old {
+                    Some(o) if &o == w => report.unchanged += 1,
+                    Some(_) => {
+                        t.insert(key, encode(w).as_slice())?;
+                        report.updated += 1;
+                    }
+                    None => {
+                        t.insert(key, encode(w).as_slice())?;
+                        report.created += 1;
+                    }
+                }
+            }
+            if report.created + report.updated > 0 {
+                bump_revision(&txn)?;
+            }
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+
+    /// Removes a workload; returns whether it existed.
+    pub fn remove_workload(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(WORKLOADS)?.remove(id.as_str())?.is_some();
+        if existed {
+            bump_revision(&txn)?;
+        }
+        txn.commit()?;
+        Ok(existed)
+    }
+}
+
+fn bump_revision(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let rev: u64 = meta
+        .get(KEY_REVISION)?
+        .map(|v| decode(KEY_REVISION, v.value()))
+        .transpose()?
+        .unwrap_or(0);
+    meta.insert(KEY_REVISION, encode(&(rev + 1)).as_slice())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{PortSpec, Protocol, Selector};
+    use crate::tokens::sha256;
+
+    fn wl(path: &str, uid: u32) -> Workload {
+        Workload {
+            id: SpiffeId::parse(&format!("spiffe://t{path}")).unwrap(),
+            node: NodeName::new("n1").unwrap(),
+            selector: Selector::Uid(uid),
+            ports: vec![PortSpec {
+                port: 80,
+                protocol: Protocol::Http,
+                permissive: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_bumps_revision_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let set = [wl("/a", 1), wl("/b", 2)];
+        assert_eq!(s.apply(&set).unwrap().created, 2);
+        assert_eq!(s.revision().unwrap(), 1);
+        assert_eq!(s.apply(&set).unwrap().unchanged, 2);
+        assert_eq!(s.revision().unwrap(), 1);
+        assert_eq!(s.apply(&[wl("/a", 9)]).unwrap().updated, 1);
+        assert_eq!(s.revision().unwrap(), 2);
+        assert!(s.remove_workload(&set[1].id).unwrap());
+        assert!(!s.remove_workload(&set[1].id).unwrap());
+        assert_eq!(s.revision().unwrap(), 3);
+        assert_eq!(s.workloads().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn tokens_work_once_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let h = sha256(b"secret");
+        let rec = TokenRecord {
+            node: NodeName::new("n1").unwrap(),
+            secret_sha256: h,
+            created_at: 0,
+            expires_at: 100,
+            used_at: None,
+        };
+        s.put_token("t1", &rec).unwrap();
+        s.put_token("t2", &rec).unwrap();
+        assert_eq!(
+            s.consume_token("t1", &sha256(b"guess"), 10).unwrap(),
+            Err(TokenRefusal::WrongSecret)
+        );
+        assert_eq!(
+            s.consume_token("t1", &h, 10).unwrap().unwrap().as_str(),
+            "n1"
+        );
+        assert_eq!(
+            s.consume_token("t1", &h, 11).unwrap(),
+            Err(TokenRefusal::Replayed)
+        );
+        assert_eq!(
+            s.consume_token("t2", &h, 100).unwrap(),
+            Err(TokenRefusal::Expired)
+        );
+        assert_eq!(
+            s.consume_token("zz", &h, 1).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(s.purge_expired_tokens(101).unwrap(), 2);
+    }
+}
