@@ -1,6 +1,7 @@
 //! Command-line definitions. Help texts teach: each command says what it does, what it writes, and what to
 //! run next.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,8 +28,9 @@ pub struct Cli {
 #[derive(Args, Debug)]
 pub struct GlobalArgs {
     /// Log level or filter (e.g. `info`, `strait_ca=debug`); the STRAIT_LOG environment variable wins.
-    #[arg(long, global = true, default_value = "warn")]
-    pub log_level: String,
+    /// Default: `info` for the long-running `control` and `proxy`, `warn` for one-shot commands.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     /// Log line format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -45,6 +47,182 @@ pub enum Command {
     /// Manage the certificate authority: create it, issue SVIDs, export the trust bundle, inspect certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run the control plane, or create its data directory with `strait control init`.
+    Control(ControlArgs),
+    /// Node bootstrap: create one-time join tokens.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Register, list and remove workloads.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
+    /// Apply a file of workloads (declarative: applying the same file twice changes nothing).
+    ///
+    /// The file is YAML (or JSON):
+    ///
+    ///   apiVersion: strait.dev/v1
+    ///   kind: WorkloadList
+    ///   workloads:
+    ///     - id: spiffe://example.org/ns/shop/sa/web
+    ///       node: host-a
+    ///       uid: 1001                  # VM mode; or `ips: [10.1.0.5]` for pods
+    ///       ports: [8080, {port: 9090, protocol: http2}]
+    Apply {
+        /// The file to apply; `-` reads standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show nodes (last seen, certificate expiry) and workloads.
+    Status {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// How the CLI finds the control plane and its admin credential: flags, then environment, then the
+/// context file (like kubectl's). `strait control init` writes a context file into its data directory:
+/// `export STRAIT_CONFIG=<data-dir>/admin.yaml` and every command below finds it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConnArgs {
+    /// Control plane URL, e.g. https://10.0.0.1:15012.
+    #[arg(long, env = "STRAIT_SERVER")]
+    pub server: Option<String>,
+    /// Trust bundle (PEM) the control plane's certificate must chain to.
+    #[arg(long, env = "STRAIT_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// Trust domain of the control plane (read from the context file when not given).
+    #[arg(long, env = "STRAIT_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// File with the admin token (mode 0600).
+    #[arg(long, env = "STRAIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Context file (default: ~/.config/strait/config.yaml).
+    #[arg(long, env = "STRAIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Context to use instead of the file's current-context.
+    #[arg(long, env = "STRAIT_CONTEXT")]
+    pub context: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    pub command: Option<ControlCommand>,
+    #[command(flatten)]
+    pub run: ControlRun,
+}
+
+/// Run the control plane (HTTPS API for admins and node proxies).
+#[derive(Args, Debug)]
+pub struct ControlRun {
+    /// Data directory made by `strait control init`.
+    #[arg(long, env = "STRAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// Lifetime of the node and workload SVIDs it signs (renewed by proxies at half life).
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub svid_ttl: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ControlCommand {
+    /// Create the data directory: CA, store, admin token (0600) and a CLI context file.
+    ///
+    /// Example:
+    ///   strait control init --data-dir /var/lib/strait/control --trust-domain example.org
+    ///   export STRAIT_CONFIG=/var/lib/strait/control/admin.yaml
+    ///   strait control --data-dir /var/lib/strait/control &
+    ///   strait status
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        /// Address clients will reach the control plane on (written into the context file).
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        server: SocketAddr,
+        /// Import this CA certificate instead of generating a root (see `strait ca init --help`).
+        #[arg(long, requires = "from_key")]
+        from_cert: Option<PathBuf>,
+        #[arg(long, requires = "from_cert")]
+        from_key: Option<PathBuf>,
+        #[arg(long, requires = "from_cert")]
+        chain: Option<PathBuf>,
+        /// Lifetime of a generated root.
+        #[arg(long, value_parser = parse_duration, default_value = "10y", conflicts_with = "from_cert")]
+        validity: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Join tokens: one-time, expiring secrets a proxy presents once to get its node certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a new one-time join token for a node (stdout: the token alone).
+    ///
+    /// The token works once, expires, is stored only as a hash, and pins the CA so the proxy can
+    /// authenticate the control plane on its first contact.
+    Create {
+        /// Node name (becomes spiffe://<td>/node/<name>).
+        #[arg(long)]
+        node: String,
+        /// How long the token stays valid.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkloadCommand {
+    /// Register (or update) a workload on a node.
+    ///
+    /// Example: strait workload add --id spiffe://example.org/ns/shop/sa/web --node host-a --uid 1001 --port 8080/http
+    Add {
+        /// SPIFFE ID: spiffe://<td>/ns/<namespace>/sa/<service-account>.
+        #[arg(long)]
+        id: String,
+        /// The node the workload runs on.
+        #[arg(long)]
+        node: String,
+        /// VM mode: the Unix user its processes run as.
+        #[arg(long, conflicts_with = "ip", required_unless_present = "ip")]
+        uid: Option<u32>,
+        /// Kubernetes mode: its pod address (repeat for several).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// A port it serves on, as PORT or PORT/PROTOCOL (http, http2, tcp, auto); repeat for several.
+        #[arg(long = "port", required = true)]
+        ports: Vec<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List registered workloads.
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Remove a workload from the registry.
+    Remove {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]

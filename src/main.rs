@@ -9,7 +9,8 @@ mod cmd;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(&cli.global);
+    let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none());
+    init_logging(&cli.global, if daemon { "info" } else { "warn" });
     match cmd::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -20,10 +21,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(global: &cli::GlobalArgs) {
+fn init_logging(global: &cli::GlobalArgs, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STRAIT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(global.log_level.as_str()));
+        .unwrap_or_else(|_| EnvFilter::new(global.log_level.as_deref().unwrap_or(default_level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

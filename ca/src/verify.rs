@@ -268,7 +268,7 @@ impl SvidClientVerifier {
         let root_hints = bundle
             .anchors()
             .iter()
-            .map(|a| DistinguishedName::from(a.subject.to_vec()))
+            .map(|a| DistinguishedName::in_sequence(a.subject.as_ref()))
             .collect();
         Self {
             bundle,
@@ -418,10 +418,16 @@ pub fn unix_time(t: std::time::SystemTime) -> UnixTime {
 /// A readable one-line explanation of a handshake error, for logs and CLI output. rustls prints the
 /// errors that verifiers return as `Other(...)` in debug form; this prints ours with their messages.
 pub fn explain(err: &rustls::Error) -> String {
-    if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) = err {
-        if let Some(r) = inner.downcast_ref::<PeerRejection>() {
-            return format!("invalid peer certificate: {r}");
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            if let Some(r) = inner.downcast_ref::<PeerRejection>() {
+                return format!("invalid peer certificate: {r}");
+            }
         }
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            return format!("invalid peer certificate: {}", PeerRejection::UnknownIssuer);
+        }
+        _ => {}
     }
     err.to_string()
 }

@@ -18,6 +18,8 @@ pub struct ContextFile {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Context {
     pub name: String,
+    /// The trust domain; the control plane must prove `spiffe://<trust-domain>/strait/control`.
+    pub trust_domain: String,
     /// `https://host:port` of the control plane.
     pub server: String,
     /// PEM trust bundle the control plane's certificate must chain to.

@@ -87,6 +87,7 @@ pub fn init(opts: InitOptions) -> anyhow::Result<InitOutput> {
         current_context: Some(opts.trust_domain.to_string()),
         contexts: vec![Context {
             name: opts.trust_domain.to_string(),
+            trust_domain: opts.trust_domain.to_string(),
             server: format!("https://{}", opts.server),
             bundle: dir
                 .join(layout::CA_DIR)

@@ -81,14 +81,6 @@ pub struct PortSpec {
     pub permissive: bool,
 }
 
-/// `5000` or `{port: 5000, protocol: http}` in files.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum PortInput {
-    Bare(u16),
-    Full(PortSpec),
-}
-
 /// How the node recognises the workload's traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selector {
@@ -129,15 +121,33 @@ struct RawWorkload {
 #[serde(transparent)]
 struct PortSpecSer(#[serde(deserialize_with = "deserialize_port")] PortSpec);
 
+/// `5000` or `{port: 5000, protocol: http}` in files, with an error that says so.
 fn deserialize_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PortSpec, D::Error> {
-    Ok(match PortInput::deserialize(d)? {
-        PortInput::Bare(port) => PortSpec {
-            port,
-            protocol: Protocol::Auto,
-            permissive: false,
-        },
-        PortInput::Full(p) => p,
-    })
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = PortSpec;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a port number (1-65535) or a map {port, protocol, permissive}")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortSpec, E> {
+            let port = u16::try_from(v)
+                .map_err(|_| E::custom(format!("{v} is not a port number (1-65535)")))?;
+            Ok(PortSpec {
+                port,
+                protocol: Protocol::Auto,
+                permissive: false,
+            })
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortSpec, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("{v} is not a port number (1-65535)")))
+                .and_then(|v| self.visit_u64(v))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PortSpec, A::Error> {
+            PortSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 fn serialize_ports<S: serde::Serializer>(ports: &[PortSpecSer], s: S) -> Result<S::Ok, S::Error> {
@@ -247,9 +257,14 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Fiel
 
 fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> FieldError {
     let field = e.path().to_string();
+    let mut message = e.into_inner().to_string();
+    // serde_norway already prefixes its messages with the path; keep it once, in `field`.
+    if let Some(rest) = message.strip_prefix(&format!("{field}: ")) {
+        message = rest.to_owned();
+    }
     FieldError {
         field: if field.is_empty() { ".".into() } else { field },
-        message: e.into_inner().to_string(),
+        message,
     }
 }
 

@@ -1,0 +1,248 @@
+//! Admin commands against the control plane: join tokens, workloads, apply, status.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use http::Method;
+use strait_ca::SpiffeId;
+use strait_control::api::{self, paths};
+use strait_control::client::decode;
+use strait_control::registry::{NodeName, PortSpec, Protocol, Selector, Workload};
+use strait_control::store::ApplyReport;
+
+use super::conn::admin_client;
+use super::table;
+use crate::cli::{ConnArgs, NodeCommand, OutputFormat, TokenCommand, WorkloadCommand};
+
+pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::Token(TokenCommand::Create { node, ttl, conn }) => {
+            let node = NodeName::new(&node).map_err(|e| anyhow!("--node {node:?}: {e}"))?;
+            let client = admin_client(&conn)?;
+            let resp: api::TokenResponse = client
+                .post(
+                    paths::ADMIN_TOKENS,
+                    &api::TokenRequest {
+                        node: node.clone(),
+                        ttl_secs: Some(ttl.as_secs().max(1)),
+                    },
+                )
+                .await?;
+            eprintln!(
+                "one-time join token for node {node}, valid until {}:",
+                fmt_time(resp.expires_at)
+            );
+            println!("{}", resp.token);
+            Ok(())
+        }
+    }
+}
+
+fn parse_port(s: &str) -> anyhow::Result<PortSpec> {
+    let (port, proto) = match s.split_once('/') {
+        Some((p, proto)) => (p, Some(proto)),
+        None => (s, None),
+    };
+    let port: u16 =
+        port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+            anyhow!("--port {s:?}: expected PORT or PORT/PROTOCOL, e.g. 8080/http")
+        })?;
+    let protocol = match proto {
+        None | Some("auto") => Protocol::Auto,
+        Some("http") => Protocol::Http,
+        Some("http2") => Protocol::Http2,
+        Some("tcp") => Protocol::Tcp,
+        Some(other) => bail!("--port {s:?}: unknown protocol {other:?} (http, http2, tcp, auto)"),
+    };
+    Ok(PortSpec {
+        port,
+        protocol,
+        permissive: false,
+    })
+}
+
+pub async fn workload(cmd: WorkloadCommand) -> anyhow::Result<()> {
+    match cmd {
+        WorkloadCommand::Add {
+            id,
+            node,
+            uid,
+            ip,
+            ports,
+            conn,
+        } => {
+            let mut ports = ports
+                .iter()
+                .map(|p| parse_port(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            ports.sort_by_key(|p| p.port);
+            let w = Workload {
+                id: SpiffeId::parse(&id).with_context(|| format!("--id {id:?}"))?,
+                node: NodeName::new(&node).map_err(|e| anyhow!("--node {node:?}: {e}"))?,
+                selector: match uid {
+                    Some(u) => Selector::Uid(u),
+                    None => Selector::Ips(ip),
+                },
+                ports,
+            };
+            let client = admin_client(&conn)?;
+            let resp: api::ChangeResponse = client.post(paths::ADMIN_WORKLOADS, &w).await?;
+            println!("{}: {:?}", w.id, resp.change);
+            Ok(())
+        }
+        WorkloadCommand::List { output, conn } => {
+            let list: Vec<Workload> = admin_client(&conn)?.get(paths::ADMIN_WORKLOADS).await?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                OutputFormat::Text => print!("{}", workload_table(&list)),
+            }
+            Ok(())
+        }
+        WorkloadCommand::Remove { id, conn } => {
+            let id = SpiffeId::parse(&id).with_context(|| format!("--id {id:?}"))?;
+            let resp: api::RemoveResponse = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_WORKLOADS_REMOVE,
+                    &api::RemoveRequest { id: id.clone() },
+                )
+                .await?;
+            if !resp.removed {
+                bail!("{id} is not registered (nothing removed)");
+            }
+            println!("{id}: removed");
+            Ok(())
+        }
+    }
+}
+
+pub async fn apply(file: PathBuf, conn: ConnArgs) -> anyhow::Result<()> {
+    let mut text = Vec::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin().read_to_end(&mut text)?;
+    } else {
+        text = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let is_json = file.extension().is_some_and(|e| e == "json");
+    let ct = if is_json {
+        "application/json"
+    } else {
+        "application/yaml"
+    };
+    let client = admin_client(&conn)?;
+    let (status, body) = client
+        .raw(
+            Method::POST,
+            paths::ADMIN_APPLY,
+            Some(ct),
+            Bytes::from(text),
+        )
+        .await?;
+    let report: ApplyReport = decode(status, &body).with_context(|| file.display().to_string())?;
+    println!(
+        "{}: {} created, {} updated, {} unchanged",
+        file.display(),
+        report.created,
+        report.updated,
+        report.unchanged
+    );
+    Ok(())
+}
+
+pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> {
+    let st: api::Status = admin_client(&conn)?.get(paths::ADMIN_STATUS).await?;
+    if output == OutputFormat::Json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!(
+        "trust domain {}   registry revision {}   CA valid until {}",
+        st.trust_domain,
+        st.revision,
+        fmt_time(st.ca_not_after)
+    );
+    println!("\nNODES ({})", st.nodes.len());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = st
+        .nodes
+        .iter()
+        .map(|n| {
+            let expiry = if n.record.cert_not_after <= now {
+                format!("{} (EXPIRED)", fmt_time(n.record.cert_not_after))
+            } else {
+                format!(
+                    "{} (in {})",
+                    fmt_time(n.record.cert_not_after),
+                    humantime::format_duration(Duration::from_secs(n.record.cert_not_after - now))
+                )
+            };
+            vec![
+                n.record.name.to_string(),
+                n.record
+                    .tunnel_address
+                    .clone()
+                    .unwrap_or_else(|| "-".into()),
+                n.last_seen_secs_ago
+                    .map(|s| format!("{}s ago", s))
+                    .unwrap_or_else(|| "not since restart".into()),
+                expiry,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &["NAME", "TUNNEL ADDRESS", "LAST SEEN", "CERT EXPIRES"],
+            &rows
+        )
+    );
+    println!("\nWORKLOADS ({})", st.workloads.len());
+    print!("{}", workload_table(&st.workloads));
+    Ok(())
+}
+
+fn workload_table(list: &[Workload]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.to_string(),
+                w.node.to_string(),
+                match &w.selector {
+                    Selector::Uid(u) => format!("uid {u}"),
+                    Selector::Ips(ips) => ips
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                },
+                w.ports
+                    .iter()
+                    .map(|p| {
+                        let proto = serde_json::to_value(p.protocol)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        format!(
+                            "{}/{}{}",
+                            p.port,
+                            proto,
+                            if p.permissive { " (permissive)" } else { "" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    table::render(&["ID", "NODE", "SELECTOR", "PORTS"], &rows)
+}
+
+fn fmt_time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}

@@ -1,0 +1,92 @@
+//! `strait control` and `strait control init`.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context as _};
+use strait_ca::files;
+use strait_ca::TrustDomain;
+use strait_control::init::{init, CaSource, InitOptions};
+use strait_control::server::{serve, State};
+use tracing::info;
+
+use crate::cli::{ControlArgs, ControlCommand};
+
+pub fn run(args: ControlArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(ControlCommand::Init {
+            data_dir,
+            trust_domain,
+            server,
+            from_cert,
+            from_key,
+            chain,
+            validity,
+        }) => {
+            let td = TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            let ca = match (from_cert, from_key) {
+                (Some(cert), Some(key)) => CaSource::Import {
+                    cert_pem: files::read_pem(&cert)?,
+                    key_pem: files::read_secret_pem(&key)?,
+                    chain_pem: chain.as_deref().map(files::read_pem).transpose()?,
+                },
+                _ => CaSource::Generate { validity },
+            };
+            let out = init(InitOptions {
+                data_dir: data_dir.clone(),
+                trust_domain: td.clone(),
+                server,
+                ca,
+            })?;
+            println!(
+                "created control plane for trust domain {td} in {}",
+                data_dir.display()
+            );
+            println!("admin token: {} (mode 0600)", out.token_file.display());
+            println!("next:");
+            println!(
+                "  strait control --data-dir {} --listen {server} &",
+                data_dir.display()
+            );
+            println!("  export STRAIT_CONFIG={}", out.context_file.display());
+            println!("  strait status");
+            Ok(())
+        }
+        None => {
+            let data_dir = args.run.data_dir.ok_or_else(|| {
+                anyhow!("--data-dir is required (create one with `strait control init --data-dir DIR --trust-domain TD`)")
+            })?;
+            let state = Arc::new(State::open(&data_dir, args.run.svid_ttl)?);
+            let listen = args.run.listen;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::bind(listen)
+                            .await
+                            .with_context(|| {
+                                format!("cannot listen on {listen} (in use? pass --listen ADDR)")
+                            })?;
+                    serve(state, listener, shutdown_signal()).await
+                })
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on the default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
