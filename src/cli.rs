@@ -49,6 +49,8 @@ pub enum Command {
     Ca(CaCommand),
     /// Run the control plane, or create its data directory with `strait control init`.
     Control(ControlArgs),
+    /// Run the node proxy (VM mode): capture workload traffic with nftables and carry it over mTLS.
+    Proxy(ProxyArgs),
     /// Node bootstrap: create one-time join tokens.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -316,4 +318,46 @@ pub enum OutputFormat {
 /// Durations such as `24h`, `90s`, `10y`, `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write it like 24h, 90s, 30d or 1h30m)"))
+}
+
+/// The node proxy. Needs root (or CAP_NET_ADMIN) for nftables and socket marks.
+///
+/// First start: `strait proxy --control https://10.0.0.1:15012 --node host-a --token <token> \
+///   --data-dir /var/lib/strait/proxy --address 10.0.0.2 --address fd00::2`
+/// Later starts reuse the node identity saved in --data-dir (no token needed).
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// Control plane URL.
+    #[arg(long, env = "STRAIT_CONTROL")]
+    pub control: String,
+    /// This node's name (as in `strait node token create --node`).
+    #[arg(long, env = "STRAIT_NODE")]
+    pub node: String,
+    /// One-time join token (first start only).
+    #[arg(long, env = "STRAIT_JOIN_TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// File holding the join token (mode 0600).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Where the node identity is kept (created 0700; the key is 0600).
+    #[arg(long, env = "STRAIT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// This node's addresses, IPv4 and IPv6 (repeat); the first is the tunnel address other nodes use.
+    #[arg(long = "address", required = true)]
+    pub addresses: Vec<IpAddr>,
+    /// Admin endpoint (/live, /ready, /metrics, /config_dump).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// DNS resolver workloads may query (UDP/TCP 53); repeat for several. Other UDP is dropped.
+    #[arg(long = "dns-resolver")]
+    pub dns_resolvers: Vec<IpAddr>,
+    /// A destination outside the mesh that workloads may reach directly, as CIDR[:PORT]; repeat.
+    #[arg(long = "allow-egress")]
+    pub egress: Vec<String>,
+    /// How long SIGTERM waits for open connections before removing the rules.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+    /// How often the directory is fetched from the control plane.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub refresh_interval: Duration,
 }

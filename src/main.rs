@@ -9,7 +9,8 @@ mod cmd;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none());
+    let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none())
+        || matches!(&cli.command, cli::Command::Proxy(_));
     init_logging(&cli.global, if daemon { "info" } else { "warn" });
     match cmd::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@ use strait_ca::verify::{unix_time, verify_peer, PeerRole};
 use strait_ca::{PeerIdMatcher, SpiffeId, TrustBundle, TrustDomain};
 use strait_control::api::{self, paths};
 use strait_control::client::{ApiClient, ClientError, ServerTrust};
-use strait_control::node::{join, NodeClient, NodeError};
+use strait_control::node::{join, Advert, NodeClient, NodeError};
 use strait_control::registry::{NodeName, PortSpec, Protocol, Selector, Workload};
 
 const TD: &str = "example.org";
@@ -270,9 +270,16 @@ async fn a_node_joins_and_gets_svids_only_for_its_own_workloads() {
     ]));
 
     let token = cp.token("host-a", "10m");
-    let node = join(&cp.server(), &token, Some("10.0.0.1:15008".into()))
-        .await
-        .unwrap();
+    let node = join(
+        &cp.server(),
+        &token,
+        Advert {
+            tunnel_address: Some("10.0.0.1:15008".into()),
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(node.id().as_str(), "spiffe://example.org/node/host-a");
     // The node certificate verifies against the bundle, as a node identity.
     verify_peer(
@@ -315,7 +322,7 @@ async fn a_node_joins_and_gets_svids_only_for_its_own_workloads() {
     );
 
     // Renewal with the node SVID (no token) gives a fresh certificate for the same node.
-    let renewed = client.renew(None).await.unwrap();
+    let renewed = client.renew(Advert::default()).await.unwrap();
     assert_eq!(renewed.id(), node.id());
     assert_ne!(renewed.svid.chain[0], node.svid.chain[0]);
     // The renewed identity works on its own.
@@ -342,16 +349,20 @@ async fn a_node_joins_and_gets_svids_only_for_its_own_workloads() {
 async fn join_tokens_work_once_and_expire() {
     let cp = ControlPlane::start();
     let token = cp.token("host-a", "10m");
-    join(&cp.server(), &token, None).await.unwrap();
+    join(&cp.server(), &token, Advert::default()).await.unwrap();
     // Replay: the same token again.
-    let err = join(&cp.server(), &token, None).await.unwrap_err();
+    let err = join(&cp.server(), &token, Advert::default())
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
     cp.assert_logged("join token already used (replay)");
 
     // Expired.
     let short = cp.token("host-b", "1s");
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let err = join(&cp.server(), &short, None).await.unwrap_err();
+    let err = join(&cp.server(), &short, Advert::default())
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
     cp.assert_logged("join token expired");
 
@@ -360,11 +371,13 @@ async fn join_tokens_work_once_and_expire() {
     let mut parts: Vec<String> = fresh.split('.').map(str::to_owned).collect();
     parts[2] = "A".repeat(43);
     let guessed = parts.join(".");
-    let err = join(&cp.server(), &guessed, None).await.unwrap_err();
+    let err = join(&cp.server(), &guessed, Advert::default())
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&err), Some(StatusCode::UNAUTHORIZED), "{err}");
     cp.assert_logged("join token secret does not match");
     // The real one still works afterwards (a wrong guess does not burn it).
-    join(&cp.server(), &fresh, None).await.unwrap();
+    join(&cp.server(), &fresh, Advert::default()).await.unwrap();
 
     // Secrets never reach the log.
     let log = cp.log_text();
@@ -383,14 +396,18 @@ async fn a_joining_node_refuses_a_control_plane_that_does_not_match_the_token_pi
     // A token from the real control plane, presented to another one (e.g. DNS hijack): the TLS
     // handshake fails on the node's side, before the token is sent.
     let token = real.token("host-a", "10m");
-    let err = join(&impostor.server(), &token, None).await.unwrap_err();
+    let err = join(&impostor.server(), &token, Advert::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, NodeError::Api(ClientError::Tls(m)) if m.contains("not issued by a CA")),
         "{err}"
     );
     assert!(!impostor.log_text().contains("node joined"));
     // The token was not consumed, so it still works at the real control plane.
-    join(&real.server(), &token, None).await.unwrap();
+    join(&real.server(), &token, Advert::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +472,7 @@ async fn workload_svids_cannot_be_used_to_call_the_control_plane() {
         .post::<_, api::ChangeResponse>(paths::ADMIN_WORKLOADS, &workload("a", "web", "host-a", 1))
         .await
         .unwrap();
-    let node = join(&cp.server(), &cp.token("host-a", "10m"), None)
+    let node = join(&cp.server(), &cp.token("host-a", "10m"), Advert::default())
         .await
         .unwrap();
     let (svid, _) = NodeClient::new(&cp.server(), &node)

@@ -133,7 +133,9 @@ fn main() {
             let (elapsed, lat) = run(count, concurrency, move |i| {
                 let (srv, toks) = (srv.clone(), toks.clone());
                 async move {
-                    join(&srv, &toks[offset + i], None).await.unwrap();
+                    join(&srv, &toks[offset + i], Default::default())
+                        .await
+                        .unwrap();
                 }
             })
             .await;

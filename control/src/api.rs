@@ -50,6 +50,9 @@ pub struct JoinRequest {
     /// host:port where other proxies reach this node's tunnel port.
     #[serde(default)]
     pub tunnel_address: Option<String>,
+    /// Every address of the node (IPv4 and IPv6): connections to them are routed to this node.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +61,8 @@ pub struct RenewRequest {
     pub csr_pem: String,
     #[serde(default)]
     pub tunnel_address: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,7 +89,7 @@ pub struct SvidResponse {
 }
 
 /// What a proxy needs to route: every workload, and where each node's tunnel port is.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Directory {
     /// The registry revision this directory was built from (monotonic).
     pub revision: u64,
@@ -96,6 +101,8 @@ pub struct Directory {
 pub struct DirectoryNode {
     pub name: NodeName,
     pub tunnel_address: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -75,12 +75,17 @@ fn identity_from(
     })
 }
 
-/// Joins the mesh with a one-time token. The control plane is authenticated by the anchor pin in the token.
-pub async fn join(
-    server: &str,
-    token: &str,
-    tunnel_address: Option<String>,
-) -> Result<NodeIdentity, NodeError> {
+/// Where a node can be reached, as it tells the control plane on join and renewal.
+#[derive(Debug, Clone, Default)]
+pub struct Advert {
+    /// host:port of the node's tunnel listener.
+    pub tunnel_address: Option<String>,
+    /// Every address of the node (IPv4 and IPv6).
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// Joins the mesh with a one-time token; the control plane is authenticated by the anchor pin in the token.
+pub async fn join(server: &str, token: &str, advert: Advert) -> Result<NodeIdentity, NodeError> {
     let parsed = JoinToken::parse(token)?;
     let client = ApiClient::new(server, ServerTrust::Pin(parsed.ca_pin), None, None)?;
     let (key, csr_pem) = new_csr()?;
@@ -90,7 +95,8 @@ pub async fn join(
             &api::JoinRequest {
                 token: token.trim().to_owned(),
                 csr_pem,
-                tunnel_address,
+                tunnel_address: advert.tunnel_address,
+                addresses: advert.addresses,
             },
         )
         .await?;
@@ -172,7 +178,7 @@ impl NodeClient {
     }
 
     /// A new node SVID (new key) authenticated by the current one.
-    pub async fn renew(&self, tunnel_address: Option<String>) -> Result<NodeIdentity, NodeError> {
+    pub async fn renew(&self, advert: Advert) -> Result<NodeIdentity, NodeError> {
         let (key, csr_pem) = new_csr()?;
         let resp: api::NodeCertResponse = self
             .api
@@ -180,7 +186,8 @@ impl NodeClient {
                 paths::NODE_RENEW,
                 &api::RenewRequest {
                     csr_pem,
-                    tunnel_address,
+                    tunnel_address: advert.tunnel_address,
+                    addresses: advert.addresses,
                 },
             )
             .await?;

@@ -542,7 +542,11 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
                 return Err(join_refused());
             }
         };
-        let resp = issue_node_cert(&st, &node, &csr, r.tunnel_address, now, true)?;
+        let advert = Advert {
+            tunnel_address: r.tunnel_address,
+            addresses: r.addresses,
+        };
+        let resp = issue_node_cert(&st, &node, &csr, advert, now, true)?;
         info!(%remote, node = %node, token_id = %token.id, "node joined");
         Ok(resp)
     })
@@ -550,11 +554,17 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
     Ok(json(StatusCode::OK, &resp))
 }
 
+/// Where a node says it can be reached.
+struct Advert {
+    tunnel_address: Option<String>,
+    addresses: Vec<std::net::IpAddr>,
+}
+
 fn issue_node_cert(
     st: &State,
     node: &NodeName,
     csr: &CheckedCsr,
-    tunnel_address: Option<String>,
+    advert: Advert,
     now: SystemTime,
     joining: bool,
 ) -> Result<api::NodeCertResponse, ApiError> {
@@ -566,8 +576,16 @@ fn issue_node_cert(
     let old = st.store.node(node.as_str())?;
     let rec = NodeRecord {
         name: node.clone(),
-        tunnel_address: tunnel_address
+        tunnel_address: advert
+            .tunnel_address
             .or_else(|| old.as_ref().and_then(|o| o.tunnel_address.clone())),
+        addresses: if advert.addresses.is_empty() {
+            old.as_ref()
+                .map(|o| o.addresses.clone())
+                .unwrap_or_default()
+        } else {
+            advert.addresses
+        },
         joined_at: match (&old, joining) {
             (Some(o), false) => o.joined_at,
             _ => secs(now),
@@ -592,7 +610,11 @@ async fn renew(state: &Arc<State>, node: NodeName, req: Request<Incoming>) -> Re
     let csr = check_csr(&r.csr_pem)?;
     let st = state.clone();
     let resp = blocking(move || {
-        let resp = issue_node_cert(&st, &node, &csr, r.tunnel_address, SystemTime::now(), false)?;
+        let advert = Advert {
+            tunnel_address: r.tunnel_address,
+            addresses: r.addresses,
+        };
+        let resp = issue_node_cert(&st, &node, &csr, advert, SystemTime::now(), false)?;
         info!(node = %node, "node certificate renewed");
         Ok(resp)
     })
@@ -658,6 +680,7 @@ async fn directory(state: &Arc<State>) -> Reply {
                 .map(|n| api::DirectoryNode {
                     name: n.name,
                     tunnel_address: n.tunnel_address,
+                    addresses: n.addresses,
                 })
                 .collect(),
         })

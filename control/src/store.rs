@@ -77,6 +77,9 @@ pub struct NodeRecord {
     pub name: NodeName,
     /// Where other proxies reach this node's tunnel port (host:port), as the node reported it.
     pub tunnel_address: Option<String>,
+    /// Every address of the node; connections to them are routed to its tunnel.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
     pub joined_at: u64,
     pub cert_not_after: u64,
     /// Last time the node renewed or asked for certificates (persisted on those writes only).

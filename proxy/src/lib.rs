@@ -1,3 +1,18 @@
-//! `strait-proxy`: the node proxy (nftables capture, listeners, mTLS tunnels, enforcement, admin endpoint).
+//! `strait-proxy`: the node proxy.
 //!
-//! Built by the issue "Node proxy data path"; this crate is empty until then.
+//! - [`capture`]: the nftables table that redirects workload traffic and drops plaintext around the mesh.
+//! - [`sockets`]: original destinations, source users, marked sockets.
+//! - [`certs`]: workload SVIDs (keys made here), swapped on renewal; TLS certificate resolvers.
+//! - [`directory`]: routing from the mesh directory.
+//! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload.
+//! - [`admin`], [`metrics`]: `/live`, `/ready`, `/metrics`, `/config_dump`.
+//! - [`run`]: start-up, renewal, refresh and drain.
+
+pub mod admin;
+pub mod capture;
+pub mod certs;
+pub mod directory;
+pub mod metrics;
+pub mod run;
+pub mod sockets;
+pub mod tunnel;

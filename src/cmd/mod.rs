@@ -4,6 +4,7 @@ mod admin;
 mod ca;
 mod conn;
 mod control;
+mod proxy;
 mod table;
 
 use crate::cli::Command;
@@ -12,6 +13,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Ca(c) => ca::run(c),
         Command::Control(c) => control::run(c),
+        Command::Proxy(p) => proxy::run(p),
         Command::Node(c) => block_on(admin::node(c)),
         Command::Workload(c) => block_on(admin::workload(c)),
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),

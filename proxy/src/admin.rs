@@ -1,0 +1,125 @@
+//! The admin endpoint (default 127.0.0.1:15000): `/live`, `/ready`, `/metrics`, `/config_dump`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::run::Shared;
+
+fn reply(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+    r
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
+        "/ready" => match shared.not_ready_reason() {
+            None => reply(StatusCode::OK, "text/plain", "ready\n"),
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => {
+            for (id, left) in shared.ctx.certs.expiries() {
+                shared
+                    .ctx
+                    .metrics
+                    .cert_expiry
+                    .get_or_create(&crate::metrics::Identity { id: id.to_string() })
+                    .set(left.as_secs() as i64);
+            }
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &shared.registry) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/config_dump" => {
+            let view = shared.ctx.dir.load();
+            let certs: Vec<_> = shared
+                .ctx
+                .certs
+                .all()
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "id": c.svid.id.as_str(),
+                        "not_after": secs(c.not_after),
+                        "renew_at": secs(c.renew_at()),
+                        "generation": c.generation,
+                    })
+                })
+                .collect();
+            let dump = serde_json::json!({
+                "node": shared.node_id.as_str(),
+                "node_cert_not_after": secs(shared.node_not_after()),
+                "workload_certs": certs,
+                "directory_revision": view.revision,
+                "local_workloads": view.local.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+                "directory": &view.raw,
+                "capture": &**shared.capture.load(),
+                "nftables": crate::capture::list(),
+                "open_connections": shared.ctx.inflight.count(),
+                "pooled_tunnels": shared.ctx.pooled_tunnels(),
+            });
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+            )
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /live, /ready, /metrics or /config_dump\n",
+        ),
+    }
+}
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+            });
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await
+            {
+                warn!(error = %e, "admin connection error");
+            }
+        });
+    }
+}

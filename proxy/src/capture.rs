@@ -1,0 +1,378 @@
+//! Traffic capture with nftables, in one table owned by Strait (`inet strait`, IPv4 and IPv6 alike).
+//!
+//! The ruleset (VM mode), rebuilt whole and applied in one nft transaction whenever the local workloads
+//! change, so the kernel never sees half of it:
+//!
+//! ```text
+//! table inet strait {
+//!   chain nat_output    { type nat hook output priority -100
+//!     meta mark PROXY_MARK return                      # the proxy's own sockets
+//!     meta skuid != { workload uids } return           # only registered workloads are captured
+//!     ip daddr 127.0.0.0/8 return; ip6 daddr ::1 return
+//!     meta l4proto tcp redirect to :15001              # every other TCP flow goes to the proxy
+//!   }
+//!   chain filter_output { type filter hook output priority 0
+//!     meta mark PROXY_MARK accept
+//!     oifname "lo" tcp dport { strict ports } reject with tcp reset   # local non-proxy → workload port
+//!     meta skuid { uids } udp dport 53 ip(6) daddr RESOLVER accept    # DNS to the configured resolver
+//!     meta skuid { uids } ip daddr 127.0.0.0/8 accept; … ::1 accept   # redirected (NAT already done)
+//!     meta skuid { uids } oifname != "lo" counter drop                # UDP, ICMP, raw: nothing leaves
+//!   }
+//!   chain filter_input  { type filter hook input priority 0
+//!     iifname "lo" accept
+//!     tcp dport { strict ports } counter drop          # plaintext from other hosts
+//!   }
+//! }
+//! ```
+//!
+//! Redirected TCP reaches the proxy, which forwards it through a tunnel only to mesh destinations (and to
+//! explicitly allowed egress); anything else is closed there. If the proxy dies (SIGKILL), the rules stay:
+//! captured connections are refused (nothing listens on 15001) and inbound plaintext stays dropped, so the
+//! failure is closed. `nft delete table inet strait` (or restarting the proxy) recovers.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem,
+};
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::stmt::{Match, Operator, Reject, RejectType, Statement, NAT};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+/// The table Strait owns; `nft delete table inet strait` removes every rule Strait installed.
+pub const TABLE: &str = "strait";
+/// Socket mark on every socket the proxy opens, so its own traffic is never captured.
+pub const PROXY_MARK: u32 = 0x5354;
+
+/// What the rules must capture and protect on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CapturePlan {
+    /// Unix users of the node's registered workloads (outbound capture).
+    pub workload_uids: BTreeSet<u32>,
+    /// Workload ports that refuse plaintext (everything not declared PERMISSIVE).
+    pub strict_ports: BTreeSet<u16>,
+    /// The DNS resolver workloads may query over UDP/TCP port 53.
+    pub dns_resolvers: Vec<IpAddr>,
+    /// Where captured TCP is redirected.
+    pub outbound_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot run nft ({0}); install nftables (apt-get install nftables) and run as root")]
+    Spawn(std::io::Error),
+    #[error("nft refused the ruleset: {0}")]
+    Nft(String),
+}
+
+fn s(v: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.to_owned()))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn field(protocol: &str, name: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Owned(protocol.to_owned()),
+            field: Cow::Owned(name.to_owned()),
+        },
+    )))
+}
+
+fn set(items: impl IntoIterator<Item = Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+
+fn prefix(addr: &str, len: u32) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(addr)),
+        len,
+    }))
+}
+
+fn m(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    m(left, Operator::EQ, right)
+}
+
+fn uid_set(plan: &CapturePlan) -> Expression<'static> {
+    set(plan.workload_uids.iter().map(|u| Expression::Number(*u)))
+}
+
+fn port_set(plan: &CapturePlan) -> Expression<'static> {
+    set(plan
+        .strict_ports
+        .iter()
+        .map(|p| Expression::Number(u32::from(*p))))
+}
+
+fn chain(name: &str, kind: NfChainType, hook: NfHook, prio: i32) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(Chain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: Cow::Owned(name.to_owned()),
+        _type: Some(kind),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    })))
+}
+
+fn rule(chain: &str, comment: &str, stmts: Vec<Statement<'static>>) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        chain: Cow::Owned(chain.to_owned()),
+        expr: Cow::Owned(stmts),
+        comment: Some(Cow::Owned(comment.to_owned())),
+        ..Rule::default()
+    })))
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(nftables::stmt::Counter::Anonymous(None))
+}
+
+/// The complete, idempotent transaction: create the table (a no-op if present), delete it with everything
+/// in it, and build it again. nft applies the batch atomically.
+pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
+    let table = || {
+        NfListObject::Table(Table {
+            family: NfFamily::INet,
+            name: TABLE.into(),
+            handle: None,
+        })
+    };
+    let mut objs = vec![
+        NfObject::CmdObject(NfCmd::Add(table())),
+        NfObject::CmdObject(NfCmd::Delete(table())),
+        NfObject::CmdObject(NfCmd::Add(table())),
+        chain("nat_output", NfChainType::NAT, NfHook::Output, -100),
+        chain("filter_output", NfChainType::Filter, NfHook::Output, 0),
+        chain("filter_input", NfChainType::Filter, NfHook::Input, 0),
+    ];
+    let ret = || Statement::Return(None);
+    let mark = || meta(MetaKey::Mark);
+    let tcp = || eq(meta(MetaKey::L4proto), s("tcp"));
+
+    // Outbound capture.
+    objs.push(rule(
+        "nat_output",
+        "the proxy's own sockets",
+        vec![eq(mark(), Expression::Number(PROXY_MARK)), ret()],
+    ));
+    if !plan.workload_uids.is_empty() {
+        objs.push(rule(
+            "nat_output",
+            "only registered workloads are captured",
+            vec![m(meta(MetaKey::Skuid), Operator::NEQ, uid_set(plan)), ret()],
+        ));
+        objs.push(rule(
+            "nat_output",
+            "loopback stays local",
+            vec![eq(field("ip", "daddr"), prefix("127.0.0.0", 8)), ret()],
+        ));
+        objs.push(rule(
+            "nat_output",
+            "loopback stays local",
+            vec![eq(field("ip6", "daddr"), s("::1")), ret()],
+        ));
+        objs.push(rule(
+            "nat_output",
+            "workload TCP goes to the proxy",
+            vec![
+                tcp(),
+                Statement::Redirect(Some(NAT {
+                    addr: None,
+                    family: None,
+                    port: Some(Expression::Number(u32::from(plan.outbound_port))),
+                    flags: None,
+                })),
+            ],
+        ));
+    }
+
+    // Local enforcement.
+    objs.push(rule(
+        "filter_output",
+        "the proxy's own sockets",
+        vec![
+            eq(mark(), Expression::Number(PROXY_MARK)),
+            Statement::Accept(None),
+        ],
+    ));
+    if !plan.strict_ports.is_empty() {
+        objs.push(rule(
+            "filter_output",
+            "only the proxy may reach workload ports locally",
+            vec![
+                eq(meta(MetaKey::Oifname), s("lo")),
+                tcp(),
+                eq(field("tcp", "dport"), port_set(plan)),
+                counter(),
+                Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+            ],
+        ));
+    }
+    if !plan.workload_uids.is_empty() {
+        for r in &plan.dns_resolvers {
+            let proto = match r {
+                IpAddr::V4(_) => "ip",
+                IpAddr::V6(_) => "ip6",
+            };
+            for l4 in ["udp", "tcp"] {
+                objs.push(rule(
+                    "filter_output",
+                    "DNS to the configured resolver",
+                    vec![
+                        eq(meta(MetaKey::Skuid), uid_set(plan)),
+                        eq(field(proto, "daddr"), s(&r.to_string())),
+                        eq(field(l4, "dport"), Expression::Number(53)),
+                        Statement::Accept(None),
+                    ],
+                ));
+            }
+        }
+        // After the nat chain's redirect the destination is loopback, but `oifname` still names the device
+        // chosen before NAT, so redirected packets are recognised by their rewritten destination.
+        objs.push(rule(
+            "filter_output",
+            "redirected to the proxy",
+            vec![
+                eq(meta(MetaKey::Skuid), uid_set(plan)),
+                eq(field("ip", "daddr"), prefix("127.0.0.0", 8)),
+                Statement::Accept(None),
+            ],
+        ));
+        objs.push(rule(
+            "filter_output",
+            "redirected to the proxy",
+            vec![
+                eq(meta(MetaKey::Skuid), uid_set(plan)),
+                eq(field("ip6", "daddr"), s("::1")),
+                Statement::Accept(None),
+            ],
+        ));
+        objs.push(rule(
+            "filter_output",
+            "nothing else leaves the host from a workload",
+            vec![
+                eq(meta(MetaKey::Skuid), uid_set(plan)),
+                m(meta(MetaKey::Oifname), Operator::NEQ, s("lo")),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+
+    // Inbound.
+    objs.push(rule(
+        "filter_input",
+        "loopback (the proxy forwarding to workloads)",
+        vec![eq(meta(MetaKey::Iifname), s("lo")), Statement::Accept(None)],
+    ));
+    if !plan.strict_ports.is_empty() {
+        objs.push(rule(
+            "filter_input",
+            "plaintext to workload ports from other hosts",
+            vec![
+                tcp(),
+                eq(field("tcp", "dport"), port_set(plan)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+    Nftables {
+        objects: Cow::Owned(objs),
+    }
+}
+
+/// Runs `nft -j -f -` with the given JSON, returning nft's own error text on failure.
+fn nft_json(json: &str) -> Result<(), CaptureError> {
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(CaptureError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(json.as_bytes())
+            .map_err(CaptureError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(CaptureError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(CaptureError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// Installs (or replaces) the table, atomically.
+pub fn apply(plan: &CapturePlan) -> Result<(), CaptureError> {
+    let json =
+        serde_json::to_string(&ruleset(plan)).map_err(|e| CaptureError::Nft(e.to_string()))?;
+    nft_json(&json)
+}
+
+/// Removes the table and every rule in it; succeeds if it is already gone.
+pub fn remove() -> Result<(), CaptureError> {
+    let table = NfListObject::Table(Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    });
+    let batch = Nftables {
+        objects: Cow::Owned(vec![
+            NfObject::CmdObject(NfCmd::Add(table.clone())),
+            NfObject::CmdObject(NfCmd::Delete(table)),
+        ]),
+    };
+    let json = serde_json::to_string(&batch).map_err(|e| CaptureError::Nft(e.to_string()))?;
+    nft_json(&json)
+}
+
+/// The table as nft prints it, for `/config_dump`.
+pub fn list() -> String {
+    Command::new("nft")
+        .args(["list", "table", "inet", TABLE])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_serialises_to_nft_json() {
+        let plan = CapturePlan {
+            workload_uids: [1001, 1002].into(),
+            strict_ports: [5000].into(),
+            dns_resolvers: vec!["10.0.0.53".parse().unwrap()],
+            outbound_port: 15001,
+        };
+        let json = serde_json::to_string(&ruleset(&plan)).unwrap();
+        assert!(json.contains(r#""redirect":{"port":15001}"#), "{json}");
+        assert!(json.contains(r#""skuid""#));
+        assert!(json.contains("tcp reset"));
+    }
+}

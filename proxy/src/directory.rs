@@ -1,0 +1,94 @@
+//! The proxy's view of the mesh directory: which workload a destination address is, and which local
+//! workload a Unix user is.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use strait_control::api::Directory;
+use strait_control::registry::{NodeName, Selector, Workload};
+
+/// Where a captured connection goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub workload: Arc<Workload>,
+    /// The destination node's tunnel listener.
+    pub tunnel: SocketAddr,
+}
+
+#[derive(Debug, Default)]
+pub struct DirectoryView {
+    pub revision: u64,
+    pub raw: Directory,
+    node_by_addr: HashMap<IpAddr, NodeName>,
+    by_node_port: HashMap<(NodeName, u16), Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    tunnels: HashMap<NodeName, SocketAddr>,
+    local_by_uid: HashMap<u32, Arc<Workload>>,
+    pub local: Vec<Arc<Workload>>,
+}
+
+impl DirectoryView {
+    pub fn build(dir: Directory, me: &NodeName) -> Self {
+        let mut v = DirectoryView {
+            revision: dir.revision,
+            ..Default::default()
+        };
+        for n in &dir.nodes {
+            for a in &n.addresses {
+                v.node_by_addr.insert(*a, n.name.clone());
+            }
+            if let Some(t) = n
+                .tunnel_address
+                .as_deref()
+                .and_then(|t| t.parse::<SocketAddr>().ok())
+            {
+                v.node_by_addr
+                    .entry(t.ip())
+                    .or_insert_with(|| n.name.clone());
+                v.tunnels.insert(n.name.clone(), t);
+            }
+        }
+        for w in &dir.workloads {
+            let w = Arc::new(w.clone());
+            for p in &w.ports {
+                v.by_node_port.insert((w.node.clone(), p.port), w.clone());
+            }
+            match &w.selector {
+                Selector::Ips(ips) => {
+                    for ip in ips {
+                        v.by_ip.insert(*ip, w.clone());
+                    }
+                }
+                Selector::Uid(uid) if &w.node == me => {
+                    v.local_by_uid.insert(*uid, w.clone());
+                }
+                Selector::Uid(_) => {}
+            }
+            if &w.node == me {
+                v.local.push(w);
+            }
+        }
+        v.raw = dir;
+        v
+    }
+
+    /// The mesh workload serving at `dst`, if any: a pod address (Kubernetes mode) or a node address and a
+    /// port a workload on that node declared (VM mode).
+    pub fn route(&self, dst: SocketAddr) -> Option<Route> {
+        let workload = match self.by_ip.get(&dst.ip()) {
+            Some(w) if w.ports.iter().any(|p| p.port == dst.port()) => w.clone(),
+            Some(_) => return None,
+            None => {
+                let node = self.node_by_addr.get(&dst.ip())?;
+                self.by_node_port.get(&(node.clone(), dst.port()))?.clone()
+            }
+        };
+        let tunnel = *self.tunnels.get(&workload.node)?;
+        Some(Route { workload, tunnel })
+    }
+
+    pub fn local_by_uid(&self, uid: u32) -> Option<&Arc<Workload>> {
+        self.local_by_uid.get(&uid)
+    }
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics of the proxy, served on the admin port's `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub direction: &'static str,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Identity {
+    pub id: String,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: Family<Direction, Counter>,
+    pub active: Family<Direction, Gauge>,
+    pub bytes_sent: Family<Direction, Counter>,
+    pub bytes_received: Family<Direction, Counter>,
+    pub refused: Family<Reason, Counter>,
+    pub handshake_errors: Family<Reason, Counter>,
+    pub tunnels_opened: Counter,
+    pub cert_expiry: Family<Identity, Gauge>,
+    pub cert_renewals: Counter,
+    pub cert_renewal_failures: Counter,
+}
+
+impl Metrics {
+    pub fn register(&self) -> Registry {
+        let mut r = Registry::with_prefix("strait_proxy");
+        r.register(
+            "connections",
+            "Connections handled",
+            self.connections.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Connections open now",
+            self.active.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Bytes sent towards the destination",
+            self.bytes_sent.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Bytes received from the destination",
+            self.bytes_received.clone(),
+        );
+        r.register(
+            "refused_connections",
+            "Connections refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "tls_handshake_errors",
+            "Failed TLS handshakes, by reason",
+            self.handshake_errors.clone(),
+        );
+        r.register(
+            "tunnels_opened",
+            "mTLS tunnel connections opened (pooled)",
+            self.tunnels_opened.clone(),
+        );
+        r.register(
+            "certificate_expiry_seconds",
+            "Seconds until each workload certificate expires",
+            self.cert_expiry.clone(),
+        );
+        r.register(
+            "certificate_renewals",
+            "Certificate renewals",
+            self.cert_renewals.clone(),
+        );
+        r.register(
+            "certificate_renewal_failures",
+            "Failed certificate renewals",
+            self.cert_renewal_failures.clone(),
+        );
+        r
+    }
+
+    pub fn refuse(&self, direction: &'static str, reason: &str) {
+        self.refused
+            .get_or_create(&Reason {
+                direction,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,643 @@
+//! The data path: captured outbound connections are carried to the destination node as HTTP/2 CONNECT
+//! streams over mutual TLS 1.3 (as Istio's HBONE), one TLS connection per (source workload, destination
+//! workload) shared by all their streams; the inbound side checks the peer and forwards to the local
+//! workload.
+//!
+//! Outbound, the client certificate is the *source workload's* SVID and the server must prove the
+//! *destination workload's* SPIFFE ID (asked for by SNI). Inbound, the peer's ID comes from its verified
+//! certificate. Bytes are copied with back-pressure (HTTP/2 flow control end to end) and half-closes pass
+//! through: a client that shuts down its write side still receives the response.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use strait_ca::verify::{explain, peer_id, SvidClientVerifier, SvidServerVerifier};
+use strait_ca::{PeerIdMatcher, SpiffeId, TrustBundle};
+use strait_control::registry::Workload;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::certs::{sni_for, CertStore, InboundResolver, SourceCert};
+use crate::directory::DirectoryView;
+use crate::metrics::{Direction, Metrics};
+use crate::sockets::{connect_marked, local_peer_uid, original_dst};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 windows sized for throughput on a LAN: the defaults (64 KiB) cap a stream at a few MB/s with
+/// any latency.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONN_WINDOW: u32 = 16 << 20;
+
+/// Destinations outside the mesh that workloads may reach directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+impl EgressRule {
+    /// `CIDR[:PORT]`, e.g. `10.1.2.0/24:443` or `[fd00::/64]:443` or `192.0.2.7`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{s:?}: expected CIDR or CIDR:PORT, e.g. 10.1.2.0/24:443 or [fd00::/64]:443")
+        };
+        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (net, after) = rest.split_once(']').ok_or_else(bad)?;
+            (net, after.strip_prefix(':'))
+        } else if s.matches(':').count() == 1 {
+            let (n, p) = s.split_once(':').ok_or_else(bad)?;
+            (n, Some(p))
+        } else {
+            (s, None)
+        };
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, p)) => (a, p.parse::<u8>().map_err(|_| bad())?),
+            None => (net, if net.contains(':') { 128 } else { 32 }),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        let port = port
+            .map(|p| p.parse::<u16>().map_err(|_| bad()))
+            .transpose()?;
+        Ok(Self { addr, prefix, port })
+    }
+
+    pub fn allows(&self, dst: SocketAddr) -> bool {
+        if self.port.is_some_and(|p| p != dst.port()) {
+            return false;
+        }
+        match (self.addr, dst.ip()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Counts open connections so that shutdown can wait for them to drain.
+#[derive(Default)]
+pub struct Inflight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct InflightGuard<'a>(&'a Inflight);
+
+impl Inflight {
+    pub fn enter(&self) -> InflightGuard<'_> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(self)
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Everything the data path shares.
+pub struct Ctx {
+    pub certs: Arc<CertStore>,
+    pub dir: ArcSwap<DirectoryView>,
+    pub bundle: Arc<TrustBundle>,
+    pub metrics: Arc<Metrics>,
+    /// This node's addresses: inbound streams may only target these (or loopback).
+    pub node_addrs: Vec<IpAddr>,
+    pub egress: Vec<EgressRule>,
+    pub inflight: Inflight,
+    pool: Mutex<HashMap<PoolKey, Pooled>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: SpiffeId,
+    dst: SpiffeId,
+    tunnel: SocketAddr,
+}
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    /// The source certificate generation the connection was opened with.
+    generation: u64,
+}
+
+impl Ctx {
+    pub fn new(
+        certs: Arc<CertStore>,
+        dir: DirectoryView,
+        bundle: Arc<TrustBundle>,
+        metrics: Arc<Metrics>,
+        node_addrs: Vec<IpAddr>,
+        egress: Vec<EgressRule>,
+    ) -> Self {
+        Self {
+            certs,
+            dir: ArcSwap::from_pointee(dir),
+            bundle,
+            metrics,
+            node_addrs,
+            egress,
+            inflight: Inflight::default(),
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn pooled_tunnels(&self) -> usize {
+        self.pool.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Outbound
+
+/// Accepts captured connections on the outbound port until the task is dropped.
+pub async fn serve_outbound(ctx: Arc<Ctx>, listener: TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _guard = ctx.inflight.enter();
+            outbound(&ctx, tcp, peer).await;
+        });
+    }
+}
+
+async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let dir = Direction {
+        direction: "outbound",
+    };
+    let dst = match original_dst(&tcp) {
+        Ok(d) => d,
+        Err(e) => {
+            // Not a redirected connection: someone connected to the outbound port directly.
+            ctx.metrics.refuse("outbound", "not_redirected");
+            warn!(%peer, error = %e, "connection to the outbound port without a redirect; refused");
+            return;
+        }
+    };
+    let view = ctx.dir.load_full();
+    let uid = match local_peer_uid(peer, dst) {
+        Ok(Some(uid)) => uid,
+        other => {
+            ctx.metrics.refuse("outbound", "unknown_source");
+            warn!(%peer, %dst, ?other, "cannot tell which user opened this connection; refused");
+            return;
+        }
+    };
+    let Some(src) = view.local_by_uid(uid).cloned() else {
+        ctx.metrics.refuse("outbound", "unregistered_source");
+        warn!(%peer, %dst, uid, "connection from a user that is not a registered workload; refused");
+        return;
+    };
+    let Some(route) = view.route(dst) else {
+        if ctx.egress.iter().any(|r| r.allows(dst)) {
+            return egress(ctx, tcp, &src, dst).await;
+        }
+        ctx.metrics.refuse("outbound", "outside_mesh");
+        warn!(src = %src.id, %dst, "destination outside the mesh and not an allowed egress; refused");
+        return;
+    };
+    ctx.metrics.connections.get_or_create(&dir).inc();
+    let active = ctx.metrics.active.get_or_create(&dir).clone();
+    active.inc();
+    let result = tunnel(ctx, tcp, &src, &route.workload, route.tunnel, dst).await;
+    active.dec();
+    match result {
+        Ok((sent, received)) => {
+            ctx.metrics.bytes_sent.get_or_create(&dir).inc_by(sent);
+            ctx.metrics
+                .bytes_received
+                .get_or_create(&dir)
+                .inc_by(received);
+            debug!(src = %src.id, dst = %route.workload.id, sent, received, "outbound connection closed");
+        }
+        Err(e) => {
+            ctx.metrics.refuse("outbound", e.reason());
+            warn!(src = %src.id, dst = %route.workload.id, %dst, error = %e, "outbound connection failed");
+        }
+    }
+}
+
+async fn egress(ctx: &Ctx, mut tcp: TcpStream, src: &Workload, dst: SocketAddr) {
+    match connect_marked(dst, CONNECT_TIMEOUT).await {
+        Ok(mut upstream) => {
+            info!(src = %src.id, %dst, "allowed egress");
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+        }
+        Err(e) => {
+            ctx.metrics.refuse("outbound", "egress_unreachable");
+            warn!(src = %src.id, %dst, error = %e, "allowed egress destination unreachable");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TunnelError {
+    #[error("no certificate for the source workload yet")]
+    NoSourceCert,
+    #[error("cannot reach the destination node's tunnel port: {0}")]
+    Connect(std::io::Error),
+    #[error("mTLS with the destination node failed: {0}")]
+    Tls(String),
+    #[error("tunnel HTTP/2 error: {0}")]
+    Http(String),
+    #[error("the destination proxy refused the stream: HTTP {0}")]
+    Refused(StatusCode),
+}
+
+impl TunnelError {
+    fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::NoSourceCert => "no_source_cert",
+            TunnelError::Connect(_) => "tunnel_unreachable",
+            TunnelError::Tls(_) => "tunnel_tls",
+            TunnelError::Http(_) => "tunnel_http",
+            TunnelError::Refused(_) => "tunnel_refused",
+        }
+    }
+}
+
+async fn open_tunnel(
+    ctx: &Ctx,
+    src: &SpiffeId,
+    dst: &SpiffeId,
+    tunnel: SocketAddr,
+) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TunnelError::Tls(e.to_string()))?
+        .dangerous() // the verifier checks the chain and that the server is exactly `dst`
+        .with_custom_certificate_verifier(Arc::new(SvidServerVerifier::new(
+            ctx.bundle.clone(),
+            PeerIdMatcher::Exact(dst.clone()),
+        )))
+        .with_client_cert_resolver(Arc::new(SourceCert {
+            store: ctx.certs.clone(),
+            id: src.clone(),
+        }));
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = connect_marked(tunnel, CONNECT_TIMEOUT)
+        .await
+        .map_err(TunnelError::Connect)?;
+    let name = ServerName::try_from(sni_for(dst)).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| TunnelError::Tls("handshake timed out".into()))?
+    .map_err(|e| {
+        let reason = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .map(explain)
+            .unwrap_or_else(|| e.to_string());
+        ctx.metrics
+            .handshake_errors
+            .get_or_create(&crate::metrics::Reason {
+                direction: "outbound",
+                reason: reason_label(&reason),
+            })
+            .inc();
+        TunnelError::Tls(reason)
+    })?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "tunnel connection ended");
+        }
+    });
+    ctx.metrics.tunnels_opened.inc();
+    Ok(sender)
+}
+
+/// A ready sender for (src, dst): the pooled one when it is alive and was opened with the source's current
+/// certificate, otherwise a new tunnel. The pool lock is never held across an await.
+async fn sender_for(
+    ctx: &Ctx,
+    src: &SpiffeId,
+    dst: &SpiffeId,
+    tunnel: SocketAddr,
+) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    let generation = ctx
+        .certs
+        .get(src)
+        .ok_or(TunnelError::NoSourceCert)?
+        .generation;
+    let key = PoolKey {
+        src: src.clone(),
+        dst: dst.clone(),
+        tunnel,
+    };
+    let cached = ctx.pool.lock().ok().and_then(|p| {
+        p.get(&key)
+            .filter(|e| e.generation == generation && !e.sender.is_closed())
+            .map(|e| e.sender.clone())
+    });
+    if let Some(mut s) = cached {
+        if s.ready().await.is_ok() {
+            return Ok(s);
+        }
+    }
+    let sender = open_tunnel(ctx, src, dst, tunnel).await?;
+    if let Ok(mut p) = ctx.pool.lock() {
+        p.insert(
+            key,
+            Pooled {
+                sender: sender.clone(),
+                generation,
+            },
+        );
+    }
+    Ok(sender)
+}
+
+async fn tunnel(
+    ctx: &Ctx,
+    mut tcp: TcpStream,
+    src: &Workload,
+    dst: &Workload,
+    tunnel: SocketAddr,
+    target: SocketAddr,
+) -> Result<(u64, u64), TunnelError> {
+    let mut sender = sender_for(ctx, &src.id, &dst.id, tunnel).await?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
+    if resp.status() != StatusCode::OK {
+        return Err(TunnelError::Refused(resp.status()));
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
+    let mut upgraded = TokioIo::new(upgraded);
+    match tokio::io::copy_bidirectional(&mut tcp, &mut upgraded).await {
+        Ok(bytes) => Ok(bytes),
+        // A reset by either end after data flowed is the end of a connection, not a tunnel failure.
+        Err(e) => {
+            debug!(error = %e, "outbound copy ended with an error");
+            let _ = tcp.shutdown().await;
+            Ok((0, 0))
+        }
+    }
+}
+
+fn reason_label(reason: &str) -> String {
+    // A bounded label set: the first words of the verifier's message.
+    reason
+        .split(':')
+        .nth(1)
+        .unwrap_or(reason)
+        .split_whitespace()
+        .take(4)
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inbound
+
+pub fn inbound_tls(ctx: &Ctx) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    // Any workload of the trust domain may open a tunnel; which requests it may make is for the
+    // authorization layer to decide per stream.
+    let mut cfg = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(SvidClientVerifier::new(
+            ctx.bundle.clone(),
+            PeerIdMatcher::AnyInTrustDomain,
+        )))
+        .with_cert_resolver(Arc::new(InboundResolver(ctx.certs.clone())));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts tunnel connections until the task is dropped.
+pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
+        // Pooled tunnel connections stay open while idle, so they are not counted for draining; their
+        // streams are.
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .map(explain)
+                        .unwrap_or_else(|| e.to_string());
+                    ctx.metrics
+                        .handshake_errors
+                        .get_or_create(&crate::metrics::Reason {
+                            direction: "inbound",
+                            reason: reason_label(&reason),
+                        })
+                        .inc();
+                    warn!(%peer, %reason, "inbound mTLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    ctx.metrics.refuse("inbound", "handshake_timeout");
+                    return;
+                }
+            };
+            let (_, conn) = tls.get_ref();
+            let (Some(src), Some(dst)) = (
+                peer_id(conn),
+                conn.server_name()
+                    .and_then(|sni| ctx.certs.by_sni(sni))
+                    .map(|c| c.svid.id.clone()),
+            ) else {
+                ctx.metrics.refuse("inbound", "no_identity");
+                return;
+            };
+            let view = ctx.dir.load_full();
+            let Some(dst_workload) = view.local.iter().find(|w| w.id == dst).cloned() else {
+                ctx.metrics.refuse("inbound", "unknown_destination");
+                return;
+            };
+            let svc_ctx = ctx.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                let (ctx, src, dst) = (svc_ctx.clone(), src.clone(), dst_workload.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(inbound_stream(ctx, src, dst, peer, req))
+                }
+            });
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONN_WINDOW)
+                .max_concurrent_streams(1024);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+                debug!(%peer, error = %e, "tunnel connection ended with an error");
+            }
+        });
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// One CONNECT stream: checks the target and, if allowed, answers 200 and pipes bytes to the workload.
+fn inbound_stream(
+    ctx: Arc<Ctx>,
+    src: SpiffeId,
+    dst: Arc<Workload>,
+    peer: SocketAddr,
+    mut req: Request<hyper::body::Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        ctx.metrics.refuse("inbound", "not_connect");
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let Some(target) = target else {
+        ctx.metrics.refuse("inbound", "bad_target");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // Only this node's addresses and the destination workload's declared ports: a tunnel is not an open
+    // relay to the node's other services or to other hosts.
+    let local_ip = target.ip().is_loopback() || ctx.node_addrs.contains(&target.ip());
+    let pod_ip = matches!(&dst.selector, strait_control::registry::Selector::Ips(ips) if ips.contains(&target.ip()));
+    if !(local_ip || pod_ip) || !dst.ports.iter().any(|p| p.port == target.port()) {
+        ctx.metrics.refuse("inbound", "target_not_workload");
+        warn!(%src, dst = %dst.id, %target, "stream to an address or port the workload does not serve; refused");
+        return status(StatusCode::FORBIDDEN);
+    }
+    tokio::spawn(async move {
+        let _guard = ctx.inflight.enter();
+        let dir = Direction {
+            direction: "inbound",
+        };
+        let mut upstream = match connect_marked(target, CONNECT_TIMEOUT).await {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.metrics.refuse("inbound", "workload_unreachable");
+                warn!(%src, dst = %dst.id, %target, error = %e, "workload unreachable");
+                return;
+            }
+        };
+        let upgraded = match hyper::upgrade::on(&mut req).await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(%peer, error = %e, "stream upgrade failed");
+                return;
+            }
+        };
+        ctx.metrics.connections.get_or_create(&dir).inc();
+        let active = ctx.metrics.active.get_or_create(&dir).clone();
+        active.inc();
+        let mut io = TokioIo::new(upgraded);
+        match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+            Ok((from_peer, to_peer)) => {
+                ctx.metrics.bytes_sent.get_or_create(&dir).inc_by(from_peer);
+                ctx.metrics
+                    .bytes_received
+                    .get_or_create(&dir)
+                    .inc_by(to_peer);
+            }
+            Err(e) => debug!(error = %e, "inbound copy ended with an error"),
+        }
+        active.dec();
+        debug!(%src, dst = %dst.id, "inbound stream closed");
+    });
+    status(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn egress_rules_parse_and_match() {
+        let r = EgressRule::parse("10.1.2.0/24:443").unwrap();
+        assert!(r.allows("10.1.2.9:443".parse().unwrap()));
+        assert!(!r.allows("10.1.3.9:443".parse().unwrap()));
+        assert!(!r.allows("10.1.2.9:80".parse().unwrap()));
+        let r = EgressRule::parse("[fd00::/64]:443").unwrap();
+        assert!(r.allows("[fd00::1]:443".parse().unwrap()));
+        assert!(!r.allows("10.1.2.9:443".parse().unwrap()));
+        let r = EgressRule::parse("192.0.2.7").unwrap();
+        assert!(r.allows("192.0.2.7:1".parse().unwrap()));
+        assert!(EgressRule::parse("10.0.0.0/33").is_err());
+        assert!(EgressRule::parse("nonsense").is_err());
+    }
+}
