@@ -17,9 +17,10 @@ command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer 
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 
-# Debian packages the tests drive: openssl (independent certificate checks), nftables and iproute2
-# (capture and namespaces), curl (a real HTTP client).
-packages=(openssl nftables iproute2 curl ca-certificates)
+# Debian packages the tests drive: openssl (independent certificate checks and TLS clients), nftables
+# and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
+# util-linux (setpriv: workloads as other users).
+packages=(openssl nftables iproute2 curl ca-certificates tcpdump util-linux)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

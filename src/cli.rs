@@ -51,6 +51,17 @@ pub enum Command {
     Control(ControlArgs),
     /// Run the node proxy (VM mode): capture workload traffic with nftables and carry it over mTLS.
     Proxy(ProxyArgs),
+    /// Run a small HTTP document store (a workload for tests, benchmarks and the demo).
+    ///
+    /// POST /api/<name> stores a document; GET /api/<name>/<id> returns it; GET / names the service.
+    Docstore {
+        /// Address to listen on (repeat for IPv4 and IPv6).
+        #[arg(long, default_value = "0.0.0.0:5000")]
+        listen: Vec<SocketAddr>,
+        /// Service name, used in the API path.
+        #[arg(long)]
+        name: String,
+    },
     /// Node bootstrap: create one-time join tokens.
     #[command(subcommand)]
     Node(NodeCommand),

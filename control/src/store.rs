@@ -24,7 +24,7 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
 
 const KEY_ADMIN_HASH: &str = "admin_token_sha256";
-/// Bumped by every change to the registry: the directory version proxies compare.
+/// Bumped by every change to the directory (workloads, node addresses): the version proxies compare.
 const KEY_REVISION: &str = "registry_revision";
 
 #[derive(Debug, thiserror::Error)]
@@ -212,10 +212,23 @@ impl Store {
         Ok(n)
     }
 
+    /// Writes a node record. A new node, or a change of its addresses, changes the directory, so the
+    /// revision moves; a renewal that only updates certificate times does not.
     pub fn put_node(&self, rec: &NodeRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(NODES)?
-            .insert(rec.name.as_str(), encode(rec).as_slice())?;
+        {
+            let mut t = txn.open_table(NODES)?;
+            let key = rec.name.as_str();
+            let old: Option<NodeRecord> =
+                t.get(key)?.map(|v| decode(key, v.value())).transpose()?;
+            t.insert(key, encode(rec).as_slice())?;
+            let moved = old.is_none_or(|o| {
+                o.tunnel_address != rec.tunnel_address || o.addresses != rec.addresses
+            });
+            if moved {
+                bump_revision(&txn)?;
+            }
+        }
         txn.commit()?;
         Ok(())
     }

@@ -4,6 +4,7 @@ mod admin;
 mod ca;
 mod conn;
 mod control;
+mod docstore;
 mod proxy;
 mod table;
 
@@ -14,6 +15,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Ca(c) => ca::run(c),
         Command::Control(c) => control::run(c),
         Command::Proxy(p) => proxy::run(p),
+        Command::Docstore { listen, name } => docstore::run(listen, name),
         Command::Node(c) => block_on(admin::node(c)),
         Command::Workload(c) => block_on(admin::workload(c)),
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),

@@ -1,0 +1,848 @@
+//! VM mode end to end, as root, in network namespaces: a control plane host, hosts A and B with a proxy
+//! each (the real `strait` binary, real nftables, real TLS), workloads as processes under their own Unix
+//! users, curl as the client.
+//!
+//! | host | address | runs |
+//! |---|---|---|
+//! | cp | 10.77.0.1 | `strait control` |
+//! | a | 10.77.0.2 | proxy; workload `owner` = uid 1001 (client); uid 1003 is not registered |
+//! | b | 10.77.0.3 | proxy; workload `vfx` = uid 1002, docstore on :5000 |
+//! | out | 10.77.0.4 | not in the mesh: docstores on :8080 and :8081 |
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{require_root, Netns, Proc};
+
+const TD: &str = "example.org";
+const OWNER_UID: u32 = 1001;
+const VFX_UID: u32 = 1002;
+const STRANGER_UID: u32 = 1003;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strait")
+}
+
+struct Mesh {
+    net: Netns,
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    proxies: std::sync::Mutex<Vec<(String, Proc)>>,
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+impl Mesh {
+    /// Control plane up, workloads registered, services running; proxies not started yet.
+    fn new(svid_ttl: &str) -> Self {
+        let net = Netns::new(&["cp", "a", "b", "out"]);
+        let tmp = tempfile::tempdir().unwrap();
+        // Workload processes run as other users and must be able to read nothing here but run the binary.
+        let dir = tmp.path().to_owned();
+        let m = Self {
+            net,
+            _tmp: tmp,
+            dir,
+            proxies: Default::default(),
+        };
+        let cp = m.net.v4("cp");
+        let out = std::process::Command::new(bin())
+            .args([
+                "control",
+                "init",
+                "--data-dir",
+                m.p("cp"),
+                "--trust-domain",
+                TD,
+                "--server",
+                &format!("{cp}:15012"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        m.net.spawn(
+            "cp",
+            None,
+            &[
+                bin(),
+                "control",
+                "--data-dir",
+                m.p("cp"),
+                "--listen",
+                &format!("{cp}:15012"),
+                "--svid-ttl",
+                svid_ttl,
+            ],
+            &m.dir.join("control.log"),
+        );
+        m.net
+            .eventually(Duration::from_secs(10), "control plane", || {
+                m.net
+                    .run(
+                        "cp",
+                        None,
+                        &["curl", "-sk", &format!("https://{cp}:15012/v1/ready")],
+                    )
+                    .status
+                    .success()
+            });
+        m.admin(&[
+            "workload",
+            "add",
+            "--id",
+            &id("owner"),
+            "--node",
+            "host-a",
+            "--uid",
+            "1001",
+            "--port",
+            "5000/http",
+        ]);
+        m.admin(&[
+            "workload",
+            "add",
+            "--id",
+            &id("vfx"),
+            "--node",
+            "host-b",
+            "--uid",
+            "1002",
+            "--port",
+            "5000/http",
+        ]);
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[bin(), "docstore", "--listen", "[::]:5000", "--name", "vfx"],
+            &m.dir.join("vfx.log"),
+        );
+        m.net.spawn(
+            "out",
+            None,
+            &[
+                bin(),
+                "docstore",
+                "--listen",
+                "[::]:8080",
+                "--name",
+                "outside",
+            ],
+            &m.dir.join("out.log"),
+        );
+        m.net.spawn(
+            "out",
+            None,
+            &[
+                bin(),
+                "docstore",
+                "--listen",
+                "[::]:8081",
+                "--name",
+                "allowed",
+            ],
+            &m.dir.join("out2.log"),
+        );
+        m
+    }
+
+    fn p(&self, name: &str) -> &str {
+        // Leaked for the test's lifetime: paths are used in argument lists.
+        Box::leak(
+            self.dir
+                .join(name)
+                .into_os_string()
+                .into_string()
+                .unwrap()
+                .into_boxed_str(),
+        )
+    }
+
+    /// An admin CLI call, made from the control plane's host (the control plane listens inside "cp").
+    fn admin(&self, args: &[&str]) -> String {
+        let out = self.net.run(
+            "cp",
+            None,
+            &[
+                "env",
+                &format!("STRAIT_CONFIG={}", self.dir.join("cp/admin.yaml").display()),
+                bin(),
+            ]
+            .iter()
+            .copied()
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>(),
+        );
+        assert!(
+            out.status.success(),
+            "strait {}: {}",
+            args.join(" "),
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start_proxy(&self, host: &str, extra: &[&str]) -> Proc {
+        let token = self.admin(&["node", "token", "create", "--node", &format!("host-{host}")]);
+        self.start_proxy_with(host, Some(token.trim()), extra)
+    }
+
+    fn start_proxy_with(&self, host: &str, token: Option<&str>, extra: &[&str]) -> Proc {
+        let cp = self.net.v4("cp");
+        let (v4, v6) = (self.net.v4(host).to_string(), self.net.v6(host).to_string());
+        let node = format!("host-{host}");
+        let data = self.p(&format!("proxy-{host}"));
+        let control = format!("https://{cp}:15012");
+        let mut args = vec![
+            bin(),
+            "proxy",
+            "--control",
+            &control,
+            "--node",
+            &node,
+            "--data-dir",
+            data,
+            "--address",
+            &v4,
+            "--address",
+            &v6,
+            "--refresh-interval",
+            "1s",
+            "--drain-timeout",
+            "3s",
+        ];
+        if let Some(t) = token {
+            args.extend(["--token", t]);
+        }
+        args.extend(extra);
+        let p = self.net.spawn(
+            host,
+            None,
+            &args,
+            &self.dir.join(format!("proxy-{host}.log")),
+        );
+        self.net
+            .eventually(Duration::from_secs(20), "proxy ready", || {
+                let out = self
+                    .net
+                    .run(host, None, &["curl", "-s", "http://127.0.0.1:15000/ready"]);
+                String::from_utf8_lossy(&out.stdout).starts_with("ready")
+            });
+        self.proxies.lock().unwrap().push((host.to_owned(), p));
+        p
+    }
+
+    /// Waits until every running proxy knows every node that has joined (same directory revision).
+    fn converge(&self) {
+        let hosts: Vec<String> = self
+            .proxies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, _)| h.clone())
+            .collect();
+        self.net.eventually(
+            Duration::from_secs(15),
+            "proxies to share the directory",
+            || {
+                let revs: Vec<u64> = hosts
+                    .iter()
+                    .map(|h| {
+                        let out = self.net.run(
+                            h,
+                            None,
+                            &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+                        );
+                        let dump: serde_json::Value =
+                            serde_json::from_slice(&out.stdout).unwrap_or_default();
+                        let nodes = dump["directory"]["nodes"]
+                            .as_array()
+                            .map(|n| n.len())
+                            .unwrap_or(0);
+                        if nodes == hosts.len() {
+                            dump["directory_revision"].as_u64().unwrap_or(0)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                revs.iter().all(|r| *r > 0 && *r == revs[0])
+            },
+        );
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// curl in `host` as `uid`; returns the HTTP code (000 when the connection failed).
+    fn curl(&self, host: &str, uid: Option<u32>, url: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ];
+        args.extend(extra);
+        args.push(url);
+        let out = self.net.run(host, uid, &args);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn metrics(&self, host: &str) -> String {
+        let out = self.net.run(
+            host,
+            None,
+            &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn vfx_url(&self, v6: bool) -> String {
+        if v6 {
+            format!("http://[{}]:5000/api/vfx", self.net.v6("b"))
+        } else {
+            format!("http://{}:5000/api/vfx", self.net.v4("b"))
+        }
+    }
+}
+
+impl Drop for Mesh {
+    /// On failure, show what the processes said: the only way to debug a CI run.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["control.log", "proxy-a.log", "proxy-b.log", "vfx.log"] {
+                eprintln!("----- {f}\n{}", self.log(f));
+            }
+        }
+    }
+}
+
+/// What tcpdump read from a capture, for failure messages.
+fn pcap_summary(file: &Path) -> String {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nr", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(format!("{}.log", file.display())).unwrap_or_default();
+    format!(
+        "{}{}\ntcpdump log: {log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn id(name: &str) -> String {
+    format!("spiffe://{TD}/ns/movie/sa/{name}")
+}
+
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Starts tcpdump on a host's switch port, writing to `file`; the returned Proc is stopped with SIGINT.
+fn capture(m: &Mesh, host: &str, file: &Path) -> Proc {
+    let port = m.net.switch_port(host);
+    // Debian's tcpdump drops to its own user after opening the device; -Z root keeps it able to write
+    // into the test's private directory.
+    let log = format!("{}.log", file.file_name().unwrap().to_string_lossy());
+    assert_eq!(
+        file.parent(),
+        Some(m.dir.as_path()),
+        "captures live in the test directory"
+    );
+    let p = m.net.spawn(
+        "sw",
+        None,
+        &[
+            "tcpdump",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            &port,
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            file.to_str().unwrap(),
+        ],
+        &m.dir.join(&log),
+    );
+    m.net
+        .eventually(Duration::from_secs(10), "tcpdump listening", || {
+            m.log(&log).contains("listening on")
+        });
+    p
+}
+
+#[test]
+fn requests_cross_both_proxies_encrypted_over_ipv4_and_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+
+    let pcap = m.dir.join("ab.pcap");
+    let dump = capture(&m, "a", &pcap);
+    let marker = "STRAIT-SECRET-PAYLOAD-7f3a";
+    for v6 in [false, true] {
+        let code = m.curl(
+            "a",
+            Some(OWNER_UID),
+            &m.vfx_url(v6),
+            &["-d", &format!("{marker} v6={v6}")],
+        );
+        assert_eq!(code, "201", "owner → vfx through the mesh (v6={v6})");
+    }
+    // Positive control: plaintext that does not go through the mesh (root on A to the outside host) must
+    // be visible in the same capture, or the capture proves nothing.
+    let control_marker = "PLAINTEXT-CONTROL-MARKER-91c2";
+    let out = m.curl(
+        "a",
+        None,
+        &format!("http://{}:8080/api/outside", m.net.v4("out")),
+        &["-d", control_marker],
+    );
+    assert_eq!(out, "201");
+    std::thread::sleep(Duration::from_millis(300));
+    m.net.signal(dump, libc::SIGINT);
+    m.net.wait(dump, Duration::from_secs(5));
+    let bytes = std::fs::read(&pcap).unwrap();
+    let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        contains(control_marker),
+        "the capture must see plaintext when there is some: {}",
+        pcap_summary(&pcap)
+    );
+    assert!(
+        !contains(marker),
+        "the payload crossed the A–B link in clear"
+    );
+    assert!(
+        !contains("/api/vfx"),
+        "the request line crossed the link in clear"
+    );
+    // And the traffic did go to B's tunnel port, as tcpdump reads it.
+    let summary = pcap_summary(&pcap);
+    assert!(
+        summary.contains(&format!("{}.15008", m.net.v4("b"))),
+        "no tunnel traffic captured: {summary}"
+    );
+
+    // Both proxies saw it.
+    let (ma, mb) = (m.metrics("a"), m.metrics("b"));
+    assert!(
+        metric(&ma, "strait_proxy_connections_total", "outbound") >= 2,
+        "{ma}"
+    );
+    assert!(
+        metric(&mb, "strait_proxy_connections_total", "inbound") >= 2,
+        "{mb}"
+    );
+    // One pooled tunnel carried both requests: no TLS handshake per request.
+    assert_eq!(
+        metric(&ma, "strait_proxy_tunnels_opened_total", ""),
+        1,
+        "{ma}"
+    );
+
+    // Readiness and config dump.
+    let dump = m.net.run(
+        "a",
+        None,
+        &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    assert_eq!(dump["node"], "spiffe://example.org/node/host-a");
+    assert_eq!(dump["local_workloads"][0], id("owner"));
+    assert!(dump["nftables"]
+        .as_str()
+        .unwrap()
+        .contains("redirect to :15001"));
+}
+
+#[test]
+fn every_way_around_the_mesh_fails() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    let allowed = format!("{}:8081", m.net.v4("out"));
+    m.start_proxy("a", &["--allow-egress", &allowed]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    // Sanity: the legitimate path works, so the failures below are refusals, not a broken setup.
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "201"
+    );
+
+    // Plaintext straight to B's service port from A (root is not a workload, so it is not captured).
+    assert_eq!(
+        m.curl("a", None, &m.vfx_url(false), &["-d", "x"]),
+        "000",
+        "plaintext over IPv4"
+    );
+    assert_eq!(
+        m.curl("a", None, &m.vfx_url(true), &["-d", "x"]),
+        "000",
+        "plaintext over IPv6"
+    );
+    // A process under an unregistered uid on A.
+    assert_eq!(
+        m.curl("a", Some(STRANGER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "000",
+        "unregistered uid"
+    );
+    // A process on B itself, connecting from B's own address and from loopback.
+    let b4 = m.net.v4("b").to_string();
+    assert_eq!(
+        m.curl(
+            "b",
+            None,
+            &m.vfx_url(false),
+            &["--interface", &b4, "-d", "x"]
+        ),
+        "000",
+        "local process via host address"
+    );
+    assert_eq!(
+        m.curl("b", None, "http://127.0.0.1:5000/api/vfx", &["-d", "x"]),
+        "000",
+        "local process via loopback"
+    );
+    // A workload connecting to a destination outside the mesh (not an allowed egress).
+    let outside = format!("http://{}:8080/api/outside", m.net.v4("out"));
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &outside, &["-d", "leak"]),
+        "000",
+        "non-mesh destination"
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("http://[{}]:8080/api/outside", m.net.v6("out")),
+            &["-d", "leak"]
+        ),
+        "000",
+        "non-mesh destination over IPv6"
+    );
+    // …while the explicitly allowed egress works (the refusal above is policy, not a broken route).
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("http://{allowed}/api/allowed"),
+            &["-d", "ok"]
+        ),
+        "201"
+    );
+    // UDP to a non-DNS port from a workload: nothing reaches the wire. Root's identical datagram does,
+    // in the same capture, so the capture would have seen a leak.
+    let pcap = m.dir.join("udp.pcap");
+    let dump = capture(&m, "a", &pcap);
+    let out4 = m.net.v4("out").to_string();
+    m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &[
+            "bash",
+            "-c",
+            &format!("echo UDP-LEAK > /dev/udp/{out4}/9999"),
+        ],
+    );
+    m.net.run(
+        "a",
+        None,
+        &[
+            "bash",
+            "-c",
+            &format!("echo UDP-CONTROL > /dev/udp/{out4}/9999"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    m.net.signal(dump, libc::SIGINT);
+    m.net.wait(dump, Duration::from_secs(5));
+    let bytes = std::fs::read(&pcap).unwrap();
+    let seen = |n: &str| bytes.windows(n.len()).any(|w| w == n.as_bytes());
+    assert!(seen("UDP-CONTROL"), "the control datagram must be captured");
+    assert!(!seen("UDP-LEAK"), "UDP from a workload left the host");
+
+    // The outside docstore received nothing from the refused attempts.
+    let stored = m.net.run(
+        "out",
+        None,
+        &["curl", "-s", "http://127.0.0.1:8080/api/outside/0"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&stored.stdout).trim(),
+        "no such document"
+    );
+    let ma = m.metrics("a");
+    assert!(
+        metric(
+            &ma,
+            "strait_proxy_refused_connections_total",
+            "outside_mesh"
+        ) >= 2,
+        "{ma}"
+    );
+}
+
+fn cert_for(m: &Mesh, name: &str, ca_dir: &str, ttl: &str) -> (String, String) {
+    let key = m.p(&format!("{name}.key"));
+    let csr = m.p(&format!("{name}.csr"));
+    let crt = m.p(&format!("{name}.pem"));
+    for args in [
+        vec![
+            "openssl",
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key,
+        ],
+        vec![
+            "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
+        ],
+    ] {
+        assert!(std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let out = std::process::Command::new(bin())
+        .args([
+            "ca",
+            "issue",
+            "--dir",
+            ca_dir,
+            "--csr",
+            csr,
+            "--id",
+            &id(name),
+            "--ttl",
+            ttl,
+            "--out",
+            crt,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    (crt.to_owned(), key.to_owned())
+}
+
+#[test]
+fn identity_attacks_fail() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    m.start_proxy("a", &[]);
+    let proxy_b = m.start_proxy("b", &[]);
+    m.converge();
+    let b_tunnel = format!("{}:15008", m.net.v4("b"));
+    let sni = {
+        // The SNI that asks B for vfx's certificate.
+        let d = sha256(id("vfx").as_bytes());
+        format!(
+            "{}.spiffe.strait",
+            d[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    };
+    let client = |crt: &str, key: &str| {
+        // A real TLS client speaking to B's tunnel port with the given client certificate; it writes a
+        // request so that a refusal after the handshake is observed.
+        m.net.run(
+            "a",
+            None,
+            &["bash", "-c", &format!(
+                "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | timeout 5 openssl s_client -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet 2>&1; true"
+            )],
+        )
+    };
+
+    // A client certificate from another CA.
+    let rogue_ca = m.p("rogue-ca");
+    let out = std::process::Command::new(bin())
+        .args(["ca", "init", "--dir", rogue_ca, "--trust-domain", TD])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (crt, key) = cert_for(&m, "rogue", rogue_ca, "1h");
+    client(&crt, &key);
+    // An expired one from the right CA.
+    let (crt, key) = cert_for(&m, "expired", m.p("cp/ca"), "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    client(&crt, &key);
+    m.net
+        .eventually(Duration::from_secs(5), "refusals logged by B", || {
+            let log = m.log("proxy-b.log");
+            log.contains("not issued by a CA in the trust bundle") && log.contains("expired")
+        });
+    let mb = m.metrics("b");
+    assert!(
+        metric(&mb, "strait_proxy_tls_handshake_errors_total", "inbound") >= 2,
+        "{mb}"
+    );
+
+    // The right CA but the wrong SPIFFE ID for the tunnel asked for: B is replaced by an impostor that
+    // holds a valid certificate for another workload. A's proxy must refuse it, so the request fails.
+    m.net.signal(proxy_b, libc::SIGTERM);
+    m.net.wait(proxy_b, Duration::from_secs(10));
+    let (crt, key) = cert_for(&m, "impostor", m.p("cp/ca"), "1h");
+    m.net.spawn(
+        "b",
+        None,
+        &[
+            "openssl", "s_server", "-accept", "15008", "-cert", &crt, "-key", &key, "-tls1_3",
+            "-alpn", "h2", "-quiet", "-naccept", "5",
+        ],
+        &m.dir.join("impostor.log"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // B's rules are gone with its proxy; root on B still cannot be reached in plaintext from A's
+    // workload, because A's proxy captures it and insists on vfx's identity.
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "000"
+    );
+    m.net.eventually(Duration::from_secs(5), "A refuses the impostor", || {
+        m.log("proxy-a.log").contains("peer is spiffe://example.org/ns/movie/sa/impostor, expected spiffe://example.org/ns/movie/sa/vfx")
+    });
+}
+
+/// SHA-256 by OpenSSL (an independent implementation of the proxy's SNI derivation).
+fn sha256(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut c = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-binary"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(data).unwrap();
+    c.wait_with_output().unwrap().stdout
+}
+
+#[test]
+fn certificates_rotate_every_few_seconds_without_a_failed_request() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("10s");
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    let url = m.vfx_url(false);
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0, Vec::new());
+    // 25 s of continuous traffic: several renewals of every certificate (node and workload, TTL 10 s).
+    while start.elapsed() < Duration::from_secs(25) {
+        let code = m.curl("a", Some(OWNER_UID), &url, &["-d", "rotating"]);
+        if code == "201" {
+            ok += 1;
+        } else {
+            failed.push((start.elapsed(), code));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(failed.is_empty(), "{} ok, failed: {failed:?}", ok);
+    assert!(ok > 50, "too few requests ({ok}) to mean anything");
+    let (ma, mb) = (m.metrics("a"), m.metrics("b"));
+    assert!(
+        metric(&ma, "strait_proxy_certificate_renewals_total", "") >= 3,
+        "{ma}"
+    );
+    assert!(
+        metric(&mb, "strait_proxy_certificate_renewals_total", "") >= 3,
+        "{mb}"
+    );
+    // New certificates are used for new tunnels.
+    assert!(
+        metric(&ma, "strait_proxy_tunnels_opened_total", "") >= 3,
+        "{ma}"
+    );
+    eprintln!("{ok} requests, 0 failed, during {:?}", start.elapsed());
+}
+
+#[test]
+fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    let pa = m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "201"
+    );
+
+    // SIGKILL: the rules stay, so the workload's traffic fails instead of leaking around the mesh.
+    m.net.signal(pa, libc::SIGKILL);
+    m.net.wait(pa, Duration::from_secs(5));
+    let tables = m.net.run("a", None, &["nft", "list", "tables"]);
+    assert!(String::from_utf8_lossy(&tables.stdout).contains("inet strait"));
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "000"
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("http://{}:8080/", m.net.v4("out")),
+            &[]
+        ),
+        "000"
+    );
+
+    // Restarted without a token: it reuses the saved node identity and traffic flows again.
+    let pa = m.start_proxy_with("a", None, &[]);
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "201"
+    );
+
+    // SIGTERM: drains, removes the table, exits 0.
+    m.net.signal(pa, libc::SIGTERM);
+    let status = m
+        .net
+        .wait(pa, Duration::from_secs(10))
+        .expect("proxy exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let tables = m.net.run("a", None, &["nft", "list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("strait"),
+        "table left behind"
+    );
+    assert!(m.log("proxy-a.log").contains("capture rules removed"));
+}

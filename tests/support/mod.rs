@@ -1,0 +1,235 @@
+//! Hosts made of network namespaces for end-to-end tests.
+//!
+//! Every test builds its own topology with a unique name prefix: a "switch" namespace holding a bridge, and
+//! one namespace per host attached to it by a veth pair, each host with `10.77.0.N/24` and `fd77::N/64`.
+//! Addresses repeat between tests, but namespaces do not, so tests never see each other. Dropping the
+//! `Netns` kills every process it started and deletes the namespaces, which also removes their veths,
+//! bridges and nftables tables.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The environment variable that skips namespace tests when not root. CI never sets it.
+pub const SKIP_VAR: &str = "STRAIT_SKIP_NETNS_TESTS";
+
+/// True when the test may run; panics with instructions when it needs root and was not told to skip.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var(SKIP_VAR).as_deref() == Ok("1") {
+        eprintln!("skipped: network-namespace tests need root ({SKIP_VAR}=1)");
+        return false;
+    }
+    panic!(
+        "network-namespace tests need root: run `sudo bash scripts/test.sh`, or set {SKIP_VAR}=1 to skip them"
+    );
+}
+
+pub struct Netns {
+    pub prefix: String,
+    hosts: Vec<String>,
+    children: Mutex<Vec<(String, Child)>>,
+}
+
+/// A process started in a namespace; its index in the harness, for signalling it later.
+#[derive(Debug, Clone, Copy)]
+pub struct Proc(usize);
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (install iproute2/nftables or run scripts/test.sh)",
+                args[0]
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// Creates hosts with the given names on one bridge; host i (from 0) gets 10.77.0.(i+1).
+    pub fn new(hosts: &[&str]) -> Self {
+        let prefix = format!(
+            "st{}x{}",
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let net = Self {
+            prefix: prefix.clone(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            children: Mutex::new(Vec::new()),
+        };
+        let sw = net.ns("sw");
+        sh(&["ip", "netns", "add", &sw]);
+        sh(&["ip", "-n", &sw, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        for (i, h) in hosts.iter().enumerate() {
+            let ns = net.ns(h);
+            let port = net.switch_port(h);
+            sh(&["ip", "netns", "add", &ns]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            sh(&[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "e0", "netns", &ns,
+            ]);
+            sh(&["ip", "link", "set", &port, "netns", &sw]);
+            sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{}/24", i + 1),
+                "dev",
+                "e0",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("fd77::{}/64", i + 1),
+                "dev",
+                "e0",
+                "nodad",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "e0", "up"]);
+        }
+        net
+    }
+
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    /// The bridge-side name of a host's veth (in the switch namespace): where a capture sees its traffic.
+    pub fn switch_port(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    fn index(&self, host: &str) -> usize {
+        self.hosts
+            .iter()
+            .position(|h| h == host)
+            .unwrap_or_else(|| panic!("no host {host}"))
+    }
+
+    pub fn v4(&self, host: &str) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, 0, self.index(host) as u8 + 1)
+    }
+
+    pub fn v6(&self, host: &str) -> Ipv6Addr {
+        format!("fd77::{}", self.index(host) + 1).parse().unwrap()
+    }
+
+    fn command(&self, host: &str, uid: Option<u32>, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)]);
+        if let Some(u) = uid {
+            cmd.args([
+                "setpriv",
+                &format!("--reuid={u}"),
+                &format!("--regid={u}"),
+                "--clear-groups",
+            ]);
+        }
+        cmd.args(args);
+        cmd.env_remove("STRAIT_CONFIG");
+        cmd
+    }
+
+    /// Runs a command in `host` (as `uid` when given) and waits for it.
+    pub fn run(&self, host: &str, uid: Option<u32>, args: &[&str]) -> Output {
+        self.command(host, uid, args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Starts a long-running command in `host`, its output appended to `log`.
+    pub fn spawn(&self, host: &str, uid: Option<u32>, args: &[&str], log: &Path) -> Proc {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let err = file.try_clone().unwrap();
+        let child = self
+            .command(host, uid, args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .expect("spawn in namespace");
+        let mut c = self.children.lock().unwrap();
+        c.push((args.join(" "), child));
+        Proc(c.len() - 1)
+    }
+
+    pub fn signal(&self, p: Proc, sig: libc::c_int) {
+        let c = self.children.lock().unwrap();
+        // SAFETY: kill with a pid we started.
+        unsafe {
+            libc::kill(c[p.0].1.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Waits for a process to exit, up to `timeout`; returns its exit status if it did.
+    pub fn wait(&self, p: Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.children.lock().unwrap()[p.0].1.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls until `check` holds (or panics with `what` after `timeout`).
+    pub fn eventually(&self, timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.children.lock() {
+            for (_, child) in c.iter_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for h in self.hosts.iter().chain(std::iter::once(&"sw".to_string())) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(h)])
+                .output();
+        }
+    }
+}
