@@ -164,7 +164,7 @@ fn main() {
                     .unwrap();
                 t.token
             },
-            None,
+            Default::default(),
         )
         .await
         .unwrap();
