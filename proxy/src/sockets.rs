@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -58,39 +58,166 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
 }
 
-/// Encodes an address as /proc/net/tcp{,6} prints it: each 32-bit word in host (little-endian) order.
-fn proc_hex(addr: SocketAddr) -> String {
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) => format!("{:08X}", u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(v6) => v6
-            .octets()
-            .chunks(4)
-            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
-            .collect(),
-    };
-    format!("{ip}:{:04X}", addr.port())
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NlMsgHdr {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+/// `struct inet_diag_sockid`: ports and addresses in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct InetDiagSockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u8; 16],
+    dst: [u8; 16],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct InetDiagReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: InetDiagSockId,
+}
+
+/// `struct inet_diag_msg` (the part we read).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InetDiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: InetDiagSockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const INET_DIAG_NOCOOKIE: u32 = !0;
+
+fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => b[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => b.copy_from_slice(&v6.octets()),
+    }
+    b
 }
 
 /// The Unix user owning the local socket `client` that connected to `dst` (before redirection).
 ///
-/// After an nftables `redirect`, the client's socket still records the original destination, so its
-/// entry in /proc/net/tcp is (client → dst). The kernel wrote the uid; the client cannot forge it.
+/// After an nftables `redirect`, the client's socket still records the original destination, so the
+/// kernel's socket table holds (client → dst). One exact `sock_diag` query by that 4-tuple returns the
+/// owner's uid, which the kernel recorded and the client cannot forge. (Scanning /proc/net/tcp instead
+/// costs milliseconds once connection churn fills it with TIME_WAIT entries.)
 pub fn local_peer_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<u32>> {
-    let (local, remote) = (proc_hex(client), proc_hex(dst));
-    let files: &[&str] = match client {
-        SocketAddr::V4(_) => &["/proc/net/tcp", "/proc/net/tcp6"],
-        SocketAddr::V6(_) => &["/proc/net/tcp6"],
+    let family = if client.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
-    for file in files {
-        let text = std::fs::read_to_string(file)?;
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 7 && cols[1] == local && cols[2] == remote {
-                return Ok(cols[7].parse().ok());
-            }
-        }
+    let req = InetDiagReqV2 {
+        family: family as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        states: !0,
+        id: InetDiagSockId {
+            sport: client.port().to_be_bytes(),
+            dport: dst.port().to_be_bytes(),
+            src: addr_bytes(client.ip()),
+            dst: addr_bytes(dst.ip()),
+            interface: 0,
+            cookie: [INET_DIAG_NOCOOKIE; 2],
+        },
+        ..Default::default()
+    };
+    #[repr(C)]
+    struct Request {
+        hdr: NlMsgHdr,
+        req: InetDiagReqV2,
     }
-    Ok(None)
+    let msg = Request {
+        hdr: NlMsgHdr {
+            len: std::mem::size_of::<Request>() as u32,
+            kind: SOCK_DIAG_BY_FAMILY,
+            flags: libc::NLM_F_REQUEST as u16,
+            seq: 1,
+            pid: 0,
+        },
+        req,
+    };
+    // SAFETY: plain syscalls on a socket we own; buffers are sized by their types.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        let sent = libc::sendto(
+            fd.as_raw_fd(),
+            &msg as *const Request as *const libc::c_void,
+            std::mem::size_of::<Request>(),
+            0,
+            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        );
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 1024];
+        let n = libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+        );
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let hdr_len = std::mem::size_of::<NlMsgHdr>();
+        if n < hdr_len {
+            return Err(io::Error::other("short netlink answer"));
+        }
+        let hdr: NlMsgHdr = std::ptr::read_unaligned(buf.as_ptr() as *const NlMsgHdr);
+        if hdr.kind == NLMSG_ERROR {
+            let code: i32 = std::ptr::read_unaligned(buf[hdr_len..].as_ptr() as *const i32);
+            return if code == -libc::ENOENT {
+                Ok(None)
+            } else {
+                Err(io::Error::from_raw_os_error(-code))
+            };
+        }
+        if hdr.kind != SOCK_DIAG_BY_FAMILY || n < hdr_len + std::mem::size_of::<InetDiagMsg>() {
+            return Err(io::Error::other("unexpected netlink answer"));
+        }
+        let diag: InetDiagMsg =
+            std::ptr::read_unaligned(buf[hdr_len..].as_ptr() as *const InetDiagMsg);
+        Ok(Some(diag.uid))
+    }
 }
 
 /// Connects with the proxy's socket mark set (exempt from capture), with a timeout.
@@ -115,18 +242,23 @@ pub async fn connect_marked(addr: SocketAddr, timeout: Duration) -> io::Result<T
 mod tests {
     use super::*;
 
-    #[test]
-    fn proc_encoding_matches_the_kernel_format() {
-        assert_eq!(proc_hex("127.0.0.1:8080".parse().unwrap()), "0100007F:1F90");
-        assert_eq!(
-            proc_hex("[::1]:80".parse().unwrap()),
-            "00000000000000000000000001000000:0050"
-        );
-    }
-
     #[tokio::test]
     async fn finds_the_uid_of_a_local_connection() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let c = TcpStream::connect(dst).await.unwrap();
+        let uid = local_peer_uid(c.local_addr().unwrap(), dst).unwrap();
+        assert_eq!(uid, Some(unsafe { libc::geteuid() }));
+        // No such connection: None, not an error.
+        let none = local_peer_uid("127.0.0.1:1".parse().unwrap(), dst).unwrap();
+        assert_eq!(none, None);
+    }
+
+    #[tokio::test]
+    async fn finds_the_uid_over_ipv6() {
+        let Ok(l) = tokio::net::TcpListener::bind("[::1]:0").await else {
+            return; // no IPv6 on this host
+        };
         let dst = l.local_addr().unwrap();
         let c = TcpStream::connect(dst).await.unwrap();
         let uid = local_peer_uid(c.local_addr().unwrap(), dst).unwrap();
