@@ -19,8 +19,8 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 
 # Debian packages the tests drive: openssl (independent certificate checks and TLS clients), nftables
 # and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
-# util-linux (setpriv: workloads as other users).
-packages=(openssl nftables iproute2 curl ca-certificates tcpdump util-linux)
+# util-linux (setpriv: workloads as other users), socat (half-closes).
+packages=(openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | cp | 10.77.0.1 | `strait control` |
 //! | a | 10.77.0.2 | proxy; workload `owner` = uid 1001 (client); uid 1003 is not registered |
-//! | b | 10.77.0.3 | proxy; workload `vfx` = uid 1002, docstore on :5000 |
+//! | b | 10.77.0.3 | proxy; workload `vfx` = uid 1002: docstore on :5000, `wc -c` on :5001 (tcp), docstore on :5002 (PERMISSIVE) |
 //! | out | 10.77.0.4 | not in the mesh: docstores on :8080 and :8081 |
 
 mod support;
@@ -30,6 +30,7 @@ struct Mesh {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     proxies: std::sync::Mutex<Vec<(String, Proc)>>,
+    control: std::sync::Mutex<Option<Proc>>,
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -52,6 +53,7 @@ impl Mesh {
             _tmp: tmp,
             dir,
             proxies: Default::default(),
+            control: Default::default(),
         };
         let cp = m.net.v4("cp");
         let out = std::process::Command::new(bin())
@@ -68,7 +70,7 @@ impl Mesh {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out));
-        m.net.spawn(
+        let control = m.net.spawn(
             "cp",
             None,
             &[
@@ -83,6 +85,7 @@ impl Mesh {
             ],
             &m.dir.join("control.log"),
         );
+        *m.control.lock().unwrap() = Some(control);
         m.net
             .eventually(Duration::from_secs(10), "control plane", || {
                 m.net
@@ -106,23 +109,40 @@ impl Mesh {
             "--port",
             "5000/http",
         ]);
-        m.admin(&[
-            "workload",
-            "add",
-            "--id",
-            &id("vfx"),
-            "--node",
-            "host-b",
-            "--uid",
-            "1002",
-            "--port",
-            "5000/http",
-        ]);
+        // vfx: HTTP on 5000, a raw TCP service on 5001, and a PERMISSIVE HTTP port 5002.
+        let apply = m.dir.join("vfx.yaml");
+        std::fs::write(
+            &apply,
+            format!(
+                "apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n- id: {}\n  node: host-b\n  uid: 1002\n  ports: [{{port: 5000, protocol: http}}, {{port: 5001, protocol: tcp}}, {{port: 5002, protocol: http, permissive: true}}]\n",
+                id("vfx")
+            ),
+        )
+        .unwrap();
+        m.admin(&["apply", "-f", apply.to_str().unwrap()]);
         m.net.spawn(
             "b",
             Some(VFX_UID),
             &[bin(), "docstore", "--listen", "[::]:5000", "--name", "vfx"],
             &m.dir.join("vfx.log"),
+        );
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[bin(), "docstore", "--listen", "[::]:5002", "--name", "vfx"],
+            &m.dir.join("vfx2.log"),
+        );
+        // Reads until the client's half-close, then answers with the byte count: it only ever answers
+        // if the FIN crossed both proxies.
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[
+                "socat",
+                "TCP6-LISTEN:5001,ipv6only=0,reuseaddr,fork",
+                "EXEC:wc -c",
+            ],
+            &m.dir.join("wc.log"),
         );
         m.net.spawn(
             "out",
@@ -464,6 +484,27 @@ fn requests_cross_both_proxies_encrypted_over_ipv4_and_ipv6() {
         "{ma}"
     );
 
+    // The control plane goes away: traffic keeps flowing on the current certificates and directory.
+    let control = m.control.lock().unwrap().take().unwrap();
+    m.net.signal(control, libc::SIGKILL);
+    m.net.wait(control, Duration::from_secs(5));
+    for _ in 0..5 {
+        assert_eq!(
+            m.curl(
+                "a",
+                Some(OWNER_UID),
+                &m.vfx_url(false),
+                &["-d", "still here"]
+            ),
+            "201"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        m.curl("a", None, "http://127.0.0.1:15000/ready", &[]),
+        "200"
+    );
+
     // Readiness and config dump.
     let dump = m.net.run(
         "a",
@@ -486,7 +527,11 @@ fn every_way_around_the_mesh_fails() {
     }
     let m = Mesh::new("24h");
     let allowed = format!("{}:8081", m.net.v4("out"));
-    m.start_proxy("a", &["--allow-egress", &allowed]);
+    let resolver = m.net.v4("out").to_string();
+    m.start_proxy(
+        "a",
+        &["--allow-egress", &allowed, "--dns-resolver", &resolver],
+    );
     m.start_proxy("b", &[]);
     m.converge();
     // Sanity: the legitimate path works, so the failures below are refusals, not a broken setup.
@@ -523,6 +568,11 @@ fn every_way_around_the_mesh_fails() {
         ),
         "000",
         "local process via host address"
+    );
+    assert_eq!(
+        m.curl("b", Some(STRANGER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "000",
+        "another local user"
     );
     assert_eq!(
         m.curl("b", None, "http://127.0.0.1:5000/api/vfx", &["-d", "x"]),
@@ -570,6 +620,8 @@ fn every_way_around_the_mesh_fails() {
             &format!("echo UDP-LEAK > /dev/udp/{out4}/9999"),
         ],
     );
+    let dns = format!("echo DNS-QUERY > /dev/udp/{out4}/53");
+    m.net.run("a", Some(OWNER_UID), &["bash", "-c", &dns]);
     m.net.run(
         "a",
         None,
@@ -586,6 +638,34 @@ fn every_way_around_the_mesh_fails() {
     let seen = |n: &str| bytes.windows(n.len()).any(|w| w == n.as_bytes());
     assert!(seen("UDP-CONTROL"), "the control datagram must be captured");
     assert!(!seen("UDP-LEAK"), "UDP from a workload left the host");
+    assert!(
+        seen("DNS-QUERY"),
+        "DNS to the configured resolver must be allowed"
+    );
+
+    // A PERMISSIVE port accepts plaintext from other hosts; its strict neighbour on the same workload
+    // does not.
+    let b4 = m.net.v4("b");
+    assert_eq!(
+        m.curl(
+            "a",
+            None,
+            &format!("http://{b4}:5002/api/vfx"),
+            &["-d", "x"]
+        ),
+        "201",
+        "permissive port"
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            None,
+            &format!("http://{b4}:5000/api/vfx"),
+            &["-d", "x"]
+        ),
+        "000",
+        "strict port"
+    );
 
     // The outside docstore received nothing from the refused attempts.
     let stored = m.net.run(
@@ -845,4 +925,39 @@ fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
         "table left behind"
     );
     assert!(m.log("proxy-a.log").contains("capture rules removed"));
+}
+
+#[test]
+fn half_closes_and_large_transfers_pass_through() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    let target = format!("TCP:{}:5001", m.net.v4("b"));
+    let send = |bytes: u64| {
+        // socat half-closes when its input ends and waits (-t) for the answer: the server's `wc -c` only
+        // answers after that FIN reached it through both proxies, and socat only returns the answer if
+        // the server's close came back.
+        let out = m.net.run(
+            "a",
+            Some(OWNER_UID),
+            &[
+                "bash",
+                "-c",
+                &format!("head -c {bytes} /dev/zero | timeout 30 socat -t 10 - {target}"),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(send(5), "5");
+    // 64 MiB: far beyond every buffer and HTTP/2 window on the way, so flow control must work end to end.
+    assert_eq!(send(64 << 20), (64u64 << 20).to_string());
+    let ma = m.metrics("a");
+    assert!(
+        metric(&ma, "strait_proxy_sent_bytes_total", "outbound") >= 64 << 20,
+        "{ma}"
+    );
 }

@@ -16,6 +16,7 @@
 //!     oifname "lo" tcp dport { strict ports } reject with tcp reset   # local non-proxy → workload port
 //!     meta skuid { uids } udp dport 53 ip(6) daddr RESOLVER accept    # DNS to the configured resolver
 //!     meta skuid { uids } ip daddr 127.0.0.0/8 accept; … ::1 accept   # redirected (NAT already done)
+//!     meta skuid { uids } tcp sport { permissive ports } accept       # replies on PERMISSIVE ports
 //!     meta skuid { uids } oifname != "lo" counter drop                # UDP, ICMP, raw: nothing leaves
 //!   }
 //!   chain filter_input  { type filter hook input priority 0
@@ -55,6 +56,9 @@ pub struct CapturePlan {
     pub workload_uids: BTreeSet<u32>,
     /// Workload ports that refuse plaintext (everything not declared PERMISSIVE).
     pub strict_ports: BTreeSet<u16>,
+    /// PERMISSIVE workload ports: plaintext from other hosts is accepted, so the workload's replies from
+    /// these ports must leave the host.
+    pub permissive_ports: BTreeSet<u16>,
     /// The DNS resolver workloads may query over UDP/TCP port 53.
     pub dns_resolvers: Vec<IpAddr>,
     /// Where captured TCP is redirected.
@@ -266,6 +270,26 @@ pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
                 Statement::Accept(None),
             ],
         ));
+        if !plan.permissive_ports.is_empty() {
+            // Workload-initiated TCP was redirected by the nat chain before this point, so TCP leaving
+            // from these source ports is the answer to an inbound connection.
+            objs.push(rule(
+                "filter_output",
+                "replies from PERMISSIVE ports",
+                vec![
+                    eq(meta(MetaKey::Skuid), uid_set(plan)),
+                    tcp(),
+                    eq(
+                        field("tcp", "sport"),
+                        set(plan
+                            .permissive_ports
+                            .iter()
+                            .map(|p| Expression::Number(u32::from(*p)))),
+                    ),
+                    Statement::Accept(None),
+                ],
+            ));
+        }
         objs.push(rule(
             "filter_output",
             "nothing else leaves the host from a workload",

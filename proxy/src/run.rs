@@ -147,6 +147,8 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
         }
         plan.strict_ports
             .extend(w.ports.iter().filter(|p| !p.permissive).map(|p| p.port));
+        plan.permissive_ports
+            .extend(w.ports.iter().filter(|p| p.permissive).map(|p| p.port));
     }
     plan
 }
