@@ -391,6 +391,7 @@ mod tests {
         let plan = CapturePlan {
             workload_uids: [1001, 1002].into(),
             strict_ports: [5000].into(),
+            permissive_ports: [5002].into(),
             dns_resolvers: vec!["10.0.0.53".parse().unwrap()],
             outbound_port: 15001,
         };
@@ -398,5 +399,6 @@ mod tests {
         assert!(json.contains(r#""redirect":{"port":15001}"#), "{json}");
         assert!(json.contains(r#""skuid""#));
         assert!(json.contains("tcp reset"));
+        assert!(json.contains("replies from PERMISSIVE ports"));
     }
 }
