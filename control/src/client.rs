@@ -158,14 +158,7 @@ impl ApiClient {
         )
         .await
         .map_err(|_| ClientError::Tls("handshake timed out".into()))?
-        .map_err(|e| {
-            ClientError::Tls(
-                e.get_ref()
-                    .and_then(|i| i.downcast_ref::<rustls::Error>())
-                    .map(strait_ca::verify::explain)
-                    .unwrap_or_else(|| e.to_string()),
-            )
-        })?;
+        .map_err(|e| ClientError::Tls(strait_ca::verify::explain_io(&e)))?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(tls))
             .await

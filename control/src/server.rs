@@ -232,11 +232,7 @@ pub async fn serve(
                     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
-                            let reason = e
-                                .get_ref()
-                                .and_then(|i| i.downcast_ref::<rustls::Error>())
-                                .map(strait_ca::verify::explain)
-                                .unwrap_or_else(|| e.to_string());
+                            let reason = strait_ca::verify::explain_io(&e);
                             warn!(%remote, %reason, "TLS handshake refused");
                             return;
                         }

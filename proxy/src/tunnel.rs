@@ -21,7 +21,7 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
-use strait_ca::verify::{explain, peer_id, SvidClientVerifier, SvidServerVerifier};
+use strait_ca::verify::{explain_io, peer_id, SvidClientVerifier, SvidServerVerifier};
 use strait_ca::{PeerIdMatcher, SpiffeId, TrustBundle};
 use strait_control::registry::Workload;
 use tokio::io::AsyncWriteExt;
@@ -340,21 +340,7 @@ async fn open_tunnel(
     )
     .await
     .map_err(|_| TunnelError::Tls("handshake timed out".into()))?
-    .map_err(|e| {
-        let reason = e
-            .get_ref()
-            .and_then(|i| i.downcast_ref::<rustls::Error>())
-            .map(explain)
-            .unwrap_or_else(|| e.to_string());
-        ctx.metrics
-            .handshake_errors
-            .get_or_create(&crate::metrics::Reason {
-                direction: "outbound",
-                reason: reason_label(&reason),
-            })
-            .inc();
-        TunnelError::Tls(reason)
-    })?;
+    .map_err(|e| TunnelError::Tls(handshake_failed(ctx, "outbound", &e)))?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
@@ -447,6 +433,19 @@ async fn tunnel(
     }
 }
 
+/// Counts a failed handshake under a bounded reason label and returns the readable reason.
+fn handshake_failed(ctx: &Ctx, direction: &'static str, err: &std::io::Error) -> String {
+    let reason = explain_io(err);
+    ctx.metrics
+        .handshake_errors
+        .get_or_create(&crate::metrics::Reason {
+            direction,
+            reason: reason_label(&reason),
+        })
+        .inc();
+    reason
+}
+
 fn reason_label(reason: &str) -> String {
     // A bounded label set: the first words of the verifier's message.
     reason
@@ -496,18 +495,7 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
-                    let reason = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .map(explain)
-                        .unwrap_or_else(|| e.to_string());
-                    ctx.metrics
-                        .handshake_errors
-                        .get_or_create(&crate::metrics::Reason {
-                            direction: "inbound",
-                            reason: reason_label(&reason),
-                        })
-                        .inc();
+                    let reason = handshake_failed(&ctx, "inbound", &e);
                     warn!(%peer, %reason, "inbound mTLS handshake refused");
                     return;
                 }
