@@ -1,3 +1,8 @@
-//! `strait-policy`: workflow specs, their compiler to Rego + data, bundles and the regorus engine wrapper.
+//! `strait-policy`: Rego authorization for the mesh (no network I/O).
 //!
-//! Built by the issue "Inline Rego authorization and workflow policies"; this crate is empty until then.
+//! - [`input`]: the OPA-Envoy input document.
+//! - [`engine`]: regorus prepared per bundle; decisions that fail closed.
+//! - [`extensions`]: `io.jwt.decode` and `io.jwt.decode_verify`.
+pub mod engine;
+pub mod extensions;
+pub mod input;
