@@ -3,6 +3,11 @@
 //! - [`input`]: the OPA-Envoy input document.
 //! - [`engine`]: regorus prepared per bundle; decisions that fail closed.
 //! - [`extensions`]: `io.jwt.decode` and `io.jwt.decode_verify`.
+//! - [`workflow`]: the workflow YAML model; [`compile`]: workflow → Rego + data;
+//!   [`reference`]: the same decision in plain Rust, for tests.
+pub mod compile;
 pub mod engine;
 pub mod extensions;
 pub mod input;
+pub mod reference;
+pub mod workflow;

@@ -97,7 +97,10 @@ fn hs256(payload: serde_json::Value, secret: &str) -> String {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn token(role: &str, sub: &str, valid_for: i64, secret: &str) -> String {
@@ -108,14 +111,25 @@ fn token(role: &str, sub: &str, valid_for: i64, secret: &str) -> String {
     )
 }
 
-fn request(method: &str, path: &str, bearer: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+fn request(
+    method: &str,
+    path: &str,
+    bearer: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
     let mut headers = vec![("Authorization".to_string(), format!("Bearer {bearer}"))];
     if body.is_some() {
         headers.push(("Content-Type".into(), "application/json".into()));
     }
     http_input(
-        &Peer { address: Some("10.0.0.1:5555".parse().unwrap()), principal: Some("spiffe://td/ns/a/sa/web".into()) },
-        &Peer { address: Some("10.0.0.2:8080".parse().unwrap()), principal: Some("spiffe://td/ns/a/sa/people".into()) },
+        &Peer {
+            address: Some("10.0.0.1:5555".parse().unwrap()),
+            principal: Some("spiffe://td/ns/a/sa/web".into()),
+        },
+        &Peer {
+            address: Some("10.0.0.2:8080".parse().unwrap()),
+            principal: Some("spiffe://td/ns/a/sa/people".into()),
+        },
         &HttpRequest {
             method: method.into(),
             path: path.into(),
@@ -130,8 +144,14 @@ fn request(method: &str, path: &str, bearer: &str, body: Option<serde_json::Valu
 }
 
 fn engine(src: &str, v: RegoVersion) -> PolicyEngine {
-    PolicyEngine::new(&[("policy.rego".into(), src.into())], &json!({}), v, DEFAULT_DECISION_PATH, DEFAULT_BUDGET)
-        .unwrap()
+    PolicyEngine::new(
+        &[("policy.rego".into(), src.into())],
+        &json!({}),
+        v,
+        DEFAULT_DECISION_PATH,
+        DEFAULT_BUDGET,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -142,13 +162,51 @@ fn the_opa_envoy_jwt_example_decides_as_documented_in_v1_and_v0() {
         let admin = token("admin", "bob", 3600, "secret");
         let cases = [
             (request("GET", "/people", &guest, None), true, "guest reads"),
-            (request("POST", "/people", &guest, Some(json!({"firstname": "charlie"}))), false, "guest cannot create"),
-            (request("POST", "/people", &admin, Some(json!({"firstname": "charlie"}))), true, "admin creates someone else"),
-            (request("POST", "/people", &admin, Some(json!({"firstname": "Bob"}))), false, "admin cannot create themself"),
-            (request("DELETE", "/people/1", &admin, None), false, "nobody deletes"),
-            (request("GET", "/people", &token("guest", "a", -10, "secret"), None), false, "expired token"),
-            (request("GET", "/people", &token("guest", "a", 3600, "wrong"), None), false, "forged token"),
-            (request("GET", "/people", "not-a-jwt", None), false, "garbage token"),
+            (
+                request(
+                    "POST",
+                    "/people",
+                    &guest,
+                    Some(json!({"firstname": "charlie"})),
+                ),
+                false,
+                "guest cannot create",
+            ),
+            (
+                request(
+                    "POST",
+                    "/people",
+                    &admin,
+                    Some(json!({"firstname": "charlie"})),
+                ),
+                true,
+                "admin creates someone else",
+            ),
+            (
+                request("POST", "/people", &admin, Some(json!({"firstname": "Bob"}))),
+                false,
+                "admin cannot create themself",
+            ),
+            (
+                request("DELETE", "/people/1", &admin, None),
+                false,
+                "nobody deletes",
+            ),
+            (
+                request("GET", "/people", &token("guest", "a", -10, "secret"), None),
+                false,
+                "expired token",
+            ),
+            (
+                request("GET", "/people", &token("guest", "a", 3600, "wrong"), None),
+                false,
+                "forged token",
+            ),
+            (
+                request("GET", "/people", "not-a-jwt", None),
+                false,
+                "garbage token",
+            ),
         ];
         for (input, want, what) in cases {
             let d = e.decide(&input);
@@ -173,8 +231,14 @@ allow if {
 	input.attributes.source.principal == "spiffe://td/ns/ops/sa/admin"
 }
 "#;
-    let mut e = PolicyEngine::new(&[("p.rego".into(), src.into())], &json!({}), RegoVersion::V1, "istio/authz/allow", DEFAULT_BUDGET)
-        .unwrap();
+    let mut e = PolicyEngine::new(
+        &[("p.rego".into(), src.into())],
+        &json!({}),
+        RegoVersion::V1,
+        "istio/authz/allow",
+        DEFAULT_BUDGET,
+    )
+    .unwrap();
     assert!(e.decide(&request("GET", "/api/x?y=1", "t", None)).allowed);
     assert!(!e.decide(&request("POST", "/api/x", "t", None)).allowed);
     assert!(!e.decide(&request("GET", "/other", "t", None)).allowed);
@@ -184,8 +248,17 @@ allow if {
 fn rs256_and_es256_tokens_verify_with_a_certificate() {
     // An ES256 key and a certificate for it, made with rcgen-free ring + a fixture-free SPKI PEM.
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let key = ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .unwrap();
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .unwrap();
     use ring::signature::KeyPair as _;
     // SubjectPublicKeyInfo for a P-256 point: fixed prefix + the 65-byte point.
     let mut spki = hex_literal("3059301306072a8648ce3d020106082a8648ce3d030107034200");
@@ -204,7 +277,10 @@ fn rs256_and_es256_tokens_verify_with_a_certificate() {
     );
     let mut e = engine(&src, RegoVersion::V1);
     assert!(e.decide(&json!({"t": jwt})).allowed);
-    let tampered = jwt.replace(&p, &URL_SAFE_NO_PAD.encode(json!({"sub": "x", "exp": now() + 9999}).to_string()));
+    let tampered = jwt.replace(
+        &p,
+        &URL_SAFE_NO_PAD.encode(json!({"sub": "x", "exp": now() + 9999}).to_string()),
+    );
     assert!(!e.decide(&json!({"t": tampered})).allowed);
 
     // RS256, with a key and signature made by OpenSSL (ring cannot generate RSA keys).
@@ -218,17 +294,28 @@ fn rs256_and_es256_tokens_verify_with_a_certificate() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("openssl (install it or run scripts/test.sh)");
-        c.stdin.take().unwrap().write_all(stdin.unwrap_or_default()).unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.unwrap_or_default())
+            .unwrap();
         let out = c.wait_with_output().unwrap();
         assert!(out.status.success());
         out.stdout
     };
     openssl(&["genrsa", "-out", key.to_str().unwrap(), "2048"], None);
-    let public = String::from_utf8(openssl(&["rsa", "-in", key.to_str().unwrap(), "-pubout"], None)).unwrap();
+    let public = String::from_utf8(openssl(
+        &["rsa", "-in", key.to_str().unwrap(), "-pubout"],
+        None,
+    ))
+    .unwrap();
     let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
     let p = URL_SAFE_NO_PAD.encode(json!({"sub": "x", "exp": now() + 60}).to_string());
     let signing_input = format!("{h}.{p}");
-    let sig = openssl(&["dgst", "-sha256", "-sign", key.to_str().unwrap()], Some(signing_input.as_bytes()));
+    let sig = openssl(
+        &["dgst", "-sha256", "-sign", key.to_str().unwrap()],
+        Some(signing_input.as_bytes()),
+    );
     let jwt = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig));
     let src = format!(
         "package envoy.authz\nimport rego.v1\nallow if {{ [ok, _, _] := io.jwt.decode_verify(input.t, {{\"cert\": {:?}, \"alg\": \"RS256\"}}); ok }}",
@@ -237,9 +324,15 @@ fn rs256_and_es256_tokens_verify_with_a_certificate() {
     let mut e = engine(&src, RegoVersion::V1);
     assert!(e.decide(&json!({"t": jwt})).allowed);
     let other_alg = jwt.replacen(&h, &URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#), 1);
-    assert!(!e.decide(&json!({"t": other_alg})).allowed, "algorithm confusion");
+    assert!(
+        !e.decide(&json!({"t": other_alg})).allowed,
+        "algorithm confusion"
+    );
 }
 
 fn hex_literal(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
