@@ -47,6 +47,9 @@ pub enum Command {
     /// Manage the certificate authority: create it, issue SVIDs, export the trust bundle, inspect certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Compile workflows to policy bundles, evaluate one decision, run Rego unit tests.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Run the control plane, or create its data directory with `strait control init`.
     Control(ControlArgs),
     /// Run the node proxy (VM mode): capture workload traffic with nftables and carry it over mTLS.
@@ -371,4 +374,51 @@ pub struct ProxyArgs {
     /// How often the directory is fetched from the control plane.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub refresh_interval: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Compile a workflow (YAML) into a policy bundle (OPA layout, .tar.gz).
+    ///
+    /// The bundle holds a fixed Rego module and the workflow as data, so a decision costs the same for 10
+    /// or 10 000 steps. Custom modules (package strait.custom.<name>, rule `allow`) are added beside it; a
+    /// request must be allowed by the workflow AND every custom module.
+    ///
+    /// Example: strait policy compile -f deploy/examples/movie-workflow.yaml -o movie.tar.gz
+    Compile {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Custom Rego modules to combine with the workflow (repeat).
+        #[arg(long = "custom")]
+        custom: Vec<PathBuf>,
+        /// Log would-be denials but allow the requests.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Evaluate one decision: prints whether it is allowed, the policy's result and why.
+    ///
+    /// Exit code 0 when allowed, 1 when denied (so scripts can test policies).
+    Eval {
+        /// Bundle: a directory in OPA layout or a .tar.gz.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The input document (JSON, OPA-Envoy shape); `-` reads standard input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Decision path instead of the bundle's (e.g. envoy/authz/allow).
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// Run the `test_*` rules in Rego files and directories, like `opa test`.
+    Test {
+        paths: Vec<PathBuf>,
+        /// Parse as Rego v0 (the default is v1).
+        #[arg(long)]
+        v0: bool,
+        /// Print every test, not only failures.
+        #[arg(short, long)]
+        verbose: bool,
+    },
 }

@@ -5,6 +5,7 @@ mod ca;
 mod conn;
 mod control;
 mod docstore;
+mod policy;
 mod proxy;
 mod table;
 
@@ -14,6 +15,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Ca(c) => ca::run(c),
         Command::Control(c) => control::run(c),
+        Command::Policy(c) => policy::run(c),
         Command::Proxy(p) => proxy::run(p),
         Command::Docstore { listen, name } => docstore::run(listen, name),
         Command::Node(c) => block_on(admin::node(c)),
