@@ -6,9 +6,10 @@
 //! body, so one rule per step would grow linearly).
 //!
 //! ```text
-//! data.strait.workflow.name = "movie"
-//! data.strait.workflow.flows[<source ID>][<destination ID>] = [ {methods, paths, tcp, headers, window}, … ]
-//! data.strait.workflow.egress[<source ID>] = [ {cidr, port}, … ]
+//! data.strait_workflow.name = "movie"
+//! data.strait_workflow.flows[<source ID>][<destination ID>][<METHOD>] = [ {any_path, exact, globs, conditional, headers, window}, … ]
+//! data.strait_workflow.flows[<source ID>][<destination ID>].TCP = true      (a step with `tcp: true`)
+//! data.strait_workflow.egress[<source ID>] = [ {cidr, port}, … ]
 //! ```
 //!
 //! How custom Rego combines with the workflow: modules in packages `strait.custom.<name>` each define
@@ -18,51 +19,56 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::workflow::{minutes, normalize_day, Workflow, WorkflowError};
+use crate::workflow::{minutes, normalize_day, Workflow, WorkflowError, METHODS};
 
 /// The workflow's Rego (data-driven; the same for every workflow).
 pub const WORKFLOW_REGO: &str = r#"package strait.workflow
 
 import rego.v1
 
-# A request (or TCP connection) is allowed when a step between the verified source and the destination
-# matches it. Steps are looked up by principal, never scanned.
+# Steps are looked up by (source principal, destination principal, METHOD) in data, never scanned, so a
+# decision costs the same for 10 or 10 000 steps. Exact paths are map lookups too; only wildcard patterns
+# need glob matching. regorus evaluates every rule body, so there are few of them and they fail fast.
 default allow := false
 
+# HTTP, unconditional steps (the common case).
 allow if {
-	some step in data.strait.workflow.flows[input.attributes.source.principal][input.attributes.destination.principal]
-	step_matches(step)
+	http := input.attributes.request.http
+	some step in data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal][upper(http.method)]
+	not step.conditional
+	path_ok(step, split(http.path, "?")[0])
+}
+
+# HTTP, steps with conditions (headers, time window).
+allow if {
+	http := input.attributes.request.http
+	some step in data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal][upper(http.method)]
+	step.conditional
+	path_ok(step, split(http.path, "?")[0])
+	headers_ok(step, http)
+	time_ok(step)
+}
+
+# TCP connections: one decision per connection, allowed by steps that say `tcp: true`.
+allow if {
+	not input.attributes.request.http
+	data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal].TCP
 }
 
 # May the source reach the destination at all? (The outbound proxy asks before opening a tunnel.)
 default reachable := false
 
 reachable if {
-	data.strait.workflow.flows[input.attributes.source.principal][input.attributes.destination.principal]
+	data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal]
 }
 
-step_matches(step) if {
-	http := input.attributes.request.http
-	method_ok(step, http.method)
-	path_ok(step, http.path)
-	headers_ok(step, http)
-	time_ok(step)
-}
+path_ok(step, _) if step.any_path
 
-step_matches(step) if {
-	not input.attributes.request.http
-	step.tcp
-}
-
-method_ok(step, _) if count(step.methods) == 0
-
-method_ok(step, method) if upper(method) in step.methods
-
-path_ok(step, _) if count(step.paths) == 0
+path_ok(step, path) if step.exact[path]
 
 path_ok(step, path) if {
-	some pattern in step.paths
-	glob.match(pattern, ["/"], split(path, "?")[0])
+	some pattern in step.globs
+	glob.match(pattern, ["/"], path)
 }
 
 headers_ok(step, http) if {
@@ -126,13 +132,30 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
     let mut flows: Map<String, Value> = Map::new();
     for s in &wf.steps {
         let (src, dst) = (&ids[&s.from], &ids[&s.to]);
+        let pair = flows
+            .entry(src.clone())
+            .or_insert_with(|| Value::Object(Map::new()))
+            .as_object_mut()
+            .and_then(|m| {
+                m.entry(dst.clone())
+                    .or_insert_with(|| Value::Object(Map::new()))
+                    .as_object_mut()
+            });
+        let Some(pair) = pair else { continue };
+        if s.tcp {
+            pair.insert("TCP".into(), Value::Bool(true));
+        }
+        let (globs, exact): (Vec<&String>, Vec<&String>) =
+            s.paths.iter().partition(|p| p.contains(['*', '?']));
+        let cond = s.when.clone().unwrap_or_default();
         let mut step = json!({
-            "methods": s.methods.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>(),
-            "paths": s.paths,
-            "tcp": s.tcp,
-            "headers": s.when.as_ref().map(|c| json!(c.headers)).unwrap_or_else(|| json!({})),
+            "any_path": s.paths.is_empty(),
+            "exact": exact.iter().map(|p| ((*p).clone(), Value::Bool(true))).collect::<Map<_, _>>(),
+            "globs": globs,
+            "conditional": !cond.headers.is_empty() || cond.time_window.is_some(),
+            "headers": cond.headers,
         });
-        if let Some(w) = s.when.as_ref().and_then(|c| c.time_window.as_ref()) {
+        if let Some(w) = &cond.time_window {
             step["window"] = json!({
                 "timezone": w.timezone,
                 "days": w.days.iter().filter_map(|d| normalize_day(d)).collect::<Vec<_>>(),
@@ -140,15 +163,16 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
                 "to": minutes(&w.to),
             });
         }
-        let by_dst = flows
-            .entry(src.clone())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(m) = by_dst {
-            let list = m
-                .entry(dst.clone())
-                .or_insert_with(|| Value::Array(Vec::new()));
-            if let Value::Array(a) = list {
-                a.push(step);
+        let methods: Vec<String> = if s.methods.is_empty() {
+            METHODS.iter().map(|m| m.to_string()).collect()
+        } else {
+            s.methods.iter().map(|m| m.to_ascii_uppercase()).collect()
+        };
+        for m in methods {
+            if let Some(Value::Array(list)) =
+                Some(pair.entry(m).or_insert_with(|| Value::Array(Vec::new())))
+            {
+                list.push(step.clone());
             }
         }
     }
@@ -161,39 +185,48 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
             a.push(json!({"cidr": e.cidr, "port": e.port}));
         }
     }
-    Ok(
-        json!({"strait": {"workflow": {"name": wf.metadata.name, "flows": flows, "egress": egress}}}),
-    )
+    // Under its own root, not under the package's path: a data path that overlaps a package makes
+    // regorus consider that package's rules on every lookup.
+    Ok(json!({"strait_workflow": {"name": wf.metadata.name, "flows": flows, "egress": egress}}))
 }
 
-/// The same flows written naively, one Rego rule per step (for benchmarks only: this is what the
-/// compiler avoids).
-pub fn naive_rego(wf: &Workflow) -> Result<String, WorkflowError> {
+/// The same flows written naively, one Rego rule per step, in files of at most 500 rules (regorus refuses
+/// policy files over 1 MiB, which 10 000 such rules exceed). For benchmarks only: this is what the
+/// compiler avoids.
+pub fn naive_modules(wf: &Workflow) -> Result<Vec<(String, String)>, WorkflowError> {
     let ids = wf.service_ids()?;
-    let mut out = String::from(
-        "package envoy.authz\n\nimport rego.v1\n\ndefault allow := false\n\nhttp := input.attributes.request.http\n",
-    );
-    for s in &wf.steps {
-        out.push_str(&format!(
+    let header = "package envoy.authz\n\nimport rego.v1\n\nhttp := input.attributes.request.http\n";
+    let mut files = vec![(
+        "naive/0.rego".to_string(),
+        format!("{header}\ndefault allow := false\n"),
+    )];
+    for (i, s) in wf.steps.iter().enumerate() {
+        if i % 500 == 0 && i > 0 {
+            files.push((format!("naive/{}.rego", i / 500), header.to_string()));
+        }
+        let mut rule = format!(
             "\nallow if {{\n\tinput.attributes.source.principal == {:?}\n\tinput.attributes.destination.principal == {:?}\n",
             ids[&s.from], ids[&s.to]
-        ));
+        );
         if !s.methods.is_empty() {
             let m: Vec<String> = s
                 .methods
                 .iter()
                 .map(|m| format!("{:?}", m.to_ascii_uppercase()))
                 .collect();
-            out.push_str(&format!("\thttp.method in {{{}}}\n", m.join(", ")));
+            rule.push_str(&format!("\thttp.method in {{{}}}\n", m.join(", ")));
         }
         if !s.paths.is_empty() {
             let p: Vec<String> = s.paths.iter().map(|p| format!("{p:?}")).collect();
-            out.push_str(&format!(
+            rule.push_str(&format!(
                 "\tsome p in [{}]\n\tglob.match(p, [\"/\"], split(http.path, \"?\")[0])\n",
                 p.join(", ")
             ));
         }
-        out.push_str("}\n");
+        rule.push_str("}\n");
+        if let Some(last) = files.last_mut() {
+            last.1.push_str(&rule);
+        }
     }
-    Ok(out)
+    Ok(files)
 }

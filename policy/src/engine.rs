@@ -230,16 +230,16 @@ impl PolicyEngine {
             check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
         });
         let rule = rule_for(decision_path)?;
-        let mut prepared = Self {
+        // Evaluate once on the engine itself (not a clone): regorus prepares the policy (analysis,
+        // scheduling) on first evaluation and clones share that work, so every later decision starts from
+        // a prepared engine. The result is irrelevant (no input).
+        engine.set_input(Value::from(serde_json::json!({})));
+        let _ = engine.eval_rule(rule.clone());
+        Ok(Self {
             engine,
             rule,
             budget,
-        };
-        // Evaluate once with an empty input: surfaces rule conflicts and makes the first real request as
-        // cheap as the rest. A deny here is expected (no input), an error is reported at load time only
-        // if it is a compile-time kind of error.
-        let _ = prepared.decide(&serde_json::json!({}));
-        Ok(prepared)
+        })
     }
 
     pub fn decision_rule(&self) -> &str {
@@ -247,7 +247,7 @@ impl PolicyEngine {
     }
 
     /// One decision. Never fails: every failure is a deny with its reason.
-    pub fn decide(&mut self, input: &serde_json::Value) -> Decision {
+    pub fn decide(&self, input: &serde_json::Value) -> Decision {
         let start = Instant::now();
         let mut engine = self.engine.clone();
         engine.set_input(Value::from(input.clone()));
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn boolean_and_object_results() {
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if input.attributes.request.http.method == \"GET\"",
             RegoVersion::V1,
         );
@@ -307,7 +307,7 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.http_status, 403);
 
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\nimport rego.v1\nallow := {\"allowed\": false, \"http_status\": 451, \"body\": \"no\", \"headers\": {\"x-why\": \"law\"}}",
             RegoVersion::V1,
         );
@@ -321,24 +321,24 @@ mod tests {
 
     #[test]
     fn undefined_errors_and_wrong_types_deny() {
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\nimport rego.v1\nallow if input.x == 1",
             RegoVersion::V1,
         );
         let d = e.decide(&json!({}));
         assert!(!d.allowed && d.reason.contains("undefined"), "{d:?}");
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\nimport rego.v1\nallow := \"yes\"",
             RegoVersion::V1,
         );
         assert!(!e.decide(&json!({})).allowed);
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\nimport rego.v1\nallow := {\"status\": 1}",
             RegoVersion::V1,
         );
         assert!(!e.decide(&json!({})).allowed);
         // A runtime error (division by zero) is a deny, not a crash.
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\nimport rego.v1\nallow if { x := 1 / input.zero; x > 0 }",
             RegoVersion::V1,
         );
@@ -347,7 +347,7 @@ mod tests {
 
     #[test]
     fn v0_syntax_when_asked() {
-        let mut e = engine(
+        let e = engine(
             "package envoy.authz\ndefault allow = false\nallow { input.ok == true }",
             RegoVersion::V0,
         );
@@ -370,7 +370,7 @@ mod tests {
         // Millions of interpreted iterations (the budget is checked between evaluation steps; a single
         // builtin call is not interrupted).
         let src = "package envoy.authz\nimport rego.v1\nallow if { some i in numbers.range(1, 4000); some j in numbers.range(1, 4000); i == j + 9000 }";
-        let mut e = PolicyEngine::new(
+        let e = PolicyEngine::new(
             &[("p.rego".into(), src.into())],
             &json!({}),
             RegoVersion::V1,

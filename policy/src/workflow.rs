@@ -169,7 +169,7 @@ fn check_pattern(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-const METHODS: [&str; 9] = [
+pub(crate) const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 

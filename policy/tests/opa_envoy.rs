@@ -157,7 +157,7 @@ fn engine(src: &str, v: RegoVersion) -> PolicyEngine {
 #[test]
 fn the_opa_envoy_jwt_example_decides_as_documented_in_v1_and_v0() {
     for (src, v) in [(V1, RegoVersion::V1), (V0, RegoVersion::V0)] {
-        let mut e = engine(src, v);
+        let e = engine(src, v);
         let guest = token("guest", "alice", 3600, "secret");
         let admin = token("admin", "bob", 3600, "secret");
         let cases = [
@@ -231,7 +231,7 @@ allow if {
 	input.attributes.source.principal == "spiffe://td/ns/ops/sa/admin"
 }
 "#;
-    let mut e = PolicyEngine::new(
+    let e = PolicyEngine::new(
         &[("p.rego".into(), src.into())],
         &json!({}),
         RegoVersion::V1,
@@ -275,7 +275,7 @@ fn rs256_and_es256_tokens_verify_with_a_certificate() {
         "package envoy.authz\nimport rego.v1\nallow if {{ [ok, _, claims] := io.jwt.decode_verify(input.t, {{\"cert\": {:?}}}); ok; claims.sub == \"x\" }}",
         pem
     );
-    let mut e = engine(&src, RegoVersion::V1);
+    let e = engine(&src, RegoVersion::V1);
     assert!(e.decide(&json!({"t": jwt})).allowed);
     let tampered = jwt.replace(
         &p,
@@ -321,7 +321,7 @@ fn rs256_and_es256_tokens_verify_with_a_certificate() {
         "package envoy.authz\nimport rego.v1\nallow if {{ [ok, _, _] := io.jwt.decode_verify(input.t, {{\"cert\": {:?}, \"alg\": \"RS256\"}}); ok }}",
         public
     );
-    let mut e = engine(&src, RegoVersion::V1);
+    let e = engine(&src, RegoVersion::V1);
     assert!(e.decide(&json!({"t": jwt})).allowed);
     let other_alg = jwt.replacen(&h, &URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#), 1);
     assert!(

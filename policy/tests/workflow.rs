@@ -83,7 +83,7 @@ const STEPS: [(&str, &str); 8] = [
 #[test]
 fn the_movie_workflow_allows_its_eight_steps_and_nothing_else() {
     let wf = Workflow::from_yaml(MOVIE).unwrap();
-    let mut e = engine_for(&wf, &[]);
+    let e = engine_for(&wf, &[]);
     let mut allowed = 0;
     for src in SERVICES {
         for dst in SERVICES {
@@ -153,7 +153,7 @@ default allow := false
 allow if not input.attributes.request.http.headers["x-classified"]
 "#;
     let allow_everything = "package strait.custom.open\nimport rego.v1\nallow := true\n";
-    let mut e = engine_for(
+    let e = engine_for(
         &wf,
         &[("limits", no_big_bodies), ("open", allow_everything)],
     );
@@ -186,7 +186,7 @@ fn header_and_time_window_conditions() {
         "spiffe://example.org/ns/t/sa/a",
         "spiffe://example.org/ns/t/sa/b",
     );
-    let mut e = engine_for(&one_step("{headers: {x-case: '*', x-env: prod}}"), &[]);
+    let e = engine_for(&one_step("{headers: {x-case: '*', x-env: prod}}"), &[]);
     assert!(
         e.decide(&http(
             a,
@@ -212,7 +212,7 @@ fn header_and_time_window_conditions() {
         .allowed
     );
 
-    let mut always = engine_for(
+    let always = engine_for(
         &one_step("{timeWindow: {timezone: UTC, from: '00:00', to: '24:00'}}"),
         &[],
     );
@@ -247,7 +247,7 @@ fn header_and_time_window_conditions() {
     .into_iter()
     .filter(|d| *d != today)
     .collect();
-    let mut closed = engine_for(
+    let closed = engine_for(
         &one_step(&format!(
             "{{timeWindow: {{timezone: Asia/Tokyo, days: [{}], from: '00:00', to: '24:00'}}}}",
             others.join(", ")
@@ -255,7 +255,7 @@ fn header_and_time_window_conditions() {
         &[],
     );
     assert!(!closed.decide(&http(a, b, "GET", "/x/1", &[])).allowed);
-    let mut open = engine_for(
+    let open = engine_for(
         &one_step(&format!(
             "{{timeWindow: {{timezone: Asia/Tokyo, days: [{today}], from: '00:00', to: '24:00'}}}}"
         )),
@@ -347,7 +347,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
     #[test]
     fn compiled_rego_decides_exactly_like_the_reference(wf in arb_workflow(), reqs in prop::collection::vec(arb_request(), 1..12)) {
-        let mut e = engine_for(&wf, &[]);
+        let e = engine_for(&wf, &[]);
         for r in reqs {
             let want = decide(&wf, &r).expect("no time windows generated");
             let (src, dst) = (Peer { address: None, principal: Some(r.source.clone()) }, Peer { address: None, principal: Some(r.destination.clone()) });
@@ -370,10 +370,11 @@ proptest! {
 fn data_is_indexed_by_source_then_destination() {
     let wf = Workflow::from_yaml(MOVIE).unwrap();
     let data = compile(&wf).unwrap();
-    let flows = &data["strait"]["workflow"]["flows"];
+    let flows = &data["strait_workflow"]["flows"];
     assert_eq!(flows[id("vfx-1")].as_object().unwrap().len(), 2);
     assert_eq!(
-        flows[id("owner")][id("vfx-1")][0]["methods"],
-        json!(["POST"])
+        flows[id("owner")][id("vfx-1")]["POST"][0]["exact"],
+        json!({"/api/vfx-1": true})
     );
+    assert!(flows[id("owner")][id("vfx-1")].get("GET").is_none());
 }

@@ -60,7 +60,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             }
             let doc: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| input.display().to_string())?;
-            let mut engine = match &path {
+            let engine = match &path {
                 Some(p) => {
                     PolicyEngine::new(&b.modules, &b.data, b.rego_version(), p, DEFAULT_BUDGET)?
                 }
