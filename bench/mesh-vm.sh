@@ -7,7 +7,8 @@
 # B, and drives it from A with wrk, in the same run:
 #   direct   - A → B:5000 plaintext, before any proxy runs (the baseline);
 #   mesh     - the same requests from a registered workload (uid 1001), captured by nftables on A and carried
-#              over mTLS (HTTP/2 CONNECT) to B's proxy.
+#              over mTLS (HTTP/2 CONNECT) to B's proxy, which parses HTTP and evaluates a Rego workflow
+#              policy (compiled with `strait policy compile`) on every request.
 # Each at 10 keep-alive connections and with a new connection per request. Prints a table with requests/s,
 # p50/p99 latency, and CPU microseconds per request spent in each proxy. Cleans up on exit.
 set -euo pipefail
@@ -84,10 +85,23 @@ printf "|%s|%s|%s|%s|%s|%s|\n" "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0
 wrk_run "direct, keep-alive, 10 conns" root no
 wrk_run "direct, new connection per request" root yes
 
+# The same workflow shape as the tests: the client may POST to the server's API and nothing else.
+cat > $W/bench-workflow.yaml <<'WF'
+apiVersion: strait.dev/v1
+kind: Workflow
+metadata: {name: bench}
+trustDomain: bench.example
+actors:
+  - name: b
+    services: [{name: client, namespace: b, serviceAccount: client}, {name: server, namespace: b, serviceAccount: server}]
+steps:
+  - {from: client, to: server, methods: [GET, POST], paths: ["/", "/api/**"]}
+WF
+$BIN policy compile -f $W/bench-workflow.yaml -o $W/bench.tar.gz >/dev/null
 TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
-bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
+bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn --policy-bundle $W/bench.tar.gz
 PA=${PIDS[-1]}
-bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn
+bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn --policy-bundle $W/bench.tar.gz
 PB=${PIDS[-1]}
 for n in a b; do
   for _ in $(seq 100); do ip netns exec $P-$n curl -sf http://127.0.0.1:15000/ready >/dev/null && break; sleep 0.1; done

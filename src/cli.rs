@@ -374,6 +374,13 @@ pub struct ProxyArgs {
     /// How often the directory is fetched from the control plane.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub refresh_interval: Duration,
+    /// Policy bundle (from `strait policy compile`, or any OPA-layout bundle: directory or .tar.gz),
+    /// reloaded atomically when the file changes. Without one every request is denied.
+    #[arg(long, env = "STRAIT_POLICY_BUNDLE")]
+    pub policy_bundle: Option<PathBuf>,
+    /// Log one allowed decision in this many (0: none). Denials are always logged.
+    #[arg(long, default_value_t = 0)]
+    pub decision_log_allow_sample: u64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -214,6 +214,21 @@ impl Mesh {
         self.start_proxy_with(host, Some(token.trim()), extra)
     }
 
+    /// A bundle that allows everything: these tests are about the data path, not policy (without any
+    /// bundle the proxy denies everything).
+    fn allow_all(&self) -> &str {
+        let dir = self.dir.join("allow-all");
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("policy.rego"),
+                "package envoy.authz\nimport rego.v1\nallow := true\n",
+            )
+            .unwrap();
+        }
+        self.p("allow-all")
+    }
+
     fn start_proxy_with(&self, host: &str, token: Option<&str>, extra: &[&str]) -> Proc {
         let cp = self.net.v4("cp");
         let (v4, v6) = (self.net.v4(host).to_string(), self.net.v6(host).to_string());
@@ -240,6 +255,9 @@ impl Mesh {
         ];
         if let Some(t) = token {
             args.extend(["--token", t]);
+        }
+        if !extra.contains(&"--policy-bundle") {
+            args.extend(["--policy-bundle", self.allow_all()]);
         }
         args.extend(extra);
         let p = self.net.spawn(

@@ -86,6 +86,7 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
                 "directory": &view.raw,
                 "capture": &**shared.capture.load(),
                 "nftables": crate::capture::list(),
+                "policy_revision": shared.ctx.authz.revision(),
                 "open_connections": shared.ctx.inflight.count(),
                 "pooled_tunnels": shared.ctx.pooled_tunnels(),
             });

@@ -5,13 +5,16 @@
 //! - [`certs`]: workload SVIDs (keys made here), swapped on renewal; TLS certificate resolvers.
 //! - [`directory`]: routing from the mesh directory.
 //! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload.
+//! - [`authz`]: the policy bundle (hot reload), decisions, decision log; [`l7`]: HTTP/TCP enforcement.
 //! - [`admin`], [`metrics`]: `/live`, `/ready`, `/metrics`, `/config_dump`.
 //! - [`run`]: start-up, renewal, refresh and drain.
 
 pub mod admin;
+pub mod authz;
 pub mod capture;
 pub mod certs;
 pub mod directory;
+pub mod l7;
 pub mod metrics;
 pub mod run;
 pub mod sockets;

@@ -44,6 +44,10 @@ pub struct ProxyOptions {
     pub egress: Vec<EgressRule>,
     pub drain_timeout: Duration,
     pub refresh_interval: Duration,
+    /// Policy bundle (OPA layout, directory or .tar.gz); reloaded when it changes. None: deny all.
+    pub policy_bundle: Option<PathBuf>,
+    /// Log one allowed decision in this many (0: none); denials are always logged.
+    pub decision_log_allow_sample: u64,
 }
 
 /// What the admin endpoint reads.
@@ -290,6 +294,23 @@ pub async fn run(
             .with_context(|| format!("obtaining the SVID of {}", w.id))?;
     }
     let metrics = Arc::new(Metrics::default());
+    let policy = match &opts.policy_bundle {
+        Some(path) => Some(
+            crate::authz::LoadedPolicy::load(path)
+                .with_context(|| format!("loading the policy bundle {}", path.display()))?,
+        ),
+        None => {
+            warn!("no --policy-bundle: every request and connection will be denied (fail closed)");
+            None
+        }
+    };
+    if let Some(p) = &policy {
+        info!(revision = %p.revision, dry_run = p.dry_run, "policy bundle loaded");
+    }
+    let authz = Arc::new(crate::authz::Authz::new(
+        policy,
+        opts.decision_log_allow_sample,
+    ));
     let plan = capture_plan(&view, &opts);
     let ctx = Arc::new(Ctx::new(
         certs.clone(),
@@ -298,6 +319,7 @@ pub async fn run(
         metrics.clone(),
         opts.addresses.clone(),
         opts.egress.clone(),
+        authz.clone(),
     ));
 
     // Listeners before the rules, so no captured connection ever meets a closed port while we start.
@@ -339,12 +361,20 @@ pub async fn run(
     }
     let admin_task = tokio::spawn(crate::admin::serve(shared.clone(), admin));
 
-    let mut background: Vec<JoinHandle<()>> = vec![tokio::spawn(keep_node_cert(
+    let mut background: Vec<JoinHandle<()>> = Vec::new();
+    if let Some(path) = &opts.policy_bundle {
+        background.push(tokio::spawn(crate::authz::watch(
+            authz.clone(),
+            path.clone(),
+            Duration::from_secs(1),
+        )));
+    }
+    background.push(tokio::spawn(keep_node_cert(
         opts.clone(),
         client.clone(),
         shared.clone(),
         identity,
-    ))];
+    )));
     let mut cert_tasks: HashMap<SpiffeId, JoinHandle<()>> = HashMap::new();
     for w in &ctx.dir.load().local {
         cert_tasks.insert(

@@ -151,6 +151,8 @@ pub struct Ctx {
     pub node_addrs: Vec<IpAddr>,
     pub egress: Vec<EgressRule>,
     pub inflight: Inflight,
+    pub authz: Arc<crate::authz::Authz>,
+    pub workload_client: crate::l7::WorkloadClient,
     pool: Mutex<HashMap<PoolKey, Pooled>>,
 }
 
@@ -175,6 +177,7 @@ impl Ctx {
         metrics: Arc<Metrics>,
         node_addrs: Vec<IpAddr>,
         egress: Vec<EgressRule>,
+        authz: Arc<crate::authz::Authz>,
     ) -> Self {
         Self {
             certs,
@@ -184,6 +187,8 @@ impl Ctx {
             node_addrs,
             egress,
             inflight: Inflight::default(),
+            authz,
+            workload_client: crate::l7::workload_client(),
             pool: Mutex::new(HashMap::new()),
         }
     }
@@ -251,6 +256,15 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
         warn!(src = %src.id, %dst, "destination outside the mesh and not an allowed egress; refused");
         return;
     };
+    // The egress check: a flow the policy does not contain never leaves this host.
+    if !ctx
+        .authz
+        .reachable(src.id.as_str(), route.workload.id.as_str())
+    {
+        ctx.metrics.refuse("outbound", "not_in_policy");
+        warn!(src = %src.id, dst = %route.workload.id, %dst, "no step of the policy lets this source reach that destination; refused before leaving the host");
+        return;
+    }
     ctx.metrics.connections.get_or_create(&dir).inc();
     let active = ctx.metrics.active.get_or_create(&dir).clone();
     active.inc();
@@ -575,14 +589,6 @@ fn inbound_stream(
         let dir = Direction {
             direction: "inbound",
         };
-        let mut upstream = match connect_marked(target, CONNECT_TIMEOUT).await {
-            Ok(s) => s,
-            Err(e) => {
-                ctx.metrics.refuse("inbound", "workload_unreachable");
-                warn!(%src, dst = %dst.id, %target, error = %e, "workload unreachable");
-                return;
-            }
-        };
         let upgraded = match hyper::upgrade::on(&mut req).await {
             Ok(u) => u,
             Err(e) => {
@@ -593,17 +599,15 @@ fn inbound_stream(
         ctx.metrics.connections.get_or_create(&dir).inc();
         let active = ctx.metrics.active.get_or_create(&dir).clone();
         active.inc();
-        let mut io = TokioIo::new(upgraded);
-        match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
-            Ok((from_peer, to_peer)) => {
-                ctx.metrics.bytes_sent.get_or_create(&dir).inc_by(from_peer);
-                ctx.metrics
-                    .bytes_received
-                    .get_or_create(&dir)
-                    .inc_by(to_peer);
-            }
-            Err(e) => debug!(error = %e, "inbound copy ended with an error"),
-        }
+        crate::l7::serve(
+            ctx.clone(),
+            TokioIo::new(upgraded),
+            src.clone(),
+            dst.clone(),
+            peer,
+            target,
+        )
+        .await;
         active.dec();
         debug!(%src, dst = %dst.id, "inbound stream closed");
     });

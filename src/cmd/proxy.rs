@@ -39,6 +39,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         egress,
         drain_timeout: args.drain_timeout,
         refresh_interval: args.refresh_interval,
+        policy_bundle: args.policy_bundle,
+        decision_log_allow_sample: args.decision_log_allow_sample,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,231 @@
+//! Authorization in the proxy: the current policy bundle (swapped atomically on reload, so a request sees
+//! the old policy or the new one, never a mix), decisions, and the decision log.
+//!
+//! Fail closed: with no policy loaded every request and connection is denied.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use strait_policy::bundle::Bundle;
+use strait_policy::engine::{Decision, PolicyEngine, DEFAULT_BUDGET};
+use strait_policy::input::{http_input, tcp_input, HttpRequest, Peer};
+use tracing::{error, info, warn};
+
+/// A loaded bundle.
+pub struct LoadedPolicy {
+    pub engine: PolicyEngine,
+    pub revision: String,
+    pub dry_run: bool,
+    /// Whether the bundle carries a compiled workflow (and so the `reachable` rule for egress checks).
+    pub has_workflow: bool,
+}
+
+impl LoadedPolicy {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bundle = Bundle::load(path)?;
+        let engine = bundle.engine(DEFAULT_BUDGET)?;
+        Ok(Self {
+            revision: bundle.manifest.revision.clone(),
+            dry_run: bundle.dry_run(),
+            has_workflow: bundle.data.get("strait_workflow").is_some(),
+            engine,
+        })
+    }
+}
+
+pub struct Authz {
+    current: ArcSwapOption<LoadedPolicy>,
+    /// Log one allowed decision in this many (0: none). Denials are always logged.
+    allow_sample: u64,
+    counter: AtomicU64,
+}
+
+/// The outcome the data path acts on.
+pub struct Verdict {
+    pub decision: Decision,
+    /// Allowed only because the bundle is in dry-run mode.
+    pub dry_run_allowed: bool,
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        self.decision.allowed || self.dry_run_allowed
+    }
+}
+
+fn request_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Authz {
+    pub fn new(initial: Option<LoadedPolicy>, allow_sample: u64) -> Self {
+        Self {
+            current: ArcSwapOption::new(initial.map(Arc::new)),
+            allow_sample,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn revision(&self) -> Option<String> {
+        self.current.load().as_ref().map(|p| p.revision.clone())
+    }
+
+    pub fn swap(&self, p: LoadedPolicy) {
+        self.current.store(Some(Arc::new(p)));
+    }
+
+    fn decide(&self, input: &serde_json::Value) -> (Verdict, Option<Arc<LoadedPolicy>>) {
+        let policy = self.current.load_full();
+        let Some(p) = policy.clone() else {
+            return (
+                Verdict {
+                    decision: Decision::deny("no policy loaded (fail closed)", Duration::ZERO),
+                    dry_run_allowed: false,
+                },
+                None,
+            );
+        };
+        let decision = p.engine.decide(input);
+        let dry_run_allowed = !decision.allowed && p.dry_run;
+        (
+            Verdict {
+                decision,
+                dry_run_allowed,
+            },
+            policy,
+        )
+    }
+
+    /// One decision for an HTTP request; logs it.
+    pub fn http(&self, source: &Peer, destination: &Peer, req: &mut HttpRequest) -> Verdict {
+        if req.id.is_empty() {
+            req.id = request_id();
+        }
+        let input = http_input(source, destination, req);
+        let (v, p) = self.decide(&input);
+        self.log(&v, p.as_deref(), source, destination, Some(req));
+        v
+    }
+
+    /// One decision for a TCP connection; logs it.
+    pub fn tcp(&self, source: &Peer, destination: &Peer) -> Verdict {
+        let input = tcp_input(source, destination);
+        let (v, p) = self.decide(&input);
+        self.log(&v, p.as_deref(), source, destination, None);
+        v
+    }
+
+    /// May `source` open a flow to `destination` at all? Asked before a tunnel is opened, so a flow the
+    /// workflow does not contain never leaves the source host. Bundles without a workflow leave the
+    /// decision to the destination's per-request check.
+    pub fn reachable(&self, source: &str, destination: &str) -> bool {
+        let Some(p) = self.current.load_full() else {
+            return false;
+        };
+        if !p.has_workflow {
+            return true;
+        }
+        let input = serde_json::json!({"attributes": {
+            "source": {"principal": source}, "destination": {"principal": destination}}});
+        p.engine.eval_bool("data.strait.workflow.reachable", &input)
+    }
+
+    fn log(
+        &self,
+        v: &Verdict,
+        p: Option<&LoadedPolicy>,
+        source: &Peer,
+        destination: &Peer,
+        req: Option<&HttpRequest>,
+    ) {
+        let d = &v.decision;
+        if d.allowed {
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            if self.allow_sample == 0 || n % self.allow_sample != 0 {
+                return;
+            }
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|t| t.as_millis() as u64)
+            .unwrap_or_default();
+        let line = serde_json::json!({
+            "decision_id": req.map(|r| r.id.clone()).unwrap_or_else(request_id),
+            "time_ms": now,
+            "source": source.principal,
+            "destination": destination.principal,
+            "kind": if req.is_some() { "http" } else { "tcp" },
+            "method": req.map(|r| r.method.as_str()),
+            "path": req.map(|r| r.path.as_str()),
+            "allowed": d.allowed,
+            "dry_run": v.dry_run_allowed,
+            "http_status": d.http_status,
+            "reason": d.reason,
+            "revision": p.map(|p| p.revision.as_str()),
+            "eval_us": d.took.as_micros() as u64,
+        });
+        info!(target: "strait::decision", "{line}");
+    }
+}
+
+fn fingerprint(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return Some((meta.modified().ok()?, meta.len()));
+    }
+    let mut latest = (meta.modified().ok()?, 0u64);
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let m = e.metadata().ok()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            latest.0 = latest.0.max(m.modified().ok()?);
+            latest.1 += m.len();
+        }
+    }
+    Some(latest)
+}
+
+/// Reloads the bundle at `path` when it changes. A bundle that fails to load is reported and the last
+/// good policy stays in force.
+pub async fn watch(authz: Arc<Authz>, path: PathBuf, every: Duration) {
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || LoadedPolicy::load(&p)).await {
+            Ok(Ok(policy)) => {
+                if Some(&policy.revision) == authz.revision().as_ref() {
+                    continue;
+                }
+                info!(revision = %policy.revision, dry_run = policy.dry_run, "policy bundle reloaded");
+                authz.swap(policy);
+            }
+            Ok(Err(e)) => {
+                error!(path = %path.display(), error = %format!("{e:#}"), "new policy bundle refused; keeping the last good one");
+            }
+            Err(e) => warn!(error = %e, "policy reload task failed"),
+        }
+    }
+}
+
+/// A peer for the input document.
+pub fn peer(addr: Option<SocketAddr>, principal: &str) -> Peer {
+    Peer {
+        address: addr,
+        principal: Some(principal.to_owned()),
+    }
+}
