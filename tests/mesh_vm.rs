@@ -256,7 +256,7 @@ impl Mesh {
         if let Some(t) = token {
             args.extend(["--token", t]);
         }
-        if !extra.contains(&"--policy-bundle") {
+        if !extra.contains(&"--policy-bundle") && !extra.contains(&"--decision-log-allow-sample") {
             args.extend(["--policy-bundle", self.allow_all()]);
         }
         args.extend(extra);
@@ -978,4 +978,187 @@ fn half_closes_and_large_transfers_pass_through() {
         metric(&ma, "strait_proxy_sent_bytes_total", "outbound") >= 64 << 20,
         "{ma}"
     );
+}
+
+/// Compiles a workflow in the test directory and returns the bundle path.
+fn compile_workflow(m: &Mesh, name: &str, steps: &str) -> String {
+    let wf = m.dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &wf,
+        format!(
+            "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {{name: movie}}\ntrustDomain: {TD}\nactors:\n- name: studio\n  services: [{{name: owner, namespace: movie, serviceAccount: owner}}, {{name: vfx, namespace: movie, serviceAccount: vfx}}]\nsteps:\n{steps}\n"
+        ),
+    )
+    .unwrap();
+    let out_path = m.dir.join(format!("{name}.tar.gz"));
+    let out = std::process::Command::new(bin())
+        .args([
+            "policy",
+            "compile",
+            "-f",
+            wf.to_str().unwrap(),
+            "-o",
+            out_path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    out_path.to_str().unwrap().to_owned()
+}
+
+fn curl_headers(m: &Mesh, host: &str, uid: u32, method: &str, url: &str) -> String {
+    let out = m.net.run(
+        host,
+        Some(uid),
+        &[
+            "curl",
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-X",
+            method,
+            "--max-time",
+            "5",
+            url,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).to_lowercase()
+}
+
+#[test]
+fn the_workflow_is_enforced_per_request_per_connection_and_before_egress() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    let bundle = compile_workflow(
+        &m,
+        "v1",
+        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx], tcp: true}",
+    );
+    // A live path the proxy reloads from; replaced atomically (rename) below.
+    let live = m.p("live.tar.gz");
+    std::fs::copy(&bundle, live).unwrap();
+    let policy = ["--policy-bundle", live, "--decision-log-allow-sample", "1"];
+    m.start_proxy("a", &policy);
+    m.start_proxy("b", &policy);
+    m.converge();
+
+    // The step: allowed. Anything else between the same pair: 403 with the reason, logged.
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "doc"]),
+        "201"
+    );
+    let denied = curl_headers(
+        &m,
+        "a",
+        OWNER_UID,
+        "GET",
+        &format!("{}/0", m.vfx_url(false)),
+    );
+    assert!(denied.starts_with("http/1.1 403"), "{denied}");
+    assert!(
+        denied.contains("x-strait-deny-reason: no step of the workflow allows this request"),
+        "{denied}"
+    );
+    m.net
+        .eventually(Duration::from_secs(5), "B logs the denial", || {
+            let log = m.log("proxy-b.log");
+            log.contains(r#"\"allowed\":false"#) || log.contains(r#""allowed":false"#)
+        });
+    let log = m.log("proxy-b.log");
+    assert!(log.contains("strait::decision"), "{log}");
+    assert!(
+        log.contains("spiffe://example.org/ns/movie/sa/owner"),
+        "{log}"
+    );
+
+    // A TCP port: one decision per connection (the step says tcp: true).
+    let target = format!("TCP:{}:5001", m.net.v4("b"));
+    let out = m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &[
+            "bash",
+            "-c",
+            &format!("printf hello | timeout 10 socat -t 5 - {target}"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5");
+
+    // Egress: vfx (on B) calling owner (on A) is not in the workflow: B's proxy refuses before anything
+    // leaves B, so A's proxy never sees a connection.
+    let owner_url = format!("http://{}:5000/api/owner", m.net.v4("a"));
+    let before = metric(&m.metrics("a"), "strait_proxy_connections_total", "inbound");
+    assert_eq!(
+        m.curl("b", Some(VFX_UID), &owner_url, &["-d", "leak"]),
+        "000"
+    );
+    assert!(
+        metric(
+            &m.metrics("b"),
+            "strait_proxy_refused_connections_total",
+            "not_in_policy"
+        ) >= 1
+    );
+    assert_eq!(
+        metric(&m.metrics("a"), "strait_proxy_connections_total", "inbound"),
+        before
+    );
+
+    // Hot reload: a new bundle that also allows GET takes effect without a restart.
+    let v2 = compile_workflow(&m, "v2", "- {from: owner, to: vfx, methods: [POST, GET], paths: [/api/vfx, '/api/vfx/*'], tcp: true}");
+    let tmp = m.dir.join("live.tmp");
+    std::fs::copy(&v2, &tmp).unwrap();
+    std::fs::rename(&tmp, live).unwrap();
+    m.net
+        .eventually(Duration::from_secs(10), "GET allowed after reload", || {
+            m.curl(
+                "a",
+                Some(OWNER_UID),
+                &format!("{}/0", m.vfx_url(false)),
+                &[],
+            ) == "200"
+        });
+    // A broken bundle is refused and the last good policy stays.
+    std::fs::write(&tmp, b"this is not a bundle").unwrap();
+    std::fs::rename(&tmp, live).unwrap();
+    m.net.eventually(
+        Duration::from_secs(10),
+        "B refuses the broken bundle",
+        || {
+            m.log("proxy-b.log")
+                .contains("new policy bundle refused; keeping the last good one")
+        },
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("{}/0", m.vfx_url(false)),
+            &[]
+        ),
+        "200"
+    );
+}
+
+#[test]
+fn without_a_policy_nothing_is_allowed() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    // --decision-log-allow-sample without --policy-bundle: the harness adds no bundle.
+    m.start_proxy("a", &["--decision-log-allow-sample", "1"]);
+    m.start_proxy("b", &["--decision-log-allow-sample", "1"]);
+    m.converge();
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "000"
+    );
+    assert!(m
+        .log("proxy-a.log")
+        .contains("every request and connection will be denied"));
 }
