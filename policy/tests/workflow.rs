@@ -25,14 +25,18 @@ fn engine_for(wf: &Workflow, custom: &[(&str, &str)]) -> PolicyEngine {
     for (n, src) in custom {
         modules.push((format!("custom/{n}.rego"), src.to_string()));
     }
-    PolicyEngine::new(
+    let e = PolicyEngine::new(
         &modules,
         &compile(wf).unwrap(),
         RegoVersion::V1,
         DEFAULT_DECISION_PATH,
         DEFAULT_BUDGET,
     )
-    .unwrap()
+    .unwrap();
+    // Compiled workflows run on the bytecode VM: the property test below checks the VM against the
+    // reference.
+    assert!(e.uses_vm(), "workflow bundles should compile for the VM");
+    e
 }
 
 fn id(name: &str) -> String {
