@@ -3,89 +3,16 @@
 #
 #     sudo bash bench/mesh-vm.sh [DURATION_SECONDS]
 #
-# Builds three network namespaces (control plane, host A, host B) on a bridge, runs a docstore workload on
-# B, and drives it from A with wrk, in the same run:
-#   direct   - A → B:5000 plaintext, before any proxy runs (the baseline);
-#   mesh     - the same requests from a registered workload (uid 1001), captured by nftables on A and carried
-#              over mTLS (HTTP/2 CONNECT) to B's proxy, which parses HTTP and evaluates a Rego workflow
-#              policy (compiled with `strait policy compile`) on every request.
-# Each at 10 keep-alive connections and with a new connection per request. Prints a table with requests/s,
-# p50/p99 latency, and CPU microseconds per request spent in each proxy. Cleans up on exit.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# Same run, same machine: wrk from host A to a docstore on host B,
+#   direct - plaintext, before any proxy runs (the baseline);
+#   mesh   - from a registered workload (uid 1001), captured by nftables on A, carried over mTLS (HTTP/2
+#            CONNECT) to B's proxy, which parses HTTP and evaluates a compiled workflow policy per request.
+# Each at 10 keep-alive connections and with a new connection per request; requests/s, p50/p99 latency,
+# CPU microseconds per request in each proxy. Cleans up on exit.
 DUR=${1:-10}
-die() { echo "error: $*" >&2; exit 1; }
-[ "$(id -u)" -eq 0 ] || die "run as root: sudo bash bench/mesh-vm.sh"
-for c in wrk nft ip curl setpriv; do
-  command -v $c >/dev/null || { apt-get install -y -qq wrk nftables iproute2 curl util-linux >/dev/null || die "install $c"; break; }
-done
-cargo build --release -q
-BIN=$PWD/target/release/strait
-P=sb$$
-W=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  for n in sw cp a b; do ip netns del $P-$n 2>/dev/null || true; done
-  rm -rf "$W"
-}
-trap cleanup EXIT INT TERM
+cd "$(dirname "$0")/.."
+. bench/lib.sh
 
-for n in sw cp a b; do ip netns add $P-$n; ip -n $P-$n link set lo up; done
-ip -n $P-sw link add br0 type bridge && ip -n $P-sw link set br0 up
-i=1
-for n in cp a b; do
-  ip link add $P$n type veth peer name e0 netns $P-$n
-  ip link set $P$n netns $P-sw && ip -n $P-sw link set $P$n master br0 up
-  ip -n $P-$n addr add 10.77.0.$i/24 dev e0 && ip -n $P-$n addr add fd77::$i/64 dev e0 nodad
-  ip -n $P-$n link set e0 up
-  i=$((i+1))
-done
-
-bg() { local log=$1; shift; "$@" >"$W/$log" 2>&1 & PIDS+=($!); disown; }
-$BIN control init --data-dir $W/cp --trust-domain bench.example --server 10.77.0.1:15012 >/dev/null
-bg cp.log ip netns exec $P-cp $BIN control --data-dir $W/cp --listen 10.77.0.1:15012
-sleep 0.5
-adm() { ip netns exec $P-cp env STRAIT_CONFIG=$W/cp/admin.yaml $BIN "$@"; }
-adm workload add --id spiffe://bench.example/ns/b/sa/client --node host-a --uid 1001 --port 5000/http >/dev/null
-adm workload add --id spiffe://bench.example/ns/b/sa/server --node host-b --uid 1002 --port 5000/http >/dev/null
-bg docstore.log ip netns exec $P-b setpriv --reuid=1002 --regid=1002 --clear-groups $BIN docstore --listen '[::]:5000' --name server
-sleep 0.5
-
-URL=http://10.77.0.3:5000/
-wrk_run() { # label uid close(yes|no) [proxy pids]
-  local label=$1 uid=$2 close=$3 pa=${4:-} pb=${5:-}
-  local hdr=()
-  [ "$close" = yes ] && hdr=(-H "Connection: close")
-  local cpu0a=0 cpu0b=0
-  [ -n "$pa" ] && cpu0a=$(awk '{print $14+$15}' /proc/$pa/stat) && cpu0b=$(awk '{print $14+$15}' /proc/$pb/stat)
-  local out
-  if [ "$uid" = root ]; then
-    out=$(ip netns exec $P-a wrk -t2 -c10 -d${DUR}s --latency "${hdr[@]}" $URL)
-  else
-    out=$(ip netns exec $P-a setpriv --reuid=$uid --regid=$uid --clear-groups wrk -t2 -c10 -d${DUR}s --latency "${hdr[@]}" $URL)
-  fi
-  local rps p50 p99 reqs
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-  local cpua=- cpub=-
-  if [ -n "$pa" ]; then
-    local tck; tck=$(getconf CLK_TCK)
-    cpua=$(awk -v a="$(awk '{print $14+$15}' /proc/$pa/stat)" -v b=$cpu0a -v n=$reqs -v t=$tck 'BEGIN{printf "%.1f", (a-b)/t*1e6/n}')
-    cpub=$(awk -v a="$(awk '{print $14+$15}' /proc/$pb/stat)" -v b=$cpu0b -v n=$reqs -v t=$tck 'BEGIN{printf "%.1f", (a-b)/t*1e6/n}')
-  fi
-  printf "| %-34s | %10s | %8s | %8s | %12s | %12s |\n" "$label" "$rps" "$p50" "$p99" "$cpua" "$cpub"
-}
-
-echo
-printf "| %-34s | %10s | %8s | %8s | %12s | %12s |\n" scenario "req/s" p50 p99 "µs CPU/req A" "µs CPU/req B"
-printf "|%s|%s|%s|%s|%s|%s|\n" "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})"
-wrk_run "direct, keep-alive, 10 conns" root no
-wrk_run "direct, new connection per request" root yes
-
-# The same workflow shape as the tests: the client may POST to the server's API and nothing else.
 cat > $W/bench-workflow.yaml <<'WF'
 apiVersion: strait.dev/v1
 kind: Workflow
@@ -98,15 +25,12 @@ steps:
   - {from: client, to: server, methods: [GET, POST], paths: ["/", "/api/**"]}
 WF
 $BIN policy compile -f $W/bench-workflow.yaml -o $W/bench.tar.gz >/dev/null
-TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
-bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn --policy-bundle $W/bench.tar.gz
-PA=${PIDS[-1]}
-bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn --policy-bundle $W/bench.tar.gz
-PB=${PIDS[-1]}
-for n in a b; do
-  for _ in $(seq 100); do ip netns exec $P-$n curl -sf http://127.0.0.1:15000/ready >/dev/null && break; sleep 0.1; done
-done
-sleep 3 # one directory refresh, so each proxy knows the other node
+
+echo
+table_header
+wrk_run "direct, keep-alive, 10 conns" root no
+wrk_run "direct, new connection per request" root yes
+start_proxies $W/bench.tar.gz
 rss() { awk '/VmRSS/ {print $2/1024 " MiB"}' /proc/$1/status; }
 echo "# proxy RSS idle: A $(rss $PA), B $(rss $PB)" >&2
 wrk_run "mesh, keep-alive, 10 conns" 1001 no $PA $PB

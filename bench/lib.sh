@@ -1,0 +1,91 @@
+# Shared by the end-to-end benchmarks: a control plane and hosts A and B in network namespaces on a
+# bridge, a docstore workload on B (uid 1002), registered client uid 1001 on A. Source it; it cleans up
+# on exit.
+set -euo pipefail
+die() { echo "error: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "run as root: sudo bash $0"
+for c in wrk nft ip curl setpriv; do
+  command -v $c >/dev/null || { apt-get install -y -qq wrk nftables iproute2 curl util-linux >/dev/null || die "install $c"; break; }
+done
+cargo build --release -q
+BIN=$PWD/target/release/strait
+P=sb$$
+W=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for n in sw cp a b; do ip netns del $P-$n 2>/dev/null || true; done
+  rm -rf "$W"
+}
+trap cleanup EXIT INT TERM
+
+for n in sw cp a b; do ip netns add $P-$n; ip -n $P-$n link set lo up; done
+ip -n $P-sw link add br0 type bridge && ip -n $P-sw link set br0 up
+i=1
+for n in cp a b; do
+  ip link add $P$n type veth peer name e0 netns $P-$n
+  ip link set $P$n netns $P-sw && ip -n $P-sw link set $P$n master br0 up
+  ip -n $P-$n addr add 10.77.0.$i/24 dev e0 && ip -n $P-$n addr add fd77::$i/64 dev e0 nodad
+  ip -n $P-$n link set e0 up
+  i=$((i+1))
+done
+
+bg() { local log=$1; shift; "$@" >"$W/$log" 2>&1 & PIDS+=($!); disown; }
+$BIN control init --data-dir $W/cp --trust-domain bench.example --server 10.77.0.1:15012 >/dev/null
+bg cp.log ip netns exec $P-cp $BIN control --data-dir $W/cp --listen 10.77.0.1:15012
+sleep 0.5
+adm() { ip netns exec $P-cp env STRAIT_CONFIG=$W/cp/admin.yaml $BIN "$@"; }
+adm workload add --id spiffe://bench.example/ns/b/sa/client --node host-a --uid 1001 --port 5000/http >/dev/null
+adm workload add --id spiffe://bench.example/ns/b/sa/server --node host-b --uid 1002 --port 5000/http >/dev/null
+bg docstore.log ip netns exec $P-b setpriv --reuid=1002 --regid=1002 --clear-groups $BIN docstore --listen '[::]:5000' --name server
+sleep 0.5
+URL=http://10.77.0.3:5000/
+
+# start_proxies BUNDLE: starts the proxies on A and B with the bundle, waits until both are ready and
+# know each other. Sets PA and PB.
+start_proxies() {
+  local TA TB
+  TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
+  bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn --policy-bundle "$1"
+  PA=${PIDS[-1]}
+  bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn --policy-bundle "$1"
+  PB=${PIDS[-1]}
+  for n in a b; do
+    for _ in $(seq 100); do ip netns exec $P-$n curl -sf http://127.0.0.1:15000/ready >/dev/null && break; sleep 0.1; done
+  done
+  sleep 3 # one directory refresh, so each proxy knows the other node
+}
+
+# wrk_run LABEL UID CLOSE(yes|no) [PROXY_PID_A PROXY_PID_B]: one table row.
+wrk_run() {
+  local label=$1 uid=$2 close=$3 pa=${4:-} pb=${5:-}
+  local hdr=()
+  [ "$close" = yes ] && hdr=(-H "Connection: close")
+  local cpu0a=0 cpu0b=0
+  [ -n "$pa" ] && cpu0a=$(awk '{print $14+$15}' /proc/$pa/stat) && cpu0b=$(awk '{print $14+$15}' /proc/$pb/stat)
+  local out
+  if [ "$uid" = root ]; then
+    out=$(ip netns exec $P-a wrk -t2 -c10 -d${DUR}s --latency "${hdr[@]}" $URL)
+  else
+    out=$(ip netns exec $P-a setpriv --reuid=$uid --regid=$uid --clear-groups wrk -t2 -c10 -d${DUR}s --latency "${hdr[@]}" $URL)
+  fi
+  local rps p50 p99 reqs non2xx
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
+  [ -z "$non2xx" ] || echo "# warning: $label had $non2xx non-2xx answers" >&2
+  local cpua=- cpub=-
+  if [ -n "$pa" ]; then
+    local tck; tck=$(getconf CLK_TCK)
+    cpua=$(awk -v a="$(awk '{print $14+$15}' /proc/$pa/stat)" -v b=$cpu0a -v n=$reqs -v t=$tck 'BEGIN{printf "%.1f", (a-b)/t*1e6/n}')
+    cpub=$(awk -v a="$(awk '{print $14+$15}' /proc/$pb/stat)" -v b=$cpu0b -v n=$reqs -v t=$tck 'BEGIN{printf "%.1f", (a-b)/t*1e6/n}')
+  fi
+  printf "| %-40s | %10s | %8s | %8s | %12s | %12s |\n" "$label" "$rps" "$p50" "$p99" "$cpua" "$cpub"
+}
+
+table_header() {
+  printf "| %-40s | %10s | %8s | %8s | %12s | %12s |\n" scenario "req/s" p50 p99 "µs CPU/req A" "µs CPU/req B"
+  printf "|%s|%s|%s|%s|%s|%s|\n" "$(printf -- '-%.0s' {1..42})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})"
+}
