@@ -982,6 +982,11 @@ fn half_closes_and_large_transfers_pass_through() {
 
 /// Compiles a workflow in the test directory and returns the bundle path.
 fn compile_workflow(m: &Mesh, name: &str, steps: &str) -> String {
+    compile_workflow_with(m, name, steps, &[])
+}
+
+/// Like [`compile_workflow`], with extra `strait policy compile` arguments (e.g. `--custom FILE`).
+fn compile_workflow_with(m: &Mesh, name: &str, steps: &str, extra: &[&str]) -> String {
     let wf = m.dir.join(format!("{name}.yaml"));
     std::fs::write(
         &wf,
@@ -1000,6 +1005,7 @@ fn compile_workflow(m: &Mesh, name: &str, steps: &str) -> String {
             "-o",
             out_path.to_str().unwrap(),
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -1161,4 +1167,59 @@ fn without_a_policy_nothing_is_allowed() {
     assert!(m
         .log("proxy-a.log")
         .contains("every request and connection will be denied"));
+}
+
+#[test]
+fn custom_rego_sees_the_json_body_and_narrows_the_workflow() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    let custom = m.dir.join("classified.rego");
+    std::fs::write(
+        &custom,
+        "package strait.custom.classified\nimport rego.v1\ndefault allow := true\nallow := false if input.parsed_body.classified == true\n",
+    )
+    .unwrap();
+    let bundle = compile_workflow_with(
+        &m,
+        "body",
+        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx]}",
+        &["--custom", custom.to_str().unwrap()],
+    );
+    m.start_proxy("a", &["--policy-bundle", &bundle]);
+    m.start_proxy("b", &["--policy-bundle", &bundle]);
+    m.converge();
+    let post = |doc: &str| {
+        let out = m.net.run(
+            "a",
+            Some(OWNER_UID),
+            &[
+                "curl",
+                "-s",
+                "-w",
+                " %{http_code}",
+                "--max-time",
+                "5",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                doc,
+                &m.vfx_url(false),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let doc = r#"{"classified": false, "title": "rushes"}"#;
+    let answer = post(doc);
+    // The workload received the whole (buffered, then forwarded) body.
+    assert!(
+        answer.ends_with(" 201") && answer.contains(&format!("\"bytes\":{}", doc.len())),
+        "{answer}"
+    );
+    let answer = post(r#"{"classified": true, "title": "ending"}"#);
+    assert!(
+        answer.ends_with(" 403") && answer.contains("denied by custom policy classified"),
+        "{answer}"
+    );
 }

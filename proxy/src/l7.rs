@@ -61,7 +61,13 @@ impl tower_service::Service<Uri> for MarkedConnector {
     }
 }
 
-pub type WorkloadClient = Client<MarkedConnector, Incoming>;
+/// Requests forwarded to workloads: streamed, or buffered when the policy needed the body.
+pub type ForwardBody = Either<Incoming, Full<Bytes>>;
+pub type WorkloadClient = Client<MarkedConnector, ForwardBody>;
+
+/// JSON and form bodies up to this size are buffered so the policy sees `parsed_body`; larger or
+/// unsized bodies stream through and the policy sees no body.
+pub const MAX_POLICY_BODY: u64 = 64 * 1024;
 
 pub fn workload_client() -> WorkloadClient {
     Client::builder(TokioExecutor::new())
@@ -282,6 +288,33 @@ async fn handle(
             })
             .collect(),
         ..Default::default()
+    };
+    let parseable = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with("application/json")
+                || ct.starts_with("application/x-www-form-urlencoded")
+        });
+    let body: ForwardBody = match input.size {
+        Some(len) if parseable && len <= MAX_POLICY_BODY => {
+            use http_body_util::BodyExt;
+            match http_body_util::Limited::new(body, MAX_POLICY_BODY as usize)
+                .collect()
+                .await
+            {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    input.body = Some(bytes.to_vec());
+                    Either::Right(Full::new(bytes))
+                }
+                Err(_) => {
+                    return status(StatusCode::BAD_REQUEST, "request body could not be read\n")
+                }
+            }
+        }
+        _ => Either::Left(body),
     };
     let verdict = ctx.authz.http(
         &peer(Some(peer_addr), src.as_str()),
