@@ -163,16 +163,8 @@ pub enum ControlCommand {
         /// Address clients will reach the control plane on (written into the context file).
         #[arg(long, default_value = "127.0.0.1:15012")]
         server: SocketAddr,
-        /// Import this CA certificate instead of generating a root (see `strait ca init --help`).
-        #[arg(long, requires = "from_key")]
-        from_cert: Option<PathBuf>,
-        #[arg(long, requires = "from_cert")]
-        from_key: Option<PathBuf>,
-        #[arg(long, requires = "from_cert")]
-        chain: Option<PathBuf>,
-        /// Lifetime of a generated root.
-        #[arg(long, value_parser = parse_duration, default_value = "10y", conflicts_with = "from_cert")]
-        validity: Duration,
+        #[command(flatten)]
+        ca: CaSourceArgs,
     },
 }
 
@@ -257,18 +249,8 @@ pub enum CaCommand {
         /// Trust domain, e.g. `example.org` (lower-case letters, digits, '.', '-', '_').
         #[arg(long)]
         trust_domain: String,
-        /// PEM certificate of an existing CA to sign with, instead of generating a root.
-        #[arg(long, requires = "from_key")]
-        from_cert: Option<PathBuf>,
-        /// PEM private key of --from-cert (must be mode 0600).
-        #[arg(long, requires = "from_cert")]
-        from_key: Option<PathBuf>,
-        /// PEM certificates above --from-cert, in order, ending with your root.
-        #[arg(long, requires = "from_cert")]
-        chain: Option<PathBuf>,
-        /// Lifetime of a generated root, e.g. `10y`, `365d`.
-        #[arg(long, value_parser = parse_duration, default_value = "10y", conflicts_with = "from_cert")]
-        validity: Duration,
+        #[command(flatten)]
+        ca: CaSourceArgs,
     },
     /// Sign an X.509-SVID for the key in a CSR, with the SPIFFE ID given here.
     ///
@@ -428,4 +410,21 @@ pub enum PolicyCommand {
         #[arg(short, long)]
         verbose: bool,
     },
+}
+
+/// Where a new CA comes from: generated, or the operator's own CA certificate and key.
+#[derive(Args, Debug)]
+pub struct CaSourceArgs {
+    /// PEM certificate of an existing CA to sign with, instead of generating a root.
+    #[arg(long, requires = "from_key")]
+    pub from_cert: Option<PathBuf>,
+    /// PEM private key of --from-cert (must be mode 0600).
+    #[arg(long, requires = "from_cert")]
+    pub from_key: Option<PathBuf>,
+    /// PEM certificates above --from-cert, in order, ending with your root.
+    #[arg(long, requires = "from_cert")]
+    pub chain: Option<PathBuf>,
+    /// Lifetime of a generated root, e.g. `10y`, `365d`.
+    #[arg(long, value_parser = parse_duration, default_value = "10y", conflicts_with = "from_cert")]
+    pub validity: Duration,
 }

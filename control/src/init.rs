@@ -25,6 +25,38 @@ pub enum CaSource {
     },
 }
 
+impl CaSource {
+    /// Reads the operator's files (the key must be 0600), or asks for a generated root.
+    pub fn from_files(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        chain: Option<&Path>,
+        validity: Duration,
+    ) -> anyhow::Result<Self> {
+        Ok(match (cert, key) {
+            (Some(cert), Some(key)) => CaSource::Import {
+                cert_pem: files::read_pem(cert)?,
+                key_pem: files::read_secret_pem(key)?,
+                chain_pem: chain.map(files::read_pem).transpose()?,
+            },
+            _ => CaSource::Generate { validity },
+        })
+    }
+
+    /// The CA for `td`, valid at `now`.
+    pub fn build(self, td: TrustDomain, now: SystemTime) -> anyhow::Result<CertificateAuthority> {
+        Ok(match self {
+            CaSource::Generate { validity } => CertificateAuthority::generate(td, validity, now)?,
+            CaSource::Import {
+                cert_pem,
+                key_pem,
+                chain_pem,
+            } => CertificateAuthority::from_pem(td, &cert_pem, &key_pem, chain_pem.as_deref(), now)
+                .context("importing the CA")?,
+        })
+    }
+}
+
 pub struct InitOptions {
     pub data_dir: PathBuf,
     pub trust_domain: TrustDomain,
@@ -54,22 +86,7 @@ pub fn init(opts: InitOptions) -> anyhow::Result<InitOutput> {
         .canonicalize()
         .with_context(|| format!("resolving {}", dir.display()))?;
     let now = SystemTime::now();
-    let ca = match opts.ca {
-        CaSource::Generate { validity } => {
-            CertificateAuthority::generate(opts.trust_domain.clone(), validity, now)?
-        }
-        CaSource::Import {
-            cert_pem,
-            key_pem,
-            chain_pem,
-        } => CertificateAuthority::from_pem(
-            opts.trust_domain.clone(),
-            &cert_pem,
-            &key_pem,
-            chain_pem.as_deref(),
-            now,
-        )?,
-    };
+    let ca = opts.ca.build(opts.trust_domain.clone(), now)?;
     ca.save(&dir.join(layout::CA_DIR))?;
 
     let admin = AdminToken::generate()?;

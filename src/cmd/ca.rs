@@ -9,6 +9,7 @@ use strait_ca::cert::{certs_from_pem, CertSummary};
 use strait_ca::files::{self, PUBLIC_MODE};
 use strait_ca::verify::{unix_time, verify_peer, PeerIdMatcher, PeerRole};
 use strait_ca::{CertificateAuthority, CheckedCsr, SpiffeId, TrustBundle, TrustDomain};
+use strait_control::init::CaSource;
 
 use crate::cli::{BundleFormat, CaCommand, OutputFormat};
 
@@ -18,29 +19,17 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
         CaCommand::Init {
             dir,
             trust_domain,
-            from_cert,
-            from_key,
-            chain,
-            validity,
+            ca,
         } => {
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
-            let ca = match (from_cert, from_key) {
-                (Some(cert), Some(key)) => {
-                    let cert_pem = files::read_pem(&cert)?;
-                    let key_pem = files::read_secret_pem(&key)?;
-                    let chain_pem = chain.as_deref().map(files::read_pem).transpose()?;
-                    CertificateAuthority::from_pem(
-                        td,
-                        &cert_pem,
-                        &key_pem,
-                        chain_pem.as_deref(),
-                        now,
-                    )
-                    .with_context(|| format!("importing CA from {}", cert.display()))?
-                }
-                _ => CertificateAuthority::generate(td, validity, now)?,
-            };
+            let source = CaSource::from_files(
+                ca.from_cert.as_deref(),
+                ca.from_key.as_deref(),
+                ca.chain.as_deref(),
+                ca.validity,
+            )?;
+            let ca = source.build(td, now)?;
             ca.save(&dir)?;
             println!(
                 "created CA for trust domain {} in {} (valid until {})",

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use strait_ca::files;
 use strait_ca::TrustDomain;
 use strait_control::init::{init, CaSource, InitOptions};
 use strait_control::server::{serve, State};
@@ -17,21 +16,16 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             data_dir,
             trust_domain,
             server,
-            from_cert,
-            from_key,
-            chain,
-            validity,
+            ca,
         }) => {
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
-            let ca = match (from_cert, from_key) {
-                (Some(cert), Some(key)) => CaSource::Import {
-                    cert_pem: files::read_pem(&cert)?,
-                    key_pem: files::read_secret_pem(&key)?,
-                    chain_pem: chain.as_deref().map(files::read_pem).transpose()?,
-                },
-                _ => CaSource::Generate { validity },
-            };
+            let ca = CaSource::from_files(
+                ca.from_cert.as_deref(),
+                ca.from_key.as_deref(),
+                ca.chain.as_deref(),
+                ca.validity,
+            )?;
             let out = init(InitOptions {
                 data_dir: data_dir.clone(),
                 trust_domain: td.clone(),
