@@ -1042,7 +1042,8 @@ fn the_workflow_is_enforced_per_request_per_connection_and_before_egress() {
     let bundle = compile_workflow(
         &m,
         "v1",
-        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx], tcp: true}",
+        // The steps, then (the YAML continues) one egress entry: owner may reach the outside host's 8081.
+        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx], tcp: true}\negress:\n- {from: owner, cidr: 10.77.0.4/32, port: 8081}",
     );
     // A live path the proxy reloads from; replaced atomically (rename) below.
     let live = m.p("live.tar.gz");
@@ -1112,6 +1113,28 @@ fn the_workflow_is_enforced_per_request_per_connection_and_before_egress() {
     assert_eq!(
         metric(&m.metrics("a"), "strait_proxy_connections_total", "inbound"),
         before
+    );
+
+    // The workflow's egress entry, without any --allow-egress flag: 8081 on the outside host is
+    // reachable from owner, 8080 is not.
+    let out4 = m.net.v4("out");
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("http://{out4}:8081/api/allowed"),
+            &["-d", "ok"]
+        ),
+        "201"
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("http://{out4}:8080/api/outside"),
+            &["-d", "leak"]
+        ),
+        "000"
     );
 
     // Hot reload: a new bundle that also allows GET takes effect without a restart.

@@ -22,17 +22,44 @@ pub struct LoadedPolicy {
     pub dry_run: bool,
     /// Whether the bundle carries a compiled workflow (and so the `reachable` rule for egress checks).
     pub has_workflow: bool,
+    /// The workflow's `egress` entries: destinations outside the mesh each source may reach.
+    pub egress: std::collections::HashMap<String, Vec<crate::tunnel::EgressRule>>,
 }
 
 impl LoadedPolicy {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let bundle = Bundle::load(path)?;
         let engine = bundle.engine(DEFAULT_BUDGET)?;
+        let mut egress: std::collections::HashMap<String, Vec<crate::tunnel::EgressRule>> =
+            Default::default();
+        if let Some(by_source) = bundle
+            .data
+            .pointer("/strait_workflow/egress")
+            .and_then(serde_json::Value::as_object)
+        {
+            for (source, entries) in by_source {
+                for e in entries.as_array().into_iter().flatten() {
+                    let cidr = e
+                        .get("cidr")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default();
+                    let spec = match e.get("port").and_then(serde_json::Value::as_u64) {
+                        Some(p) if cidr.contains(':') => format!("[{cidr}]:{p}"),
+                        Some(p) => format!("{cidr}:{p}"),
+                        None => cidr.to_owned(),
+                    };
+                    let rule = crate::tunnel::EgressRule::parse(&spec)
+                        .map_err(|m| anyhow::anyhow!("workflow egress entry for {source}: {m}"))?;
+                    egress.entry(source.clone()).or_default().push(rule);
+                }
+            }
+        }
         Ok(Self {
             revision: bundle.manifest.revision.clone(),
             dry_run: bundle.dry_run(),
             has_workflow: bundle.data.get("strait_workflow").is_some(),
             engine,
+            egress,
         })
     }
 }
@@ -119,6 +146,15 @@ impl Authz {
         let (v, p) = self.decide(&input);
         self.log(&v, p.as_deref(), source, destination, None);
         v
+    }
+
+    /// Does the workflow let `source` reach `dst`, a destination outside the mesh?
+    pub fn egress_allowed(&self, source: &str, dst: SocketAddr) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .and_then(|p| p.egress.get(source))
+            .is_some_and(|rules| rules.iter().any(|r| r.allows(dst)))
     }
 
     /// May `source` open a flow to `destination` at all? Asked before a tunnel is opened, so a flow the
@@ -227,5 +263,60 @@ pub fn peer(addr: Option<SocketAddr>, principal: &str) -> Peer {
     Peer {
         address: addr,
         principal: Some(principal.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(dir: &Path, manifest: &str, rego: &str) {
+        std::fs::write(dir.join(".manifest"), manifest).unwrap();
+        std::fs::write(dir.join("policy.rego"), rego).unwrap();
+    }
+
+    fn request() -> HttpRequest {
+        HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dry_run_logs_the_denial_but_lets_the_request_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let deny_all = "package envoy.authz\nimport rego.v1\nallow := false\n";
+        bundle(
+            dir.path(),
+            r#"{"revision": "r1", "metadata": {"strait": {"dry_run": true}}}"#,
+            deny_all,
+        );
+        let authz = Authz::new(Some(LoadedPolicy::load(dir.path()).unwrap()), 0);
+        let v = authz.http(
+            &peer(None, "spiffe://td/a"),
+            &peer(None, "spiffe://td/b"),
+            &mut request(),
+        );
+        assert!(!v.decision.allowed, "the decision itself is a denial");
+        assert!(v.dry_run_allowed && v.allowed(), "dry-run lets it through");
+
+        bundle(dir.path(), r#"{"revision": "r2"}"#, deny_all);
+        let authz = Authz::new(Some(LoadedPolicy::load(dir.path()).unwrap()), 0);
+        let v = authz.http(
+            &peer(None, "spiffe://td/a"),
+            &peer(None, "spiffe://td/b"),
+            &mut request(),
+        );
+        assert!(!v.allowed());
+    }
+
+    #[test]
+    fn no_policy_denies_and_reaches_nothing() {
+        let authz = Authz::new(None, 0);
+        let v = authz.tcp(&peer(None, "spiffe://td/a"), &peer(None, "spiffe://td/b"));
+        assert!(!v.allowed());
+        assert!(!authz.reachable("spiffe://td/a", "spiffe://td/b"));
+        assert!(!authz.egress_allowed("spiffe://td/a", "192.0.2.1:443".parse().unwrap()));
     }
 }

@@ -249,7 +249,9 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let Some(route) = view.route(dst) else {
-        if ctx.egress.iter().any(|r| r.allows(dst)) {
+        if ctx.egress.iter().any(|r| r.allows(dst))
+            || ctx.authz.egress_allowed(src.id.as_str(), dst)
+        {
             return egress(ctx, tcp, &src, dst).await;
         }
         ctx.metrics.refuse("outbound", "outside_mesh");
