@@ -357,11 +357,6 @@ impl PolicyEngine {
         }
     }
 
-    /// True only if `rule` evaluates to exactly `true` (errors and undefined are false).
-    pub fn eval_bool(&self, rule: &str, input: &serde_json::Value) -> bool {
-        matches!(self.eval_rule(rule, Some(input)), Ok(Value::Bool(true)))
-    }
-
     /// Evaluates an arbitrary rule (for `policy test` and `policy eval`).
     pub fn eval_rule(
         &self,

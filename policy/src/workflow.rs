@@ -27,7 +27,7 @@
 //!   - {from: sound, cidr: 192.0.2.0/24, port: 443}
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -208,8 +208,9 @@ impl Workflow {
                         ))
                     }
                 };
-                let parsed = strait_ca_free_parse(&id).map_err(|m| err(format!("{at}.id"), m))?;
-                if parsed != self.trust_domain {
+                let parsed = strait_ca::SpiffeId::parse(&id)
+                    .map_err(|e| err(format!("{at}.id"), format!("{id}: {e}")))?;
+                if parsed.trust_domain_str() != self.trust_domain {
                     return Err(err(
                         format!("{at}.id"),
                         format!("{id} is outside trust domain {}", self.trust_domain),
@@ -293,44 +294,6 @@ impl Workflow {
         }
         Ok(())
     }
-
-    /// Services (by ID) that appear in any step, for tools that list the workflow's members.
-    pub fn participants(&self) -> BTreeSet<String> {
-        let ids = self.service_ids().unwrap_or_default();
-        self.steps
-            .iter()
-            .flat_map(|s| [ids.get(&s.from), ids.get(&s.to)])
-            .flatten()
-            .cloned()
-            .collect()
-    }
-}
-
-/// The trust domain of a SPIFFE ID, with the same rules as `strait-ca` (kept dependency-free here: the
-/// policy crate does not need certificates).
-fn strait_ca_free_parse(id: &str) -> Result<String, String> {
-    let rest = id
-        .strip_prefix("spiffe://")
-        .ok_or("a SPIFFE ID starts with spiffe://")?;
-    let (td, path) = rest.split_once('/').ok_or("a SPIFFE ID needs a path")?;
-    if td.is_empty()
-        || !td
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'))
-    {
-        return Err(format!("bad trust domain in {id}"));
-    }
-    if path.split('/').any(|s| {
-        s.is_empty()
-            || s == "."
-            || s == ".."
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-    }) {
-        return Err(format!("bad path in {id}"));
-    }
-    Ok(td.to_owned())
 }
 
 pub(crate) fn normalize_day(d: &str) -> Option<&'static str> {

@@ -24,6 +24,10 @@ pub struct LoadedPolicy {
     pub has_workflow: bool,
     /// The workflow's `egress` entries: destinations outside the mesh each source may reach.
     pub egress: std::collections::HashMap<String, Vec<crate::tunnel::EgressRule>>,
+    /// (source, destination) pairs that some step connects: the compiled workflow's
+    /// `data.strait_workflow.flows[source][destination]`, read once here so the per-connection egress
+    /// check is a set lookup instead of a Rego evaluation (same answer as `strait.workflow.reachable`).
+    pub reachable: std::collections::HashSet<(String, String)>,
 }
 
 impl LoadedPolicy {
@@ -54,12 +58,26 @@ impl LoadedPolicy {
                 }
             }
         }
+        let reachable = bundle
+            .data
+            .pointer("/strait_workflow/flows")
+            .and_then(serde_json::Value::as_object)
+            .into_iter()
+            .flatten()
+            .flat_map(|(src, dsts)| {
+                dsts.as_object()
+                    .into_iter()
+                    .flat_map(|d| d.keys())
+                    .map(move |dst| (src.clone(), dst.clone()))
+            })
+            .collect();
         Ok(Self {
             revision: bundle.manifest.revision.clone(),
             dry_run: bundle.dry_run(),
             has_workflow: bundle.data.get("strait_workflow").is_some(),
             engine,
             egress,
+            reachable,
         })
     }
 }
@@ -164,12 +182,9 @@ impl Authz {
         let Some(p) = self.current.load_full() else {
             return false;
         };
-        if !p.has_workflow {
-            return true;
-        }
-        let input = serde_json::json!({"attributes": {
-            "source": {"principal": source}, "destination": {"principal": destination}}});
-        p.engine.eval_bool("data.strait.workflow.reachable", &input)
+        !p.has_workflow
+            || p.reachable
+                .contains(&(source.to_owned(), destination.to_owned()))
     }
 
     fn log(

@@ -146,6 +146,14 @@ fn rule(chain: &str, comment: &str, stmts: Vec<Statement<'static>>) -> NfObject<
     })))
 }
 
+/// The two loopback destinations (IPv4 and IPv6) as matches, for rules that treat loopback specially.
+fn loopback_dsts() -> [Statement<'static>; 2] {
+    [
+        eq(field("ip", "daddr"), prefix("127.0.0.0", 8)),
+        eq(field("ip6", "daddr"), s("::1")),
+    ]
+}
+
 fn counter() -> Statement<'static> {
     Statement::Counter(nftables::stmt::Counter::Anonymous(None))
 }
@@ -184,16 +192,9 @@ pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
             "only registered workloads are captured",
             vec![m(meta(MetaKey::Skuid), Operator::NEQ, uid_set(plan)), ret()],
         ));
-        objs.push(rule(
-            "nat_output",
-            "loopback stays local",
-            vec![eq(field("ip", "daddr"), prefix("127.0.0.0", 8)), ret()],
-        ));
-        objs.push(rule(
-            "nat_output",
-            "loopback stays local",
-            vec![eq(field("ip6", "daddr"), s("::1")), ret()],
-        ));
+        for dst in loopback_dsts() {
+            objs.push(rule("nat_output", "loopback stays local", vec![dst, ret()]));
+        }
         objs.push(rule(
             "nat_output",
             "workload TCP goes to the proxy",
@@ -252,24 +253,17 @@ pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
         }
         // After the nat chain's redirect the destination is loopback, but `oifname` still names the device
         // chosen before NAT, so redirected packets are recognised by their rewritten destination.
-        objs.push(rule(
-            "filter_output",
-            "redirected to the proxy",
-            vec![
-                eq(meta(MetaKey::Skuid), uid_set(plan)),
-                eq(field("ip", "daddr"), prefix("127.0.0.0", 8)),
-                Statement::Accept(None),
-            ],
-        ));
-        objs.push(rule(
-            "filter_output",
-            "redirected to the proxy",
-            vec![
-                eq(meta(MetaKey::Skuid), uid_set(plan)),
-                eq(field("ip6", "daddr"), s("::1")),
-                Statement::Accept(None),
-            ],
-        ));
+        for dst in loopback_dsts() {
+            objs.push(rule(
+                "filter_output",
+                "redirected to the proxy",
+                vec![
+                    eq(meta(MetaKey::Skuid), uid_set(plan)),
+                    dst,
+                    Statement::Accept(None),
+                ],
+            ));
+        }
         if !plan.permissive_ports.is_empty() {
             // Workload-initiated TCP was redirected by the nat chain before this point, so TCP leaving
             // from these source ports is the answer to an inbound connection.
