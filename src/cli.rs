@@ -89,7 +89,11 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Show nodes (last seen, certificate expiry) and workloads.
+    /// Store workflows in the control plane; every proxy enforces them within about a second.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+    /// Show nodes, workloads, workflows, and the rollout of the newest mesh version: for each proxy
+    /// whether it is connected (QUIC or TCP fallback), which version it applied, and its last NACK.
     Status {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
@@ -138,9 +142,13 @@ pub struct ControlRun {
     /// Data directory made by `strait control init`.
     #[arg(long, env = "STRAIT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on.
+    /// Address to listen on: the API on TCP, the policy distributor on QUIC (UDP) and, as its fallback,
+    /// on TCP too (ALPN strait-dist/1).
     #[arg(long, default_value = "127.0.0.1:15012")]
     pub listen: SocketAddr,
+    /// Plain-HTTP monitoring endpoint: /metrics (Prometheus) and /ready. "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub monitoring: String,
     /// Lifetime of the node and workload SVIDs it signs (renewed by proxies at half life).
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     pub svid_ttl: Duration,
@@ -188,6 +196,50 @@ pub enum TokenCommand {
         /// How long the token stays valid.
         #[arg(long, value_parser = parse_duration, default_value = "1h")]
         ttl: Duration,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkflowCommand {
+    /// Store a workflow (YAML) and push it to every proxy as a new mesh version.
+    ///
+    /// The control plane compiles the whole mesh policy with it first: a YAML error (with its field) or a
+    /// Rego error (with its line) is reported and nothing changes. Applying the same file again changes
+    /// nothing. Custom Rego modules (package strait.custom.<name>, rule `allow`) must also allow each
+    /// request.
+    ///
+    /// Example: strait workflow apply -f deploy/examples/movie-workflow.yaml
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// A custom Rego module to enforce with it (repeat).
+        #[arg(long = "custom")]
+        custom: Vec<PathBuf>,
+        /// Wait until every connected proxy acknowledged the new version (up to this long), and say how
+        /// long the rollout took.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List stored workflows.
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print a stored workflow's YAML (and its custom modules).
+    Show {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Delete a workflow; its steps stop being allowed everywhere with the next version.
+    Delete {
+        name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -353,13 +405,15 @@ pub struct ProxyArgs {
     /// How long SIGTERM waits for open connections before removing the rules.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
-    /// How often the directory is fetched from the control plane.
-    #[arg(long, value_parser = parse_duration, default_value = "2s")]
-    pub refresh_interval: Duration,
-    /// Policy bundle (from `strait policy compile`, or any OPA-layout bundle: directory or .tar.gz),
-    /// reloaded atomically when the file changes. Without one every request is denied.
+    /// Pin a local policy bundle (from `strait policy compile`, or any OPA-layout bundle: directory or
+    /// .tar.gz) instead of the policy the control plane distributes; reloaded atomically when the file
+    /// changes. The directory still comes from the control plane. For air-gapped tests and debugging.
     #[arg(long, env = "STRAIT_POLICY_BUNDLE")]
     pub policy_bundle: Option<PathBuf>,
+    /// Reach the policy distributor over TLS/TCP only. By default QUIC (UDP, same port as the API) is
+    /// tried first and TCP is the automatic fallback when UDP does not get through.
+    #[arg(long)]
+    pub distributor_tcp_only: bool,
     /// Log one allowed decision in this many (0: none). Denials are always logged.
     #[arg(long, default_value_t = 0)]
     pub decision_log_allow_sample: u64,

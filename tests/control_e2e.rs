@@ -90,6 +90,8 @@ impl ControlPlane {
                 &self.addr.to_string(),
                 "--svid-ttl",
                 self.svid_ttl,
+                "--monitoring",
+                "off",
                 "--log-format",
                 "json",
             ])
@@ -485,6 +487,7 @@ async fn workload_svids_cannot_be_used_to_call_the_control_plane() {
         svid,
         bundle: node.bundle.clone(),
         not_after: node.not_after,
+        distribution_key: node.distribution_key.clone(),
     };
     let err = NodeClient::new(&cp.server(), &as_node)
         .unwrap()

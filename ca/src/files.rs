@@ -91,6 +91,33 @@ pub fn read_pem(path: &Path) -> Result<String, FileError> {
 
 /// Reads a private key file, refusing one that group or others can access.
 pub fn read_secret_pem(path: &Path) -> Result<String, FileError> {
+    check_private_mode(path)?;
+    read_pem(path)
+}
+
+/// Reads a secret file of any format (at most 1 MiB), refusing one that group or others can access.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, FileError> {
+    check_private_mode(path)?;
+    let len = fs::metadata(path)
+        .map_err(|source| FileError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if len > MAX_PEM_FILE {
+        return Err(FileError::TooLarge {
+            path: path.to_owned(),
+            limit: MAX_PEM_FILE,
+        });
+    }
+    fs::read(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Fails unless only the owner may read `path`.
+pub fn check_private_mode(path: &Path) -> Result<(), FileError> {
     let meta = fs::metadata(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
         source,
@@ -102,7 +129,7 @@ pub fn read_secret_pem(path: &Path) -> Result<String, FileError> {
             mode,
         });
     }
-    read_pem(path)
+    Ok(())
 }
 
 /// Creates a directory (and parents) that only its owner can enter, for CA and proxy state.

@@ -14,6 +14,13 @@
 //! | POST | `/v1/admin/workloads/remove` | admin | [`RemoveRequest`] → [`RemoveResponse`] |
 //! | POST | `/v1/admin/apply` | admin | YAML or JSON [`crate::registry::ApplyDocument`] → [`crate::store::ApplyReport`] |
 //! | GET | `/v1/admin/status` | admin | → [`Status`] |
+//! | GET | `/v1/admin/workflows` | admin | → `[WorkflowSummary]` |
+//! | POST | `/v1/admin/workflows` | admin | [`WorkflowApplyRequest`] → [`WorkflowApplyResponse`] |
+//! | GET | `/v1/admin/workflows/<name>` | admin | → [`crate::store::WorkflowRecord`] |
+//! | POST | `/v1/admin/workflows/delete` | admin | [`WorkflowDeleteRequest`] → [`WorkflowDeleteResponse`] |
+//!
+//! The policy distributor speaks its own protocol ([`crate::dist::wire`]) on the same port: QUIC on UDP, and
+//! TLS over TCP with the ALPN `strait-dist/1` as the fallback.
 //!
 //! Errors are `{"error": {"code", "message", "field"?}}` with a matching HTTP status.
 
@@ -40,6 +47,10 @@ pub mod paths {
     pub const ADMIN_WORKLOADS_REMOVE: &str = "/v1/admin/workloads/remove";
     pub const ADMIN_APPLY: &str = "/v1/admin/apply";
     pub const ADMIN_STATUS: &str = "/v1/admin/status";
+    pub const ADMIN_WORKFLOWS: &str = "/v1/admin/workflows";
+    /// `GET /v1/admin/workflows/<name>`.
+    pub const ADMIN_WORKFLOW_PREFIX: &str = "/v1/admin/workflows/";
+    pub const ADMIN_WORKFLOWS_DELETE: &str = "/v1/admin/workflows/delete";
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +83,9 @@ pub struct NodeCertResponse {
     pub bundle_pem: String,
     pub trust_domain: String,
     pub not_after: u64,
+    /// The policy distributor's public key (Ed25519, base64): mesh versions must be signed by it.
+    #[serde(default)]
+    pub distribution_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +167,48 @@ pub struct Status {
     pub ca_not_after: u64,
     pub nodes: Vec<NodeStatus>,
     pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub workflows: Vec<WorkflowSummary>,
+    #[serde(default)]
+    pub distribution: crate::dist::hub::DistributionStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowApplyRequest {
+    /// The workflow YAML, verbatim.
+    pub yaml: String,
+    /// Custom Rego modules (package `strait.custom.<name>`) that every request must also satisfy.
+    #[serde(default)]
+    pub modules: Vec<crate::store::CustomModule>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowApplyResponse {
+    pub name: String,
+    pub change: Change,
+    /// The mesh version that carries it (None when nothing changed).
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowSummary {
+    pub name: String,
+    pub applied_at: u64,
+    pub modules: usize,
+    pub yaml_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowDeleteRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowDeleteResponse {
+    pub deleted: bool,
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

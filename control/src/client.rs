@@ -71,6 +71,58 @@ pub struct ApiClient {
     conn: Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
+/// Host and port of `https://host:port` (or `host:port`; the port defaults to 15012).
+pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
+    let with_scheme = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("https://{server}")
+    };
+    let uri: Uri = with_scheme
+        .parse()
+        .map_err(|_| ClientError::BadUrl(server.into()))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(ClientError::BadUrl(server.into()));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::BadUrl(server.into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((host, uri.port_u16().unwrap_or(DEFAULT_PORT)))
+}
+
+/// TLS 1.3 client configuration for talking to the control plane: the server must chain to the bundle
+/// (or the pinned anchor) and prove the control plane's SPIFFE ID. No ALPN set.
+pub fn control_tls(
+    trust: ServerTrust,
+    client_cert: Option<&Svid>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
+        ServerTrust::Bundle(bundle) => {
+            let td = bundle.trust_domain().id_string();
+            let want = format!("{td}{CONTROL_ID_PATH}");
+            Arc::new(SvidServerVerifier::new(
+                bundle,
+                PeerIdMatcher::predicate(want.clone(), move |id| id.as_str() == want),
+            ))
+        }
+        ServerTrust::Pin(pin) => Arc::new(PinnedServerVerifier::new(pin, CONTROL_ID_PATH)),
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .dangerous() // the verifier checks the chain and the control plane's SPIFFE ID
+        .with_custom_certificate_verifier(verifier);
+    match client_cert {
+        Some(svid) => builder
+            .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
+            .map_err(|e| ClientError::Tls(e.to_string())),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 impl ApiClient {
     /// `server` is `https://host:port` (or `host:port`); `client_cert` is the node SVID for node routes.
     pub fn new(
@@ -79,48 +131,8 @@ impl ApiClient {
         client_cert: Option<&Svid>,
         bearer: Option<String>,
     ) -> Result<Self, ClientError> {
-        let with_scheme = if server.contains("://") {
-            server.to_owned()
-        } else {
-            format!("https://{server}")
-        };
-        let uri: Uri = with_scheme
-            .parse()
-            .map_err(|_| ClientError::BadUrl(server.into()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(ClientError::BadUrl(server.into()));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| ClientError::BadUrl(server.into()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(DEFAULT_PORT);
-
-        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
-            ServerTrust::Bundle(bundle) => {
-                let td = bundle.trust_domain().id_string();
-                let want = format!("{td}{CONTROL_ID_PATH}");
-                Arc::new(SvidServerVerifier::new(
-                    bundle,
-                    PeerIdMatcher::predicate(want.clone(), move |id| id.as_str() == want),
-                ))
-            }
-            ServerTrust::Pin(pin) => Arc::new(PinnedServerVerifier::new(pin, CONTROL_ID_PATH)),
-        };
-        let builder =
-            rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(|e| ClientError::Tls(e.to_string()))?
-                .dangerous() // the verifier checks the chain and the control plane's SPIFFE ID
-                .with_custom_certificate_verifier(verifier);
-        let mut tls = match client_cert {
-            Some(svid) => builder
-                .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
-                .map_err(|e| ClientError::Tls(e.to_string()))?,
-            None => builder.with_no_client_auth(),
-        };
+        let (host, port) = parse_server(server)?;
+        let mut tls = control_tls(trust, client_cert)?;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let authority = if host.contains(':') {
             format!("[{host}]:{port}")

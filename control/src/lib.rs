@@ -5,14 +5,18 @@
 //! - [`registry`]: workload declarations, validated, with field-path errors.
 //! - [`tokens`]: join tokens (hashed at rest, CA-pinned) and the admin credential.
 //! - [`api`]: paths and bodies; [`client`]: the API client; [`node`]: the node side (join, renew, SVIDs).
+//! - [`dist`]: the policy distributor (signed mesh versions pushed over QUIC, ACK/NACK).
+//! - [`workflows`]: stored workflows and the mesh policy bundle built from them.
 //! - [`init`]: `strait control init`; [`context`]: the CLI's kubectl-style contexts.
 
 pub mod api;
 pub mod client;
 pub mod context;
+pub mod dist;
 pub mod init;
 pub mod node;
 pub mod registry;
 pub mod server;
 pub mod store;
 pub mod tokens;
+pub mod workflows;

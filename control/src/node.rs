@@ -14,6 +14,7 @@ use strait_ca::{SpiffeId, Svid, TrustBundle, TrustDomain};
 
 use crate::api::{self, paths};
 use crate::client::{ApiClient, ClientError, ServerTrust};
+use crate::dist::version::PublicKey;
 use crate::tokens::{sha256, JoinToken};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub struct NodeIdentity {
     pub svid: Svid,
     pub bundle: Arc<TrustBundle>,
     pub not_after: SystemTime,
+    /// The policy distributor's public key: mesh versions must carry its signature.
+    pub distribution_key: Option<PublicKey>,
 }
 
 /// Files a node keeps in its data directory.
@@ -43,6 +46,7 @@ pub mod layout {
     pub const NODE_CERT: &str = "node-cert.pem";
     pub const NODE_KEY: &str = "node-key.pem";
     pub const BUNDLE: &str = "bundle.pem";
+    pub const DISTRIBUTION_KEY: &str = "distribution-key.pub";
 }
 
 fn new_csr() -> Result<(PrivateKeyDer<'static>, String), NodeError> {
@@ -68,10 +72,17 @@ fn identity_from(
             resp.id
         )));
     }
+    let distribution_key = resp
+        .distribution_key
+        .as_deref()
+        .map(PublicKey::parse)
+        .transpose()
+        .map_err(|e| bad(&e))?;
     Ok(NodeIdentity {
         svid: Svid { id, chain, key },
         bundle: Arc::new(bundle),
         not_after: UNIX_EPOCH + Duration::from_secs(resp.not_after),
+        distribution_key,
     })
 }
 
@@ -120,6 +131,15 @@ impl NodeIdentity {
         &self.svid.id
     }
 
+    /// TLS client configuration for the policy distributor: this node's SVID, the control plane checked
+    /// against the trust bundle and its SPIFFE ID.
+    pub fn control_tls(&self) -> Result<rustls::ClientConfig, NodeError> {
+        Ok(crate::client::control_tls(
+            ServerTrust::Bundle(self.bundle.clone()),
+            Some(&self.svid),
+        )?)
+    }
+
     /// Writes the node SVID (key 0600) and bundle into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), NodeError> {
         files::create_private_dir(dir)?;
@@ -135,6 +155,13 @@ impl NodeIdentity {
             self.bundle.to_pem().as_bytes(),
             PUBLIC_MODE,
         )?;
+        if let Some(k) = &self.distribution_key {
+            files::write_atomic(
+                &dir.join(layout::DISTRIBUTION_KEY),
+                k.to_base64().as_bytes(),
+                PUBLIC_MODE,
+            )?;
+        }
         Ok(())
     }
 
@@ -152,10 +179,17 @@ impl NodeIdentity {
             &files::read_pem(&dir.join(layout::BUNDLE))?,
         )
         .map_err(|e| bad(&e))?;
+        let key_file = dir.join(layout::DISTRIBUTION_KEY);
+        let distribution_key = if key_file.exists() {
+            Some(PublicKey::parse(&files::read_pem(&key_file)?).map_err(|e| bad(&e))?)
+        } else {
+            None
+        };
         Ok(Self {
             svid: Svid { id, chain, key },
             bundle: Arc::new(bundle),
             not_after: summary.not_after,
+            distribution_key,
         })
     }
 }

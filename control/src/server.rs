@@ -30,6 +30,9 @@ use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
 use crate::api::{self, paths, ErrorBody, ErrorDetail};
+use crate::dist::hub::Hub;
+use crate::dist::version::SigningKey;
+use crate::dist::Transport;
 use crate::registry::{from_json, from_yaml, ApplyDocument, FieldError, NodeName, Workload};
 use crate::store::{NodeRecord, Store, StoreError, TokenRecord};
 use crate::tokens::{sha256, AdminToken, JoinToken};
@@ -108,6 +111,8 @@ pub struct State {
     /// Last call per node since this process started (kept in memory: writing it on every call would cost
     /// an fsync per request).
     last_seen: Mutex<HashMap<NodeName, Instant>>,
+    /// The policy distributor (mesh versions, proxy sessions).
+    pub hub: Arc<Hub>,
 }
 
 impl State {
@@ -128,7 +133,12 @@ impl State {
             .certs()
             .first()
             .context("the CA has no trust anchor")?;
+        let key = SigningKey::load_or_create(data_dir).context("loading the distribution key")?;
+        let hub = Arc::new(Hub::open(&store, key, &ca.trust_domain().to_string())?);
+        // Changes made while the control plane was down (or an older store) become a version now.
+        hub.rebuild(&store).context("making the mesh version")?;
         Ok(Self {
+            hub,
             bundle_pem: ca.trust_bundle().to_pem(),
             ca_pin: sha256(anchor.as_ref()),
             ca,
@@ -178,10 +188,41 @@ pub async fn serve(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::optional(
             state.bundle(),
-            nodes_only,
+            nodes_only.clone(),
         )))
         .with_cert_resolver(resolver.clone());
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        crate::dist::wire::ALPN.to_vec(),
+    ];
+
+    // The distributor's QUIC endpoint on the same address (UDP), with the same certificate; here client
+    // certificates are required and must be node SVIDs.
+    let quic = {
+        let mut qtls =
+            rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::new(
+                    state.bundle(),
+                    nodes_only.clone(),
+                )))
+                .with_cert_resolver(resolver.clone());
+        qtls.alpn_protocols = vec![crate::dist::wire::ALPN.to_vec()];
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(qtls)?,
+        ));
+        cfg.transport_config(crate::dist::hub::quic_transport());
+        let addr = listener.local_addr()?;
+        let endpoint = quinn::Endpoint::server(cfg, addr).map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr}/udp for the policy distributor (in use?): {e}")
+        })?;
+        tokio::spawn(crate::dist::hub::serve_quic(
+            state.hub.clone(),
+            endpoint.clone(),
+        ));
+        endpoint
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
     let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -205,6 +246,7 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => {
                 info!("control plane shutting down");
+                quic.close(0u8.into(), b"control plane shutting down");
                 return Ok(());
             }
             _ = tokio::time::sleep(half_life.max(Duration::from_secs(1))) => {
@@ -245,6 +287,16 @@ pub async fn serve(
                         IdKind::Node { name } => NodeName::new(name).ok(),
                         _ => None,
                     });
+                    if tls.get_ref().1.alpn_protocol() == Some(crate::dist::wire::ALPN) {
+                        // The distribution protocol over TLS/TCP: the fallback for nodes whose UDP is blocked.
+                        let Some(node) = node else {
+                            warn!(%remote, "distribution session without a node certificate refused");
+                            return;
+                        };
+                        let (r, w) = tokio::io::split(tls);
+                        state.hub.clone().session(node, Transport::Tcp, remote, r, w).await;
+                        return;
+                    }
                     let ctx = Arc::new(Caller { remote, node });
                     let svc = hyper::service::service_fn(move |req| {
                         let (state, ctx) = (state.clone(), ctx.clone());
@@ -411,6 +463,12 @@ async fn dispatch(
                 (&Method::POST, paths::ADMIN_WORKLOADS_REMOVE) => remove_workload(state, req).await,
                 (&Method::POST, paths::ADMIN_APPLY) => apply(state, req).await,
                 (&Method::GET, paths::ADMIN_STATUS) => status(state).await,
+                (&Method::GET, paths::ADMIN_WORKFLOWS) => list_workflows(state).await,
+                (&Method::POST, paths::ADMIN_WORKFLOWS) => apply_workflow(state, req).await,
+                (&Method::POST, paths::ADMIN_WORKFLOWS_DELETE) => delete_workflow(state, req).await,
+                (&Method::GET, p) if p.starts_with(paths::ADMIN_WORKFLOW_PREFIX) => {
+                    show_workflow(state, &p[paths::ADMIN_WORKFLOW_PREFIX.len()..]).await
+                }
                 _ => Err(not_found(method, p)),
             }
         }
@@ -589,7 +647,13 @@ fn issue_node_cert(
         cert_not_after: secs(svid.not_after),
         last_cert_at: secs(now),
     };
+    let moved = old
+        .as_ref()
+        .is_none_or(|o| o.tunnel_address != rec.tunnel_address || o.addresses != rec.addresses);
     st.store.put_node(&rec)?;
+    if moved {
+        st.hub.changed(&st.store);
+    }
     st.touch(node);
     Ok(api::NodeCertResponse {
         id,
@@ -597,6 +661,7 @@ fn issue_node_cert(
         bundle_pem: st.bundle_pem.clone(),
         trust_domain: st.ca.trust_domain().to_string(),
         not_after: secs(svid.not_after),
+        distribution_key: Some(st.hub.public_key().to_base64()),
     })
 }
 
@@ -661,27 +726,7 @@ fn forbidden_workload(id: &SpiffeId) -> ApiError {
 
 async fn directory(state: &Arc<State>) -> Reply {
     let st = state.clone();
-    let dir = blocking(move || {
-        // One snapshot would need one read transaction across tables; the revision is read first, so a
-        // concurrent change makes the answer at worst newer than its revision says, and the proxy's next
-        // fetch sees the bumped revision and refreshes.
-        let revision = st.store.revision()?;
-        Ok(api::Directory {
-            revision,
-            workloads: st.store.workloads()?,
-            nodes: st
-                .store
-                .nodes()?
-                .into_iter()
-                .map(|n| api::DirectoryNode {
-                    name: n.name,
-                    tunnel_address: n.tunnel_address,
-                    addresses: n.addresses,
-                })
-                .collect(),
-        })
-    })
-    .await?;
+    let dir = blocking(move || Ok(st.store.directory()?)).await?;
     Ok(json(StatusCode::OK, &dir))
 }
 
@@ -749,6 +794,7 @@ async fn put_workload(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             e
         })?;
         let report = st.store.apply(std::slice::from_ref(&w))?;
+        st.hub.changed(&st.store);
         let change = if report.created > 0 {
             crate::store::Change::Created
         } else if report.updated > 0 {
@@ -768,6 +814,7 @@ async fn remove_workload(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     let st = state.clone();
     let removed = blocking(move || {
         let removed = st.store.remove_workload(&r.id)?;
+        st.hub.changed(&st.store);
         info!(workload = %r.id, removed, "workload removal");
         Ok(removed)
     })
@@ -795,6 +842,7 @@ async fn apply(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             }
         }
         let report = st.store.apply(&doc.workloads)?;
+        st.hub.changed(&st.store);
         info!(
             created = report.created,
             updated = report.updated,
@@ -826,8 +874,132 @@ async fn status(state: &Arc<State>) -> Reply {
             ca_not_after: secs(st.ca.not_after()),
             nodes,
             workloads: st.store.workloads()?,
+            workflows: st.store.workflows()?.iter().map(summary).collect(),
+            distribution: st.hub.status(),
         })
     })
     .await?;
     Ok(json(StatusCode::OK, &status))
+}
+
+fn summary(w: &crate::store::WorkflowRecord) -> api::WorkflowSummary {
+    api::WorkflowSummary {
+        name: w.name.clone(),
+        applied_at: w.applied_at,
+        modules: w.modules.len(),
+        yaml_bytes: w.yaml.len(),
+    }
+}
+
+async fn list_workflows(state: &Arc<State>) -> Reply {
+    let st = state.clone();
+    let list = blocking(move || {
+        Ok(st
+            .store
+            .workflows()?
+            .iter()
+            .map(summary)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &list))
+}
+
+async fn show_workflow(state: &Arc<State>, name: &str) -> Reply {
+    let (st, name) = (state.clone(), name.to_owned());
+    let found = blocking(move || Ok(st.store.workflow(&name)?)).await?;
+    match found {
+        Some(w) => Ok(json(StatusCode::OK, &w)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no workflow of that name (see `strait workflow list`)",
+        )),
+    }
+}
+
+/// Stores a workflow after compiling the mesh policy with it; nothing changes when the check fails.
+async fn apply_workflow(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::WorkflowApplyRequest = json_body(req).await?;
+    let st = state.clone();
+    let resp = blocking(move || {
+        let existing = st.store.workflows()?;
+        let mut rec = crate::store::WorkflowRecord {
+            name: String::new(),
+            yaml: r.yaml,
+            modules: r.modules,
+            applied_at: unix_now(),
+        };
+        let td = st.ca.trust_domain().to_string();
+        rec.name = crate::workflows::check_candidate(&rec, &existing, &td).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_workflow", e.to_string())
+        })?;
+        let change = st.store.put_workflow(&rec)?;
+        let version = match change {
+            crate::store::Change::Unchanged => None,
+            _ => st.hub.rebuild(&st.store).map_err(ApiError::internal)?,
+        };
+        info!(workflow = %rec.name, ?change, version = ?version, "workflow applied");
+        Ok(api::WorkflowApplyResponse {
+            name: rec.name,
+            change,
+            version,
+        })
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+async fn delete_workflow(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::WorkflowDeleteRequest = json_body(req).await?;
+    let st = state.clone();
+    let resp = blocking(move || {
+        let deleted = st.store.delete_workflow(&r.name)?;
+        let version = if deleted {
+            st.hub.rebuild(&st.store).map_err(ApiError::internal)?
+        } else {
+            None
+        };
+        info!(workflow = %r.name, deleted, version = ?version, "workflow delete");
+        Ok(api::WorkflowDeleteResponse { deleted, version })
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+/// The monitoring endpoint (plain HTTP, loopback by default, like istiod's 15014): `/metrics` and `/ready`.
+pub async fn serve_monitoring(state: Arc<State>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    Ok::<_, Infallible>(match req.uri().path() {
+                        "/metrics" => {
+                            let mut out = String::new();
+                            state.hub.encode_metrics(&mut out);
+                            let mut r = text(StatusCode::OK, out);
+                            r.headers_mut().insert(
+                                header::CONTENT_TYPE,
+                                header::HeaderValue::from_static(
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                ),
+                            );
+                            r
+                        }
+                        "/ready" => text(StatusCode::OK, "ready\n"),
+                        _ => text(StatusCode::NOT_FOUND, "try /metrics or /ready\n"),
+                    })
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
 }

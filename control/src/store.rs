@@ -22,10 +22,13 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
+const WORKFLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("workflows");
 
 const KEY_ADMIN_HASH: &str = "admin_token_sha256";
 /// Bumped by every change to the directory (workloads, node addresses): the version proxies compare.
 const KEY_REVISION: &str = "registry_revision";
+/// The newest signed mesh version (directory + policy), as the distributor pushes it.
+const KEY_MESH_VERSION: &str = "mesh_version";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -86,6 +89,24 @@ pub struct NodeRecord {
     pub last_cert_at: u64,
 }
 
+/// A workflow as the operator applied it: its YAML and custom Rego modules, kept verbatim so that `strait
+/// workflow show` returns what was written and the bundle can be rebuilt from the source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkflowRecord {
+    pub name: String,
+    pub yaml: String,
+    #[serde(default)]
+    pub modules: Vec<CustomModule>,
+    pub applied_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CustomModule {
+    pub file: String,
+    pub source: String,
+}
+
 /// Result of an upsert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -128,7 +149,7 @@ impl Store {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         let txn = db.begin_write()?;
-        for t in [META, TOKENS, NODES, WORKLOADS] {
+        for t in [META, TOKENS, NODES, WORKLOADS, WORKFLOWS] {
             txn.open_table(t)?;
         }
         txn.commit()?;
@@ -307,6 +328,100 @@ impl Store {
         }
         txn.commit()?;
         Ok(report)
+    }
+
+    /// The mesh directory: every workload and every node's addresses, read in one transaction.
+    pub fn directory(&self) -> Result<crate::api::Directory, StoreError> {
+        let txn = self.db.begin_read()?;
+        let revision = txn
+            .open_table(META)?
+            .get(KEY_REVISION)?
+            .map(|v| decode(KEY_REVISION, v.value()))
+            .transpose()?
+            .unwrap_or(0);
+        let mut workloads = Vec::new();
+        for entry in txn.open_table(WORKLOADS)?.iter()? {
+            let (k, v) = entry?;
+            workloads.push(decode(k.value(), v.value())?);
+        }
+        let mut nodes = Vec::new();
+        for entry in txn.open_table(NODES)?.iter()? {
+            let (k, v) = entry?;
+            let n: NodeRecord = decode(k.value(), v.value())?;
+            nodes.push(crate::api::DirectoryNode {
+                name: n.name,
+                tunnel_address: n.tunnel_address,
+                addresses: n.addresses,
+            });
+        }
+        Ok(crate::api::Directory {
+            revision,
+            workloads,
+            nodes,
+        })
+    }
+
+    /// Stores a workflow (replacing one of the same name). Validation is the caller's job (the API
+    /// compiles the candidate mesh policy before it calls this).
+    pub fn put_workflow(&self, rec: &WorkflowRecord) -> Result<Change, StoreError> {
+        let txn = self.db.begin_write()?;
+        let change = {
+            let mut t = txn.open_table(WORKFLOWS)?;
+            let old: Option<WorkflowRecord> = t
+                .get(rec.name.as_str())?
+                .map(|v| decode(&rec.name, v.value()))
+                .transpose()?;
+            match old {
+                Some(o) if o.yaml == rec.yaml && o.modules == rec.modules => Change::Unchanged,
+                old => {
+                    t.insert(rec.name.as_str(), encode(rec).as_slice())?;
+                    if old.is_some() {
+                        Change::Updated
+                    } else {
+                        Change::Created
+                    }
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(change)
+    }
+
+    pub fn workflows(&self) -> Result<Vec<WorkflowRecord>, StoreError> {
+        self.all(WORKFLOWS)
+    }
+
+    pub fn workflow(&self, name: &str) -> Result<Option<WorkflowRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(WORKFLOWS)?;
+        let v = t.get(name)?;
+        v.map(|v| decode(name, v.value())).transpose()
+    }
+
+    pub fn delete_workflow(&self, name: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(WORKFLOWS)?.remove(name)?.is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    /// The newest signed mesh version, if one was made.
+    pub fn mesh_version(&self) -> Result<Option<crate::dist::version::SignedVersion>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        let v = t.get(KEY_MESH_VERSION)?;
+        v.map(|v| decode(KEY_MESH_VERSION, v.value())).transpose()
+    }
+
+    pub fn put_mesh_version(
+        &self,
+        v: &crate::dist::version::SignedVersion,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(KEY_MESH_VERSION, encode(v).as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Removes a workload; returns whether it existed.

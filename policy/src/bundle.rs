@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::compile::{compile, entry_rego, WORKFLOW_REGO};
+use crate::compile::{compile, entry_rego, merge, WORKFLOW_REGO};
 use crate::engine::{PolicyEngine, PolicyError, RegoVersion, DEFAULT_DECISION_PATH};
 use crate::workflow::{Workflow, WorkflowError};
 
@@ -52,7 +52,7 @@ pub struct Manifest {
     pub metadata: Option<Value>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bundle {
     pub manifest: Manifest,
     /// (path inside the bundle, source), sorted by path.
@@ -287,52 +287,81 @@ impl Bundle {
         custom: &[(String, String)],
         dry_run: bool,
     ) -> Result<Self, BundleError> {
-        let mut packages = Vec::new();
-        for (file, src) in custom {
-            let pkg = src
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("package "))
-                .map(str::trim)
-                .ok_or_else(|| invalid(file, "no package declaration"))?;
-            let name = pkg
-                .strip_prefix("strait.custom.")
-                .filter(|n| {
-                    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                })
-                .ok_or_else(|| {
-                    invalid(
+        Self::from_workflows(&[(wf, custom)], dry_run)
+    }
+
+    /// One bundle for several workflows, as the control plane distributes them to the mesh: a request is
+    /// allowed when a step of any workflow allows it and every custom module (of any workflow) allows it.
+    /// Custom module files are kept apart per workflow (`custom/<workflow>/<file>`); two workflows may not
+    /// define the same custom package. With no workflow at all the bundle denies everything.
+    pub fn from_workflows(
+        workflows: &[(&Workflow, &[(String, String)])],
+        dry_run: bool,
+    ) -> Result<Self, BundleError> {
+        let mut packages: Vec<String> = Vec::new();
+        let mut modules = vec![(String::new(), WORKFLOW_REGO.to_owned())];
+        let mut compiled = Vec::new();
+        for (wf, custom) in workflows {
+            for (file, src) in custom.iter() {
+                let pkg = src
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("package "))
+                    .map(str::trim)
+                    .ok_or_else(|| invalid(file, "no package declaration"))?;
+                let name = pkg
+                    .strip_prefix("strait.custom.")
+                    .filter(|n| {
+                        !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    })
+                    .ok_or_else(|| {
+                        invalid(
+                            file,
+                            format!(
+                                "custom modules must be in a package strait.custom.<name>, not {pkg}"
+                            ),
+                        )
+                    })?;
+                if packages.iter().any(|p| p == name) {
+                    return Err(invalid(
                         file,
                         format!(
-                            "custom modules must be in a package strait.custom.<name>, not {pkg}"
+                            "package strait.custom.{name} is already defined by another module"
                         ),
-                    )
-                })?;
-            packages.push(name.to_owned());
+                    ));
+                }
+                packages.push(name.to_owned());
+                let base = Path::new(file)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| file.clone());
+                let path = if workflows.len() == 1 {
+                    format!("custom/{base}")
+                } else {
+                    format!("custom/{}/{base}", wf.metadata.name)
+                };
+                modules.push((path, src.clone()));
+            }
+            compiled.push(compile(wf)?);
         }
-        let mut modules = vec![
-            ("strait/workflow.rego".to_owned(), WORKFLOW_REGO.to_owned()),
-            ("strait/entry.rego".to_owned(), entry_rego(&packages)),
-        ];
-        for (file, src) in custom {
-            let base = Path::new(file)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| file.clone());
-            modules.push((format!("custom/{base}"), src.clone()));
-        }
+        modules[0].0 = "strait/workflow.rego".to_owned();
+        modules.insert(1, ("strait/entry.rego".to_owned(), entry_rego(&packages)));
+        let names: Vec<&str> = workflows
+            .iter()
+            .map(|(wf, _)| wf.metadata.name.as_str())
+            .collect();
         let mut bundle = Self {
             manifest: Manifest {
                 revision: String::new(),
-                roots: vec!["envoy".into(), "strait".into()],
+                roots: vec!["envoy".into(), "strait".into(), "strait_workflow".into()],
                 rego_version: Some(1),
                 metadata: Some(serde_json::json!({"strait": {
                     "decision_path": DEFAULT_DECISION_PATH,
                     "dry_run": dry_run,
-                    "workflow": wf.metadata.name,
+                    "workflow": names.join(","),
                 }})),
             },
             modules,
-            data: compile(wf)?,
+            data: merge(compiled),
         };
         bundle.manifest.revision = bundle.content_hash();
         Ok(bundle)

@@ -190,6 +190,62 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
     Ok(json!({"strait_workflow": {"name": wf.metadata.name, "flows": flows, "egress": egress}}))
 }
 
+/// Merges the data documents of several compiled workflows: the flows of every (source, destination,
+/// method) are the union of the workflows' steps, egress entries likewise. With none, an empty document
+/// (no flow: everything is denied).
+pub fn merge(compiled: Vec<Value>) -> Value {
+    let mut flows: Map<String, Value> = Map::new();
+    let mut egress: Map<String, Value> = Map::new();
+    let mut names = Vec::new();
+    for mut doc in compiled {
+        let wf = doc["strait_workflow"].take();
+        names.push(wf["name"].clone());
+        for (src, dsts) in wf["flows"].as_object().into_iter().flatten() {
+            let into_src = flows
+                .entry(src.clone())
+                .or_insert_with(|| Value::Object(Map::new()));
+            for (dst, methods) in dsts.as_object().into_iter().flatten() {
+                let Some(into_dst) = into_src.as_object_mut().map(|m| {
+                    m.entry(dst.clone())
+                        .or_insert_with(|| Value::Object(Map::new()))
+                }) else {
+                    continue;
+                };
+                for (m, v) in methods.as_object().into_iter().flatten() {
+                    let Some(slot) = into_dst.as_object_mut() else {
+                        continue;
+                    };
+                    match (slot.get_mut(m), v) {
+                        (Some(Value::Array(have)), Value::Array(more)) => {
+                            have.extend(more.iter().cloned())
+                        }
+                        (Some(_), _) => {} // "TCP": true, already set
+                        (None, v) => {
+                            slot.insert(m.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for (src, list) in wf["egress"].as_object().into_iter().flatten() {
+            if let (Value::Array(have), Value::Array(more)) = (
+                egress
+                    .entry(src.clone())
+                    .or_insert_with(|| Value::Array(Vec::new())),
+                list,
+            ) {
+                have.extend(more.iter().cloned());
+            }
+        }
+    }
+    let name = if names.len() == 1 {
+        names.remove(0)
+    } else {
+        Value::Array(names)
+    };
+    json!({"strait_workflow": {"name": name, "flows": flows, "egress": egress}})
+}
+
 /// The same flows written naively, one Rego rule per step, in files of at most 500 rules (regorus refuses
 /// policy files over 1 MiB, which 10 000 such rules exceed). For benchmarks only: this is what the
 /// compiler avoids.

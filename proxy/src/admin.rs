@@ -31,7 +31,11 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
     match req.uri().path() {
         "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
         "/ready" => match shared.not_ready_reason() {
-            None => reply(StatusCode::OK, "text/plain", "ready\n"),
+            // Still ready (traffic is served under the last good version), but say why it is degraded.
+            None => match shared.degraded_reason() {
+                None => reply(StatusCode::OK, "text/plain", "ready\n"),
+                Some(why) => reply(StatusCode::OK, "text/plain", format!("ready; {why}\n")),
+            },
             Some(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -87,6 +91,7 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
                 "capture": &**shared.capture.load(),
                 "nftables": crate::capture::list(),
                 "policy_revision": shared.ctx.authz.revision(),
+                "mesh": shared.mesh.get().map(|m| m.status()),
                 "open_connections": shared.ctx.inflight.count(),
                 "pooled_tunnels": shared.ctx.pooled_tunnels(),
             });

@@ -32,7 +32,11 @@ pub struct LoadedPolicy {
 
 impl LoadedPolicy {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bundle = Bundle::load(path)?;
+        Self::from_bundle(Bundle::load(path)?)
+    }
+
+    /// Compiles a bundle (from a file or pushed by the distributor).
+    pub fn from_bundle(bundle: Bundle) -> anyhow::Result<Self> {
         let engine = bundle.engine(DEFAULT_BUDGET)?;
         let mut egress: std::collections::HashMap<String, Vec<crate::tunnel::EgressRule>> =
             Default::default();

@@ -1,6 +1,7 @@
-//! The proxy's certificates: one SVID per local workload (keys generated here, never written to disk),
-//! swapped atomically on renewal so new handshakes use the new certificate while established connections
-//! keep going.
+//! The proxy's certificates: one SVID per local workload (keys generated here and kept only in this
+//! process and its own data directory, mode 0600, so that a restart while the control plane is down can
+//! still serve), swapped atomically on renewal so new handshakes use the new certificate while established
+//! connections keep going.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -177,5 +178,62 @@ impl ResolvesClientCert for SourceCert {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// The cache of workload SVIDs in the proxy's data directory (`svids/<hash>.pem`: key and chain, 0600).
+pub mod cache {
+    use std::path::{Path, PathBuf};
+    use std::time::SystemTime;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    use strait_ca::files;
+    use strait_ca::{SpiffeId, Svid};
+
+    fn path(dir: &Path, id: &SpiffeId) -> PathBuf {
+        dir.join("svids")
+            .join(format!("{}.pem", super::sni_for(id)))
+    }
+
+    pub fn save(dir: &Path, svid: &Svid) -> anyhow::Result<()> {
+        let d = dir.join("svids");
+        files::create_private_dir(&d)?;
+        let mut pem = strait_ca::cert::pem_encode("PRIVATE KEY", svid.key.secret_der());
+        pem.push_str(&strait_ca::cert::certs_to_pem(&svid.chain));
+        files::write_atomic(&path(dir, &svid.id), pem.as_bytes(), files::SECRET_MODE)?;
+        Ok(())
+    }
+
+    /// The cached SVID of `id` if there is one, it is for `id`, and it has not expired.
+    pub fn load(dir: &Path, id: &SpiffeId) -> anyhow::Result<Option<(Svid, SystemTime)>> {
+        let p = path(dir, id);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let pem = files::read_secret_pem(&p)?;
+        let key = PrivateKeyDer::from_pem_slice(pem.as_bytes())?;
+        let chain = strait_ca::cert::certs_from_pem(&pem)?;
+        let first = chain
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("{}: no certificate", p.display()))?;
+        let summary = strait_ca::cert::CertSummary::of(first).map_err(anyhow::Error::msg)?;
+        if &summary.spiffe_id.map_err(anyhow::Error::msg)? != id
+            || summary.not_after <= SystemTime::now()
+        {
+            return Ok(None);
+        }
+        Ok(Some((
+            Svid {
+                id: id.clone(),
+                chain,
+                key,
+            },
+            summary.not_after,
+        )))
+    }
+
+    pub fn remove(dir: &Path, id: &SpiffeId) {
+        let _ = std::fs::remove_file(path(dir, id));
     }
 }

@@ -7,7 +7,8 @@
 //! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload.
 //! - [`authz`]: the policy bundle (hot reload), decisions, decision log; [`l7`]: HTTP/TCP enforcement.
 //! - [`admin`], [`metrics`]: `/live`, `/ready`, `/metrics`, `/config_dump`.
-//! - [`run`]: start-up, renewal, refresh and drain.
+//! - [`mesh`]: the policy distributor subscription: verify, compile, persist, swap, ACK/NACK.
+//! - [`run`]: start-up, renewal and drain.
 
 pub mod admin;
 pub mod authz;
@@ -15,6 +16,7 @@ pub mod capture;
 pub mod certs;
 pub mod directory;
 pub mod l7;
+pub mod mesh;
 pub mod metrics;
 pub mod run;
 pub mod sockets;

@@ -34,11 +34,29 @@ pub struct Metrics {
     pub cert_expiry: Family<Identity, Gauge>,
     pub cert_renewals: Counter,
     pub cert_renewal_failures: Counter,
+    pub mesh_version: Gauge,
+    pub mesh_applied: Counter,
+    pub mesh_refused: Counter,
 }
 
 impl Metrics {
     pub fn register(&self) -> Registry {
         let mut r = Registry::with_prefix("strait_proxy");
+        r.register(
+            "mesh_version",
+            "Mesh version (directory + policy) this proxy enforces",
+            self.mesh_version.clone(),
+        );
+        r.register(
+            "mesh_versions_applied",
+            "Mesh versions applied (ACK)",
+            self.mesh_applied.clone(),
+        );
+        r.register(
+            "mesh_versions_refused",
+            "Mesh versions refused: bad signature, rollback, policy that does not compile (NACK)",
+            self.mesh_refused.clone(),
+        );
         r.register(
             "connections",
             "Connections handled",

@@ -1,18 +1,21 @@
-//! The proxy's life: join (or reuse the node identity), get workload SVIDs, fetch the directory, install the
-//! capture rules, open the listeners, report ready; then keep certificates and the directory fresh; on
-//! shutdown, stop accepting, drain, and remove the rules.
+//! The proxy's life: join (or reuse the node identity), enforce the persisted mesh version if there is one,
+//! open the listeners, install the capture rules, subscribe to the policy distributor and apply what it
+//! pushes (directory, policy, then workload certificates and capture rules follow); keep certificates fresh;
+//! on shutdown, stop accepting, drain, and remove the rules.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use strait_ca::SpiffeId;
+use strait_control::api::Directory;
 use strait_control::node::{join, Advert, NodeClient, NodeIdentity};
 use strait_control::registry::NodeName;
 use tokio::net::TcpListener;
@@ -43,9 +46,11 @@ pub struct ProxyOptions {
     pub dns_resolvers: Vec<IpAddr>,
     pub egress: Vec<EgressRule>,
     pub drain_timeout: Duration,
-    pub refresh_interval: Duration,
-    /// Policy bundle (OPA layout, directory or .tar.gz); reloaded when it changes. None: deny all.
+    /// A local policy bundle (OPA layout, directory or .tar.gz) that overrides the distributed policy,
+    /// reloaded when it changes. None: the distributor's policy (and with no version yet, deny all).
     pub policy_bundle: Option<PathBuf>,
+    /// Talk to the distributor over TLS/TCP only (skip QUIC).
+    pub distributor_tcp_only: bool,
     /// Log one allowed decision in this many (0: none); denials are always logged.
     pub decision_log_allow_sample: u64,
 }
@@ -58,7 +63,9 @@ pub struct Shared {
     pub capture: ArcSwap<CapturePlan>,
     node_not_after: AtomicU64,
     ready: AtomicBool,
-    draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
+    /// The distributor subscription (set once it starts).
+    pub mesh: std::sync::OnceLock<Arc<crate::mesh::ProxyApplier>>,
 }
 
 impl Shared {
@@ -66,10 +73,23 @@ impl Shared {
         if self.draining.load(Ordering::SeqCst) {
             Some("draining")
         } else if !self.ready.load(Ordering::SeqCst) {
-            Some("starting")
+            Some("no mesh version yet (nothing persisted and the control plane has not sent one); denying everything")
         } else {
             None
         }
+    }
+
+    /// Ready, but worth saying: the control plane is unreachable and the proxy runs on what it has.
+    pub fn degraded_reason(&self) -> Option<String> {
+        let s = self.mesh.get()?.status();
+        (s.link != "connected").then(|| {
+            format!(
+                "control plane unreachable ({}); enforcing {} mesh version {}",
+                s.link,
+                s.source,
+                s.version.map_or("-".into(), |v| v.to_string())
+            )
+        })
     }
 
     pub fn node_not_after(&self) -> SystemTime {
@@ -157,28 +177,111 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
     plan
 }
 
-async fn fetch_cert(
-    client: &NodeClient,
-    certs: &CertStore,
-    id: &SpiffeId,
-) -> anyhow::Result<Arc<WorkloadCert>> {
-    let (svid, not_after) = client.workload_svid(id).await?;
-    let cert = WorkloadCert::new(svid, not_after, certs.next_generation())?;
-    certs.insert(cert);
-    certs.get(id).context("certificate vanished")
+/// What applying a mesh version touches, and the tasks that keep workload certificates fresh.
+pub struct Node {
+    pub opts: ProxyOptions,
+    pub client: Arc<ArcSwap<NodeClient>>,
+    pub certs: Arc<CertStore>,
+    pub metrics: Arc<Metrics>,
+    pub shared: Arc<Shared>,
+    cert_tasks: Mutex<HashMap<SpiffeId, JoinHandle<()>>>,
 }
 
-/// Renews one workload's certificate at half life, forever; on failure it keeps the current certificate
-/// and retries with capped exponential backoff.
-async fn keep_cert(
-    client: Arc<ArcSwap<NodeClient>>,
-    certs: Arc<CertStore>,
-    metrics: Arc<Metrics>,
-    id: SpiffeId,
-) {
+impl Node {
+    /// Swaps in a verified version: the policy (unless a local bundle pins it), then the directory, whose
+    /// local workloads get certificate keepers and capture rules.
+    pub fn install(self: &Arc<Self>, p: crate::mesh::Prepared) {
+        if self.opts.policy_bundle.is_none() {
+            info!(revision = %p.policy.revision, "distributed policy in force");
+            self.shared.ctx.authz.swap(p.policy);
+        }
+        self.apply_directory(p.payload.directory);
+    }
+
+    pub fn shared_ready(&self) {
+        self.shared.ready.store(true, Ordering::SeqCst);
+    }
+
+    fn apply_directory(self: &Arc<Self>, dir: Directory) {
+        let view = DirectoryView::build(dir, &self.opts.node);
+        let local: BTreeSet<SpiffeId> = view.local.iter().map(|w| w.id.clone()).collect();
+        {
+            let mut tasks = self.cert_tasks.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &local {
+                if tasks.contains_key(id) {
+                    continue;
+                }
+                // A cached certificate serves at once (and while the control plane is down); the keeper
+                // fetches one immediately when there is none.
+                if self.certs.get(id).is_none() {
+                    match crate::certs::cache::load(&self.opts.data_dir, id) {
+                        Ok(Some((svid, not_after))) => {
+                            match WorkloadCert::new(svid, not_after, self.certs.next_generation()) {
+                                Ok(c) => {
+                                    info!(workload = %id, "using the cached workload certificate");
+                                    self.certs.insert(c);
+                                }
+                                Err(e) => {
+                                    warn!(workload = %id, error = %e, "cached certificate unusable")
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(workload = %id, error = %format!("{e:#}"), "cached certificate unreadable")
+                        }
+                    }
+                }
+                tasks.insert(
+                    id.clone(),
+                    tokio::spawn(keep_cert(self.clone(), id.clone())),
+                );
+            }
+            tasks.retain(|id, task| {
+                let keep = local.contains(id);
+                if !keep {
+                    task.abort();
+                    self.certs.remove(id);
+                    crate::certs::cache::remove(&self.opts.data_dir, id);
+                }
+                keep
+            });
+        }
+        let plan = capture_plan(&view, &self.opts);
+        info!(
+            revision = view.revision,
+            local = local.len(),
+            "directory in force"
+        );
+        self.shared.ctx.dir.store(Arc::new(view));
+        if **self.shared.capture.load() != plan {
+            match capture::apply(&plan) {
+                Ok(()) => self.shared.capture.store(Arc::new(plan)),
+                Err(e) => {
+                    error!(error = %e, "cannot update the nftables rules; the previous rules stay")
+                }
+            }
+        }
+    }
+
+    async fn fetch_cert(&self, id: &SpiffeId) -> anyhow::Result<Arc<WorkloadCert>> {
+        let (svid, not_after) = self.client.load().workload_svid(id).await?;
+        if let Err(e) = crate::certs::cache::save(&self.opts.data_dir, &svid) {
+            warn!(workload = %id, error = %format!("{e:#}"), "cannot cache the workload certificate");
+        }
+        let cert = WorkloadCert::new(svid, not_after, self.certs.next_generation())?;
+        self.certs.insert(cert);
+        self.certs.get(id).context("certificate vanished")
+    }
+}
+
+/// Keeps one workload's certificate: fetches it at once when there is none, then renews at half life,
+/// forever; on failure it keeps the current certificate and retries with capped exponential backoff.
+async fn keep_cert(node: Arc<Node>, id: SpiffeId) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        let wait = certs
+        let wait = node
+            .certs
             .get(&id)
             .map(|c| {
                 c.renew_at()
@@ -187,15 +290,15 @@ async fn keep_cert(
             })
             .unwrap_or_default();
         tokio::time::sleep(wait).await;
-        match fetch_cert(&client.load(), &certs, &id).await {
+        match node.fetch_cert(&id).await {
             Ok(c) => {
-                metrics.cert_renewals.inc();
+                node.metrics.cert_renewals.inc();
                 backoff = Duration::from_millis(250);
-                info!(workload = %id, generation = c.generation, not_after = %humantime::format_rfc3339_seconds(c.not_after), "workload certificate renewed");
+                info!(workload = %id, generation = c.generation, not_after = %humantime::format_rfc3339_seconds(c.not_after), "workload certificate issued");
             }
             Err(e) => {
-                metrics.cert_renewal_failures.inc();
-                warn!(workload = %id, error = %format!("{e:#}"), retry_in = ?backoff, "certificate renewal failed; keeping the current certificate");
+                node.metrics.cert_renewal_failures.inc();
+                warn!(workload = %id, error = %format!("{e:#}"), retry_in = ?backoff, "cannot get a workload certificate; keeping the current one if any");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -207,13 +310,17 @@ async fn keep_cert(
 async fn keep_node_cert(
     opts: ProxyOptions,
     client: Arc<ArcSwap<NodeClient>>,
+    identity: Arc<ArcSwap<NodeIdentity>>,
     shared: Arc<Shared>,
-    mut identity: NodeIdentity,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let now = SystemTime::now();
-        let life = identity.not_after.duration_since(now).unwrap_or_default();
+        let life = identity
+            .load()
+            .not_after
+            .duration_since(now)
+            .unwrap_or_default();
         tokio::time::sleep(life / 2).await;
         let renewed = client.load().renew(advert(&opts)).await;
         match renewed.map_err(anyhow::Error::from).and_then(|id| {
@@ -226,7 +333,7 @@ async fn keep_node_cert(
                     .node_not_after
                     .store(unix(id.not_after), Ordering::Relaxed);
                 client.store(Arc::new(c));
-                identity = id;
+                identity.store(Arc::new(id));
                 backoff = Duration::from_millis(250);
                 info!("node certificate renewed");
             }
@@ -263,6 +370,17 @@ fn bind_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<Vec<TcpListener>>
     Ok(out)
 }
 
+/// The control plane's address for the distributor (same host and port as the API).
+async fn control_addr(control: &str) -> anyhow::Result<SocketAddr> {
+    let (host, port) = strait_control::client::parse_server(control)?;
+    let mut addrs = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("resolving the control plane address {host}"))?;
+    addrs
+        .next()
+        .with_context(|| format!("{host} has no address"))
+}
+
 pub async fn run(
     opts: ProxyOptions,
     shutdown: impl std::future::Future<Output = ()>,
@@ -270,47 +388,50 @@ pub async fn run(
     if opts.addresses.is_empty() {
         bail!("give this node's address with --address (repeat for IPv6)");
     }
-    let identity = node_identity(&opts).await?;
-    let client = Arc::new(ArcSwap::from_pointee(NodeClient::new(
-        &opts.control,
-        &identity,
-    )?));
-    let directory = client
-        .load()
-        .directory()
-        .await
-        .context("fetching the mesh directory")?;
-    let view = DirectoryView::build(directory, &opts.node);
-    info!(
-        revision = view.revision,
-        local = view.local.len(),
-        "directory fetched"
-    );
-
-    let certs = Arc::new(CertStore::default());
-    for w in &view.local {
-        fetch_cert(&client.load(), &certs, &w.id)
+    let mut identity = node_identity(&opts).await?;
+    let mut client = NodeClient::new(&opts.control, &identity)?;
+    if identity.distribution_key.is_none() {
+        // An identity saved by an older release: the renewal answer carries the key.
+        identity = client
+            .renew(advert(&opts))
             .await
-            .with_context(|| format!("obtaining the SVID of {}", w.id))?;
+            .context("the node identity has no distribution key and renewing it failed")?;
+        identity.save(&opts.data_dir)?;
+        client = NodeClient::new(&opts.control, &identity)?;
     }
-    let metrics = Arc::new(Metrics::default());
-    let policy = match &opts.policy_bundle {
-        Some(path) => Some(
-            crate::authz::LoadedPolicy::load(path)
-                .with_context(|| format!("loading the policy bundle {}", path.display()))?,
-        ),
-        None => {
-            warn!("no --policy-bundle: every request and connection will be denied (fail closed)");
+    let key = identity
+        .distribution_key
+        .clone()
+        .context("the control plane sent no distribution key")?;
+    let verifier =
+        strait_control::dist::version::Verifier::new(key, identity.id().trust_domain().to_string());
+    let client = Arc::new(ArcSwap::from_pointee(client));
+    let control = control_addr(&opts.control).await?;
+
+    let persisted = match crate::mesh::load_persisted(&opts.data_dir, &verifier) {
+        Ok(p) => p,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "the persisted mesh version is refused; waiting for the control plane");
             None
         }
     };
-    if let Some(p) = &policy {
-        info!(revision = %p.revision, dry_run = p.dry_run, "policy bundle loaded");
-    }
+
+    let certs = Arc::new(CertStore::default());
+    let metrics = Arc::new(Metrics::default());
+    let local_policy = match &opts.policy_bundle {
+        Some(path) => {
+            let p = crate::authz::LoadedPolicy::load(path)
+                .with_context(|| format!("loading the policy bundle {}", path.display()))?;
+            info!(revision = %p.revision, dry_run = p.dry_run, path = %path.display(), "local policy bundle pins the policy (the distributed one is ignored)");
+            Some(p)
+        }
+        None => None,
+    };
     let authz = Arc::new(crate::authz::Authz::new(
-        policy,
+        local_policy,
         opts.decision_log_allow_sample,
     ));
+    let view = DirectoryView::default();
     let plan = capture_plan(&view, &opts);
     let ctx = Arc::new(Ctx::new(
         certs.clone(),
@@ -335,7 +456,6 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {} for the admin endpoint", opts.admin))?;
     capture::apply(&plan).context("installing the nftables rules")?;
-    info!(uids = ?plan.workload_uids, ports = ?plan.strict_ports, "capture rules installed");
 
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
@@ -345,7 +465,52 @@ pub async fn run(
         node_not_after: AtomicU64::new(unix(identity.not_after)),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        mesh: std::sync::OnceLock::new(),
     });
+    let node = Arc::new(Node {
+        opts: opts.clone(),
+        client: client.clone(),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+        shared: shared.clone(),
+        cert_tasks: Mutex::new(HashMap::new()),
+    });
+    let applier = Arc::new(crate::mesh::ProxyApplier {
+        node: node.clone(),
+        verifier,
+        data_dir: opts.data_dir.clone(),
+        current: Mutex::new(None),
+        status: Mutex::new(crate::mesh::MeshStatus {
+            version: None,
+            content_hash: None,
+            source: "none",
+            link: "connecting".into(),
+            transport: None,
+            fallback: false,
+            last_refusal: None,
+        }),
+    });
+    let _ = shared.mesh.set(applier.clone());
+    match persisted {
+        Some(p) => {
+            let (n, h) = (p.payload.number, p.payload.content_hash.clone());
+            node.install(p);
+            *applier.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, h.clone()));
+            {
+                let mut s = applier.status.lock().unwrap_or_else(|e| e.into_inner());
+                s.version = Some(n);
+                s.content_hash = Some(h);
+                s.source = "persisted";
+            }
+            metrics.mesh_version.set(n as i64);
+            node.shared_ready();
+            info!(
+                version = n,
+                "enforcing the persisted mesh version until the control plane confirms or replaces it"
+            );
+        }
+        None => info!("no persisted mesh version: not ready, denying everything until the control plane sends one"),
+    }
 
     let tls = tunnel::inbound_tls(&ctx)?;
     let mut listeners: Vec<JoinHandle<()>> = Vec::new();
@@ -361,6 +526,7 @@ pub async fn run(
     }
     let admin_task = tokio::spawn(crate::admin::serve(shared.clone(), admin));
 
+    let identity = Arc::new(ArcSwap::from_pointee(identity));
     let mut background: Vec<JoinHandle<()>> = Vec::new();
     if let Some(path) = &opts.policy_bundle {
         background.push(tokio::spawn(crate::authz::watch(
@@ -372,91 +538,26 @@ pub async fn run(
     background.push(tokio::spawn(keep_node_cert(
         opts.clone(),
         client.clone(),
+        identity.clone(),
         shared.clone(),
-        identity,
     )));
-    let mut cert_tasks: HashMap<SpiffeId, JoinHandle<()>> = HashMap::new();
-    for w in &ctx.dir.load().local {
-        cert_tasks.insert(
-            w.id.clone(),
-            tokio::spawn(keep_cert(
-                client.clone(),
-                certs.clone(),
-                metrics.clone(),
-                w.id.clone(),
-            )),
-        );
-    }
-    shared.ready.store(true, Ordering::SeqCst);
-    info!(admin = %opts.admin, "proxy ready");
-
-    // Directory refresh (the policy distributor will push instead of this poll).
-    let refresh = {
-        let (opts, client, shared, certs, metrics) = (
-            opts.clone(),
-            client.clone(),
-            shared.clone(),
-            certs.clone(),
-            metrics.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(opts.refresh_interval).await;
-                let dir = match client.load().directory().await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(error = %e, "directory refresh failed; keeping the current one");
-                        continue;
-                    }
-                };
-                if dir.revision == shared.ctx.dir.load().revision {
-                    continue;
-                }
-                let view = DirectoryView::build(dir, &opts.node);
-                let local: BTreeSet<SpiffeId> = view.local.iter().map(|w| w.id.clone()).collect();
-                for id in &local {
-                    if !cert_tasks.contains_key(id) {
-                        if let Err(e) = fetch_cert(&client.load(), &certs, id).await {
-                            warn!(workload = %id, error = %format!("{e:#}"), "cannot get a certificate for a new workload");
-                        }
-                        cert_tasks.insert(
-                            id.clone(),
-                            tokio::spawn(keep_cert(
-                                client.clone(),
-                                certs.clone(),
-                                metrics.clone(),
-                                id.clone(),
-                            )),
-                        );
-                    }
-                }
-                cert_tasks.retain(|id, task| {
-                    let keep = local.contains(id);
-                    if !keep {
-                        task.abort();
-                        certs.remove(id);
-                    }
-                    keep
-                });
-                let plan = capture_plan(&view, &opts);
-                info!(
-                    revision = view.revision,
-                    local = local.len(),
-                    "directory updated"
-                );
-                shared.ctx.dir.store(Arc::new(view));
-                if **shared.capture.load() != plan {
-                    match capture::apply(&plan) {
-                        Ok(()) => shared.capture.store(Arc::new(plan)),
-                        Err(e) => {
-                            error!(error = %e, "cannot update the nftables rules; the previous rules stay")
-                        }
-                    }
-                }
-            }
-        })
+    let bind_any: SocketAddr = if control.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    background.push(refresh);
+    let endpoint = quinn::Endpoint::client(bind_any).context("opening the QUIC endpoint")?;
+    let target = strait_control::dist::client::Target {
+        addr: control,
+        tls: Box::new(move || Ok(identity.load().control_tls()?)),
+        endpoint,
+        tcp_only: opts.distributor_tcp_only,
+    };
+    background.push(tokio::spawn(strait_control::dist::client::run(
+        target,
+        applier.clone(),
+    )));
+    info!(admin = %opts.admin, control = %control, "proxy running");
 
     shutdown.await;
     info!("shutting down: refusing new connections, draining");
@@ -472,6 +573,14 @@ pub async fn run(
         ),
     }
     for t in background {
+        t.abort();
+    }
+    for (_, t) in node
+        .cert_tasks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+    {
         t.abort();
     }
     admin_task.abort();

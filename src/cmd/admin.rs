@@ -10,12 +10,15 @@ use http::Method;
 use strait_ca::SpiffeId;
 use strait_control::api::{self, paths};
 use strait_control::client::decode;
+use strait_control::dist::hub::DistributionStatus;
 use strait_control::registry::{NodeName, PortSpec, Protocol, Selector, Workload};
 use strait_control::store::ApplyReport;
 
 use super::conn::admin_client;
 use super::table;
-use crate::cli::{ConnArgs, NodeCommand, OutputFormat, TokenCommand, WorkloadCommand};
+use crate::cli::{
+    ConnArgs, NodeCommand, OutputFormat, TokenCommand, WorkflowCommand, WorkloadCommand,
+};
 
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
@@ -203,7 +206,191 @@ pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> 
     );
     println!("\nWORKLOADS ({})", st.workloads.len());
     print!("{}", workload_table(&st.workloads));
+    println!("\nWORKFLOWS ({})", st.workflows.len());
+    for w in &st.workflows {
+        println!("  {}  (applied {})", w.name, fmt_time(w.applied_at));
+    }
+    print!("{}", distribution_table(&st.distribution, st.nodes.len()));
     Ok(())
+}
+
+fn distribution_table(d: &DistributionStatus, nodes: usize) -> String {
+    let mut out = String::new();
+    match d.latest {
+        Some(n) => out.push_str(&format!(
+            "\nMESH VERSION {n} ({})   rollout: {}/{} connected proxies applied it, {} nodes registered{}\n",
+            d.latest_hash.as_deref().map_or("-", |h| &h[..h.len().min(12)]),
+            d.rollout_acked,
+            d.connected,
+            nodes,
+            d.rollout_seconds
+                .map(|s| format!(", completed {:.0} ms after apply", s * 1000.0))
+                .unwrap_or_default()
+        )),
+        None => out.push_str("\nMESH VERSION none yet\n"),
+    }
+    let rows: Vec<Vec<String>> = d
+        .proxies
+        .iter()
+        .map(|p| {
+            vec![
+                p.node.clone(),
+                if p.connected {
+                    format!(
+                        "yes ({})",
+                        p.transport.map_or("-".into(), |t| t.to_string())
+                    )
+                } else {
+                    format!("no (since {})", fmt_time(p.since))
+                },
+                p.applied.map_or("-".into(), |v| v.to_string()),
+                match (&p.last_nack, d.latest) {
+                    (Some(n), _) => format!("NACK v{}: {}", n.number, n.error),
+                    (None, Some(l)) if p.applied == Some(l) => "ACK (latest)".into(),
+                    (None, _) => "behind".into(),
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(
+        &["PROXY", "CONNECTED", "VERSION", "STATE"],
+        &rows,
+    ));
+    out
+}
+
+pub async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<()> {
+    match cmd {
+        WorkflowCommand::Apply {
+            file,
+            custom,
+            wait,
+            conn,
+        } => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let modules = custom
+                .iter()
+                .map(|p| {
+                    Ok(strait_control::store::CustomModule {
+                        file: p
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        source: std::fs::read_to_string(p)
+                            .with_context(|| format!("reading {}", p.display()))?,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let client = admin_client(&conn)?;
+            let started = std::time::Instant::now();
+            let resp: api::WorkflowApplyResponse = client
+                .post(
+                    paths::ADMIN_WORKFLOWS,
+                    &api::WorkflowApplyRequest { yaml, modules },
+                )
+                .await
+                .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let change = serde_json::to_value(resp.change)?;
+            match resp.version {
+                Some(v) => println!(
+                    "workflow {} {}; mesh version {v}",
+                    resp.name,
+                    change.as_str().unwrap_or("")
+                ),
+                None => println!("workflow {} unchanged", resp.name),
+            }
+            if let (Some(limit), Some(v)) = (wait, resp.version) {
+                loop {
+                    let st: api::Status = client.get(paths::ADMIN_STATUS).await?;
+                    let d = &st.distribution;
+                    let behind: Vec<&str> = d
+                        .proxies
+                        .iter()
+                        .filter(|p| p.connected && p.applied.is_none_or(|a| a < v))
+                        .map(|p| p.node.as_str())
+                        .collect();
+                    let nacked: Vec<String> = d
+                        .proxies
+                        .iter()
+                        .filter_map(|p| {
+                            p.last_nack
+                                .as_ref()
+                                .filter(|n| n.number == v)
+                                .map(|n| format!("{}: {}", p.node, n.error))
+                        })
+                        .collect();
+                    if !nacked.is_empty() {
+                        bail!("version {v} refused by: {}", nacked.join("; "));
+                    }
+                    if behind.is_empty() {
+                        println!(
+                            "every connected proxy ({}) applied version {v} in {} ms",
+                            d.connected,
+                            started.elapsed().as_millis()
+                        );
+                        break;
+                    }
+                    if started.elapsed() > limit {
+                        bail!(
+                            "after {}: still waiting for {}",
+                            humantime::format_duration(limit),
+                            behind.join(", ")
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Ok(())
+        }
+        WorkflowCommand::List { output, conn } => {
+            let list: Vec<api::WorkflowSummary> =
+                admin_client(&conn)?.get(paths::ADMIN_WORKFLOWS).await?;
+            if output == OutputFormat::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.name.clone(),
+                        fmt_time(w.applied_at),
+                        w.modules.to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table::render(&["NAME", "APPLIED", "CUSTOM MODULES"], &rows)
+            );
+            Ok(())
+        }
+        WorkflowCommand::Show { name, conn } => {
+            let w: strait_control::store::WorkflowRecord = admin_client(&conn)?
+                .get(&format!("{}{name}", paths::ADMIN_WORKFLOW_PREFIX))
+                .await?;
+            print!("{}", w.yaml);
+            for m in &w.modules {
+                println!("\n# --- custom module {} ---\n{}", m.file, m.source);
+            }
+            Ok(())
+        }
+        WorkflowCommand::Delete { name, conn } => {
+            let r: api::WorkflowDeleteResponse = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_WORKFLOWS_DELETE,
+                    &api::WorkflowDeleteRequest { name: name.clone() },
+                )
+                .await?;
+            match (r.deleted, r.version) {
+                (true, Some(v)) => println!("workflow {name} deleted; mesh version {v}"),
+                (true, None) => println!("workflow {name} deleted"),
+                (false, _) => bail!("no workflow named {name} (see `strait workflow list`)"),
+            }
+            Ok(())
+        }
+    }
 }
 
 fn workload_table(list: &[Workload]) -> String {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context as _};
 use strait_ca::TrustDomain;
 use strait_control::init::{init, CaSource, InitOptions};
-use strait_control::server::{serve, State};
+use strait_control::server::{serve, serve_monitoring, State};
 use tracing::info;
 
 use crate::cli::{ControlArgs, ControlCommand};
@@ -52,6 +52,14 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             })?;
             let state = Arc::new(State::open(&data_dir, args.run.svid_ttl)?);
             let listen = args.run.listen;
+            let monitoring: Option<std::net::SocketAddr> = match args.run.monitoring.as_str() {
+                "off" => None,
+                a => Some(a.parse().map_err(|_| {
+                    anyhow!(
+                        "--monitoring {a:?}: expected ADDRESS:PORT (e.g. 127.0.0.1:15014) or off"
+                    )
+                })?),
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -62,6 +70,12 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                             .with_context(|| {
                                 format!("cannot listen on {listen} (in use? pass --listen ADDR)")
                             })?;
+                    if let Some(addr) = monitoring {
+                        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                            format!("cannot listen on {addr} for monitoring (in use? pass --monitoring ADDR or off)")
+                        })?;
+                        tokio::spawn(serve_monitoring(state.clone(), l));
+                    }
                     serve(state, listener, shutdown_signal()).await
                 })
         }

@@ -21,6 +21,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(c) => block_on(admin::node(c)),
         Command::Workload(c) => block_on(admin::workload(c)),
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),
+        Command::Workflow(c) => block_on(admin::workflow(c)),
         Command::Status { output, conn } => block_on(admin::status(output, conn)),
     }
 }

@@ -38,8 +38,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         dns_resolvers: args.dns_resolvers,
         egress,
         drain_timeout: args.drain_timeout,
-        refresh_interval: args.refresh_interval,
         policy_bundle: args.policy_bundle,
+        distributor_tcp_only: args.distributor_tcp_only,
         decision_log_allow_sample: args.decision_log_allow_sample,
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -7,6 +7,8 @@
 //! bridges and nftables tables.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

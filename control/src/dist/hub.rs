@@ -1,0 +1,600 @@
+//! The control plane's side of the distributor.
+//!
+//! After every change to the registry or the workflows, [`Hub::rebuild`] makes the mesh's content (the
+//! directory and one policy bundle from all workflows); if its hash differs from the newest version's, it
+//! signs version N+1, stores it (so a restart keeps numbering and proxies never see a lower number) and
+//! publishes it on a watch channel. Each proxy session waits on that channel and sends the newest version
+//! it has not sent yet; a slow proxy skips intermediate versions instead of queueing them (versions are
+//! full snapshots, not deltas). The encoded frame is shared by all sessions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::version::{SignedVersion, SigningKey, VersionPayload};
+use super::wire::{self, ClientMsg, ServerMsg};
+use super::Transport;
+use crate::registry::NodeName;
+use crate::store::Store;
+
+/// A proxy has this long to say hello after its handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Application-level ping, so a proxy on the TCP fallback notices a dead control plane (QUIC has its own
+/// keep-alives too).
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// The newest version, ready to send.
+#[derive(Debug)]
+pub struct Published {
+    pub number: u64,
+    pub hash: String,
+    pub created_at_ms: u64,
+    /// `ServerMsg::Version` encoded once.
+    frame: Bytes,
+}
+
+impl Published {
+    fn new(signed: &SignedVersion, p: &VersionPayload) -> anyhow::Result<Self> {
+        Ok(Self {
+            number: p.number,
+            hash: p.content_hash.clone(),
+            created_at_ms: p.created_at_ms,
+            frame: wire::encode(&ServerMsg::Version {
+                version: signed.clone(),
+            })?,
+        })
+    }
+}
+
+/// What the control plane knows of one proxy's distribution session (in memory: it describes live
+/// connections).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProxyDistStatus {
+    pub node: String,
+    pub connected: bool,
+    pub transport: Option<Transport>,
+    pub remote: Option<String>,
+    /// Unix seconds of the last connect or disconnect.
+    pub since: u64,
+    /// The version the proxy said it had when it connected, then the last one it acknowledged.
+    pub applied: Option<u64>,
+    pub last_ack_at: Option<u64>,
+    pub last_nack: Option<NackInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NackInfo {
+    pub number: u64,
+    pub error: String,
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DistributionStatus {
+    pub latest: Option<u64>,
+    pub latest_hash: Option<String>,
+    pub latest_created_at_ms: Option<u64>,
+    /// Proxies (connected or not) that acknowledged the newest version.
+    pub rollout_acked: usize,
+    /// Proxies currently connected.
+    pub connected: usize,
+    /// Seconds from the newest version's creation to the ACK that completed its rollout to every connected
+    /// proxy, when it completed.
+    pub rollout_seconds: Option<f64>,
+    pub proxies: Vec<ProxyDistStatus>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: String,
+}
+
+struct HubMetrics {
+    registry: Registry,
+    versions: Counter,
+    latest: Gauge,
+    pushes: Counter,
+    acks: Counter,
+    nacks: Counter,
+    connected: Family<TransportLabel, Gauge>,
+    ack_latency: Histogram,
+    rollout_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl HubMetrics {
+    fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("strait_distributor"),
+            versions: Counter::default(),
+            latest: Gauge::default(),
+            pushes: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            connected: Family::default(),
+            ack_latency: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            rollout_seconds: Default::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "versions",
+            "Mesh versions made (directory or policy changes)",
+            m.versions.clone(),
+        );
+        r.register(
+            "latest_version",
+            "Number of the newest mesh version",
+            m.latest.clone(),
+        );
+        r.register("pushes", "Versions sent to proxies", m.pushes.clone());
+        r.register(
+            "acks",
+            "Versions proxies acknowledged (applied)",
+            m.acks.clone(),
+        );
+        r.register(
+            "nacks",
+            "Versions proxies refused (they keep the last good one)",
+            m.nacks.clone(),
+        );
+        r.register(
+            "connected_proxies",
+            "Proxies with a live distribution session",
+            m.connected.clone(),
+        );
+        r.register(
+            "ack_latency_seconds",
+            "Time from a version's creation (apply) to each proxy's ACK",
+            m.ack_latency.clone(),
+        );
+        r.register(
+            "rollout_seconds",
+            "Time from the newest version's creation to the last ACK of the connected proxies",
+            m.rollout_seconds.clone(),
+        );
+        m
+    }
+}
+
+struct Entry {
+    status: ProxyDistStatus,
+    /// The live session, so that an old session ending does not mark a newer one disconnected.
+    session: u64,
+}
+
+pub struct Hub {
+    key: SigningKey,
+    trust_domain: String,
+    latest: watch::Sender<Option<Arc<Published>>>,
+    /// Serialises rebuilds so that two changes never make two versions with the same number.
+    build: Mutex<()>,
+    proxies: Mutex<HashMap<NodeName, Entry>>,
+    rollout_done: Mutex<Option<(u64, f64)>>,
+    next_session: AtomicU64,
+    metrics: HubMetrics,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Opens the hub with the newest stored version (if any); call [`rebuild`](Self::rebuild) next to pick
+    /// up changes made while the control plane was down.
+    pub fn open(store: &Store, key: SigningKey, trust_domain: &str) -> anyhow::Result<Self> {
+        let metrics = HubMetrics::new();
+        let latest = match store.mesh_version()? {
+            Some(signed) => match serde_json::from_slice::<VersionPayload>(&signed.payload) {
+                Ok(p) => {
+                    metrics.latest.set(p.number as i64);
+                    Some(Arc::new(Published::new(&signed, &p)?))
+                }
+                Err(e) => {
+                    error!(error = %e, "the stored mesh version is unreadable; a new one will be made");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Self {
+            key,
+            trust_domain: trust_domain.to_owned(),
+            latest: watch::Sender::new(latest),
+            build: Mutex::new(()),
+            proxies: Mutex::new(HashMap::new()),
+            rollout_done: Mutex::new(None),
+            next_session: AtomicU64::new(1),
+            metrics,
+        })
+    }
+
+    pub fn public_key(&self) -> super::version::PublicKey {
+        self.key.public()
+    }
+
+    pub fn latest(&self) -> Option<Arc<Published>> {
+        self.latest.borrow().clone()
+    }
+
+    /// Makes a new version if the mesh's content changed; returns its number. Blocking (store reads and a
+    /// store write): call it from the blocking pool.
+    pub fn rebuild(&self, store: &Store) -> anyhow::Result<Option<u64>> {
+        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let directory = store.directory()?;
+        let bundle = crate::workflows::mesh_bundle(&store.workflows()?)?;
+        let hash = VersionPayload::compute_hash(&directory, &bundle);
+        let current = self.latest();
+        if current.as_ref().is_some_and(|c| c.hash == hash) {
+            return Ok(None);
+        }
+        let payload = VersionPayload {
+            trust_domain: self.trust_domain.clone(),
+            number: current.as_ref().map_or(0, |c| c.number) + 1,
+            created_at_ms: now_ms(),
+            content_hash: hash,
+            directory,
+            bundle,
+        };
+        let signed = self.key.sign(&payload);
+        store.put_mesh_version(&signed)?;
+        let published = Arc::new(Published::new(&signed, &payload)?);
+        info!(
+            version = payload.number,
+            hash = %payload.content_hash,
+            bytes = published.frame.len(),
+            workloads = payload.directory.workloads.len(),
+            nodes = payload.directory.nodes.len(),
+            "new mesh version"
+        );
+        self.metrics.versions.inc();
+        self.metrics.latest.set(payload.number as i64);
+        self.latest.send_replace(Some(published));
+        Ok(Some(payload.number))
+    }
+
+    /// Rebuilds after a change and logs (rather than returns) a failure: the change itself is stored, and
+    /// the next successful rebuild includes it.
+    pub fn changed(&self, store: &Store) {
+        if let Err(e) = self.rebuild(store) {
+            error!(error = %format!("{e:#}"), "cannot make a new mesh version; proxies keep the previous one");
+        }
+    }
+
+    fn with_proxies<T>(&self, f: impl FnOnce(&mut HashMap<NodeName, Entry>) -> T) -> T {
+        let mut g = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    fn connected(
+        &self,
+        node: &NodeName,
+        transport: Transport,
+        remote: SocketAddr,
+        have: Option<u64>,
+    ) -> u64 {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let replaced = self.with_proxies(|m| {
+            let e = m.entry(node.clone()).or_insert_with(|| Entry {
+                status: ProxyDistStatus {
+                    node: node.to_string(),
+                    ..Default::default()
+                },
+                session,
+            });
+            let was = e.status.connected.then_some(e.status.transport).flatten();
+            e.session = session;
+            e.status.connected = true;
+            e.status.transport = Some(transport);
+            e.status.remote = Some(remote.to_string());
+            e.status.since = now_ms() / 1000;
+            e.status.applied = have;
+            was
+        });
+        if let Some(t) = replaced {
+            self.metrics
+                .connected
+                .get_or_create(&TransportLabel {
+                    transport: t.to_string(),
+                })
+                .dec();
+        }
+        self.metrics
+            .connected
+            .get_or_create(&TransportLabel {
+                transport: transport.to_string(),
+            })
+            .inc();
+        session
+    }
+
+    fn disconnected(&self, node: &NodeName, session: u64) {
+        let t = self.with_proxies(|m| match m.get_mut(node) {
+            Some(e) if e.session == session && e.status.connected => {
+                e.status.connected = false;
+                e.status.since = now_ms() / 1000;
+                e.status.transport
+            }
+            _ => None,
+        });
+        if let Some(t) = t {
+            self.metrics
+                .connected
+                .get_or_create(&TransportLabel {
+                    transport: t.to_string(),
+                })
+                .dec();
+        }
+    }
+
+    fn ack(&self, node: &NodeName, number: u64, hash: &str) {
+        self.metrics.acks.inc();
+        let latest = self.latest();
+        if let Some(l) = latest.as_ref().filter(|l| l.number == number) {
+            if l.hash != hash {
+                warn!(%node, version = number, "ACK with another content hash than the version sent");
+            }
+            self.metrics
+                .ack_latency
+                .observe(now_ms().saturating_sub(l.created_at_ms) as f64 / 1000.0);
+        }
+        let all_done = self.with_proxies(|m| {
+            if let Some(e) = m.get_mut(node) {
+                e.status.applied = Some(number);
+                e.status.last_ack_at = Some(now_ms() / 1000);
+                if e.status
+                    .last_nack
+                    .as_ref()
+                    .is_some_and(|n| n.number <= number)
+                {
+                    e.status.last_nack = None;
+                }
+            }
+            latest.as_ref().is_some_and(|l| {
+                m.values()
+                    .filter(|e| e.status.connected)
+                    .all(|e| e.status.applied == Some(l.number))
+            })
+        });
+        debug!(%node, version = number, "ACK");
+        if let (true, Some(l)) = (all_done, latest) {
+            let mut done = self.rollout_done.lock().unwrap_or_else(|p| p.into_inner());
+            if done.is_none_or(|(n, _)| n != l.number) {
+                let secs = now_ms().saturating_sub(l.created_at_ms) as f64 / 1000.0;
+                *done = Some((l.number, secs));
+                self.metrics.rollout_seconds.set(secs);
+                info!(
+                    version = l.number,
+                    seconds = secs,
+                    "every connected proxy applied the newest version"
+                );
+            }
+        }
+    }
+
+    fn nack(&self, node: &NodeName, number: u64, error: String) {
+        self.metrics.nacks.inc();
+        warn!(%node, version = number, %error, "proxy refused a mesh version (NACK); it keeps its last good one");
+        self.with_proxies(|m| {
+            if let Some(e) = m.get_mut(node) {
+                e.status.last_nack = Some(NackInfo {
+                    number,
+                    error,
+                    at: now_ms() / 1000,
+                });
+            }
+        });
+    }
+
+    pub fn status(&self) -> DistributionStatus {
+        let latest = self.latest();
+        let mut proxies: Vec<ProxyDistStatus> =
+            self.with_proxies(|m| m.values().map(|e| e.status.clone()).collect());
+        proxies.sort_by(|a, b| a.node.cmp(&b.node));
+        let done = *self.rollout_done.lock().unwrap_or_else(|p| p.into_inner());
+        DistributionStatus {
+            latest: latest.as_ref().map(|l| l.number),
+            latest_hash: latest.as_ref().map(|l| l.hash.clone()),
+            latest_created_at_ms: latest.as_ref().map(|l| l.created_at_ms),
+            rollout_acked: proxies
+                .iter()
+                .filter(|p| latest.as_ref().is_some_and(|l| p.applied == Some(l.number)))
+                .count(),
+            connected: proxies.iter().filter(|p| p.connected).count(),
+            rollout_seconds: done
+                .filter(|(n, _)| latest.as_ref().is_some_and(|l| l.number == *n))
+                .map(|(_, s)| s),
+            proxies,
+        }
+    }
+
+    /// Prometheus text exposition of the distributor's metrics.
+    pub fn encode_metrics(&self, out: &mut String) {
+        let _ = prometheus_client::encoding::text::encode_registry(out, &self.metrics.registry);
+    }
+
+    /// One proxy's session, on either transport: hello, what is missing, then every new version; ACKs and
+    /// NACKs are recorded as they come.
+    pub async fn session<R, W>(
+        self: Arc<Self>,
+        node: NodeName,
+        transport: Transport,
+        remote: SocketAddr,
+        mut r: R,
+        mut w: W,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin,
+    {
+        let have = match tokio::time::timeout(HELLO_TIMEOUT, wire::read::<_, ClientMsg>(&mut r))
+            .await
+        {
+            Ok(Ok(ClientMsg::Hello { have, .. })) => have,
+            Ok(Ok(other)) => {
+                warn!(%node, %remote, msg = ?other, "distribution session must start with hello; closing");
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(%node, %remote, error = %e, "distribution session ended before hello");
+                return;
+            }
+            Err(_) => {
+                warn!(%node, %remote, "no hello within 10 s; closing");
+                return;
+            }
+        };
+        let session = self.connected(&node, transport, remote, have);
+        info!(%node, %remote, %transport, have = ?have, "proxy subscribed");
+
+        // Reading frames is not cancel-safe, so one task reads and hands whole messages over.
+        let (tx, mut incoming) = mpsc::channel::<Result<ClientMsg, wire::WireError>>(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = wire::read::<_, ClientMsg>(&mut r).await;
+                let end = m.is_err();
+                if tx.send(m).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+
+        let mut latest = self.latest.subscribe();
+        let mut sent = have;
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let result: Result<(), String> = async {
+            let first = latest.borrow_and_update().clone();
+            match first {
+                Some(p) if have != Some(p.number) => {
+                    wire::write_frame(&mut w, &p.frame)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.metrics.pushes.inc();
+                    sent = Some(p.number);
+                }
+                Some(p) => wire::write(&mut w, &ServerMsg::UpToDate { number: p.number })
+                    .await
+                    .map_err(|e| e.to_string())?,
+                None => {}
+            }
+            loop {
+                tokio::select! {
+                    changed = latest.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        let p = latest.borrow_and_update().clone();
+                        if let Some(p) = p.filter(|p| sent.is_none_or(|s| p.number > s)) {
+                            wire::write_frame(&mut w, &p.frame).await.map_err(|e| e.to_string())?;
+                            self.metrics.pushes.inc();
+                            sent = Some(p.number);
+                        }
+                    }
+                    msg = incoming.recv() => match msg {
+                        Some(Ok(ClientMsg::Ack { number, hash })) => self.ack(&node, number, &hash),
+                        Some(Ok(ClientMsg::Nack { number, error })) => {
+                            // Bound what a node can make us store and log.
+                            let error: String = error.chars().take(2048).collect();
+                            self.nack(&node, number, error)
+                        }
+                        Some(Ok(ClientMsg::Hello { .. })) => return Err("second hello".into()),
+                        Some(Err(wire::WireError::Closed)) | None => return Ok(()),
+                        Some(Err(e)) => return Err(e.to_string()),
+                    },
+                    _ = ping.tick() => {
+                        wire::write(&mut w, &ServerMsg::Ping).await.map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        }
+        .await;
+        reader.abort();
+        self.disconnected(&node, session);
+        match result {
+            Ok(()) => info!(%node, %remote, "proxy unsubscribed"),
+            Err(e) => warn!(%node, %remote, error = %e, "distribution session failed"),
+        }
+    }
+}
+
+/// QUIC transport settings shared by both ends: keep-alives well inside the idle timeout.
+pub fn quic_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(20)).ok());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.max_concurrent_bidi_streams(1u8.into());
+    Arc::new(t)
+}
+
+/// Accepts QUIC connections from proxies (node SVIDs, checked by the TLS layer) until the endpoint closes.
+pub async fn serve_quic(hub: Arc<Hub>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    warn!(%remote, error = %e, "QUIC handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "QUIC handshake timed out");
+                    return;
+                }
+            };
+            let Some(node) = quic_peer_node(&conn) else {
+                warn!(%remote, "QUIC peer without a node identity; closing");
+                conn.close(1u8.into(), b"node identity required");
+                return;
+            };
+            let (send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    debug!(%node, %remote, "no stream opened; closing");
+                    return;
+                }
+            };
+            hub.session(node, Transport::Quic, remote, recv, send).await;
+            conn.close(0u8.into(), b"bye");
+        });
+    }
+}
+
+fn quic_peer_node(conn: &quinn::Connection) -> Option<NodeName> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let id = strait_ca::cert::svid_id(certs.first()?).ok()?;
+    match id.kind() {
+        strait_ca::IdKind::Node { name } => NodeName::new(name).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,188 @@
+//! The proxy's subscription to the policy distributor: verify each pushed mesh version, compile its
+//! policy, persist it, swap it in, and answer ACK; or refuse it (NACK) and keep enforcing the last good one.
+//!
+//! The applied version is persisted (`mesh-version.json`, the signed envelope exactly as received, 0600) and
+//! re-verified on start, so a proxy restarted while the control plane is down enforces what it enforced
+//! before, and a file altered on disk is refused like a tampered push.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use strait_control::dist::client::{Applier, Link};
+use strait_control::dist::version::{Checked, Refusal, SignedVersion, Verifier, VersionPayload};
+use tracing::{error, info};
+
+use crate::authz::LoadedPolicy;
+
+/// The persisted version in the proxy's data directory.
+pub const PERSISTED: &str = "mesh-version.json";
+
+/// A verified version whose policy compiled: ready to be swapped in.
+pub struct Prepared {
+    pub payload: VersionPayload,
+    pub policy: LoadedPolicy,
+}
+
+/// Verifies and compiles `v` (blocking: compiling a large bundle takes milliseconds).
+pub fn prepare(
+    verifier: &Verifier,
+    v: &SignedVersion,
+    have: Option<(u64, &str)>,
+) -> Result<Option<Prepared>, Refusal> {
+    let payload = match verifier.check(v, have)? {
+        Checked::AlreadyApplied { .. } => return Ok(None),
+        Checked::New(p) => *p,
+    };
+    let policy =
+        LoadedPolicy::from_bundle(payload.bundle.clone()).map_err(|e| Refusal::BadPolicy {
+            number: payload.number,
+            reason: format!("{e:#}"),
+        })?;
+    Ok(Some(Prepared { payload, policy }))
+}
+
+/// Reads and verifies the persisted version. A missing file is `Ok(None)`; a file that fails verification is
+/// an error (the caller logs it and starts with nothing).
+pub fn load_persisted(dir: &Path, verifier: &Verifier) -> anyhow::Result<Option<Prepared>> {
+    let path = dir.join(PERSISTED);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = strait_ca::files::read_secret(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let v: SignedVersion =
+        serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    prepare(verifier, &v, None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+pub fn persist(dir: &Path, v: &SignedVersion) -> anyhow::Result<()> {
+    let bytes = serde_json::to_vec(v)?;
+    strait_ca::files::write_atomic(&dir.join(PERSISTED), &bytes, strait_ca::files::SECRET_MODE)?;
+    Ok(())
+}
+
+/// Where the proxy's distribution link stands, for `/ready` and `/config_dump`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MeshStatus {
+    pub version: Option<u64>,
+    pub content_hash: Option<String>,
+    /// "persisted" until the control plane confirmed or replaced it, then "control plane".
+    pub source: &'static str,
+    pub link: String,
+    pub transport: Option<String>,
+    pub fallback: bool,
+    pub last_refusal: Option<String>,
+}
+
+/// The proxy's [`Applier`].
+pub struct ProxyApplier {
+    pub node: Arc<crate::run::Node>,
+    pub verifier: Verifier,
+    pub data_dir: PathBuf,
+    pub current: Mutex<Option<(u64, String)>>,
+    pub status: Mutex<MeshStatus>,
+}
+
+impl ProxyApplier {
+    fn set<T>(&self, f: impl FnOnce(&mut MeshStatus) -> T) -> T {
+        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    pub fn status(&self) -> MeshStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The version number a refused envelope claims, for the NACK (not trusted for anything else).
+fn claimed_number(v: &SignedVersion) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(&v.payload)
+        .ok()
+        .and_then(|p| p.get("number").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)
+}
+
+impl Applier for ProxyApplier {
+    fn current(&self) -> Option<(u64, String)> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn apply(&self, v: SignedVersion) -> Result<(u64, String), (u64, String)> {
+        let have = self.current();
+        let verifier = self.verifier.clone();
+        let v = Arc::new(v);
+        let env = v.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(
+                &verifier,
+                &env,
+                have.as_ref().map(|(n, h)| (*n, h.as_str())),
+            )
+        })
+        .await
+        .map_err(|e| (claimed_number(&v), format!("apply task failed: {e}")))?;
+        let prepared = match prepared {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                // The version we already enforce (sent again after a reconnect).
+                let (n, h) = self.current().unwrap_or_default();
+                self.set(|s| s.source = "control plane");
+                return Ok((n, h));
+            }
+            Err(refusal) => {
+                let number = claimed_number(&v);
+                error!(version = number, reason = %refusal, "mesh version refused; keeping the last good one");
+                self.node.metrics.mesh_refused.inc();
+                self.set(|s| s.last_refusal = Some(refusal.to_string()));
+                return Err((number, refusal.to_string()));
+            }
+        };
+        let (number, hash) = (
+            prepared.payload.number,
+            prepared.payload.content_hash.clone(),
+        );
+        // Persist first: an ACK promises that a restart enforces this version.
+        if let Err(e) = persist(&self.data_dir, &v) {
+            let reason = format!("cannot persist version {number}: {e:#}");
+            error!(%reason, "mesh version refused");
+            return Err((number, reason));
+        }
+        self.node.install(prepared);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, hash.clone()));
+        self.set(|s| {
+            s.version = Some(number);
+            s.content_hash = Some(hash.clone());
+            s.source = "control plane";
+            s.last_refusal = None;
+        });
+        self.node.metrics.mesh_applied.inc();
+        self.node.metrics.mesh_version.set(number as i64);
+        self.node.shared_ready();
+        info!(version = number, hash = %hash, "mesh version applied");
+        Ok((number, hash))
+    }
+
+    fn link(&self, link: Link) {
+        self.set(|s| match &link {
+            Link::Connecting => s.link = "connecting".into(),
+            Link::Connected {
+                transport,
+                fallback,
+            } => {
+                s.link = "connected".into();
+                s.transport = Some(transport.to_string());
+                s.fallback = *fallback;
+            }
+            Link::Down { error } => {
+                s.link = format!("down: {error}");
+                s.transport = None;
+            }
+        });
+    }
+}

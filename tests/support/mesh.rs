@@ -1,0 +1,438 @@
+//! The VM-mode mesh used by the end-to-end tests (`mesh_vm`, `distributor`):
+//!
+//! | host | address | runs |
+//! |---|---|---|
+//! | cp | 10.77.0.1 | `strait control` |
+//! | a | 10.77.0.2 | proxy; workload `owner` = uid 1001 (client); uid 1003 is not registered |
+//! | b | 10.77.0.3 | proxy; workload `vfx` = uid 1002: docstore on :5000, `wc -c` on :5001 (tcp), docstore on :5002 (PERMISSIVE) |
+//! | out | 10.77.0.4 | not in the mesh: docstores on :8080 and :8081 |
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Netns, Proc};
+
+pub const TD: &str = "example.org";
+pub const OWNER_UID: u32 = 1001;
+pub const VFX_UID: u32 = 1002;
+pub const STRANGER_UID: u32 = 1003;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strait")
+}
+
+pub struct Mesh {
+    pub net: Netns,
+    pub _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub proxies: std::sync::Mutex<Vec<(String, Proc)>>,
+    pub control: std::sync::Mutex<Option<Proc>>,
+}
+
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+impl Mesh {
+    /// Control plane up, workloads registered, services running; proxies not started yet.
+    pub fn new(svid_ttl: &str) -> Self {
+        let net = Netns::new(&["cp", "a", "b", "out"]);
+        let tmp = tempfile::tempdir().unwrap();
+        // Workload processes run as other users and must be able to read nothing here but run the binary.
+        let dir = tmp.path().to_owned();
+        let m = Self {
+            net,
+            _tmp: tmp,
+            dir,
+            proxies: Default::default(),
+            control: Default::default(),
+        };
+        let cp = m.net.v4("cp");
+        let out = std::process::Command::new(bin())
+            .args([
+                "control",
+                "init",
+                "--data-dir",
+                m.p("cp"),
+                "--trust-domain",
+                TD,
+                "--server",
+                &format!("{cp}:15012"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        m.start_control(svid_ttl);
+        m.admin(&[
+            "workload",
+            "add",
+            "--id",
+            &id("owner"),
+            "--node",
+            "host-a",
+            "--uid",
+            "1001",
+            "--port",
+            "5000/http",
+        ]);
+        // vfx: HTTP on 5000, a raw TCP service on 5001, and a PERMISSIVE HTTP port 5002.
+        let apply = m.dir.join("vfx.yaml");
+        std::fs::write(
+            &apply,
+            format!(
+                "apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n- id: {}\n  node: host-b\n  uid: 1002\n  ports: [{{port: 5000, protocol: http}}, {{port: 5001, protocol: tcp}}, {{port: 5002, protocol: http, permissive: true}}]\n",
+                id("vfx")
+            ),
+        )
+        .unwrap();
+        m.admin(&["apply", "-f", apply.to_str().unwrap()]);
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[bin(), "docstore", "--listen", "[::]:5000", "--name", "vfx"],
+            &m.dir.join("vfx.log"),
+        );
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[bin(), "docstore", "--listen", "[::]:5002", "--name", "vfx"],
+            &m.dir.join("vfx2.log"),
+        );
+        // Reads until the client's half-close, then answers with the byte count: it only ever answers
+        // if the FIN crossed both proxies.
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[
+                "socat",
+                "TCP6-LISTEN:5001,ipv6only=0,reuseaddr,fork",
+                "EXEC:wc -c",
+            ],
+            &m.dir.join("wc.log"),
+        );
+        m.net.spawn(
+            "out",
+            None,
+            &[
+                bin(),
+                "docstore",
+                "--listen",
+                "[::]:8080",
+                "--name",
+                "outside",
+            ],
+            &m.dir.join("out.log"),
+        );
+        m.net.spawn(
+            "out",
+            None,
+            &[
+                bin(),
+                "docstore",
+                "--listen",
+                "[::]:8081",
+                "--name",
+                "allowed",
+            ],
+            &m.dir.join("out2.log"),
+        );
+        m
+    }
+
+    /// Starts the control plane in "cp" and waits until it answers.
+    pub fn start_control(&self, svid_ttl: &str) {
+        let cp = self.net.v4("cp");
+        let control = self.net.spawn(
+            "cp",
+            None,
+            &[
+                bin(),
+                "control",
+                "--data-dir",
+                self.p("cp"),
+                "--listen",
+                &format!("{cp}:15012"),
+                "--svid-ttl",
+                svid_ttl,
+            ],
+            &self.dir.join("control.log"),
+        );
+        *self.control.lock().unwrap() = Some(control);
+        self.net
+            .eventually(Duration::from_secs(10), "control plane", || {
+                self.net
+                    .run(
+                        "cp",
+                        None,
+                        &["curl", "-sk", &format!("https://{cp}:15012/v1/ready")],
+                    )
+                    .status
+                    .success()
+            });
+    }
+
+    /// Kills the control plane (SIGKILL: no goodbye to the proxies) and waits until it is gone.
+    pub fn kill_control(&self) {
+        if let Some(c) = self.control.lock().unwrap().take() {
+            self.net.signal(c, libc::SIGKILL);
+            self.net.wait(c, Duration::from_secs(10));
+        }
+    }
+
+    pub fn p(&self, name: &str) -> &str {
+        // Leaked for the test's lifetime: paths are used in argument lists.
+        Box::leak(
+            self.dir
+                .join(name)
+                .into_os_string()
+                .into_string()
+                .unwrap()
+                .into_boxed_str(),
+        )
+    }
+
+    /// An admin CLI call, made from the control plane's host (the control plane listens inside "cp").
+    pub fn admin(&self, args: &[&str]) -> String {
+        let out = self.net.run(
+            "cp",
+            None,
+            &[
+                "env",
+                &format!("STRAIT_CONFIG={}", self.dir.join("cp/admin.yaml").display()),
+                bin(),
+            ]
+            .iter()
+            .copied()
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>(),
+        );
+        assert!(
+            out.status.success(),
+            "strait {}: {}",
+            args.join(" "),
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn start_proxy(&self, host: &str, extra: &[&str]) -> Proc {
+        let token = self.admin(&["node", "token", "create", "--node", &format!("host-{host}")]);
+        self.start_proxy_with(host, Some(token.trim()), extra)
+    }
+
+    /// A bundle that allows everything: these tests are about the data path, not policy (without any
+    /// bundle the proxy denies everything).
+    pub fn allow_all(&self) -> &str {
+        let dir = self.dir.join("allow-all");
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("policy.rego"),
+                "package envoy.authz\nimport rego.v1\nallow := true\n",
+            )
+            .unwrap();
+        }
+        self.p("allow-all")
+    }
+
+    pub fn start_proxy_with(&self, host: &str, token: Option<&str>, extra: &[&str]) -> Proc {
+        let cp = self.net.v4("cp");
+        let (v4, v6) = (self.net.v4(host).to_string(), self.net.v6(host).to_string());
+        let node = format!("host-{host}");
+        let data = self.p(&format!("proxy-{host}"));
+        let control = format!("https://{cp}:15012");
+        let mut args = vec![
+            bin(),
+            "proxy",
+            "--control",
+            &control,
+            "--node",
+            &node,
+            "--data-dir",
+            data,
+            "--address",
+            &v4,
+            "--address",
+            &v6,
+            "--drain-timeout",
+            "3s",
+        ];
+        if let Some(t) = token {
+            args.extend(["--token", t]);
+        }
+        if !extra.contains(&"--policy-bundle") && !extra.contains(&"--decision-log-allow-sample") {
+            args.extend(["--policy-bundle", self.allow_all()]);
+        }
+        args.extend(extra);
+        let p = self.net.spawn(
+            host,
+            None,
+            &args,
+            &self.dir.join(format!("proxy-{host}.log")),
+        );
+        self.net
+            .eventually(Duration::from_secs(20), "proxy ready", || {
+                let out = self
+                    .net
+                    .run(host, None, &["curl", "-s", "http://127.0.0.1:15000/ready"]);
+                String::from_utf8_lossy(&out.stdout).starts_with("ready")
+            });
+        self.proxies.lock().unwrap().push((host.to_owned(), p));
+        p
+    }
+
+    /// Waits until every running proxy knows every node that has joined (same directory revision).
+    pub fn converge(&self) {
+        let hosts: Vec<String> = self
+            .proxies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, _)| h.clone())
+            .collect();
+        self.net.eventually(
+            Duration::from_secs(15),
+            "proxies to share the directory",
+            || {
+                let revs: Vec<u64> = hosts
+                    .iter()
+                    .map(|h| {
+                        let out = self.net.run(
+                            h,
+                            None,
+                            &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+                        );
+                        let dump: serde_json::Value =
+                            serde_json::from_slice(&out.stdout).unwrap_or_default();
+                        let nodes = dump["directory"]["nodes"]
+                            .as_array()
+                            .map(|n| n.len())
+                            .unwrap_or(0);
+                        if nodes == hosts.len() {
+                            dump["directory_revision"].as_u64().unwrap_or(0)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                revs.iter().all(|r| *r > 0 && *r == revs[0])
+            },
+        );
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// curl in `host` as `uid`; returns the HTTP code (000 when the connection failed).
+    pub fn curl(&self, host: &str, uid: Option<u32>, url: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ];
+        args.extend(extra);
+        args.push(url);
+        let out = self.net.run(host, uid, &args);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn metrics(&self, host: &str) -> String {
+        let out = self.net.run(
+            host,
+            None,
+            &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn vfx_url(&self, v6: bool) -> String {
+        if v6 {
+            format!("http://[{}]:5000/api/vfx", self.net.v6("b"))
+        } else {
+            format!("http://{}:5000/api/vfx", self.net.v4("b"))
+        }
+    }
+}
+
+impl Drop for Mesh {
+    /// On failure, show what the processes said: the only way to debug a CI run.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["control.log", "proxy-a.log", "proxy-b.log", "vfx.log"] {
+                eprintln!("----- {f}\n{}", self.log(f));
+            }
+        }
+    }
+}
+
+/// What tcpdump read from a capture, for failure messages.
+pub fn pcap_summary(file: &Path) -> String {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nr", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(format!("{}.log", file.display())).unwrap_or_default();
+    format!(
+        "{}{}\ntcpdump log: {log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn id(name: &str) -> String {
+    format!("spiffe://{TD}/ns/movie/sa/{name}")
+}
+
+pub fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Starts tcpdump on a host's switch port, writing to `file`; the returned Proc is stopped with SIGINT.
+pub fn capture(m: &Mesh, host: &str, file: &Path) -> Proc {
+    let port = m.net.switch_port(host);
+    // Debian's tcpdump drops to its own user after opening the device; -Z root keeps it able to write
+    // into the test's private directory.
+    let log = format!("{}.log", file.file_name().unwrap().to_string_lossy());
+    assert_eq!(
+        file.parent(),
+        Some(m.dir.as_path()),
+        "captures live in the test directory"
+    );
+    let p = m.net.spawn(
+        "sw",
+        None,
+        &[
+            "tcpdump",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            &port,
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            file.to_str().unwrap(),
+        ],
+        &m.dir.join(&log),
+    );
+    m.net
+        .eventually(Duration::from_secs(10), "tcpdump listening", || {
+            m.log(&log).contains("listening on")
+        });
+    p
+}
