@@ -23,6 +23,15 @@ pub struct Prepared {
     pub policy: LoadedPolicy,
 }
 
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("number", &self.payload.number)
+            .field("content_hash", &self.payload.content_hash)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Verifies and compiles `v` (blocking: compiling a large bundle takes milliseconds).
 pub fn prepare(
     verifier: &Verifier,
@@ -184,5 +193,82 @@ impl Applier for ProxyApplier {
                 s.transport = None;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strait_control::api::Directory;
+    use strait_control::dist::version::SigningKey;
+    use strait_policy::bundle::Bundle;
+
+    fn version(key: &SigningKey, number: u64, rego_error: bool) -> SignedVersion {
+        let wf = strait_policy::workflow::Workflow::from_yaml(
+            "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {name: t}\ntrustDomain: td\nactors:\n  - {name: a, services: [{name: a}]}\n",
+        )
+        .unwrap();
+        let custom = if rego_error {
+            vec![(
+                "bad.rego".to_owned(),
+                "package strait.custom.bad\nimport rego.v1\nallow if {\n input.x ==\n}\n"
+                    .to_owned(),
+            )]
+        } else {
+            vec![]
+        };
+        let bundle = Bundle::from_workflows(&[(&wf, &custom)], false).unwrap();
+        let directory = Directory::default();
+        key.sign(&VersionPayload {
+            trust_domain: "td".into(),
+            number,
+            created_at_ms: 0,
+            content_hash: VersionPayload::compute_hash(&directory, &bundle),
+            directory,
+            bundle,
+        })
+    }
+
+    #[test]
+    fn persisted_versions_are_reverified_and_refused_when_altered() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::ephemeral();
+        let verifier = Verifier::new(key.public(), "td");
+        assert!(load_persisted(dir.path(), &verifier).unwrap().is_none());
+
+        persist(dir.path(), &version(&key, 3, false)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(PERSISTED))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let p = load_persisted(dir.path(), &verifier).unwrap().unwrap();
+        assert_eq!(p.payload.number, 3);
+
+        // One byte of the payload changed on disk: the signature no longer holds.
+        let mut v = version(&key, 3, false);
+        let i = v.payload.len() / 2;
+        v.payload[i] ^= 1;
+        persist(dir.path(), &v).unwrap();
+        let err = format!("{:#}", load_persisted(dir.path(), &verifier).unwrap_err());
+        assert!(err.contains("signature"), "{err}");
+    }
+
+    #[test]
+    fn a_signed_version_whose_policy_does_not_compile_is_refused() {
+        let key = SigningKey::ephemeral();
+        let verifier = Verifier::new(key.public(), "td");
+        match prepare(&verifier, &version(&key, 4, true), None) {
+            Err(Refusal::BadPolicy { number: 4, reason }) => assert!(!reason.is_empty()),
+            Err(other) => panic!("unexpected refusal {other}"),
+            Ok(_) => panic!("accepted a policy that does not compile"),
+        }
+        // Older than what is applied: refused before anything else.
+        let hash = "x".to_owned();
+        assert!(matches!(
+            prepare(&verifier, &version(&key, 2, false), Some((4, &hash))),
+            Err(Refusal::Older { have: 4, got: 2 })
+        ));
     }
 }
