@@ -294,7 +294,11 @@ pub async fn serve(
                             return;
                         };
                         let (r, w) = tokio::io::split(tls);
-                        state.hub.clone().session(node, Transport::Tcp, remote, r, w).await;
+                        state
+                            .hub
+                            .clone()
+                            .session(node, Transport::Tcp, remote, r, crate::dist::wire::Stream(w))
+                            .await;
                         return;
                     }
                     let ctx = Arc::new(Caller { remote, node });

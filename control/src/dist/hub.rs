@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -449,7 +449,7 @@ impl Hub {
         mut w: W,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin,
+        W: wire::FrameSink,
     {
         let have = match tokio::time::timeout(HELLO_TIMEOUT, wire::read::<_, ClientMsg>(&mut r))
             .await
@@ -491,15 +491,15 @@ impl Hub {
             let first = latest.borrow_and_update().clone();
             match first {
                 Some(p) if have != Some(p.number) => {
-                    wire::write_frame(&mut w, &p.frame)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    w.send(p.frame.clone()).await.map_err(|e| e.to_string())?;
                     self.metrics.pushes.inc();
                     sent = Some(p.number);
                 }
-                Some(p) => wire::write(&mut w, &ServerMsg::UpToDate { number: p.number })
-                    .await
-                    .map_err(|e| e.to_string())?,
+                Some(p) => {
+                    let msg = wire::encode(&ServerMsg::UpToDate { number: p.number })
+                        .map_err(|e| e.to_string())?;
+                    w.send(msg).await.map_err(|e| e.to_string())?
+                }
                 None => {}
             }
             loop {
@@ -510,7 +510,7 @@ impl Hub {
                         }
                         let p = latest.borrow_and_update().clone();
                         if let Some(p) = p.filter(|p| sent.is_none_or(|s| p.number > s)) {
-                            wire::write_frame(&mut w, &p.frame).await.map_err(|e| e.to_string())?;
+                            w.send(p.frame.clone()).await.map_err(|e| e.to_string())?;
                             self.metrics.pushes.inc();
                             sent = Some(p.number);
                         }
@@ -527,7 +527,8 @@ impl Hub {
                         Some(Err(e)) => return Err(e.to_string()),
                     },
                     _ = ping.tick() => {
-                        wire::write(&mut w, &ServerMsg::Ping).await.map_err(|e| e.to_string())?;
+                        let ping = wire::encode(&ServerMsg::Ping).map_err(|e| e.to_string())?;
+                        w.send(ping).await.map_err(|e| e.to_string())?;
                     }
                 }
             }

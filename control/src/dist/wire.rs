@@ -91,6 +91,32 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
     write_frame(w, &encode(msg)?).await
 }
 
+/// Where a session writes frames. QUIC streams take the shared frame without copying it (a version pushed to
+/// a thousand proxies stays one buffer); byte streams (the TLS/TCP fallback) copy it into their TLS records.
+pub trait FrameSink: Send {
+    fn send(
+        &mut self,
+        frame: bytes::Bytes,
+    ) -> impl std::future::Future<Output = Result<(), WireError>> + Send;
+}
+
+impl FrameSink for quinn::SendStream {
+    async fn send(&mut self, frame: bytes::Bytes) -> Result<(), WireError> {
+        self.write_chunk(frame)
+            .await
+            .map_err(|e| WireError::Io(e.into()))
+    }
+}
+
+/// A byte stream as a [`FrameSink`].
+pub struct Stream<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> FrameSink for Stream<W> {
+    async fn send(&mut self, frame: bytes::Bytes) -> Result<(), WireError> {
+        write_frame(&mut self.0, &frame).await
+    }
+}
+
 pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, WireError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
