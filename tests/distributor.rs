@@ -156,19 +156,7 @@ fn an_applied_workflow_is_enforced_everywhere_and_status_shows_the_rollout() {
         .contains("methods: [GET]"));
     let bad = m.dir.join("bad.yaml");
     std::fs::write(&bad, workflow("GET").replace("steps:", "stepz:")).unwrap();
-    let out = m.net.run(
-        "cp",
-        None,
-        &[
-            "env",
-            &format!("STRAIT_CONFIG={}", m.dir.join("cp/admin.yaml").display()),
-            bin(),
-            "workflow",
-            "apply",
-            "-f",
-            bad.to_str().unwrap(),
-        ],
-    );
+    let out = m.admin_output(&["workflow", "apply", "-f", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("stepz"), "{}", text(&out));
     let rego = m.dir.join("bad.rego");
@@ -178,21 +166,14 @@ fn an_applied_workflow_is_enforced_everywhere_and_status_shows_the_rollout() {
     )
     .unwrap();
     let good = m.dir.join("wf.yaml");
-    let out = m.net.run(
-        "cp",
-        None,
-        &[
-            "env",
-            &format!("STRAIT_CONFIG={}", m.dir.join("cp/admin.yaml").display()),
-            bin(),
-            "workflow",
-            "apply",
-            "-f",
-            good.to_str().unwrap(),
-            "--custom",
-            rego.to_str().unwrap(),
-        ],
-    );
+    let out = m.admin_output(&[
+        "workflow",
+        "apply",
+        "-f",
+        good.to_str().unwrap(),
+        "--custom",
+        rego.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(text(&out).contains("does not compile"), "{}", text(&out));
     assert_eq!(

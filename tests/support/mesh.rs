@@ -196,9 +196,9 @@ impl Mesh {
         )
     }
 
-    /// An admin CLI call, made from the control plane's host (the control plane listens inside "cp").
-    pub fn admin(&self, args: &[&str]) -> String {
-        let out = self.net.run(
+    /// An admin CLI call from the control plane's host, whatever its outcome.
+    pub fn admin_output(&self, args: &[&str]) -> std::process::Output {
+        self.net.run(
             "cp",
             None,
             &[
@@ -210,7 +210,13 @@ impl Mesh {
             .copied()
             .chain(args.iter().copied())
             .collect::<Vec<_>>(),
-        );
+        )
+    }
+
+    /// An admin CLI call, made from the control plane's host (the control plane listens inside "cp"),
+    /// that must succeed; returns its standard output.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let out = self.admin_output(args);
         assert!(
             out.status.success(),
             "strait {}: {}",
