@@ -9,8 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-die() { echo "error: $*" >&2; exit 1; }
-step() { printf '\n==> %s\n' "$*"; }
+. scripts/lib.sh
 
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo bash scripts/test.sh (the suite installs Debian packages and creates network namespaces and nftables tables)"
 command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer (rustup) and run this again"
@@ -20,19 +19,7 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 # Debian packages the tests drive: openssl (independent certificate checks and TLS clients), nftables
 # and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
 # util-linux (setpriv: workloads as other users), socat (half-closes).
-packages=(openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat)
-missing=()
-for pkg in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  step "installing ${missing[*]}"
-  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand (this script expects Debian or Ubuntu)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq || die "apt-get update failed: check the package mirror is reachable"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "could not install ${missing[*]}"
-fi
+ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat
 
 # regorus runs ~3.5x slower and serialises threads when backtraces are captured (see NOTES.md).
 export RUST_LIB_BACKTRACE=0

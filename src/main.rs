@@ -6,12 +6,20 @@ use clap::Parser;
 
 mod cli;
 mod cmd;
+mod demo;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none())
         || matches!(&cli.command, cli::Command::Proxy(_));
-    init_logging(&cli.global, if daemon { "info" } else { "warn" });
+    let default_level = if matches!(&cli.command, cli::Command::Demo { .. }) {
+        "error"
+    } else if daemon {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(&cli.global, default_level);
     match cmd::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

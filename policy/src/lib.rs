@@ -5,11 +5,13 @@
 //! - [`extensions`]: `io.jwt.decode` and `io.jwt.decode_verify`.
 //! - [`workflow`]: the workflow YAML model; [`compile`]: workflow → Rego + data;
 //!   [`reference`]: the same decision in plain Rust, for tests.
+//! - [`graph`]: a workflow drawn as SVG.
 //! - [`bundle`]: OPA-layout bundles (directory or .tar.gz); [`testing`]: `strait policy test`.
 pub mod bundle;
 pub mod compile;
 pub mod engine;
 pub mod extensions;
+pub mod graph;
 pub mod input;
 pub mod reference;
 pub mod testing;

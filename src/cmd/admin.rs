@@ -343,6 +343,16 @@ pub async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        WorkflowCommand::Graph { file, out } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let wf = strait_policy::workflow::Workflow::from_yaml(&text)
+                .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            std::fs::write(&out, strait_policy::graph::svg(&wf))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         WorkflowCommand::List { output, conn } => {
             let list: Vec<api::WorkflowSummary> =
                 admin_client(&conn)?.get(paths::ADMIN_WORKFLOWS).await?;

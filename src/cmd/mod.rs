@@ -7,9 +7,11 @@ mod control;
 mod docstore;
 mod policy;
 mod proxy;
-mod table;
+pub mod table;
 
 use crate::cli::Command;
+
+pub use control::shutdown_signal;
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -21,6 +23,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(c) => block_on(admin::node(c)),
         Command::Workload(c) => block_on(admin::workload(c)),
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),
+        Command::Demo { file, out_dir } => crate::demo::run(file, out_dir),
         Command::Workflow(c) => block_on(admin::workflow(c)),
         Command::Status { output, conn } => block_on(admin::status(output, conn)),
     }

@@ -1,0 +1,211 @@
+//! Hosts made of network namespaces for `strait demo`: a switch namespace with a bridge, one namespace per
+//! host on a veth pair, `10.78.0.N/24` and `fd78::N/64`. Everything it creates carries the prefix
+//! `sdemo-`, so a run interrupted by a crash can be cleaned by the next one, and [`Lab::teardown`] (also on
+//! drop and on Ctrl-C) kills what it started and deletes the namespaces, which removes their links and
+//! nftables tables with them.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+pub const PREFIX: &str = "sdemo-";
+
+pub struct Lab {
+    hosts: Vec<String>,
+    children: Mutex<Vec<(String, Child)>>,
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Namespaces left by an earlier run that did not finish.
+pub fn stale() -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(PREFIX))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn delete_namespaces(names: &[String]) {
+    for n in names {
+        // Processes still inside would keep the namespace's nftables alive; kill them first.
+        let _ = Command::new("ip")
+            .args(["netns", "pids", n])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    if let Ok(p) = pid.parse::<i32>() {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                }
+            });
+        let _ = Command::new("ip").args(["netns", "del", n]).output();
+    }
+}
+
+impl Lab {
+    pub fn new(hosts: &[&str]) -> anyhow::Result<Self> {
+        let lab = Self {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            children: Mutex::new(Vec::new()),
+        };
+        let sw = lab.ns("sw");
+        sh(&["ip", "netns", "add", &sw])?;
+        sh(&["ip", "-n", &sw, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for (i, h) in hosts.iter().enumerate() {
+            let ns = lab.ns(h);
+            let port = format!("sd{i}");
+            sh(&["ip", "netns", "add", &ns])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            sh(&[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "e0", "netns", &ns,
+            ])?;
+            sh(&["ip", "link", "set", &port, "netns", &sw])?;
+            sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            let v4 = format!("{}/24", lab.v4(h));
+            let v6 = format!("{}/64", lab.v6(h));
+            sh(&["ip", "-n", &ns, "addr", "add", &v4, "dev", "e0"])?;
+            sh(&["ip", "-n", &ns, "addr", "add", &v6, "dev", "e0", "nodad"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "e0", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    pub fn ns(&self, host: &str) -> String {
+        format!("{PREFIX}{host}")
+    }
+
+    fn index(&self, host: &str) -> usize {
+        self.hosts.iter().position(|h| h == host).unwrap_or(0)
+    }
+
+    pub fn v4(&self, host: &str) -> Ipv4Addr {
+        Ipv4Addr::new(10, 78, 0, self.index(host) as u8 + 1)
+    }
+
+    pub fn v6(&self, host: &str) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, self.index(host) as u16 + 1)
+    }
+
+    fn command(&self, host: &str, uid: Option<u32>, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)]);
+        if let Some(u) = uid {
+            cmd.args([
+                "setpriv",
+                &format!("--reuid={u}"),
+                &format!("--regid={u}"),
+                "--clear-groups",
+            ]);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    pub fn run(&self, host: &str, uid: Option<u32>, args: &[&str]) -> anyhow::Result<Output> {
+        self.command(host, uid, args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} in {host}", args.join(" ")))
+    }
+
+    /// Starts a long-running command in `host`, its output appended to `log`; returns its pid.
+    pub fn spawn(
+        &self,
+        host: &str,
+        uid: Option<u32>,
+        args: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<u32> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let err = file.try_clone()?;
+        let child = self
+            .command(host, uid, args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {} in {host}", args.join(" ")))?;
+        let pid = child.id();
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((args.join(" "), child));
+        Ok(pid)
+    }
+
+    /// Polls `check` until it holds, or fails with `what` after `timeout`.
+    pub fn eventually(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out after {timeout:?} waiting for {what}")
+    }
+
+    /// Stops everything: SIGTERM (proxies remove their rules and drain), then SIGKILL, then the namespaces.
+    pub fn teardown(&self) {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, c) in children.iter() {
+            // SAFETY: kill with a pid we started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, c) in children.iter_mut() {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        children.clear();
+        let mut names: Vec<String> = self.hosts.iter().map(|h| self.ns(h)).collect();
+        names.push(self.ns("sw"));
+        delete_namespaces(&names);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
