@@ -53,7 +53,12 @@ start_proxies() {
   for n in a b; do
     for _ in $(seq 100); do ip netns exec $P-$n curl -sf http://127.0.0.1:15000/ready >/dev/null && break; sleep 0.1; done
   done
-  sleep 3 # one directory refresh, so each proxy knows the other node
+  # The directory is pushed: wait until each proxy knows the other node.
+  for _ in $(seq 100); do
+    ip netns exec $P-a curl -s http://127.0.0.1:15000/config_dump | grep -q '"host-b"' \
+      && ip netns exec $P-b curl -s http://127.0.0.1:15000/config_dump | grep -q '"host-a"' && break
+    sleep 0.1
+  done
 }
 
 # wrk_run LABEL UID CLOSE(yes|no) [PROXY_PID_A PROXY_PID_B]: one table row.
@@ -89,3 +94,40 @@ table_header() {
   printf "| %-40s | %10s | %8s | %8s | %12s | %12s |\n" scenario "req/s" p50 p99 "µs CPU/req A" "µs CPU/req B"
   printf "|%s|%s|%s|%s|%s|%s|\n" "$(printf -- '-%.0s' {1..42})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})"
 }
+
+# Policies for the scenarios: an allow-all bundle, workflows of N steps, hot swaps into running proxies.
+mkdir -p $W/allow-all
+printf 'package envoy.authz\nimport rego.v1\nallow := true\n' > $W/allow-all/policy.rego
+cp -r $W/allow-all $W/live
+# A directory bundle is watched by content; replace its files atomically to swap policies.
+swap() { # BUNDLE_DIR: replaces the live bundle and waits until both proxies report its revision
+  rm -rf $W/next && cp -r "$1" $W/next && rm -rf $W/old && mv $W/live $W/old && mv $W/next $W/live
+  local want h; want=$(sed -n 's/.*"revision": *"\([0-9a-f]*\)".*/\1/p' $W/live/.manifest)
+  for h in a b; do
+    for _ in $(seq 150); do
+      ip netns exec $P-$h curl -s http://127.0.0.1:15000/config_dump | grep -q "\"policy_revision\": \"$want\"" && break
+      sleep 0.1
+    done
+    ip netns exec $P-$h curl -s http://127.0.0.1:15000/config_dump | grep -q "\"policy_revision\": \"$want\"" \
+      || die "proxy on $h did not load revision $want"
+  done
+}
+workflow() { # N OUT_DIR
+  local n=$1 k=101 f t
+  {
+    echo "apiVersion: strait.dev/v1"; echo "kind: Workflow"; echo "metadata: {name: bench}"; echo "trustDomain: bench.example"
+    echo "actors:"; echo "  - name: b"; echo "    services:"
+    echo "      - {name: client, namespace: b, serviceAccount: client}"
+    echo "      - {name: server, namespace: b, serviceAccount: server}"
+    for i in $(seq 0 $((k-1))); do echo "      - {name: s$i, namespace: gen, serviceAccount: s$i}"; done
+    echo "steps:"
+    echo "  - {from: client, to: server, methods: [GET, POST], paths: [\"/\", \"/api/**\"]}"
+    for i in $(seq 1 $((n-1))); do
+      f=$((i % k)); t=$(((i / k + 1 + i % k) % k))
+      echo "  - {from: s$f, to: s$t, methods: [POST], paths: [\"/api/s$t\"]}"
+    done
+  } > $W/wf-$n.yaml
+  $BIN policy compile -f $W/wf-$n.yaml -o $W/wf-$n.tar.gz >/dev/null
+  rm -rf "$2" && mkdir -p "$2" && tar xzf $W/wf-$n.tar.gz -C "$2"
+}
+
