@@ -98,6 +98,7 @@ table_header() {
 # Policies for the scenarios: an allow-all bundle, workflows of N steps, hot swaps into running proxies.
 mkdir -p $W/allow-all
 printf 'package envoy.authz\nimport rego.v1\nallow := true\n' > $W/allow-all/policy.rego
+printf '{"revision": "a11a11"}\n' > $W/allow-all/.manifest
 cp -r $W/allow-all $W/live
 # A directory bundle is watched by content; replace its files atomically to swap policies.
 swap() { # BUNDLE_DIR: replaces the live bundle and waits until both proxies report its revision
