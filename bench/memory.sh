@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Proxy memory, as root:
+#
+#     sudo bash bench/memory.sh [CONNECTIONS]      # default 1000
+#
+# RSS of the proxies on A (source) and B (destination) idle, then while CONNECTIONS keep-alive connections
+# from the client workload on A to the docstore on B are open and busy (wrk), then after.
+CONNS=${1:-1000}
+ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/$1/status; }
+hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$1/status; }
+
+workflow 1 $W/b-1
+adm workflow apply -f $W/wf-1.yaml >/dev/null
+TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
+bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
+PA=${PIDS[-1]}
+bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn
+PB=${PIDS[-1]}
+for n in a b; do until ip netns exec $P-$n curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done; done
+until ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups curl -s -o /dev/null -w '%{http_code}' http://10.77.0.3:5000/ | grep -q 200; do sleep 0.05; done
+sleep 1
+IA=$(rss $PA); IB=$(rss $PB)
+ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups wrk -t2 -c$CONNS -d12s $URL > $W/wrk.txt 2>&1 &
+WRK=$!
+sleep 6
+OPEN=$(ip netns exec $P-a curl -s http://127.0.0.1:15000/metrics | awk '/^strait_proxy_active_connections.*outbound/ {s+=$2} END {print s+0}')
+LA=$(rss $PA); LB=$(rss $PB)
+wait $WRK || true
+sleep 2
+AA=$(rss $PA); AB=$(rss $PB)
+printf "\n| proxy | idle | with %d connections open (%s counted by proxy A) | after | peak |\n|---|---|---|---|---|\n" "$CONNS" "$OPEN"
+printf "| A (source) | %s MiB | %s MiB | %s MiB | %s MiB |\n" "$IA" "$LA" "$AA" "$(hwm $PA)"
+printf "| B (destination) | %s MiB | %s MiB | %s MiB | %s MiB |\n" "$IB" "$LB" "$AB" "$(hwm $PB)"
+echo; grep -E "Requests/sec|requests in|Socket errors" $W/wrk.txt
