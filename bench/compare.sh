@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Throughput and tail latency in one run, as root:
+#
+#     sudo bash bench/compare.sh [SECONDS]      # default 8 s per row
+#
+# From host A to the docstore on host B: direct; through Strait (both proxies, mTLS tunnel, the minimal
+# workflow decided per request); and through a pair of Debian nginx doing the same hop (plain HTTP into an
+# egress nginx on A, mutual TLS 1.3 to an ingress nginx on B, plain HTTP to the docstore; upstream keep-alive
+# on both). HTTP/1.1 keep-alive with wrk (10 connections) and HTTP/2 with h2load (10 connections × 10
+# streams; h2c to the first hop).
+DUR=${1:-8}
+cd "$(dirname "$0")/.."
+for c in nginx h2load; do
+  command -v $c >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light nghttp2-client >/dev/null || { echo "error: install nginx-light and nghttp2-client" >&2; exit 1; }; break; }
+done
+. bench/lib.sh
+
+# Certificates for the nginx pair (a throwaway CA; DNS names, which nginx verifies).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca -keyout $W/ca.key -out $W/ca.pem 2>/dev/null
+for n in egress ingress; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=$n.bench -keyout $W/$n.key -out $W/$n.csr 2>/dev/null
+  printf "subjectAltName=DNS:%s.bench\nextendedKeyUsage=serverAuth,clientAuth\n" $n > $W/$n.ext
+  openssl x509 -req -in $W/$n.csr -CA $W/ca.pem -CAkey $W/ca.key -CAcreateserial -days 1 -extfile $W/$n.ext -out $W/$n.pem 2>/dev/null
+done
+cat > $W/egress.conf <<CONF
+worker_processes 1; daemon off; pid $W/egress.pid; error_log $W/egress.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
+  upstream b { server 10.77.0.3:8443; keepalive 64; }
+  server {
+    listen 127.0.0.1:8001; listen 127.0.0.1:8002 http2;
+    location / {
+      proxy_pass https://b; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_certificate $W/egress.pem; proxy_ssl_certificate_key $W/egress.key;
+      proxy_ssl_trusted_certificate $W/ca.pem; proxy_ssl_verify on; proxy_ssl_name ingress.bench;
+      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;
+    }
+  }
+}
+CONF
+cat > $W/ingress.conf <<CONF
+worker_processes 1; daemon off; pid $W/ingress.pid; error_log $W/ingress.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
+  upstream app { server 127.0.0.1:5000; keepalive 64; }
+  server {
+    listen 10.77.0.3:8443 ssl;
+    ssl_certificate $W/ingress.pem; ssl_certificate_key $W/ingress.key; ssl_protocols TLSv1.3;
+    ssl_client_certificate $W/ca.pem; ssl_verify_client on;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+bg egress.log ip netns exec $P-a nginx -c $W/egress.conf
+bg ingress.log ip netns exec $P-b nginx -c $W/ingress.conf
+sleep 1
+# The workers do the work (CPU per request is read from them).
+NA=$(pgrep -P "$(cat $W/egress.pid)" | head -1); NB=$(pgrep -P "$(cat $W/ingress.pid)" | head -1)
+
+# h2_run LABEL UID URL [PID_A PID_B]
+h2_run() {
+  local label=$1 uid=$2 url=$3 cmd=(ip netns exec $P-a)
+  [ "$uid" = root ] || cmd+=(setpriv --reuid=$uid --regid=$uid --clear-groups)
+  local out; out=$("${cmd[@]}" h2load -c10 -m10 -D $DUR "$url" 2>&1)
+  local rps p50 p99
+  rps=$(echo "$out" | awk '/^finished in/ {gsub(",","",$4); print $4}')
+  # h2load prints request time min/max/mean/sd; report mean and max in place of percentiles.
+  p50=$(echo "$out" | awk '/^time for request:/ {print $6}')
+  p99=$(echo "$out" | awk '/^time for request:/ {print $5}')
+  local ok; ok=$(echo "$out" | awk '/^status codes:/ {print $3}')
+  printf "| %-40s | %10s | %8s | %8s | %12s | %12s |\n" "$label (h2load; mean, max)" "$rps" "$p50" "$p99" "2xx: $ok" "-"
+}
+
+workflow 1 $W/b-1
+adm workflow apply -f $W/wf-1.yaml >/dev/null
+echo
+table_header
+wrk_run "direct, HTTP/1.1 keep-alive" root no
+h2_run "direct, HTTP/2" root http://10.77.0.3:5000/
+URL=http://127.0.0.1:8001/
+wrk_run "nginx mTLS pair, HTTP/1.1 keep-alive" root no $NA $NB
+h2_run "nginx mTLS pair, HTTP/2 to egress" root http://127.0.0.1:8002/
+URL=http://10.77.0.3:5000/
+# Strait with the distributed minimal workflow (no --policy-bundle).
+TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
+bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
+PA=${PIDS[-1]}
+bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn
+PB=${PIDS[-1]}
+for n in a b; do until ip netns exec $P-$n curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done; done
+until ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups curl -s -o /dev/null -w '%{http_code}' $URL | grep -q 200; do sleep 0.05; done
+wrk_run "Strait (Rego per request), HTTP/1.1" 1001 no $PA $PB
+h2_run "Strait (Rego per request), HTTP/2" 1001 $URL
