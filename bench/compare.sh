@@ -84,12 +84,6 @@ wrk_run "nginx mTLS pair, HTTP/1.1 keep-alive" root no $NA $NB
 h2_run "nginx mTLS pair, HTTP/2 to egress" root http://127.0.0.1:8002/
 URL=http://10.77.0.3:5000/
 # Strait with the distributed minimal workflow (no --policy-bundle).
-TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
-bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
-PA=${PIDS[-1]}
-bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn
-PB=${PIDS[-1]}
-for n in a b; do until ip netns exec $P-$n curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done; done
-until ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups curl -s -o /dev/null -w '%{http_code}' $URL | grep -q 200; do sleep 0.05; done
+start_proxies_distributed
 wrk_run "Strait (Rego per request), HTTP/1.1" 1001 no $PA $PB
 h2_run "Strait (Rego per request), HTTP/2" 1001 $URL

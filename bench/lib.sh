@@ -132,3 +132,16 @@ workflow() { # N OUT_DIR
   rm -rf "$2" && mkdir -p "$2" && tar xzf $W/wf-$n.tar.gz -C "$2"
 }
 
+
+# start_proxies_distributed: proxies on A and B that take their policy from the control plane (no local
+# bundle); waits until both are ready and the client reaches the server. Sets PA and PB.
+start_proxies_distributed() {
+  local TA TB n
+  TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
+  bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
+  PA=${PIDS[-1]}
+  bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn
+  PB=${PIDS[-1]}
+  for n in a b; do until ip netns exec $P-$n curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done; done
+  until ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups curl -s -o /dev/null -w '%{http_code}' http://10.77.0.3:5000/ | grep -q 200; do sleep 0.05; done
+}

@@ -14,13 +14,7 @@ hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$1/status; }
 
 workflow 1 $W/b-1
 adm workflow apply -f $W/wf-1.yaml >/dev/null
-TA=$(adm node token create --node host-a 2>/dev/null); TB=$(adm node token create --node host-b 2>/dev/null)
-bg pa.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --token "$TA" --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
-PA=${PIDS[-1]}
-bg pb.log ip netns exec $P-b $BIN proxy --control https://10.77.0.1:15012 --node host-b --token "$TB" --data-dir $W/pb --address 10.77.0.3 --address fd77::3 --log-level warn
-PB=${PIDS[-1]}
-for n in a b; do until ip netns exec $P-$n curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done; done
-until ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups curl -s -o /dev/null -w '%{http_code}' http://10.77.0.3:5000/ | grep -q 200; do sleep 0.05; done
+start_proxies_distributed
 sleep 1
 IA=$(rss $PA); IB=$(rss $PB)
 ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups wrk -t2 -c$CONNS -d12s $URL > $W/wrk.txt 2>&1 &
