@@ -58,6 +58,8 @@ bg ingress.log ip netns exec $P-b nginx -c $W/ingress.conf
 sleep 1
 # The workers do the work (CPU per request is read from them).
 NA=$(pgrep -P "$(cat $W/egress.pid)" | head -1); NB=$(pgrep -P "$(cat $W/ingress.pid)" | head -1)
+# The cleanup SIGKILLs what it started; nginx workers outlive a killed master, so they are listed too.
+PIDS+=("$NA" "$NB")
 
 # h2_run LABEL UID URL [PID_A PID_B]
 h2_run() {
