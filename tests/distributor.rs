@@ -75,6 +75,20 @@ fn time_until(m: &Mesh, what: &str, check: impl Fn() -> bool) -> Duration {
     t0.elapsed()
 }
 
+/// SIGTERM to a host's proxy; waits until it has drained and exited.
+fn stop_proxy(m: &Mesh, host: &str) {
+    let p = m
+        .proxies
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(h, _)| h == host)
+        .map(|(_, p)| *p)
+        .unwrap();
+    m.net.signal(p, libc::SIGTERM);
+    assert!(m.net.wait(p, Duration::from_secs(10)).is_some());
+}
+
 fn start_both(m: &Mesh, extra: &[&str]) {
     let args: Vec<&str> = DISTRIBUTED.iter().chain(extra).copied().collect();
     m.start_proxy("a", &args);
@@ -263,16 +277,7 @@ fn without_the_control_plane_the_mesh_runs_on_what_it_has() {
     }
 
     // Proxy A restarts meanwhile: it enforces the persisted version with its cached certificates.
-    let pa = m
-        .proxies
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(h, _)| h == "a")
-        .map(|(_, p)| *p)
-        .unwrap();
-    m.net.signal(pa, libc::SIGTERM);
-    assert!(m.net.wait(pa, Duration::from_secs(10)).is_some());
+    stop_proxy(&m, "a");
     m.start_proxy_with("a", None, DISTRIBUTED);
     let ready = m
         .net
@@ -290,16 +295,7 @@ fn without_the_control_plane_the_mesh_runs_on_what_it_has() {
 
     // Proxy B restarts with its persisted version altered on disk: refused like a forged push, so B has
     // nothing, is not ready, and lets nothing through.
-    let pb = m
-        .proxies
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(h, _)| h == "b")
-        .map(|(_, p)| *p)
-        .unwrap();
-    m.net.signal(pb, libc::SIGTERM);
-    assert!(m.net.wait(pb, Duration::from_secs(10)).is_some());
+    stop_proxy(&m, "b");
     let persisted = m.dir.join("proxy-b/mesh-version.json");
     let mut env: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&persisted).unwrap()).unwrap();

@@ -83,26 +83,76 @@ pub struct MeshStatus {
     pub last_refusal: Option<String>,
 }
 
+/// What the link reports; the version itself is read from `current`, so it is never stored twice.
+#[derive(Debug, Clone)]
+struct LinkState {
+    source: &'static str,
+    link: String,
+    transport: Option<String>,
+    fallback: bool,
+    last_refusal: Option<String>,
+}
+
 /// The proxy's [`Applier`].
 pub struct ProxyApplier {
-    pub node: Arc<crate::run::Node>,
-    pub verifier: Verifier,
-    pub data_dir: PathBuf,
-    pub current: Mutex<Option<(u64, String)>>,
-    pub status: Mutex<MeshStatus>,
+    node: Arc<crate::run::Node>,
+    verifier: Verifier,
+    data_dir: PathBuf,
+    current: Mutex<Option<(u64, String)>>,
+    state: Mutex<LinkState>,
 }
 
 impl ProxyApplier {
-    fn set<T>(&self, f: impl FnOnce(&mut MeshStatus) -> T) -> T {
-        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn new(node: Arc<crate::run::Node>, verifier: Verifier, data_dir: PathBuf) -> Self {
+        Self {
+            node,
+            verifier,
+            data_dir,
+            current: Mutex::new(None),
+            state: Mutex::new(LinkState {
+                source: "none",
+                link: "connecting".into(),
+                transport: None,
+                fallback: false,
+                last_refusal: None,
+            }),
+        }
+    }
+
+    fn set<T>(&self, f: impl FnOnce(&mut LinkState) -> T) -> T {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut g)
     }
 
     pub fn status(&self) -> MeshStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let current = self.current();
+        let s = self.set(|s| s.clone());
+        MeshStatus {
+            version: current.as_ref().map(|c| c.0),
+            content_hash: current.map(|c| c.1),
+            source: s.source,
+            link: s.link,
+            transport: s.transport,
+            fallback: s.fallback,
+            last_refusal: s.last_refusal,
+        }
+    }
+
+    /// Puts a verified, compiled version in force (from the control plane or, at start, from disk) and
+    /// makes the proxy ready.
+    pub fn install(&self, prepared: Prepared, source: &'static str) {
+        let (number, hash) = (
+            prepared.payload.number,
+            prepared.payload.content_hash.clone(),
+        );
+        self.node.install(prepared);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, hash));
+        self.set(|s| {
+            s.source = source;
+            s.last_refusal = None;
+        });
+        self.node.metrics.mesh_version.set(number as i64);
+        self.node.shared_ready();
     }
 }
 
@@ -162,17 +212,8 @@ impl Applier for ProxyApplier {
             error!(%reason, "mesh version refused");
             return Err((number, reason));
         }
-        self.node.install(prepared);
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, hash.clone()));
-        self.set(|s| {
-            s.version = Some(number);
-            s.content_hash = Some(hash.clone());
-            s.source = "control plane";
-            s.last_refusal = None;
-        });
+        self.install(prepared, "control plane");
         self.node.metrics.mesh_applied.inc();
-        self.node.metrics.mesh_version.set(number as i64);
-        self.node.shared_ready();
         info!(version = number, hash = %hash, "mesh version applied");
         Ok((number, hash))
     }

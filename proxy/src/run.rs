@@ -475,35 +475,16 @@ pub async fn run(
         shared: shared.clone(),
         cert_tasks: Mutex::new(HashMap::new()),
     });
-    let applier = Arc::new(crate::mesh::ProxyApplier {
-        node: node.clone(),
+    let applier = Arc::new(crate::mesh::ProxyApplier::new(
+        node.clone(),
         verifier,
-        data_dir: opts.data_dir.clone(),
-        current: Mutex::new(None),
-        status: Mutex::new(crate::mesh::MeshStatus {
-            version: None,
-            content_hash: None,
-            source: "none",
-            link: "connecting".into(),
-            transport: None,
-            fallback: false,
-            last_refusal: None,
-        }),
-    });
+        opts.data_dir.clone(),
+    ));
     let _ = shared.mesh.set(applier.clone());
     match persisted {
         Some(p) => {
-            let (n, h) = (p.payload.number, p.payload.content_hash.clone());
-            node.install(p);
-            *applier.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, h.clone()));
-            {
-                let mut s = applier.status.lock().unwrap_or_else(|e| e.into_inner());
-                s.version = Some(n);
-                s.content_hash = Some(h);
-                s.source = "persisted";
-            }
-            metrics.mesh_version.set(n as i64);
-            node.shared_ready();
+            let n = p.payload.number;
+            applier.install(p, "persisted");
             info!(
                 version = n,
                 "enforcing the persisted mesh version until the control plane confirms or replaces it"

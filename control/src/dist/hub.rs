@@ -317,20 +317,19 @@ impl Hub {
             was
         });
         if let Some(t) = replaced {
-            self.metrics
-                .connected
-                .get_or_create(&TransportLabel {
-                    transport: t.to_string(),
-                })
-                .dec();
+            self.connected_gauge(t).dec();
         }
+        self.connected_gauge(transport).inc();
+        session
+    }
+
+    fn connected_gauge(&self, t: Transport) -> Gauge {
         self.metrics
             .connected
             .get_or_create(&TransportLabel {
-                transport: transport.to_string(),
+                transport: t.to_string(),
             })
-            .inc();
-        session
+            .clone()
     }
 
     fn disconnected(&self, node: &NodeName, session: u64) {
@@ -343,12 +342,7 @@ impl Hub {
             _ => None,
         });
         if let Some(t) = t {
-            self.metrics
-                .connected
-                .get_or_create(&TransportLabel {
-                    transport: t.to_string(),
-                })
-                .dec();
+            self.connected_gauge(t).dec();
         }
     }
 
