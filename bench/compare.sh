@@ -73,10 +73,12 @@ h2_run() {
   p99=$(echo "$out" | awk '/^time for request:/ {print $5}')
   local ok; ok=$(echo "$out" | awk '/^status codes:/ {print $3}')
   printf "| %-40s | %10s | %8s | %8s | %12s | %12s |\n" "$label (h2load; mean, max)" "$rps" "$p50" "$p99" "2xx: $ok" "-"
+  result_row "$label (h2load; mean and max)" "$rps" "$p50" "$p99" - -
 }
 
 workflow 1 $W/b-1
 adm workflow apply -f $W/wf-1.yaml >/dev/null
+CSV=compare; rm -f bench/results/$CSV.csv
 echo
 table_header
 wrk_run "direct, HTTP/1.1 keep-alive" root no
@@ -89,3 +91,6 @@ URL=http://10.77.0.3:5000/
 start_proxies_distributed
 wrk_run "Strait (Rego per request), HTTP/1.1" 1001 no $PA $PB
 h2_run "Strait (Rego per request), HTTP/2" 1001 $URL
+echo
+plot compare compare-throughput "Throughput: direct, nginx mTLS pair, Strait" "req/s" scenario req_per_s
+plot compare compare-latency "Latency (wrk: p50/p99; h2load: mean/max)" ms scenario p50_ms p99_ms

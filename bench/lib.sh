@@ -30,6 +30,27 @@ for n in cp a b; do
   i=$((i+1))
 done
 
+# Results: every script writes its table as bench/results/NAME.csv and plots it as SVG (`strait bench plot`).
+mkdir -p bench/results
+csv_start() { local f=bench/results/$1.csv; shift; (IFS=,; echo "$*") > "$f"; }
+csv_row() { local f=bench/results/$1.csv; shift; (IFS=,; echo "$*") >> "$f"; }
+# plot NAME OUT TITLE UNIT CATEGORY_COLUMN VALUE_COLUMN...
+plot() {
+  local name=$1 out=$2 title=$3 unit=$4 cat=$5 vals=(); shift 5
+  for v in "$@"; do vals+=(--value "$v"); done
+  $BIN bench plot bench/results/$name.csv --category "$cat" "${vals[@]}" --title "$title" --unit "$unit" -o bench/results/$out.svg >/dev/null
+  echo "wrote bench/results/$name.csv and bench/results/$out.svg"
+}
+# to_ms 850us|1.20ms|1.5s → milliseconds (wrk's and h2load's units).
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
+# Rows of wrk_run/h2_run also go to bench/results/$CSV.csv when CSV is set.
+CSV=
+result_row() { # LABEL RPS P50 P99 CPU_A CPU_B
+  [ -n "$CSV" ] || return 0
+  [ -f bench/results/$CSV.csv ] || csv_start $CSV scenario req_per_s p50_ms p99_ms cpu_us_per_req_a cpu_us_per_req_b
+  csv_row $CSV "${1//,/;}" "$2" "$(to_ms "$3")" "$(to_ms "$4")" "$5" "$6"
+}
+
 bg() { local log=$1; shift; "$@" >"$W/$log" 2>&1 & PIDS+=($!); disown; }
 $BIN control init --data-dir $W/cp --trust-domain bench.example --server 10.77.0.1:15012 >/dev/null
 bg cp.log ip netns exec $P-cp $BIN control --data-dir $W/cp --listen 10.77.0.1:15012
@@ -88,6 +109,7 @@ wrk_run() {
     cpub=$(awk -v a="$(awk '{print $14+$15}' /proc/$pb/stat)" -v b=$cpu0b -v n=$reqs -v t=$tck 'BEGIN{printf "%.1f", (a-b)/t*1e6/n}')
   fi
   printf "| %-40s | %10s | %8s | %8s | %12s | %12s |\n" "$label" "$rps" "$p50" "$p99" "$cpua" "$cpub"
+  result_row "$label" "$rps" "$p50" "$p99" "$cpua" "$cpub"
 }
 
 table_header() {

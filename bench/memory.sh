@@ -28,4 +28,8 @@ AA=$(rss $PA); AB=$(rss $PB)
 printf "\n| proxy | idle | with %d connections open (%s counted by proxy A) | after | peak |\n|---|---|---|---|---|\n" "$CONNS" "$OPEN"
 printf "| A (source) | %s MiB | %s MiB | %s MiB | %s MiB |\n" "$IA" "$LA" "$AA" "$(hwm $PA)"
 printf "| B (destination) | %s MiB | %s MiB | %s MiB | %s MiB |\n" "$IB" "$LB" "$AB" "$(hwm $PB)"
+csv_start memory proxy idle_mib loaded_mib after_mib peak_mib
+csv_row memory "A (source)" "$IA" "$LA" "$AA" "$(hwm $PA)"
+csv_row memory "B (destination)" "$IB" "$LB" "$AB" "$(hwm $PB)"
 echo; grep -E "Requests/sec|requests in|Socket errors" $W/wrk.txt
+plot memory memory "Proxy RSS, idle and with $CONNS open connections" MiB proxy idle_mib loaded_mib after_mib peak_mib

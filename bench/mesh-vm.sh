@@ -26,6 +26,7 @@ steps:
 WF
 $BIN policy compile -f $W/bench-workflow.yaml -o $W/bench.tar.gz >/dev/null
 
+CSV=mesh-vm; rm -f bench/results/$CSV.csv
 echo
 table_header
 wrk_run "direct, keep-alive, 10 conns" root no
@@ -36,3 +37,6 @@ echo "# proxy RSS idle: A $(rss $PA), B $(rss $PB)" >&2
 wrk_run "mesh, keep-alive, 10 conns" 1001 no $PA $PB
 wrk_run "mesh, new connection per request" 1001 yes $PA $PB
 echo "# proxy RSS after load: A $(rss $PA), B $(rss $PB)" >&2
+echo
+plot mesh-vm mesh-vm-throughput "Throughput, direct vs mesh" "req/s" scenario req_per_s
+plot mesh-vm mesh-vm-latency "Latency (p50, p99), direct vs mesh" ms scenario p50_ms p99_ms

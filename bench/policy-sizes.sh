@@ -10,6 +10,7 @@ DUR=${1:-8}
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
+CSV=policy-sizes; rm -f bench/results/$CSV.csv
 echo
 table_header
 wrk_run "direct, keep-alive" root no
@@ -20,3 +21,6 @@ for n in 10 100 1000 10000; do
   swap $W/b-$n
   wrk_run "mesh, workflow of $n steps" 1001 no $PA $PB
 done
+echo
+plot policy-sizes policy-sizes-throughput "Throughput, as the workflow grows" "req/s" scenario req_per_s
+plot policy-sizes policy-sizes-latency "Latency (p50, p99), as the workflow grows" ms scenario p50_ms p99_ms

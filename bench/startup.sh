@@ -37,12 +37,15 @@ row() { # LABEL: RUNS fresh starts (new join each) and RUNS restarts
     fresh+=("$(start_b $W/pb-s "$tok")")
   done
   for i in $(seq $RUNS); do again+=("$(start_b $W/pb-s)"); done
-  printf "| %-34s | %8s ms | %8s ms |\n" "$label" "$(printf '%s\n' "${fresh[@]}" | median)" "$(printf '%s\n' "${again[@]}" | median)"
+  local f a; f=$(printf '%s\n' "${fresh[@]}" | median); a=$(printf '%s\n' "${again[@]}" | median)
+  printf "| %-34s | %8s ms | %8s ms |\n" "$label" "$f" "$a"
+  csv_row startup "${label//,/;}" "$f" "$a"
 }
 
 workflow 1 $W/b-1
 workflow 10001 $W/b-10001
 printf "\nproxy start → /ready (median of %d)\n\n| %-34s | %11s | %11s |\n|---|---|---|\n" "$RUNS" "workflows in the control plane" "first start" "restart"
+csv_start startup workflows first_start_ms restart_ms
 row "none (the mesh denies everything)"
 adm workflow apply -f $W/wf-1.yaml --wait 20s >/dev/null
 row "minimal workflow (1 step)"
@@ -79,3 +82,6 @@ adm workload add --id spiffe://bench.example/ns/b/sa/server2 --node host-b --uid
 until ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups curl -s -o /dev/null -w '%{http_code}' --max-time 2 -X POST -d x http://10.77.0.3:5001/api/server2 | grep -q 201; do sleep 0.005; done
 t1=$(now_ms)
 printf "\nregistering a running workload → its first allowed request: %d ms (includes the CLI call: TLS + the store's fsync)\n" $((t1 - t0))
+csv_start startup-registration event ms
+csv_row startup-registration "register a running workload → first allowed request" $((t1 - t0))
+plot startup startup "Proxy start → /ready (median of $RUNS)" ms workflows first_start_ms restart_ms

@@ -417,6 +417,22 @@ async fn bench(n: usize) {
         cpu_after_connect - cpu_before_connect,
         rss_connected
     );
+    // The table also goes to bench/results/distributor.csv (plot it with `strait bench plot`).
+    let mut csv = String::from("workflow_steps,subscribers,apply_call_ms,last_ack_subscribers_ms,last_ack_control_plane_ms,control_plane_cpu_s,rss_mib,peak_rss_mib\n");
+    for (steps, rtt, last, server, cpu, rss, hwm) in &rows {
+        csv.push_str(&format!(
+            "{steps},{n},{:.1},{:.1},{},{cpu:.3},{rss:.1},{hwm:.1}\n",
+            rtt.as_secs_f64() * 1000.0,
+            last.as_secs_f64() * 1000.0,
+            server.map_or("-".into(), |s| format!("{:.1}", s * 1000.0)),
+        ));
+    }
+    let results = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
+    if std::fs::create_dir_all(&results).is_ok()
+        && std::fs::write(results.join("distributor.csv"), csv).is_ok()
+    {
+        println!("(also in {})", results.join("distributor.csv").display());
+    }
     println!("\n| workflow steps | apply call | apply → last ACK (subscribers) | apply → last ACK (control plane) | control plane CPU | RSS | peak RSS |");
     println!("|---|---|---|---|---|---|---|");
     for (steps, rtt, last, server, cpu, rss, hwm) in rows {

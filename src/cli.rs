@@ -108,6 +108,9 @@ pub enum Command {
         #[arg(long, default_value = "strait-demo")]
         out_dir: PathBuf,
     },
+    /// Benchmarks that need the whole mesh (the study's experiment), and plots of benchmark results.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Show nodes, workloads, workflows, and the rollout of the newest mesh version: for each proxy
     /// whether it is connected (QUIC or TCP fallback), which version it applied, and its last NACK.
     Status {
@@ -506,4 +509,50 @@ pub struct CaSourceArgs {
     /// Lifetime of a generated root, e.g. `10y`, `365d`.
     #[arg(long, value_parser = parse_duration, default_value = "10y", conflicts_with = "from_cert")]
     pub validity: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// The motivating study's latency experiment on the demo's topology (as root).
+    ///
+    /// Builds the demo's mesh (a control plane host and one host per service, in network namespaces), then
+    /// times every permitted step of the workflow with a new connection per request (`curl -w
+    /// %{time_total}`, the study's method): direct without the mesh, then through the mesh with an
+    /// allow-all workflow, the workflow itself, and the workflow with +100, +1 000 and +10 000 extra
+    /// steps. With the kernel's sch_netem it repeats everything with half of the hosts behind a 25 ms WAN
+    /// ("inter-region"). Prints the table beside the study's medians and writes CSVs and SVG plots.
+    Study {
+        /// Workflow to measure (default: the built-in film-production workflow).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// Requests per permitted step, per scenario and placement (the study used 40 or more).
+        #[arg(long, default_value_t = 40)]
+        samples: usize,
+        /// Where to write study.csv, study-pairs.csv, study-samples.csv, the plots and the logs.
+        #[arg(long, default_value = "bench/results/study")]
+        out_dir: PathBuf,
+    },
+    /// Draw a CSV of benchmark results as a grouped bar chart (SVG): one group per row, one bar per value
+    /// column. The bench/ scripts call it for their tables.
+    ///
+    /// Example: `strait bench plot bench/results/compare.csv --category scenario --value req_per_s -o
+    /// compare.svg --title "Throughput" --unit req/s`
+    Plot {
+        /// CSV with a header row (comma-separated, no quoting).
+        csv: PathBuf,
+        /// Column(s) naming each group; several are joined with " / ".
+        #[arg(long, required = true)]
+        category: Vec<String>,
+        /// Column(s) to draw, one bar each; cells that are not numbers are left out.
+        #[arg(long, required = true)]
+        value: Vec<String>,
+        #[arg(long, default_value = "")]
+        title: String,
+        /// Unit of the values, shown on the axis.
+        #[arg(long, default_value = "")]
+        unit: String,
+        /// Output SVG file.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+    },
 }

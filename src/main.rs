@@ -7,12 +7,16 @@ use clap::Parser;
 mod cli;
 mod cmd;
 mod demo;
+mod plot;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none())
         || matches!(&cli.command, cli::Command::Proxy(_));
-    let default_level = if matches!(&cli.command, cli::Command::Demo { .. }) {
+    let default_level = if matches!(
+        &cli.command,
+        cli::Command::Demo { .. } | cli::Command::Bench(_)
+    ) {
         "error"
     } else if daemon {
         "info"

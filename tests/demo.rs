@@ -82,6 +82,54 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
         "{text}"
     );
     assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+    // The study's experiment on the same topology (`strait bench study`; same namespace names, hence in
+    // this test). Three samples per step: this checks that every scenario runs and lets each step through
+    // (a refused request fails the run), not how fast it is.
+    let study = out_dir.path().join("study");
+    let out = Command::new(bin())
+        .args([
+            "bench",
+            "study",
+            "--samples",
+            "3",
+            "--out-dir",
+            study.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = std::fs::read_to_string(study.join("study.csv")).unwrap();
+    let intra: Vec<&str> = summary
+        .lines()
+        .filter(|l| l.starts_with("intra,"))
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        intra,
+        ["direct", "allow-all", "minimal", "+100", "+1000", "+10000"],
+        "{summary}"
+    );
+    let cells = summary.lines().count() - 1;
+    let samples = std::fs::read_to_string(study.join("study-samples.csv")).unwrap();
+    assert_eq!(
+        samples.lines().count(),
+        1 + cells * 8 * 3,
+        "8 steps × 3 samples per cell"
+    );
+    let plot = std::fs::read_to_string(study.join("study-intra.svg")).unwrap();
+    assert!(
+        plot.contains(
+            "<title>study (Istio + OPA; direct = Istio without OPA): 7.88 median ms</title>"
+        ),
+        "{plot}"
+    );
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
 }
 
 #[test]

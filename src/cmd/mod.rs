@@ -9,7 +9,11 @@ mod policy;
 mod proxy;
 pub mod table;
 
-use crate::cli::Command;
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::cli::{BenchCommand, Command};
 
 pub use control::shutdown_signal;
 
@@ -25,6 +29,19 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),
         Command::Demo { file, out_dir } => crate::demo::run(file, out_dir),
         Command::Workflow(c) => block_on(admin::workflow(c)),
+        Command::Bench(BenchCommand::Study {
+            file,
+            samples,
+            out_dir,
+        }) => crate::demo::study::run(file, samples, out_dir),
+        Command::Bench(BenchCommand::Plot {
+            csv,
+            category,
+            value,
+            title,
+            unit,
+            out,
+        }) => plot(&csv, &category, &value, &title, &unit, &out),
         Command::Status { output, conn } => block_on(admin::status(output, conn)),
     }
 }
@@ -35,4 +52,21 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow
         .enable_all()
         .build()?
         .block_on(f)
+}
+
+fn plot(
+    csv: &Path,
+    category: &[String],
+    value: &[String],
+    title: &str,
+    unit: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
+    let chart = crate::plot::from_csv(&text, category, value, title, unit)
+        .with_context(|| format!("{}", csv.display()))?;
+    std::fs::write(out, chart.svg()).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
 }

@@ -69,7 +69,10 @@ pub fn delete_namespaces(names: &[String]) {
 }
 
 impl Lab {
-    pub fn new(hosts: &[&str]) -> anyhow::Result<Self> {
+    /// Hosts listed in `remote` sit on a second bridge (`br1`), joined to the first by a veth pair
+    /// (`wan0`–`wan1`): the "WAN" where [`Lab::set_wan_delay`] adds latency between the two regions
+    /// only, with one queueing discipline per direction and no packet filters.
+    pub fn with_regions(hosts: &[&str], remote: &[&str]) -> anyhow::Result<Self> {
         let lab = Self {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             children: Mutex::new(Vec::new()),
@@ -79,6 +82,19 @@ impl Lab {
         sh(&["ip", "-n", &sw, "link", "set", "lo", "up"])?;
         sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        if !remote.is_empty() {
+            sh(&["ip", "-n", &sw, "link", "add", "br1", "type", "bridge"])?;
+            sh(&["ip", "-n", &sw, "link", "set", "br1", "up"])?;
+            sh(&[
+                "ip", "-n", &sw, "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+            ])?;
+            sh(&[
+                "ip", "-n", &sw, "link", "set", "wan0", "master", "br0", "up",
+            ])?;
+            sh(&[
+                "ip", "-n", &sw, "link", "set", "wan1", "master", "br1", "up",
+            ])?;
+        }
         for (i, h) in hosts.iter().enumerate() {
             let ns = lab.ns(h);
             let port = format!("sd{i}");
@@ -88,7 +104,10 @@ impl Lab {
                 "ip", "link", "add", &port, "type", "veth", "peer", "name", "e0", "netns", &ns,
             ])?;
             sh(&["ip", "link", "set", &port, "netns", &sw])?;
-            sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            let bridge = if remote.contains(h) { "br1" } else { "br0" };
+            sh(&[
+                "ip", "-n", &sw, "link", "set", &port, "master", bridge, "up",
+            ])?;
             let v4 = format!("{}/24", lab.v4(h));
             let v6 = format!("{}/64", lab.v6(h));
             sh(&["ip", "-n", &ns, "addr", "add", &v4, "dev", "e0"])?;
@@ -96,6 +115,27 @@ impl Lab {
             sh(&["ip", "-n", &ns, "link", "set", "e0", "up"])?;
         }
         Ok(lab)
+    }
+
+    /// Adds `delay` each way between the two regions (tc netem on both ends of the WAN link), or removes
+    /// it (`None`). Needs the kernel's `sch_netem`.
+    pub fn set_wan_delay(&self, delay: Option<Duration>) -> anyhow::Result<()> {
+        let sw = self.ns("sw");
+        for dev in ["wan0", "wan1"] {
+            let _ = Command::new("ip")
+                .args([
+                    "netns", "exec", &sw, "tc", "qdisc", "del", "dev", dev, "root",
+                ])
+                .output();
+            if let Some(d) = delay {
+                let ms = format!("{}ms", d.as_millis());
+                sh(&[
+                    "ip", "netns", "exec", &sw, "tc", "qdisc", "add", "dev", dev, "root", "netem",
+                    "delay", &ms,
+                ])?;
+            }
+        }
+        Ok(())
     }
 
     pub fn ns(&self, host: &str) -> String {

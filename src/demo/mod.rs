@@ -5,6 +5,8 @@
 //! requests' marker.
 
 mod lab;
+mod mesh;
+pub mod study;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,10 +18,9 @@ use anyhow::{anyhow, bail, Context as _};
 use strait_policy::workflow::Workflow;
 
 use lab::Lab;
+use mesh::{Mesh, PORT};
 
 const BUILTIN: &str = include_str!("../../deploy/examples/movie-workflow.yaml");
-const PORT: u16 = 5000;
-const FIRST_UID: u32 = 2001;
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
@@ -27,10 +28,10 @@ fn on_path(tool: &str) -> bool {
 }
 
 /// Root and the tools, each refusal one line saying what to do.
-fn preflight() -> anyhow::Result<()> {
+fn preflight(command: &str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("strait demo needs root (network namespaces, nftables): run `sudo strait demo`, or `sudo bash scripts/demo.sh` which also installs what it needs");
+        bail!("strait {command} needs root (network namespaces, nftables): run `sudo strait {command}`, or `sudo bash scripts/demo.sh` which also installs what it needs");
     }
     for (tool, package) in [
         ("ip", "iproute2"),
@@ -38,7 +39,10 @@ fn preflight() -> anyhow::Result<()> {
         ("tcpdump", "tcpdump"),
         ("curl", "curl"),
         ("setpriv", "util-linux"),
-    ] {
+    ]
+    .iter()
+    .chain(extra)
+    {
         if !on_path(tool) {
             bail!("`{tool}` is missing: install it with `apt-get install {package}` (or run `sudo bash scripts/demo.sh`, which installs what the demo needs)");
         }
@@ -83,17 +87,16 @@ fn expected(wf: &Workflow, src: &str, dst: &str, method: &str) -> bool {
     })
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// The workflow to run: `file`, or the built-in film-production workflow.
+pub struct Loaded {
+    pub yaml: String,
+    pub wf: Workflow,
+    pub ids: BTreeMap<String, String>,
+    pub services: Vec<String>,
 }
 
-pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
-    preflight()?;
-    let yaml = match &file {
+pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
+    let yaml = match file {
         Some(f) => {
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
         }
@@ -112,6 +115,21 @@ pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
             services.len()
         );
     }
+    Ok(Loaded {
+        yaml,
+        wf,
+        ids,
+        services,
+    })
+}
+
+/// Builds the hosts (control plane + one per service), runs `f` in them, and takes everything down
+/// afterwards — also on Ctrl-C or SIGTERM.
+pub fn in_lab<T>(
+    services: &[String],
+    remote: &[String],
+    f: impl FnOnce(&Lab, &Path, &str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let stale = lab::stale();
     if !stale.is_empty() {
         eprintln!(
@@ -120,12 +138,9 @@ pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
         );
         lab::delete_namespaces(&stale);
     }
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out_dir = out_dir.canonicalize()?;
-    // State (CA, keys, stores) lives in a private temporary directory and goes with the demo.
+    // State (CA, keys, stores) lives in a private temporary directory and goes with the lab.
     let state = tempfile::Builder::new().prefix("strait-demo").tempdir()?;
     let exe = std::env::current_exe()?.to_string_lossy().into_owned();
-
     let mut hosts = vec!["cp"];
     hosts.extend(services.iter().map(String::as_str));
     println!(
@@ -133,7 +148,8 @@ pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
         services.len(),
         lab::PREFIX
     );
-    let lab = Arc::new(Lab::new(&hosts)?);
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+    let lab = Arc::new(Lab::with_regions(&hosts, &remote)?);
     {
         // Ctrl-C or SIGTERM: take everything down, then leave.
         let lab = lab.clone();
@@ -143,24 +159,34 @@ pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
                 .build()
             {
                 rt.block_on(crate::cmd::shutdown_signal());
-                eprintln!("\ninterrupted: removing the demo's namespaces and processes");
+                eprintln!("\ninterrupted: removing the namespaces and processes");
                 lab.teardown();
                 std::process::exit(130);
             }
         });
     }
-    let result = demo(
-        &lab,
-        &wf,
-        &yaml,
-        &ids,
-        &services,
-        state.path(),
-        &out_dir,
-        &exe,
-    );
+    let result = f(&lab, state.path(), &exe);
     lab.teardown();
     result
+}
+
+pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
+    preflight("demo", &[])?;
+    let l = load(file.as_deref())?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = out_dir.canonicalize()?;
+    in_lab(&l.services, &[], |lab, state, exe| {
+        demo(
+            lab,
+            &l.wf,
+            &l.yaml,
+            &l.ids,
+            &l.services,
+            state,
+            &out_dir,
+            exe,
+        )
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -174,139 +200,16 @@ fn demo(
     out: &Path,
     exe: &str,
 ) -> anyhow::Result<()> {
-    let cp = lab.v4("cp");
-    let cp_dir = state.join("cp");
-    let cp_dir_s = cp_dir.to_string_lossy().into_owned();
-    let init = std::process::Command::new(exe)
-        .args([
-            "control",
-            "init",
-            "--data-dir",
-            &cp_dir_s,
-            "--trust-domain",
-            &wf.trust_domain,
-            "--server",
-            &format!("{cp}:15012"),
-        ])
-        .output()?;
-    if !init.status.success() {
-        bail!("control plane init: {}", text(&init));
-    }
-    lab.spawn(
-        "cp",
-        None,
-        &[
-            exe,
-            "control",
-            "--data-dir",
-            &cp_dir_s,
-            "--listen",
-            &format!("{cp}:15012"),
-        ],
-        &out.join("control.log"),
-    )?;
-    lab.eventually(Duration::from_secs(15), "the control plane", || {
-        lab.run(
-            "cp",
-            None,
-            &["curl", "-sk", &format!("https://{cp}:15012/v1/ready")],
-        )
-        .is_ok_and(|o| o.status.success())
-    })?;
-    let config = format!("STRAIT_CONFIG={}", cp_dir.join("admin.yaml").display());
-    let admin = |args: &[&str]| -> anyhow::Result<String> {
-        let mut full = vec!["env", config.as_str(), exe];
-        full.extend_from_slice(args);
-        let out = lab.run("cp", None, &full)?;
-        if !out.status.success() {
-            bail!("strait {}: {}", args.join(" "), text(&out).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    println!("control plane up at https://{cp}:15012");
-
-    // Workloads: one per service, on its own host, recognised by its Unix user.
-    let mut doc = String::from("apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n");
-    for (i, s) in services.iter().enumerate() {
-        let _ = writeln!(
-            doc,
-            "  - {{id: \"{}\", node: {s}, uid: {}, ports: [{{port: {PORT}, protocol: http}}]}}",
-            ids[s],
-            FIRST_UID + i as u32
-        );
-    }
-    let workloads = state.join("workloads.yaml");
-    std::fs::write(&workloads, doc)?;
-    admin(&["apply", "-f", &workloads.to_string_lossy()])?;
-
-    for (i, s) in services.iter().enumerate() {
-        let uid = FIRST_UID + i as u32;
-        lab.spawn(
-            s,
-            Some(uid),
-            &[
-                exe,
-                "docstore",
-                "--listen",
-                &format!("[::]:{PORT}"),
-                "--name",
-                s,
-            ],
-            &out.join(format!("docstore-{s}.log")),
-        )?;
-        let token = admin(&["node", "token", "create", "--node", s])?;
-        let data = state
-            .join(format!("proxy-{s}"))
-            .to_string_lossy()
-            .into_owned();
-        let (v4, v6) = (lab.v4(s).to_string(), lab.v6(s).to_string());
-        lab.spawn(
-            s,
-            None,
-            &[
-                exe,
-                "proxy",
-                "--control",
-                &format!("https://{cp}:15012"),
-                "--node",
-                s,
-                "--token",
-                token.trim(),
-                "--data-dir",
-                &data,
-                "--address",
-                &v4,
-                "--address",
-                &v6,
-            ],
-            &out.join(format!("proxy-{s}.log")),
-        )?;
-    }
-    for s in services {
-        lab.eventually(
-            Duration::from_secs(30),
-            &format!("the proxy of {s}"),
-            || {
-                lab.run(s, None, &["curl", "-s", "http://127.0.0.1:15000/ready"])
-                    .is_ok_and(|o| o.stdout.starts_with(b"ready"))
-            },
-        )?;
-    }
+    let mesh = Mesh::start_control(lab, exe, state, out, &wf.trust_domain, services)?;
+    println!("control plane up at {}", mesh.url());
+    mesh.register(ids)?;
+    mesh.start_docstores()?;
+    mesh.start_proxies()?;
     println!(
         "{} proxies ready (each joined with a one-time token and got its workload's SVID)",
         services.len()
     );
-
-    let wf_file = state.join("workflow.yaml");
-    std::fs::write(&wf_file, yaml)?;
-    let applied = admin(&[
-        "workflow",
-        "apply",
-        "-f",
-        &wf_file.to_string_lossy(),
-        "--wait",
-        "30s",
-    ])?;
+    let applied = mesh.apply_workflow(yaml, "30s")?;
     print!("{applied}");
     let svg = out.join(format!("{}.svg", wf.metadata.name));
     std::fs::write(&svg, strait_policy::graph::svg(wf))?;
@@ -348,16 +251,16 @@ fn demo(
     );
     println!("\nsending a POST and a GET from every service to every other ({} requests), each carrying {marker}", services.len() * (services.len() - 1) * 2);
     let mut rows = Vec::new();
-    for (i, src) in services.iter().enumerate() {
+    for src in services {
         for dst in services {
             if dst == src {
                 continue;
             }
             for method in ["POST", "GET"] {
-                let url = format!("http://{}:{PORT}/api/{dst}", lab.v4(dst));
+                let url = mesh.service_url(dst, &format!("/api/{dst}"));
                 let out = lab.run(
                     src,
-                    Some(FIRST_UID + i as u32),
+                    Some(mesh.uid(src)),
                     &[
                         "curl",
                         "-s",
