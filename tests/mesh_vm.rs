@@ -568,6 +568,65 @@ fn half_closes_and_large_transfers_pass_through() {
     );
 }
 
+/// Two connections from one client port to two destinations. After the capture's `redirect` both map to
+/// the same proxy address, so the kernel's NAT gives the second one another source port (its conntrack
+/// reply tuple would otherwise collide with the first's, which lingers in TIME_WAIT). The proxy must still
+/// find the client's socket, and so its user: clients with many destinations hit this under churn (found
+/// by `strait bench study`, where 28 requests in a row were refused as "unknown source").
+#[test]
+fn a_source_port_reused_towards_another_destination_keeps_its_identity() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    let targets = [
+        format!("TCP:{}", m.net.v4("b")),
+        format!("TCP6:[{}]", m.net.v6("b")),
+    ];
+    for (round, (target, port)) in targets
+        .iter()
+        .flat_map(|t| [5000, 5002, 5000].map(|p| (t, p)))
+        .enumerate()
+    {
+        // socat binds the same source port each time (SO_REUSEADDR, as the kernel's own port choice may
+        // reuse a port towards another destination); curl's --local-port cannot while TIME_WAIT holds it.
+        // The request side stays open until the answer is in (the proxy's HTTP server treats a half-close
+        // before the answer as the client going away).
+        let out = m.net.run(
+            "a",
+            Some(OWNER_UID),
+            &[
+                "bash",
+                "-c",
+                &format!(
+                    "(printf 'POST /api/vfx HTTP/1.1\\r\\nHost: vfx\\r\\nContent-Length: 3\\r\\nConnection: close\\r\\n\\r\\ndoc'; sleep 1) \
+                     | timeout 10 socat -t 1 - {target}:{port},sourceport=41234,reuseaddr"
+                ),
+            ],
+        );
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            answer.starts_with("HTTP/1.1 201"),
+            "request {round} (to {target}:{port}) from client port 41234: {answer:?} {}; proxy A log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            m.log("proxy-a.log")
+        );
+    }
+    let ma = m.metrics("a");
+    assert_eq!(
+        metric(
+            &ma,
+            "strait_proxy_refused_connections_total",
+            "unknown_source"
+        ),
+        0,
+        "{ma}"
+    );
+}
+
 /// Compiles a workflow in the test directory and returns the bundle path.
 fn compile_workflow(m: &Mesh, name: &str, steps: &str) -> String {
     compile_workflow_with(m, name, steps, &[])

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod authz;
 pub mod capture;
 pub mod certs;
+pub mod conntrack;
 pub mod directory;
 pub mod l7;
 pub mod mesh;

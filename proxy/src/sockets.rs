@@ -122,6 +122,85 @@ fn addr_bytes(ip: IpAddr) -> [u8; 16] {
     b
 }
 
+/// Sends one netlink request (`request` starts with its `nlmsghdr`) on a fresh socket of `protocol` and
+/// reads the first answer into `buf`: `Ok(Some(len))`, `Ok(None)` when the kernel answered ENOENT (no such
+/// socket or connection), or the kernel's error.
+pub(crate) fn netlink_roundtrip(
+    protocol: libc::c_int,
+    request: &[u8],
+    buf: &mut [u8],
+) -> io::Result<Option<usize>> {
+    // SAFETY: plain syscalls on a socket we own; `request` and `buf` are valid for their lengths.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            protocol,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        let sent = libc::sendto(
+            fd.as_raw_fd(),
+            request.as_ptr() as *const libc::c_void,
+            request.len(),
+            0,
+            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        );
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+        );
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let hdr_len = std::mem::size_of::<NlMsgHdr>();
+        if n < hdr_len {
+            return Err(io::Error::other("short netlink answer"));
+        }
+        let hdr: NlMsgHdr = std::ptr::read_unaligned(buf.as_ptr() as *const NlMsgHdr);
+        if hdr.kind == NLMSG_ERROR {
+            if n < hdr_len + 4 {
+                return Err(io::Error::other("short netlink error"));
+            }
+            let code: i32 = std::ptr::read_unaligned(buf[hdr_len..].as_ptr() as *const i32);
+            return if code == -libc::ENOENT {
+                Ok(None)
+            } else {
+                Err(io::Error::from_raw_os_error(-code))
+            };
+        }
+        Ok(Some(n))
+    }
+}
+
+/// The Unix user that opened the redirected connection accepted as `tcp` from `peer`, going to `dst`.
+///
+/// Usually `peer` is the client's own address. But `redirect` maps every captured connection onto the
+/// proxy's one address, so when a client reuses a source port towards another destination while the old
+/// connection's conntrack entry lingers (TIME_WAIT), NAT gives the new one another source port to keep the
+/// reply tuples apart, and no socket has the address the proxy sees. Then conntrack, asked by the reply
+/// tuple, tells the client's real address.
+pub fn client_uid(tcp: &TcpStream, peer: SocketAddr, dst: SocketAddr) -> io::Result<Option<u32>> {
+    if let Some(uid) = local_peer_uid(peer, dst)? {
+        return Ok(Some(uid));
+    }
+    match crate::conntrack::original_source(tcp.local_addr()?, peer)? {
+        Some(client) if client != peer => local_peer_uid(client, dst),
+        _ => Ok(None),
+    }
+}
+
 /// The Unix user owning the local socket `client` that connected to `dst` (before redirection).
 ///
 /// After an nftables `redirect`, the client's socket still records the original destination, so the
@@ -163,54 +242,22 @@ pub fn local_peer_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<
         },
         req,
     };
-    // SAFETY: plain syscalls on a socket we own; buffers are sized by their types.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        let sent = libc::sendto(
-            fd.as_raw_fd(),
-            &msg as *const Request as *const libc::c_void,
+    // SAFETY: `Request` is plain old data (repr(C), no padding holes read by the kernel beyond its size).
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &msg as *const Request as *const u8,
             std::mem::size_of::<Request>(),
-            0,
-            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        );
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = [0u8; 1024];
-        let n = libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            0,
-        );
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        let hdr_len = std::mem::size_of::<NlMsgHdr>();
-        if n < hdr_len {
-            return Err(io::Error::other("short netlink answer"));
-        }
+        )
+    };
+    let mut buf = [0u8; 1024];
+    let n = match netlink_roundtrip(NETLINK_SOCK_DIAG, bytes, &mut buf)? {
+        Some(n) => n,
+        None => return Ok(None),
+    };
+    let hdr_len = std::mem::size_of::<NlMsgHdr>();
+    // SAFETY: read_unaligned of plain old data within `n` bytes that the kernel wrote.
+    unsafe {
         let hdr: NlMsgHdr = std::ptr::read_unaligned(buf.as_ptr() as *const NlMsgHdr);
-        if hdr.kind == NLMSG_ERROR {
-            let code: i32 = std::ptr::read_unaligned(buf[hdr_len..].as_ptr() as *const i32);
-            return if code == -libc::ENOENT {
-                Ok(None)
-            } else {
-                Err(io::Error::from_raw_os_error(-code))
-            };
-        }
         if hdr.kind != SOCK_DIAG_BY_FAMILY || n < hdr_len + std::mem::size_of::<InetDiagMsg>() {
             return Err(io::Error::other("unexpected netlink answer"));
         }

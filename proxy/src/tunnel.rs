@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use crate::certs::{sni_for, CertStore, InboundResolver, SourceCert};
 use crate::directory::DirectoryView;
 use crate::metrics::{Direction, Metrics};
-use crate::sockets::{connect_marked, local_peer_uid, original_dst};
+use crate::sockets::{client_uid, connect_marked, original_dst};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,7 +235,7 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let view = ctx.dir.load_full();
-    let uid = match local_peer_uid(peer, dst) {
+    let uid = match client_uid(&tcp, peer, dst) {
         Ok(Some(uid)) => uid,
         other => {
             ctx.metrics.refuse("outbound", "unknown_source");
