@@ -18,7 +18,8 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 
 # Debian packages the tests drive: openssl (independent certificate checks and TLS clients), nftables
 # and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
-# util-linux (setpriv: workloads as other users), socat (half-closes).
+# util-linux (setpriv: workloads as other users), socat (half-closes). scripts/check-package.sh adds
+# systemd (systemd-analyze), adduser and binutils, and installs cargo-deb.
 ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat
 
 # regorus runs ~3.5x slower and serialises threads when backtraces are captured (see NOTES.md).
@@ -32,3 +33,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (release)"
 cargo test --workspace --release --locked
+
+step "Debian package and systemd units (cargo-deb, dpkg -i/-r/--purge, systemd-analyze)"
+bash scripts/check-package.sh

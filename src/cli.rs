@@ -190,6 +190,10 @@ pub enum ControlCommand {
         /// Address clients will reach the control plane on (written into the context file).
         #[arg(long, default_value = "127.0.0.1:15012")]
         server: SocketAddr,
+        /// When the directory already holds a control plane, keep it and succeed (for systemd's
+        /// ExecStartPre and Kubernetes init containers, which run at every start).
+        #[arg(long)]
+        keep_existing: bool,
         #[command(flatten)]
         ca: CaSourceArgs,
     },
@@ -418,8 +422,14 @@ pub struct ProxyArgs {
     /// Where the node identity is kept (created 0700; the key is 0600).
     #[arg(long, env = "STRAIT_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// This node's addresses, IPv4 and IPv6 (repeat); the first is the tunnel address other nodes use.
-    #[arg(long = "address", required = true)]
+    /// This node's addresses, IPv4 and IPv6 (repeat, or comma-separated in STRAIT_ADDRESSES); the first is
+    /// the tunnel address other nodes use.
+    #[arg(
+        long = "address",
+        required = true,
+        env = "STRAIT_ADDRESSES",
+        value_delimiter = ','
+    )]
     pub addresses: Vec<IpAddr>,
     /// Admin endpoint (/live, /ready, /metrics, /config_dump).
     #[arg(long, default_value = "127.0.0.1:15000")]

@@ -18,5 +18,6 @@ pub mod node;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod tokens;
 pub mod workflows;

@@ -63,6 +63,8 @@ pub struct Shared {
     pub capture: ArcSwap<CapturePlan>,
     node_not_after: AtomicU64,
     ready: AtomicBool,
+    /// Listeners bound and capture installed: readiness may be announced to systemd.
+    serving: AtomicBool,
     pub(crate) draining: AtomicBool,
     /// The distributor subscription (set once it starts).
     pub mesh: std::sync::OnceLock<Arc<crate::mesh::ProxyApplier>>,
@@ -90,6 +92,14 @@ impl Shared {
                 s.version.map_or("-".into(), |v| v.to_string())
             )
         })
+    }
+
+    /// Type=notify: systemd hears READY=1 once the proxy serves *and* a mesh version (policy + directory)
+    /// is in force — what `/ready` says — whichever comes last.
+    fn announce_ready(&self) {
+        if self.serving.load(Ordering::SeqCst) && self.ready.load(Ordering::SeqCst) {
+            strait_control::systemd::ready("enforcing a mesh version");
+        }
     }
 
     pub fn node_not_after(&self) -> SystemTime {
@@ -200,6 +210,7 @@ impl Node {
 
     pub fn shared_ready(&self) {
         self.shared.ready.store(true, Ordering::SeqCst);
+        self.shared.announce_ready();
     }
 
     fn apply_directory(self: &Arc<Self>, dir: Directory) {
@@ -464,6 +475,7 @@ pub async fn run(
         capture: ArcSwap::from_pointee(plan),
         node_not_after: AtomicU64::new(unix(identity.not_after)),
         ready: AtomicBool::new(false),
+        serving: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         mesh: std::sync::OnceLock::new(),
     });
@@ -539,9 +551,18 @@ pub async fn run(
         applier.clone(),
     )));
     info!(admin = %opts.admin, control = %control, "proxy running");
+    strait_control::systemd::spawn_watchdog();
+    shared.serving.store(true, Ordering::SeqCst);
+    shared.announce_ready();
+    if shared.not_ready_reason().is_some() {
+        strait_control::systemd::status(
+            "waiting for a mesh version from the control plane; denying everything",
+        );
+    }
 
     shutdown.await;
     info!("shutting down: refusing new connections, draining");
+    strait_control::systemd::stopping();
     shared.draining.store(true, Ordering::SeqCst);
     for l in &listeners {
         l.abort();

@@ -16,8 +16,20 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             data_dir,
             trust_domain,
             server,
+            keep_existing,
             ca,
         }) => {
+            if keep_existing
+                && data_dir
+                    .join(strait_control::server::layout::STORE)
+                    .exists()
+            {
+                println!(
+                    "{} already holds a control plane; keeping it (--keep-existing)",
+                    data_dir.display()
+                );
+                return Ok(());
+            }
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
             let ca = CaSource::from_files(
@@ -76,7 +88,13 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                         })?;
                         tokio::spawn(serve_monitoring(state.clone(), l));
                     }
-                    serve(state, listener, shutdown_signal()).await
+                    strait_control::systemd::spawn_watchdog();
+                    strait_control::systemd::ready(&format!("serving the API on {listen}"));
+                    serve(state, listener, async {
+                        shutdown_signal().await;
+                        strait_control::systemd::stopping();
+                    })
+                    .await
                 })
         }
     }

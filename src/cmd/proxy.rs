@@ -8,15 +8,16 @@ use strait_proxy::tunnel::EgressRule;
 use crate::cli::ProxyArgs;
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !has_net_admin() {
         return Err(anyhow!(
-            "strait proxy needs root (nftables rules and socket marks): run it with sudo or as the strait systemd unit"
+            "strait proxy needs CAP_NET_ADMIN (nftables rules, socket marks, conntrack): run it as root, or as the strait-proxy systemd unit (user strait with ambient CAP_NET_ADMIN and CAP_NET_RAW)"
         ));
     }
     // regorus captures backtraces on internal errors under a global lock; never pay that in the proxy.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    let token = match (&args.token, &args.token_file) {
+    // An empty STRAIT_JOIN_TOKEN (the packaged proxy.env after the first join) means no token.
+    let given = args.token.as_ref().filter(|t| !t.trim().is_empty());
+    let token = match (given, &args.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => Some(strait_control::init::read_token_file(f)?),
         (None, None) => None,
@@ -47,4 +48,18 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?
         .block_on(run_proxy(opts, super::control::shutdown_signal()))
+}
+
+/// Whether this process holds CAP_NET_ADMIN in its effective set (root usually does; the systemd unit grants
+/// it as an ambient capability to the unprivileged `strait` user).
+fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
