@@ -627,6 +627,65 @@ fn a_source_port_reused_towards_another_destination_keeps_its_identity() {
     );
 }
 
+/// The privilege model of the systemd unit, for real: the proxy as an unprivileged user with only
+/// CAP_NET_ADMIN and CAP_NET_RAW (ambient, as `AmbientCapabilities=` gives them) joins, installs its
+/// nftables rules through `nft`, and carries traffic; without those capabilities it refuses to start with
+/// one line saying what it needs.
+#[test]
+fn the_proxy_runs_unprivileged_with_only_net_admin_and_net_raw() {
+    if !require_root() {
+        return;
+    }
+    const PROXY_UID: u32 = 1900;
+    let m = Mesh::new("24h");
+    // The test directory is private to root; the proxy's user must reach its data directory and bundle.
+    std::fs::set_permissions(&m.dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let allow = m.allow_all().to_owned();
+    std::fs::set_permissions(&allow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let without = m.net.run(
+        "a",
+        Some(PROXY_UID),
+        &[
+            support::mesh::bin(),
+            "proxy",
+            "--control",
+            "https://127.0.0.1:1",
+            "--node",
+            "x",
+            "--data-dir",
+            "/nonexistent",
+            "--address",
+            "127.0.0.1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(!without.status.success());
+    assert!(err.contains("needs CAP_NET_ADMIN"), "{err}");
+
+    m.start_proxy_unprivileged("a", PROXY_UID);
+    m.start_proxy("b", &[]);
+    m.converge();
+    let code = m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "doc"]);
+    assert_eq!(
+        code, "201",
+        "owner → vfx through the unprivileged proxy on A"
+    );
+    // The rules are in place (the unprivileged proxy's `nft` ran) and it runs as that user.
+    let rules = m
+        .net
+        .run("a", None, &["nft", "list", "table", "inet", "strait"]);
+    assert!(rules.status.success());
+    let ps = m
+        .net
+        .run("a", None, &["ps", "-o", "uid=,comm=", "-C", "strait"]);
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        ps.lines()
+            .any(|l| l.trim().starts_with(&PROXY_UID.to_string())),
+        "{ps}"
+    );
+}
+
 /// Compiles a workflow in the test directory and returns the bundle path.
 fn compile_workflow(m: &Mesh, name: &str, steps: &str) -> String {
     compile_workflow_with(m, name, steps, &[])

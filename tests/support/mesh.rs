@@ -247,12 +247,48 @@ impl Mesh {
     }
 
     pub fn start_proxy_with(&self, host: &str, token: Option<&str>, extra: &[&str]) -> Proc {
+        self.launch_proxy(host, token, extra, &[])
+    }
+
+    /// Starts the proxy as the systemd unit runs it: an unprivileged user (`uid`) holding only
+    /// CAP_NET_ADMIN and CAP_NET_RAW as ambient capabilities (inherited by the `nft` it runs).
+    pub fn start_proxy_unprivileged(&self, host: &str, uid: u32) -> Proc {
+        let data = self.dir.join(format!("proxy-{host}"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::os::unix::fs::chown(&data, Some(uid), Some(uid)).unwrap();
+        // The test directory itself must be traversable by that user.
+        let token = self.admin(&["node", "token", "create", "--node", &format!("host-{host}")]);
+        let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+        let caps = "-all,+net_admin,+net_raw";
+        let prefix = [
+            "setpriv",
+            reuid.as_str(),
+            regid.as_str(),
+            "--clear-groups",
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--bounding-set",
+            caps,
+        ];
+        self.launch_proxy(host, Some(token.trim()), &[], &prefix)
+    }
+
+    fn launch_proxy(
+        &self,
+        host: &str,
+        token: Option<&str>,
+        extra: &[&str],
+        prefix: &[&str],
+    ) -> Proc {
         let cp = self.net.v4("cp");
         let (v4, v6) = (self.net.v4(host).to_string(), self.net.v6(host).to_string());
         let node = format!("host-{host}");
         let data = self.p(&format!("proxy-{host}"));
         let control = format!("https://{cp}:15012");
-        let mut args = vec![
+        let mut args = prefix.to_vec();
+        args.extend([
             bin(),
             "proxy",
             "--control",
@@ -267,7 +303,7 @@ impl Mesh {
             &v6,
             "--drain-timeout",
             "3s",
-        ];
+        ]);
         if let Some(t) = token {
             args.extend(["--token", t]);
         }
