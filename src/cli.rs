@@ -434,6 +434,10 @@ pub struct ProxyArgs {
     /// Admin endpoint (/live, /ready, /metrics, /config_dump).
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Also serve the probe and metrics paths (/live, /healthz, /ready, /metrics; not /config_dump) on
+    /// this address, e.g. 0.0.0.0:15021 for kubelet probes on a host-network DaemonSet.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
     /// DNS resolver workloads may query (UDP/TCP 53); repeat for several. Other UDP is dropped.
     #[arg(long = "dns-resolver")]
     pub dns_resolvers: Vec<IpAddr>,

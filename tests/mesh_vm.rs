@@ -663,8 +663,22 @@ fn the_proxy_runs_unprivileged_with_only_net_admin_and_net_raw() {
     assert!(err.contains("needs CAP_NET_ADMIN"), "{err}");
 
     m.start_proxy_unprivileged("a", PROXY_UID);
-    m.start_proxy("b", &[]);
+    m.start_proxy("b", &["--health-listen", "0.0.0.0:15021"]);
     m.converge();
+    // B's health endpoint (what kubelet probes on a host-network DaemonSet) answers from another host,
+    // but only the probe and metrics paths: the configuration dump stays on B's loopback admin port.
+    let health = |path: &str| {
+        m.curl(
+            "a",
+            None,
+            &format!("http://{}:15021{path}", m.net.v4("b")),
+            &[],
+        )
+    };
+    assert_eq!(health("/ready"), "200");
+    assert_eq!(health("/healthz"), "200");
+    assert_eq!(health("/metrics"), "200");
+    assert_eq!(health("/config_dump"), "404");
     let code = m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "doc"]);
     assert_eq!(
         code, "201",

@@ -1,4 +1,7 @@
-//! The admin endpoint (default 127.0.0.1:15000): `/live`, `/ready`, `/metrics`, `/config_dump`.
+//! The admin endpoint (default 127.0.0.1:15000): `/live`, `/ready`, `/metrics`, `/config_dump`; and the
+//! optional health endpoint (`--health-listen`, e.g. 0.0.0.0:15021 for kubelet probes and Prometheus on a
+//! host-network DaemonSet), which answers only `/live` (alias `/healthz`), `/ready` and `/metrics`: the
+//! configuration dump (identities, directory, rules) stays on the loopback admin port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -109,7 +112,32 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
     }
 }
 
+/// The health endpoint: the probe and metrics paths of [`handle`], nothing else.
+fn handle_health(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/live" | "/healthz" => reply(StatusCode::OK, "text/plain", "live\n"),
+        "/ready" | "/metrics" => handle(shared, req),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "this is the health endpoint: /live, /healthz, /ready, /metrics\n",
+        ),
+    }
+}
+
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    serve_with(shared, listener, handle).await
+}
+
+pub async fn serve_health(shared: Arc<Shared>, listener: TcpListener) {
+    serve_with(shared, listener, handle_health).await
+}
+
+async fn serve_with(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    handler: fn(&Shared, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
@@ -118,7 +146,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+                async move { Ok::<_, Infallible>(handler(&shared, &req)) }
             });
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)

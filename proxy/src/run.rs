@@ -53,6 +53,8 @@ pub struct ProxyOptions {
     pub distributor_tcp_only: bool,
     /// Log one allowed decision in this many (0: none); denials are always logged.
     pub decision_log_allow_sample: u64,
+    /// Optional health endpoint (probes and metrics only), e.g. 0.0.0.0:15021.
+    pub health: Option<SocketAddr>,
 }
 
 /// What the admin endpoint reads.
@@ -466,6 +468,12 @@ pub async fn run(
     let admin = TcpListener::bind(opts.admin)
         .await
         .with_context(|| format!("cannot listen on {} for the admin endpoint", opts.admin))?;
+    let health = match opts.health {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the health endpoint (in use? pass --health-listen ADDR)")
+        })?),
+        None => None,
+    };
     capture::apply(&plan).context("installing the nftables rules")?;
 
     let shared = Arc::new(Shared {
@@ -518,6 +526,7 @@ pub async fn run(
         )));
     }
     let admin_task = tokio::spawn(crate::admin::serve(shared.clone(), admin));
+    let health_task = health.map(|l| tokio::spawn(crate::admin::serve_health(shared.clone(), l)));
 
     let identity = Arc::new(ArcSwap::from_pointee(identity));
     let mut background: Vec<JoinHandle<()>> = Vec::new();
@@ -586,6 +595,9 @@ pub async fn run(
         t.abort();
     }
     admin_task.abort();
+    if let Some(t) = health_task {
+        t.abort();
+    }
     capture::remove().context("removing the nftables rules")?;
     info!("capture rules removed; bye");
     Ok(())

@@ -42,6 +42,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         policy_bundle: args.policy_bundle,
         distributor_tcp_only: args.distributor_tcp_only,
         decision_log_allow_sample: args.decision_log_allow_sample,
+        health: args.health_listen,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
