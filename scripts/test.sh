@@ -36,3 +36,6 @@ cargo test --workspace --release --locked
 
 step "Debian package and systemd units (cargo-deb, dpkg -i/-r/--purge, systemd-analyze)"
 bash scripts/check-package.sh
+
+step "deployment manifests and Containerfile (kubectl kustomize, kubernetes-validate, checkov, hadolint)"
+bash scripts/check-deploy.sh
