@@ -67,13 +67,8 @@ fn pairs(wf: &Workflow) -> Vec<Pair> {
 
 /// The scenarios' workflows, as documents for `strait workflow apply` (JSON is YAML). All carry the
 /// workflow's name, so each apply replaces the previous one.
-fn variant(wf: &Workflow, scenario: &str) -> anyhow::Result<String> {
+fn variant(wf: &Workflow, services: &[String], scenario: &str) -> anyhow::Result<String> {
     let mut doc = serde_json::to_value(wf)?;
-    let services: Vec<String> = wf
-        .actors
-        .iter()
-        .flat_map(|a| a.services.iter().map(|s| s.name.clone()))
-        .collect();
     let extra: usize = match scenario {
         "minimal" => 0,
         "allow-all" => {
@@ -190,21 +185,22 @@ pub fn run(file: Option<PathBuf>, samples: usize, out_dir: PathBuf) -> anyhow::R
     let l = super::load(file.as_deref())?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out_dir = out_dir.canonicalize()?;
-    let remote: Vec<String> = l.services[l.services.len().div_ceil(2)..].to_vec();
-    super::in_lab(&l.services, &remote, |lab, state, exe| {
+    // The second half of the services is the other region (behind the WAN link).
+    let (local, remote) = l.services.split_at(l.services.len().div_ceil(2));
+    super::in_lab(&l.services, remote, |lab, state, exe| {
         let mesh = Mesh::start_control(lab, exe, state, &out_dir, &l.wf.trust_domain, &l.services)?;
-        study(&mesh, &l.wf, &l.ids, &remote, samples, &out_dir)
+        study(&mesh, &l, (local, remote), samples, &out_dir)
     })
 }
 
 fn study(
     mesh: &Mesh,
-    wf: &Workflow,
-    ids: &std::collections::BTreeMap<String, String>,
-    remote: &[String],
+    l: &super::Loaded,
+    (local, remote): (&[String], &[String]),
     samples: usize,
     out: &Path,
 ) -> anyhow::Result<()> {
+    let wf = &l.wf;
     let pairs = pairs(wf);
     if pairs.is_empty() {
         bail!("the workflow has no HTTP step to measure");
@@ -227,10 +223,10 @@ fn study(
     println!(
         "{} permitted steps × {samples} new-connection requests per scenario and placement; regions: [cp, {}] and [{}]",
         pairs.len(),
-        mesh_services_local(wf, remote).join(", "),
+        local.join(", "),
         remote.join(", ")
     );
-    mesh.register(ids)?;
+    mesh.register(&l.ids)?;
     mesh.start_docstores()?;
     let mut cells = Vec::new();
     let measure_all = |scenario: &'static str, cells: &mut Vec<Cell>| -> anyhow::Result<()> {
@@ -258,20 +254,12 @@ fn study(
     measure_all("direct", &mut cells)?;
     mesh.start_proxies()?;
     for scenario in ["allow-all", "minimal", "+100", "+1000", "+10000"] {
-        let doc = variant(wf, scenario)?;
+        let doc = variant(wf, &l.services, scenario)?;
         mesh.apply_workflow(&doc, "120s")
             .with_context(|| format!("applying the {scenario} workflow"))?;
         measure_all(scenario, &mut cells)?;
     }
     report(&cells, &pairs, &placements, samples, out)
-}
-
-fn mesh_services_local(wf: &Workflow, remote: &[String]) -> Vec<String> {
-    wf.actors
-        .iter()
-        .flat_map(|a| a.services.iter().map(|s| s.name.clone()))
-        .filter(|s| !remote.contains(s))
-        .collect()
 }
 
 fn report(
@@ -429,18 +417,19 @@ mod tests {
     #[test]
     fn every_scenario_is_a_valid_workflow_of_the_right_size() {
         let wf = movie();
+        let services = super::super::load(None).unwrap().services;
         for (scenario, steps) in [
             ("minimal", 8),
             ("allow-all", 42),
             ("+100", 108),
             ("+1000", 1008),
         ] {
-            let doc = variant(&wf, scenario).unwrap();
+            let doc = variant(&wf, &services, scenario).unwrap();
             let v = Workflow::from_yaml(&doc).unwrap();
             assert_eq!(v.steps.len(), steps, "{scenario}");
             assert_eq!(v.metadata.name, "movie");
         }
-        assert!(variant(&wf, "+x").is_err());
+        assert!(variant(&wf, &services, "+x").is_err());
     }
 
     #[test]
