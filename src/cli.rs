@@ -171,6 +171,48 @@ pub struct ControlRun {
     /// Lifetime of the node and workload SVIDs it signs (renewed by proxies at half life).
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     pub svid_ttl: Duration,
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
+}
+
+/// Kubernetes mode: the control plane watches pods and namespaces and vouches for proxies with TokenReview.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Kubernetes mode")]
+pub struct KubernetesArgs {
+    /// Run in Kubernetes mode with the pod's in-cluster credentials: meshed pods (namespaces labelled
+    /// strait.dev/mesh=enabled) come from the API server, proxies join with their service-account
+    /// tokens, and the trust bundle is published in the ConfigMap strait-trust-bundle. VM mode (join tokens,
+    /// `strait apply`) is the default and keeps working beside it.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// API server URL instead of the in-cluster one (KUBERNETES_SERVICE_HOST), e.g. to run the control
+    /// plane outside the cluster.
+    #[arg(long, requires = "kubernetes")]
+    pub kube_api_server: Option<String>,
+    /// CA certificate of the API server.
+    #[arg(
+        long,
+        requires = "kubernetes",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub kube_ca_file: PathBuf,
+    /// Bearer token for the API server (re-read for every request, as projected tokens rotate).
+    #[arg(
+        long,
+        requires = "kubernetes",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub kube_token_file: PathBuf,
+    /// Namespace Strait runs in (proxies' service account and DaemonSet, the bundle ConfigMap). Default: the
+    /// pod's own namespace.
+    #[arg(long, requires = "kubernetes")]
+    pub kube_namespace: Option<String>,
+    /// Service account of the node proxies.
+    #[arg(long, requires = "kubernetes", default_value = "strait-proxy")]
+    pub proxy_service_account: String,
+    /// DaemonSet of the node proxies: a joining proxy's pod must be controlled by it.
+    #[arg(long, requires = "kubernetes", default_value = "strait-proxy")]
+    pub proxy_daemonset: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,9 +229,10 @@ pub enum ControlCommand {
         data_dir: PathBuf,
         #[arg(long)]
         trust_domain: String,
-        /// Address clients will reach the control plane on (written into the context file).
+        /// Address clients will reach the control plane on, HOST:PORT (written into the context file),
+        /// e.g. strait-control.strait-system.svc:15012.
         #[arg(long, default_value = "127.0.0.1:15012")]
-        server: SocketAddr,
+        server: String,
         /// When the directory already holds a control plane, keep it and succeed (for systemd's
         /// ExecStartPre and Kubernetes init containers, which run at every start).
         #[arg(long)]
@@ -410,6 +453,19 @@ pub struct ProxyArgs {
     /// Control plane URL.
     #[arg(long, env = "STRAIT_CONTROL")]
     pub control: String,
+    /// vm: workloads are local processes recognised by Unix user (systemd units). kubernetes: the proxy
+    /// runs in the node's network namespace (DaemonSet, host network); workloads are the meshed pods on
+    /// the node, recognised by address, their traffic diverted with TPROXY; the proxy joins with its
+    /// service-account token instead of a join token.
+    #[arg(long, value_enum, default_value = "vm", env = "STRAIT_MODE")]
+    pub mode: ProxyMode,
+    /// Kubernetes mode: the projected service-account token (audience "strait") the proxy joins with.
+    #[arg(long, default_value = "/var/run/secrets/strait/token")]
+    pub service_account_token_file: PathBuf,
+    /// Kubernetes mode: the trust bundle that authenticates the control plane (the ConfigMap
+    /// strait-trust-bundle, mounted).
+    #[arg(long, default_value = "/etc/strait/trust/bundle.pem")]
+    pub trust_bundle: PathBuf,
     /// This node's name (as in `strait node token create --node`).
     #[arg(long, env = "STRAIT_NODE")]
     pub node: String,
@@ -459,6 +515,12 @@ pub struct ProxyArgs {
     /// Log one allowed decision in this many (0: none). Denials are always logged.
     #[arg(long, default_value_t = 0)]
     pub decision_log_allow_sample: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    Vm,
+    Kubernetes,
 }
 
 #[derive(Subcommand, Debug)]

@@ -56,6 +56,25 @@ impl TrustBundle {
         Self::new(trust_domain, certs_from_pem(pem)?)
     }
 
+    /// A bundle whose trust domain is read from its first anchor's URI SAN (`spiffe://<td>`, which Strait's
+    /// CA certificates carry): for a node given only the bundle file, as in Kubernetes mode.
+    pub fn from_pem_self_described(pem: &str) -> Result<Self, BundleError> {
+        let certs = certs_from_pem(pem)?;
+        let bad = |reason: String| BundleError::BadAnchor { index: 0, reason };
+        let first = certs
+            .first()
+            .ok_or_else(|| bad("the bundle is empty".into()))?;
+        let cert = parse_cert(first).map_err(bad)?;
+        let sans = crate::cert::uri_sans(&cert).map_err(bad)?;
+        let td = sans
+            .iter()
+            .find_map(|u| TrustDomain::new(u).ok())
+            .ok_or_else(|| {
+                bad("no spiffe://<trust-domain> URI SAN names the trust domain".into())
+            })?;
+        Self::new(td, certs)
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }

@@ -80,7 +80,7 @@ fn main() {
         init(InitOptions {
             data_dir: dir.clone(),
             trust_domain: TrustDomain::new("bench.example").unwrap(),
-            server: addr,
+            server: addr.to_string(),
             ca: CaSource::Generate {
                 validity: Duration::from_secs(86400 * 365),
             },

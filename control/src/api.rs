@@ -39,6 +39,7 @@ pub mod paths {
     pub const READY: &str = "/v1/ready";
     pub const BUNDLE: &str = "/v1/bundle";
     pub const JOIN: &str = "/v1/join";
+    pub const JOIN_KUBERNETES: &str = "/v1/join/kubernetes";
     pub const NODE_RENEW: &str = "/v1/node/renew";
     pub const NODE_SVIDS: &str = "/v1/node/svids";
     pub const NODE_DIRECTORY: &str = "/v1/node/directory";
@@ -62,6 +63,21 @@ pub struct JoinRequest {
     #[serde(default)]
     pub tunnel_address: Option<String>,
     /// Every address of the node (IPv4 and IPv6): connections to them are routed to this node.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// Kubernetes mode: a node proxy joins with its projected service-account token (audience `strait`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeJoinRequest {
+    /// The service-account token (a JWT); checked with TokenReview, never stored or logged.
+    pub token: String,
+    /// The node the proxy runs on (its pod's spec.nodeName).
+    pub node: crate::registry::NodeName,
+    pub csr_pem: String,
+    #[serde(default)]
+    pub tunnel_address: Option<String>,
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
 }

@@ -1,6 +1,5 @@
 //! `strait control init`: a data directory with the CA, the store, the admin credential and a CLI context.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -60,8 +59,8 @@ impl CaSource {
 pub struct InitOptions {
     pub data_dir: PathBuf,
     pub trust_domain: TrustDomain,
-    /// The address clients will use (written into the context file).
-    pub server: SocketAddr,
+    /// The address clients will use, HOST:PORT (written into the context file).
+    pub server: String,
     pub ca: CaSource,
 }
 

@@ -7,6 +7,7 @@
 //! - [`api`]: paths and bodies; [`client`]: the API client; [`node`]: the node side (join, renew, SVIDs).
 //! - [`dist`]: the policy distributor (signed mesh versions pushed over QUIC, ACK/NACK).
 //! - [`workflows`]: stored workflows and the mesh policy bundle built from them.
+//! - [`kube`]: Kubernetes mode (pods and namespaces watched, proxies vouched for by TokenReview).
 //! - [`init`]: `strait control init`; [`context`]: the CLI's kubectl-style contexts.
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod client;
 pub mod context;
 pub mod dist;
 pub mod init;
+pub mod kube;
 pub mod node;
 pub mod registry;
 pub mod server;

@@ -126,6 +126,39 @@ pub async fn join(server: &str, token: &str, advert: Advert) -> Result<NodeIdent
     Ok(identity)
 }
 
+/// Kubernetes mode: joins with the pod's projected service-account token. The control plane is
+/// authenticated with the trust bundle it published (mounted from its ConfigMap), since there is no join
+/// token to carry a pin.
+pub async fn join_kubernetes(
+    server: &str,
+    bundle: Arc<TrustBundle>,
+    service_account_token: &str,
+    node: &crate::registry::NodeName,
+    advert: Advert,
+) -> Result<NodeIdentity, NodeError> {
+    let client = ApiClient::new(server, ServerTrust::Bundle(bundle.clone()), None, None)?;
+    let (key, csr_pem) = new_csr()?;
+    let resp: api::NodeCertResponse = client
+        .post(
+            paths::JOIN_KUBERNETES,
+            &api::KubeJoinRequest {
+                token: service_account_token.trim().to_owned(),
+                node: node.clone(),
+                csr_pem,
+                tunnel_address: advert.tunnel_address,
+                addresses: advert.addresses,
+            },
+        )
+        .await?;
+    let identity = identity_from(resp, key)?;
+    if identity.bundle.certs() != bundle.certs() {
+        return Err(NodeError::BadAnswer(
+            "the control plane answered with a trust bundle other than the one mounted".into(),
+        ));
+    }
+    Ok(identity)
+}
+
 impl NodeIdentity {
     pub fn id(&self) -> &SpiffeId {
         &self.svid.id

@@ -97,8 +97,16 @@ pub struct Workload {
     pub id: SpiffeId,
     pub node: NodeName,
     pub selector: Selector,
-    /// Sorted by port, no duplicates.
+    /// Sorted by port, no duplicates. Empty only for an `Ips` workload, meaning every port (protocol
+    /// detected); see [`Workload::serves`].
     pub ports: Vec<PortSpec>,
+}
+
+impl Workload {
+    /// True when mesh traffic to `port` is for this workload.
+    pub fn serves(&self, port: u16) -> bool {
+        self.ports.is_empty() || self.ports.iter().any(|p| p.port == port)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,8 +175,13 @@ impl TryFrom<RawWorkload> for Workload {
             _ => return Err("give only one of `uid`, `ip` and `ips`".into()),
         };
         let mut ports: Vec<PortSpec> = raw.ports.into_iter().map(|p| p.0).collect();
-        if ports.is_empty() {
-            return Err("`ports` needs at least one port".into());
+        // A pod address belongs to the workload alone, so a pod may leave `ports` empty: every port is
+        // its, protocol detected. A VM workload shares the node's address and must say which ports.
+        if ports.is_empty() && matches!(selector, Selector::Uid(_)) {
+            return Err(
+                "`ports` needs at least one port (a `uid` workload shares the node's addresses)"
+                    .into(),
+            );
         }
         if ports.iter().any(|p| p.port == 0) {
             return Err("port 0 is not a port".into());

@@ -113,11 +113,23 @@ pub struct State {
     last_seen: Mutex<HashMap<NodeName, Instant>>,
     /// The policy distributor (mesh versions, proxy sessions).
     pub hub: Arc<Hub>,
+    /// Kubernetes mode: the API server client and the pods it reports.
+    kube: Option<Arc<crate::kube::Kube>>,
 }
 
 impl State {
-    /// Opens the data directory written by [`crate::init::init`].
+    /// Opens the data directory written by [`crate::init::init`] (VM mode).
     pub fn open(data_dir: &Path, svid_ttl: Duration) -> anyhow::Result<Self> {
+        Self::open_with(data_dir, svid_ttl, None)
+    }
+
+    /// Opens the data directory; with `kube`, pods come from the Kubernetes API and no mesh version is made
+    /// until they have been listed (call [`start_kubernetes`](Self::start_kubernetes) next).
+    pub fn open_with(
+        data_dir: &Path,
+        svid_ttl: Duration,
+        kube: Option<crate::kube::KubeParts>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let ca = CertificateAuthority::load(&data_dir.join(layout::CA_DIR), SystemTime::now())
             .context("loading the CA")?;
@@ -135,6 +147,14 @@ impl State {
             .context("the CA has no trust anchor")?;
         let key = SigningKey::load_or_create(data_dir).context("loading the distribution key")?;
         let hub = Arc::new(Hub::open(&store, key, &ca.trust_domain().to_string())?);
+        let kube = kube.map(|k| {
+            hub.expect_external();
+            Arc::new(crate::kube::Kube::new(
+                k.client,
+                k.settings,
+                ca.trust_domain().clone(),
+            ))
+        });
         // Changes made while the control plane was down (or an older store) become a version now.
         hub.rebuild(&store).context("making the mesh version")?;
         Ok(Self {
@@ -146,9 +166,31 @@ impl State {
             admin_hash,
             svid_ttl,
             last_seen: Mutex::new(HashMap::new()),
+            kube,
         })
     }
 
+    /// Kubernetes mode: follows pods and namespaces, feeds them into mesh versions and publishes the trust
+    /// bundle for the proxies. No-op in VM mode.
+    pub fn start_kubernetes(self: &Arc<Self>) {
+        let Some(kube) = self.kube.clone() else {
+            return;
+        };
+        use crate::kube::watch::{reflect, Resource};
+        tokio::spawn(reflect(kube.clone(), Resource::Namespaces));
+        tokio::spawn(reflect(kube.clone(), Resource::Pods));
+        tokio::spawn(crate::kube::join::publish_bundle(
+            kube.clone(),
+            self.bundle_pem.clone(),
+        ));
+        tokio::spawn(crate::kube::feed(self.clone(), kube));
+    }
+
+    /// New pod workloads from Kubernetes: a new mesh version if they changed. Blocking.
+    pub(crate) fn set_kube_workloads(&self, workloads: Vec<Workload>) {
+        self.hub.set_external(workloads);
+        self.hub.changed(&self.store);
+    }
     fn control_id(&self) -> anyhow::Result<SpiffeId> {
         Ok(SpiffeId::parse(&format!(
             "{}{}",
@@ -437,6 +479,7 @@ async fn dispatch(
         (&Method::GET, paths::READY) => Ok(text(StatusCode::OK, "ready\n")),
         (&Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, state.bundle_pem.clone())),
         (&Method::POST, paths::JOIN) => join(state, caller, req).await,
+        (&Method::POST, paths::JOIN_KUBERNETES) => join_kubernetes(state, caller, req).await,
         (_, p) if p.starts_with("/v1/node/") => {
             let node = caller.node.clone().ok_or_else(|| {
                 warn!(remote = %caller.remote, path = p, "node route called without a node certificate");
@@ -612,6 +655,41 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
     Ok(json(StatusCode::OK, &resp))
 }
 
+/// Kubernetes mode: a proxy proves itself with its service-account token (see [`crate::kube::join`]).
+async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Reply {
+    let Some(kube) = state.kube.clone() else {
+        warn!(remote = %caller.remote, "Kubernetes join on a control plane in VM mode refused");
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_kubernetes",
+            "this control plane is not in Kubernetes mode (start it with --kubernetes); join with a token",
+        ));
+    };
+    let r: api::KubeJoinRequest = json_body(req).await?;
+    check_tunnel_address(&r.tunnel_address)?;
+    let csr = check_csr(&r.csr_pem)?;
+    if let Err(refusal) = crate::kube::join::authenticate_proxy(&kube, &r.token, &r.node).await {
+        warn!(remote = %caller.remote, node = %r.node, reason = %refusal, "Kubernetes join refused");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "join_refused",
+            "the service-account token was not accepted for this node (the control plane log says why)",
+        ));
+    }
+    let (st, remote, node) = (state.clone(), caller.remote, r.node);
+    let resp = blocking(move || {
+        let advert = Advert {
+            tunnel_address: r.tunnel_address,
+            addresses: r.addresses,
+        };
+        let resp = issue_node_cert(&st, &node, &csr, advert, SystemTime::now(), true)?;
+        info!(%remote, node = %node, "node joined with its Kubernetes service-account token");
+        Ok(resp)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
 /// Where a node says it can be reached.
 struct Advert {
     tunnel_address: Option<String>,
@@ -693,7 +771,9 @@ async fn workload_svid(state: &Arc<State>, node: NodeName, req: Request<Incoming
     let st = state.clone();
     let resp = blocking(move || {
         let registered = st.store.workload(&r.workload)?;
+        let pod_here = st.kube.as_ref().is_some_and(|k| k.runs_on(&r.workload, &node));
         match registered {
+            _ if pod_here => {}
             Some(w) if w.node == node => {}
             Some(w) => {
                 warn!(node = %node, workload = %r.workload, registered_on = %w.node,
@@ -877,7 +957,11 @@ async fn status(state: &Arc<State>) -> Reply {
             revision: st.store.revision()?,
             ca_not_after: secs(st.ca.not_after()),
             nodes,
-            workloads: st.store.workloads()?,
+            workloads: {
+                let mut w = st.store.workloads()?;
+                w.extend(st.hub.external().iter().cloned());
+                w
+            },
             workflows: st.store.workflows()?.iter().map(summary).collect(),
             distribution: st.hub.status(),
         })

@@ -49,9 +49,29 @@ pub const TABLE: &str = "strait";
 /// Socket mark on every socket the proxy opens, so its own traffic is never captured.
 pub const PROXY_MARK: u32 = 0x5354;
 
+/// Packets of meshed pods diverted to the proxy carry this mark, which routes them to the local stack.
+pub const TPROXY_MARK: u32 = 0x5355;
+/// The routing table that delivers [`TPROXY_MARK`]ed packets locally (`local default dev lo`).
+pub const TPROXY_TABLE: u32 = 0x5355;
+
+/// How workloads are recognised and captured on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Local processes by Unix user; their TCP is `redirect`ed in the output hook.
+    #[default]
+    Vm,
+    /// Pods by address; their TCP is diverted with TPROXY in the prerouting hook of the node (the proxy
+    /// runs in the host network namespace).
+    Kubernetes,
+}
+
 /// What the rules must capture and protect on this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CapturePlan {
+    pub mode: CaptureMode,
+    /// Kubernetes mode: addresses of the meshed pods on this node.
+    pub meshed_pods: BTreeSet<IpAddr>,
     /// Unix users of the node's registered workloads (outbound capture).
     pub workload_uids: BTreeSet<u32>,
     /// Workload ports that refuse plaintext (everything not declared PERMISSIVE).
@@ -158,24 +178,39 @@ fn counter() -> Statement<'static> {
     Statement::Counter(nftables::stmt::Counter::Anonymous(None))
 }
 
-/// The complete, idempotent transaction: create the table (a no-op if present), delete it with everything
-/// in it, and build it again. nft applies the batch atomically.
-pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
-    let table = || {
-        NfListObject::Table(Table {
-            family: NfFamily::INet,
-            name: TABLE.into(),
-            handle: None,
-        })
-    };
-    let mut objs = vec![
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+/// Create the table (a no-op if present), delete it with everything in it, create it again: the start of
+/// every ruleset transaction, so applying one replaces whatever was there.
+fn fresh_table() -> Vec<NfObject<'static>> {
+    vec![
         NfObject::CmdObject(NfCmd::Add(table())),
         NfObject::CmdObject(NfCmd::Delete(table())),
         NfObject::CmdObject(NfCmd::Add(table())),
+    ]
+}
+
+/// The complete, idempotent transaction for the plan's mode. nft applies the batch atomically.
+pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
+    match plan.mode {
+        CaptureMode::Vm => vm_ruleset(plan),
+        CaptureMode::Kubernetes => kubernetes_ruleset(plan),
+    }
+}
+
+fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
+    let mut objs = fresh_table();
+    objs.extend([
         chain("nat_output", NfChainType::NAT, NfHook::Output, -100),
         chain("filter_output", NfChainType::Filter, NfHook::Output, 0),
         chain("filter_input", NfChainType::Filter, NfHook::Input, 0),
-    ];
+    ]);
     let ret = || Statement::Return(None);
     let mark = || meta(MetaKey::Mark);
     let tcp = || eq(meta(MetaKey::L4proto), s("tcp"));
@@ -319,6 +354,261 @@ pub fn ruleset(plan: &CapturePlan) -> Nftables<'static> {
     }
 }
 
+/// The Kubernetes-mode ruleset (the proxy is in the node's network namespace; pods sit behind their own
+/// interfaces and are routed through the node, as with routed CNIs such as Calico):
+///
+/// ```text
+/// table inet strait {
+///   chain prerouting { type filter hook prerouting priority -90     # after kube-proxy's Service DNAT
+///     ip saddr @meshed fib saddr . iif oif missing counter drop    # a pod's address from elsewhere
+///     ip saddr @meshed ct original daddr RESOLVER th dport 53 accept   # DNS stays plain
+///     ip saddr @meshed4 meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set TPROXY_MARK accept
+///     ip6 saddr @meshed6 meta l4proto tcp tproxy ip6 to [::1]:15001 meta mark set TPROXY_MARK accept
+///   }
+///   chain forward { type filter hook forward priority 0
+///     ct state established,related accept             # answers to what pods were allowed to start
+///     ip saddr @meshed ct original daddr RESOLVER th dport 53 accept
+///     ip saddr @meshed counter drop                    # UDP, ICMP… from meshed pods: nothing else leaves
+///     ip daddr @meshed counter drop                    # plaintext into meshed pods (other pods, other hosts)
+///   }
+///   chain output { type filter hook output priority 0
+///     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept   # the node finds its pods
+///     meta mark PROXY_MARK accept                      # the proxy delivering tunnelled streams
+///     ct state established,related accept
+///     ip daddr @meshed counter drop                    # the node's other processes: no plaintext either
+///   }
+/// }
+/// ```
+///
+/// Pods of namespaces that did not opt in match none of these rules. The policy route for
+/// [`TPROXY_MARK`] (see [`ensure_tproxy_route`]) delivers diverted packets to the proxy's transparent
+/// listener, which sees the original source (the pod) and destination.
+fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
+    let mut objs = fresh_table();
+    objs.extend([
+        chain("prerouting", NfChainType::Filter, NfHook::Prerouting, -90),
+        chain("forward", NfChainType::Filter, NfHook::Forward, 0),
+        chain("output", NfChainType::Filter, NfHook::Output, 0),
+    ]);
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = plan.meshed_pods.iter().partition(|a| a.is_ipv4());
+    let families = [("ip", v4), ("ip6", v6)];
+    let addr_set = |ips: &[IpAddr]| set(ips.iter().map(|a| s(&a.to_string())));
+    let ct_state = || {
+        m(
+            Expression::Named(NamedExpression::CT(nftables::expr::CT {
+                key: "state".into(),
+                family: None,
+                dir: None,
+            })),
+            Operator::IN,
+            Expression::List(vec![s("established"), s("related")]),
+        )
+    };
+    let dns_rules = |chain_name: &str, objs: &mut Vec<NfObject<'static>>| {
+        for (proto, ips) in &families {
+            if ips.is_empty() {
+                continue;
+            }
+            for r in &plan.dns_resolvers {
+                let (rproto, family) = match r {
+                    IpAddr::V4(_) => ("ip", nftables::expr::CTFamily::IP),
+                    IpAddr::V6(_) => ("ip6", nftables::expr::CTFamily::IP6),
+                };
+                if rproto != *proto {
+                    continue;
+                }
+                objs.push(rule(
+                    chain_name,
+                    "DNS to the configured resolver (before Service DNAT)",
+                    vec![
+                        eq(field(proto, "saddr"), addr_set(ips)),
+                        eq(
+                            Expression::Named(NamedExpression::CT(nftables::expr::CT {
+                                key: "daddr".into(),
+                                family: Some(family),
+                                dir: Some(nftables::expr::CTDir::Original),
+                            })),
+                            s(&r.to_string()),
+                        ),
+                        eq(field("th", "dport"), Expression::Number(53)),
+                        Statement::Accept(None),
+                    ],
+                ));
+            }
+        }
+    };
+
+    // Source addresses are what identify pods here, so a packet claiming a meshed pod's address must have
+    // come in through the interface that address is routed to (strict reverse-path check, whatever the
+    // node's rp_filter sysctls say).
+    for (proto, ips) in &families {
+        if ips.is_empty() {
+            continue;
+        }
+        objs.push(rule(
+            "prerouting",
+            "spoofed meshed pod address (not routed back through its interface)",
+            vec![
+                eq(field(proto, "saddr"), addr_set(ips)),
+                eq(
+                    Expression::Named(NamedExpression::Fib(nftables::expr::Fib {
+                        result: nftables::expr::FibResult::Oif,
+                        flags: [nftables::expr::FibFlag::Saddr, nftables::expr::FibFlag::Iif]
+                            .into_iter()
+                            .collect(),
+                    })),
+                    Expression::Boolean(false),
+                ),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+    dns_rules("prerouting", &mut objs);
+    for (proto, ips) in &families {
+        if ips.is_empty() {
+            continue;
+        }
+        let to = if *proto == "ip" { "127.0.0.1" } else { "::1" };
+        objs.push(rule(
+            "prerouting",
+            "meshed pods' TCP goes to the proxy",
+            vec![
+                eq(field(proto, "saddr"), addr_set(ips)),
+                eq(meta(MetaKey::L4proto), s("tcp")),
+                Statement::TProxy(nftables::stmt::TProxy {
+                    family: Some((*proto).into()),
+                    port: plan.outbound_port,
+                    addr: Some(to.into()),
+                }),
+                Statement::Mangle(nftables::stmt::Mangle {
+                    key: meta(MetaKey::Mark),
+                    value: Expression::Number(TPROXY_MARK),
+                }),
+                Statement::Accept(None),
+            ],
+        ));
+    }
+
+    objs.push(rule(
+        "forward",
+        "answers to connections pods were allowed to open",
+        vec![ct_state(), Statement::Accept(None)],
+    ));
+    dns_rules("forward", &mut objs);
+    for (proto, ips) in &families {
+        if ips.is_empty() {
+            continue;
+        }
+        objs.push(rule(
+            "forward",
+            "nothing else leaves a meshed pod",
+            vec![
+                eq(field(proto, "saddr"), addr_set(ips)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+        objs.push(rule(
+            "forward",
+            "plaintext into meshed pods",
+            vec![
+                eq(field(proto, "daddr"), addr_set(ips)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+
+    // The node resolves its pods' IPv6 addresses with neighbour discovery (ARP, the IPv4 equivalent, is
+    // not IP and never reaches this table); dropping it would cut the proxy's own answers to the pod.
+    objs.push(rule(
+        "output",
+        "IPv6 neighbour discovery with the node's pods",
+        vec![
+            eq(meta(MetaKey::L4proto), s("ipv6-icmp")),
+            eq(
+                field("icmpv6", "type"),
+                set([s("nd-neighbor-solicit"), s("nd-neighbor-advert")]),
+            ),
+            Statement::Accept(None),
+        ],
+    ));
+    objs.push(rule(
+        "output",
+        "the proxy's own sockets",
+        vec![
+            eq(meta(MetaKey::Mark), Expression::Number(PROXY_MARK)),
+            Statement::Accept(None),
+        ],
+    ));
+    objs.push(rule(
+        "output",
+        "answers (the proxy's transparent sockets)",
+        vec![ct_state(), Statement::Accept(None)],
+    ));
+    for (proto, ips) in &families {
+        if ips.is_empty() {
+            continue;
+        }
+        objs.push(rule(
+            "output",
+            "plaintext from the node into meshed pods",
+            vec![
+                eq(field(proto, "daddr"), addr_set(ips)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+    Nftables {
+        objects: Cow::Owned(objs),
+    }
+}
+
+/// Runs `ip ARGS`, returning its error text on failure.
+fn ip(args: &[&str]) -> Result<(), CaptureError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(CaptureError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(CaptureError::Nft(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The policy routes TPROXY needs (IPv4 and IPv6): packets marked [`TPROXY_MARK`] are delivered locally,
+/// whatever their destination. Replaces any previous copy, so a restart does not stack rules.
+pub fn ensure_tproxy_route() -> Result<(), CaptureError> {
+    remove_tproxy_route();
+    let mark = format!("{TPROXY_MARK:#x}");
+    let table = TPROXY_TABLE.to_string();
+    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        ip(&[family, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+        ip(&[
+            family, "route", "replace", "local", default, "dev", "lo", "table", &table,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Removes what [`ensure_tproxy_route`] added; absent routes are fine.
+pub fn remove_tproxy_route() {
+    let mark = format!("{TPROXY_MARK:#x}");
+    let table = TPROXY_TABLE.to_string();
+    for family in ["-4", "-6"] {
+        // `ip rule del` removes one matching rule per call.
+        while ip(&[family, "rule", "del", "fwmark", &mark, "lookup", &table]).is_ok() {}
+        let _ = ip(&[family, "route", "flush", "table", &table]);
+    }
+}
+
 /// Runs `nft -j -f -` with the given JSON, returning nft's own error text on failure.
 fn nft_json(json: &str) -> Result<(), CaptureError> {
     let mut child = Command::new("nft")
@@ -352,15 +642,10 @@ pub fn apply(plan: &CapturePlan) -> Result<(), CaptureError> {
 
 /// Removes the table and every rule in it; succeeds if it is already gone.
 pub fn remove() -> Result<(), CaptureError> {
-    let table = NfListObject::Table(Table {
-        family: NfFamily::INet,
-        name: TABLE.into(),
-        handle: None,
-    });
     let batch = Nftables {
         objects: Cow::Owned(vec![
-            NfObject::CmdObject(NfCmd::Add(table.clone())),
-            NfObject::CmdObject(NfCmd::Delete(table)),
+            NfObject::CmdObject(NfCmd::Add(table())),
+            NfObject::CmdObject(NfCmd::Delete(table())),
         ]),
     };
     let json = serde_json::to_string(&batch).map_err(|e| CaptureError::Nft(e.to_string()))?;
@@ -388,11 +673,50 @@ mod tests {
             permissive_ports: [5002].into(),
             dns_resolvers: vec!["10.0.0.53".parse().unwrap()],
             outbound_port: 15001,
+            ..Default::default()
         };
         let json = serde_json::to_string(&ruleset(&plan)).unwrap();
         assert!(json.contains(r#""redirect":{"port":15001}"#), "{json}");
         assert!(json.contains(r#""skuid""#));
         assert!(json.contains("tcp reset"));
         assert!(json.contains("replies from PERMISSIVE ports"));
+    }
+
+    #[test]
+    fn kubernetes_ruleset_diverts_meshed_pods_only() {
+        let plan = CapturePlan {
+            mode: CaptureMode::Kubernetes,
+            meshed_pods: [
+                "10.244.1.2".parse().unwrap(),
+                "fd00:244::2".parse().unwrap(),
+            ]
+            .into(),
+            dns_resolvers: vec!["10.96.0.10".parse().unwrap()],
+            outbound_port: 15001,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&ruleset(&plan)).unwrap();
+        assert!(
+            json.contains(r#""tproxy":{"family":"ip","port":15001,"addr":"127.0.0.1"}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""tproxy":{"family":"ip6","port":15001,"addr":"::1"}"#),
+            "{json}"
+        );
+        assert!(json.contains("plaintext into meshed pods"));
+        assert!(
+            json.contains(r#""fib":{"result":"oif","flags":["#),
+            "{json}"
+        );
+        assert!(json.contains("nd-neighbor-solicit"), "{json}");
+        assert!(!json.contains("skuid"), "no VM rules in Kubernetes mode");
+        // No meshed pods: no pod rules at all, only the table and the generic accepts.
+        let empty = CapturePlan {
+            mode: CaptureMode::Kubernetes,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&ruleset(&empty)).unwrap();
+        assert!(!json.contains("tproxy"));
     }
 }

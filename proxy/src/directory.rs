@@ -25,6 +25,7 @@ pub struct DirectoryView {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     tunnels: HashMap<NodeName, SocketAddr>,
     local_by_uid: HashMap<u32, Arc<Workload>>,
+    local_by_ip: HashMap<IpAddr, Arc<Workload>>,
     pub local: Vec<Arc<Workload>>,
 }
 
@@ -58,6 +59,9 @@ impl DirectoryView {
                 Selector::Ips(ips) => {
                     for ip in ips {
                         v.by_ip.insert(*ip, w.clone());
+                        if &w.node == me {
+                            v.local_by_ip.insert(*ip, w.clone());
+                        }
                     }
                 }
                 Selector::Uid(uid) if &w.node == me => {
@@ -77,7 +81,7 @@ impl DirectoryView {
     /// port a workload on that node declared (VM mode).
     pub fn route(&self, dst: SocketAddr) -> Option<Route> {
         let workload = match self.by_ip.get(&dst.ip()) {
-            Some(w) if w.ports.iter().any(|p| p.port == dst.port()) => w.clone(),
+            Some(w) if w.serves(dst.port()) => w.clone(),
             Some(_) => return None,
             None => {
                 let node = self.node_by_addr.get(&dst.ip())?;
@@ -90,5 +94,33 @@ impl DirectoryView {
 
     pub fn local_by_uid(&self, uid: u32) -> Option<&Arc<Workload>> {
         self.local_by_uid.get(&uid)
+    }
+
+    /// The local pod with this address (Kubernetes mode).
+    pub fn local_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.local_by_ip.get(&ip)
+    }
+
+    /// The local workload with identity `id` that serves `target`: a pod owning that address (several
+    /// replicas may share an identity on one node), or a VM workload on one of the node's addresses.
+    pub fn local_target(
+        &self,
+        id: &strait_ca::SpiffeId,
+        target: SocketAddr,
+        node_addrs: &[IpAddr],
+    ) -> Option<Arc<Workload>> {
+        self.local
+            .iter()
+            .filter(|w| &w.id == id && w.serves(target.port()))
+            .find(|w| match &w.selector {
+                Selector::Ips(ips) => ips.contains(&target.ip()),
+                Selector::Uid(_) => target.ip().is_loopback() || node_addrs.contains(&target.ip()),
+            })
+            .cloned()
+    }
+
+    /// The meshed pod addresses on this node (Kubernetes mode capture).
+    pub fn local_pod_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.local_by_ip.keys().copied()
     }
 }

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::capture::{self, CapturePlan};
+use crate::capture::{self, CaptureMode, CapturePlan};
 use crate::certs::{CertStore, WorkloadCert};
 use crate::directory::DirectoryView;
 use crate::metrics::Metrics;
@@ -32,11 +32,24 @@ use crate::tunnel::{self, Ctx, EgressRule};
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const TUNNEL_PORT: u16 = 15008;
 
+/// How a node proves itself to the control plane the first time.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// VM mode: a one-time join token (none when the data directory already holds an identity).
+    JoinToken(Option<String>),
+    /// Kubernetes mode: the pod's projected service-account token (re-read at each join, as kubelet
+    /// rotates it) and the trust bundle the control plane publishes, to authenticate it.
+    ServiceAccount {
+        token_file: PathBuf,
+        trust_bundle: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
     pub control: String,
     pub node: NodeName,
-    pub token: Option<String>,
+    pub bootstrap: Bootstrap,
     pub data_dir: PathBuf,
     /// This node's addresses; the first is advertised as the tunnel address.
     pub addresses: Vec<IpAddr>,
@@ -55,6 +68,15 @@ pub struct ProxyOptions {
     pub decision_log_allow_sample: u64,
     /// Optional health endpoint (probes and metrics only), e.g. 0.0.0.0:15021.
     pub health: Option<SocketAddr>,
+}
+
+impl ProxyOptions {
+    pub fn mode(&self) -> CaptureMode {
+        match self.bootstrap {
+            Bootstrap::JoinToken(_) => CaptureMode::Vm,
+            Bootstrap::ServiceAccount { .. } => CaptureMode::Kubernetes,
+        }
+    }
 }
 
 /// What the admin endpoint reads.
@@ -151,14 +173,50 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
         }
         warn!(node = %id.id(), "the saved node certificate expired; joining again");
     }
-    let token = opts.token.as_deref().with_context(|| {
-        format!(
-            "no node identity in {} and no --token: create one with `strait node token create --node {}`",
-            opts.data_dir.display(),
-            opts.node
-        )
-    })?;
-    let id = join(&opts.control, token, advert(opts)).await?;
+    let id = match &opts.bootstrap {
+        Bootstrap::JoinToken(token) => {
+            let token = token.as_deref().with_context(|| {
+                format!(
+                    "no node identity in {} and no --token: create one with `strait node token create --node {}`",
+                    opts.data_dir.display(),
+                    opts.node
+                )
+            })?;
+            join(&opts.control, token, advert(opts)).await?
+        }
+        Bootstrap::ServiceAccount {
+            token_file,
+            trust_bundle,
+        } => {
+            let pem = std::fs::read_to_string(trust_bundle).with_context(|| {
+                format!(
+                    "reading the trust bundle {} (the control plane publishes it in the ConfigMap {})",
+                    trust_bundle.display(),
+                    strait_control::kube::BUNDLE_CONFIGMAP
+                )
+            })?;
+            let bundle =
+                strait_ca::TrustBundle::from_pem_self_described(&pem).with_context(|| {
+                    format!("{} is not a Strait trust bundle", trust_bundle.display())
+                })?;
+            let token = std::fs::read_to_string(token_file).with_context(|| {
+                format!(
+                    "reading the service-account token {} (a projected token with audience {:?})",
+                    token_file.display(),
+                    strait_control::kube::AUDIENCE
+                )
+            })?;
+            strait_control::node::join_kubernetes(
+                &opts.control,
+                Arc::new(bundle),
+                &token,
+                &opts.node,
+                advert(opts),
+            )
+            .await
+            .context("joining with the service-account token")?
+        }
+    };
     if id.id().path() != want {
         bail!(
             "the join token was made for {}, not node {}",
@@ -173,10 +231,16 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
 
 fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
     let mut plan = CapturePlan {
+        mode: opts.mode(),
         outbound_port: opts.outbound_port,
         dns_resolvers: opts.dns_resolvers.clone(),
         ..Default::default()
     };
+    if plan.mode == CaptureMode::Kubernetes {
+        // Every port of a meshed pod is protected by address; nothing port-based applies.
+        plan.meshed_pods = view.local_pod_ips().collect();
+        return plan;
+    }
     for w in &view.local {
         if let strait_control::registry::Selector::Uid(u) = w.selector {
             plan.workload_uids.insert(u);
@@ -451,8 +515,11 @@ pub async fn run(
         view,
         identity.bundle.clone(),
         metrics.clone(),
-        opts.addresses.clone(),
-        opts.egress.clone(),
+        tunnel::NodeSettings {
+            addrs: opts.addresses.clone(),
+            egress: opts.egress.clone(),
+            mode: opts.mode(),
+        },
         authz.clone(),
     ));
 
@@ -461,6 +528,19 @@ pub async fn run(
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), opts.outbound_port),
         SocketAddr::new(Ipv6Addr::LOCALHOST.into(), opts.outbound_port),
     )?;
+    if opts.mode() == CaptureMode::Kubernetes {
+        // TPROXY hands connections to a loopback listener only if it is transparent; it then accepts them
+        // with their original (pod) addresses.
+        for l in &outbound {
+            let sock = socket2::SockRef::from(l);
+            match l.local_addr()? {
+                SocketAddr::V4(_) => sock.set_ip_transparent_v4(true),
+                SocketAddr::V6(_) => sock.set_ip_transparent_v6(true),
+            }
+            .context("setting IP_TRANSPARENT on the outbound listener (needs CAP_NET_ADMIN)")?;
+        }
+        capture::ensure_tproxy_route().context("installing the TPROXY policy route")?;
+    }
     let inbound = bind_pair(
         SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), opts.tunnel_port),
         SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), opts.tunnel_port),
@@ -599,6 +679,9 @@ pub async fn run(
         t.abort();
     }
     capture::remove().context("removing the nftables rules")?;
+    if opts.mode() == CaptureMode::Kubernetes {
+        capture::remove_tproxy_route();
+    }
     info!("capture rules removed; bye");
     Ok(())
 }

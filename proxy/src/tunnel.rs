@@ -153,6 +153,8 @@ pub struct Ctx {
     pub inflight: Inflight,
     pub authz: Arc<crate::authz::Authz>,
     pub workload_client: crate::l7::WorkloadClient,
+    /// How captured connections reach the outbound listener, hence how their source is recognised.
+    pub mode: crate::capture::CaptureMode,
     pool: Mutex<HashMap<PoolKey, Pooled>>,
 }
 
@@ -169,16 +171,30 @@ struct Pooled {
     generation: u64,
 }
 
+/// What the data path needs to know about the node it runs on.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSettings {
+    /// The node's addresses (VM workloads are reached on them).
+    pub addrs: Vec<IpAddr>,
+    /// Destinations outside the mesh that workloads may reach.
+    pub egress: Vec<EgressRule>,
+    pub mode: crate::capture::CaptureMode,
+}
+
 impl Ctx {
     pub fn new(
         certs: Arc<CertStore>,
         dir: DirectoryView,
         bundle: Arc<TrustBundle>,
         metrics: Arc<Metrics>,
-        node_addrs: Vec<IpAddr>,
-        egress: Vec<EgressRule>,
+        node: NodeSettings,
         authz: Arc<crate::authz::Authz>,
     ) -> Self {
+        let NodeSettings {
+            addrs: node_addrs,
+            egress,
+            mode,
+        } = node;
         Self {
             certs,
             dir: ArcSwap::from_pointee(dir),
@@ -189,6 +205,7 @@ impl Ctx {
             inflight: Inflight::default(),
             authz,
             workload_client: crate::l7::workload_client(),
+            mode,
             pool: Mutex::new(HashMap::new()),
         }
     }
@@ -225,27 +242,8 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
     let dir = Direction {
         direction: "outbound",
     };
-    let dst = match original_dst(&tcp) {
-        Ok(d) => d,
-        Err(e) => {
-            // Not a redirected connection: someone connected to the outbound port directly.
-            ctx.metrics.refuse("outbound", "not_redirected");
-            warn!(%peer, error = %e, "connection to the outbound port without a redirect; refused");
-            return;
-        }
-    };
     let view = ctx.dir.load_full();
-    let uid = match client_uid(&tcp, peer, dst) {
-        Ok(Some(uid)) => uid,
-        other => {
-            ctx.metrics.refuse("outbound", "unknown_source");
-            warn!(%peer, %dst, ?other, "cannot tell which user opened this connection; refused");
-            return;
-        }
-    };
-    let Some(src) = view.local_by_uid(uid).cloned() else {
-        ctx.metrics.refuse("outbound", "unregistered_source");
-        warn!(%peer, %dst, uid, "connection from a user that is not a registered workload; refused");
+    let Some((src, dst)) = source_and_destination(ctx, &view, &tcp, peer) else {
         return;
     };
     let Some(route) = view.route(dst) else {
@@ -284,6 +282,64 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => {
             ctx.metrics.refuse("outbound", e.reason());
             warn!(src = %src.id, dst = %route.workload.id, %dst, error = %e, "outbound connection failed");
+        }
+    }
+}
+
+/// Who opened a captured connection and where it was going, or `None` (refused, logged and counted).
+///
+/// VM mode (`redirect`): the destination from `SO_ORIGINAL_DST`, the source workload from the Unix user
+/// owning the client socket. Kubernetes mode (TPROXY): the connection keeps its original addresses, so the
+/// destination is the accepted socket's local address and the source workload is the pod with the peer's
+/// address (pods cannot forge it: the CNI's routes and the node's reverse-path check bind it to the pod's
+/// interface).
+fn source_and_destination(
+    ctx: &Ctx,
+    view: &DirectoryView,
+    tcp: &TcpStream,
+    peer: SocketAddr,
+) -> Option<(Arc<Workload>, SocketAddr)> {
+    match ctx.mode {
+        crate::capture::CaptureMode::Vm => {
+            let dst = match original_dst(tcp) {
+                Ok(d) => d,
+                Err(e) => {
+                    // Not a redirected connection: someone connected to the outbound port directly.
+                    ctx.metrics.refuse("outbound", "not_redirected");
+                    warn!(%peer, error = %e, "connection to the outbound port without a redirect; refused");
+                    return None;
+                }
+            };
+            let uid = match client_uid(tcp, peer, dst) {
+                Ok(Some(uid)) => uid,
+                other => {
+                    ctx.metrics.refuse("outbound", "unknown_source");
+                    warn!(%peer, %dst, ?other, "cannot tell which user opened this connection; refused");
+                    return None;
+                }
+            };
+            let Some(src) = view.local_by_uid(uid).cloned() else {
+                ctx.metrics.refuse("outbound", "unregistered_source");
+                warn!(%peer, %dst, uid, "connection from a user that is not a registered workload; refused");
+                return None;
+            };
+            Some((src, dst))
+        }
+        crate::capture::CaptureMode::Kubernetes => {
+            let dst = match tcp.local_addr() {
+                Ok(d) if !d.ip().is_loopback() => d,
+                other => {
+                    ctx.metrics.refuse("outbound", "not_redirected");
+                    warn!(%peer, local = ?other, "connection to the outbound port that was not diverted by TPROXY; refused");
+                    return None;
+                }
+            };
+            let Some(src) = view.local_by_ip(peer.ip()).cloned() else {
+                ctx.metrics.refuse("outbound", "unregistered_source");
+                warn!(%peer, %dst, "connection from an address that is not a meshed pod on this node; refused");
+                return None;
+            };
+            Some((src, dst))
         }
     }
 }
@@ -530,14 +586,13 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
                 ctx.metrics.refuse("inbound", "no_identity");
                 return;
             };
-            let view = ctx.dir.load_full();
-            let Some(dst_workload) = view.local.iter().find(|w| w.id == dst).cloned() else {
+            if !ctx.dir.load().local.iter().any(|w| w.id == dst) {
                 ctx.metrics.refuse("inbound", "unknown_destination");
                 return;
-            };
+            }
             let svc_ctx = ctx.clone();
             let svc = hyper::service::service_fn(move |req| {
-                let (ctx, src, dst) = (svc_ctx.clone(), src.clone(), dst_workload.clone());
+                let (ctx, src, dst) = (svc_ctx.clone(), src.clone(), dst.clone());
                 async move {
                     Ok::<_, std::convert::Infallible>(inbound_stream(ctx, src, dst, peer, req))
                 }
@@ -564,7 +619,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 fn inbound_stream(
     ctx: Arc<Ctx>,
     src: SpiffeId,
-    dst: Arc<Workload>,
+    dst_id: SpiffeId,
     peer: SocketAddr,
     mut req: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
@@ -577,15 +632,18 @@ fn inbound_stream(
         ctx.metrics.refuse("inbound", "bad_target");
         return status(StatusCode::BAD_REQUEST);
     };
-    // Only this node's addresses and the destination workload's declared ports: a tunnel is not an open
-    // relay to the node's other services or to other hosts.
-    let local_ip = target.ip().is_loopback() || ctx.node_addrs.contains(&target.ip());
-    let pod_ip = matches!(&dst.selector, strait_control::registry::Selector::Ips(ips) if ips.contains(&target.ip()));
-    if !(local_ip || pod_ip) || !dst.ports.iter().any(|p| p.port == target.port()) {
+    // Only an address and port of a local workload with the identity the peer asked for (the node's
+    // addresses and declared ports for a VM workload, the pod's own address for a pod): a tunnel is not an
+    // open relay to the node's other services or to other hosts.
+    let Some(dst) = ctx
+        .dir
+        .load()
+        .local_target(&dst_id, target, &ctx.node_addrs)
+    else {
         ctx.metrics.refuse("inbound", "target_not_workload");
-        warn!(%src, dst = %dst.id, %target, "stream to an address or port the workload does not serve; refused");
+        warn!(%src, dst = %dst_id, %target, "stream to an address or port the workload does not serve; refused");
         return status(StatusCode::FORBIDDEN);
-    }
+    };
     tokio::spawn(async move {
         let _guard = ctx.inflight.enter();
         let dir = Direction {

@@ -32,6 +32,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             }
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            strait_control::client::parse_server(&server)
+                .map_err(|_| anyhow!("--server {server:?}: expected HOST:PORT, e.g. 10.0.0.5:15012 or strait-control.strait-system.svc:15012"))?;
             let ca = CaSource::from_files(
                 ca.from_cert.as_deref(),
                 ca.from_key.as_deref(),
@@ -41,7 +43,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             let out = init(InitOptions {
                 data_dir: data_dir.clone(),
                 trust_domain: td.clone(),
-                server,
+                server: server.clone(),
                 ca,
             })?;
             println!(
@@ -62,7 +64,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             let data_dir = args.run.data_dir.ok_or_else(|| {
                 anyhow!("--data-dir is required (create one with `strait control init --data-dir DIR --trust-domain TD`)")
             })?;
-            let state = Arc::new(State::open(&data_dir, args.run.svid_ttl)?);
+            let kube = kubernetes_parts(&args.run.kubernetes)?;
+            let state = Arc::new(State::open_with(&data_dir, args.run.svid_ttl, kube)?);
             let listen = args.run.listen;
             let monitoring: Option<std::net::SocketAddr> = match args.run.monitoring.as_str() {
                 "off" => None,
@@ -88,6 +91,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                         })?;
                         tokio::spawn(serve_monitoring(state.clone(), l));
                     }
+                    state.start_kubernetes();
                     strait_control::systemd::spawn_watchdog();
                     strait_control::systemd::ready(&format!("serving the API on {listen}"));
                     serve(state, listener, async {
@@ -98,6 +102,43 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                 })
         }
     }
+}
+
+/// The Kubernetes client and settings when `--kubernetes` is given.
+fn kubernetes_parts(
+    args: &crate::cli::KubernetesArgs,
+) -> anyhow::Result<Option<strait_control::kube::KubeParts>> {
+    use strait_control::kube::client::{KubeClient, KubeConfig, SA_DIR};
+    if !args.kubernetes {
+        return Ok(None);
+    }
+    let server = match &args.kube_api_server {
+        Some(s) => s.clone(),
+        None => KubeConfig::in_cluster()?.server,
+    };
+    let config = KubeConfig {
+        server,
+        ca_file: args.kube_ca_file.clone(),
+        token_file: args.kube_token_file.clone(),
+    };
+    let client = KubeClient::new(&config).context("--kubernetes")?;
+    let namespace = match &args.kube_namespace {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string(std::path::Path::new(SA_DIR).join("namespace"))
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| {
+                anyhow!("cannot read this pod's namespace from {SA_DIR}/namespace ({e}); pass --kube-namespace")
+            })?,
+    };
+    info!(server = %config.server, %namespace, "Kubernetes mode");
+    Ok(Some(strait_control::kube::KubeParts {
+        client,
+        settings: strait_control::kube::KubeSettings {
+            namespace,
+            proxy_service_account: args.proxy_service_account.clone(),
+            proxy_daemonset: args.proxy_daemonset.clone(),
+        },
+    }))
 }
 
 /// Resolves on SIGTERM or SIGINT.

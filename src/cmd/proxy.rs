@@ -2,10 +2,10 @@
 
 use anyhow::{anyhow, Context as _};
 use strait_control::registry::NodeName;
-use strait_proxy::run::{run as run_proxy, ProxyOptions, OUTBOUND_PORT, TUNNEL_PORT};
+use strait_proxy::run::{run as run_proxy, Bootstrap, ProxyOptions, OUTBOUND_PORT, TUNNEL_PORT};
 use strait_proxy::tunnel::EgressRule;
 
-use crate::cli::ProxyArgs;
+use crate::cli::{ProxyArgs, ProxyMode};
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     if !has_net_admin() {
@@ -27,10 +27,22 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .iter()
         .map(|e| EgressRule::parse(e).map_err(|m| anyhow!("--allow-egress {m}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let bootstrap = match args.mode {
+        ProxyMode::Vm => Bootstrap::JoinToken(token),
+        ProxyMode::Kubernetes if token.is_some() => {
+            return Err(anyhow!(
+                "--mode kubernetes joins with the service-account token (--service-account-token-file); drop --token/--token-file"
+            ))
+        }
+        ProxyMode::Kubernetes => Bootstrap::ServiceAccount {
+            token_file: args.service_account_token_file,
+            trust_bundle: args.trust_bundle,
+        },
+    };
     let opts = ProxyOptions {
         control: args.control,
         node: NodeName::new(&args.node).map_err(|e| anyhow!("--node {:?}: {e}", args.node))?,
-        token,
+        bootstrap,
         data_dir: args.data_dir,
         addresses: args.addresses,
         tunnel_port: TUNNEL_PORT,

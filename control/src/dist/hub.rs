@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::version::{SignedVersion, SigningKey, VersionPayload};
 use super::wire::{self, ClientMsg, ServerMsg};
 use super::Transport;
-use crate::registry::NodeName;
+use crate::registry::{NodeName, Workload};
 use crate::store::Store;
 
 /// A proxy has this long to say hello after its handshake.
@@ -194,6 +194,20 @@ pub struct Hub {
     rollout_done: Mutex<Option<(u64, f64)>>,
     next_session: AtomicU64,
     metrics: HubMetrics,
+    /// Workloads that come from outside the store (Kubernetes pods), merged into every directory.
+    external: Mutex<External>,
+}
+
+/// The externally sourced workloads.
+#[derive(Debug, Clone, Default)]
+enum External {
+    /// VM mode: none.
+    #[default]
+    None,
+    /// Kubernetes mode before the first complete list of pods and namespaces: no version is made, so a
+    /// restarting control plane never publishes a directory that lacks every pod.
+    Waiting,
+    Known(Arc<Vec<Workload>>),
 }
 
 impl std::fmt::Debug for Hub {
@@ -231,7 +245,27 @@ impl Hub {
             rollout_done: Mutex::new(None),
             next_session: AtomicU64::new(1),
             metrics,
+            external: Mutex::new(External::None),
         })
+    }
+
+    /// Kubernetes mode: hold new versions until [`set_external`](Self::set_external) gives the pods.
+    pub fn expect_external(&self) {
+        *self.external.lock().unwrap_or_else(|p| p.into_inner()) = External::Waiting;
+    }
+
+    /// Replaces the external workloads; the caller rebuilds.
+    pub fn set_external(&self, workloads: Vec<Workload>) {
+        *self.external.lock().unwrap_or_else(|p| p.into_inner()) =
+            External::Known(Arc::new(workloads));
+    }
+
+    /// The external workloads in the directory now (for status).
+    pub fn external(&self) -> Arc<Vec<Workload>> {
+        match &*self.external.lock().unwrap_or_else(|p| p.into_inner()) {
+            External::Known(w) => w.clone(),
+            _ => Arc::default(),
+        }
     }
 
     pub fn public_key(&self) -> super::version::PublicKey {
@@ -246,7 +280,20 @@ impl Hub {
     /// store write): call it from the blocking pool.
     pub fn rebuild(&self, store: &Store) -> anyhow::Result<Option<u64>> {
         let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
-        let directory = store.directory()?;
+        let external = self
+            .external
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut directory = store.directory()?;
+        match external {
+            External::None => {}
+            External::Waiting => {
+                debug!("waiting for the first list of pods before making a mesh version");
+                return Ok(None);
+            }
+            External::Known(w) => directory.workloads.extend(w.iter().cloned()),
+        }
         let bundle = crate::workflows::mesh_bundle(&store.workflows()?)?;
         let hash = VersionPayload::compute_hash(&directory, &bundle);
         let current = self.latest();

@@ -1,0 +1,216 @@
+//! Node proxies join with their projected service-account token instead of a join token.
+//!
+//! The checks, in order (each refusal says which one failed, in the log; the caller gets one generic
+//! answer): TokenReview says the token is authentic and issued for the audience `strait`; it belongs to the
+//! proxies' service account; it is bound to a pod (pod name and uid in the review's `extra`); that pod
+//! exists now with that uid, is not being deleted, is controlled by the strait DaemonSet and is scheduled on
+//! the node the proxy claims (and the review's node name, when the API server adds it, agrees). Only then is
+//! a node SVID issued for that node. A token copied out of a proxy pod is therefore worth that one node's
+//! identity, only while that pod exists.
+//!
+//! The trust bundle proxies use to authenticate the control plane on that first call is published by the
+//! control plane in a ConfigMap ([`publish_bundle`]).
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::client::KubeError;
+use super::model::{
+    ConfigMap, ObjectMeta, Pod, TokenReview, TokenReviewSpec, EXTRA_NODE_NAME, EXTRA_POD_NAME,
+    EXTRA_POD_UID,
+};
+use super::{Kube, AUDIENCE, BUNDLE_CONFIGMAP, BUNDLE_KEY};
+use crate::registry::NodeName;
+
+/// Why a proxy's token was not accepted (logged, never sent back in detail).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("TokenReview failed: {0}")]
+    Review(KubeError),
+    #[error("the token is not valid: {0}")]
+    NotAuthenticated(String),
+    #[error("the token was not issued for the audience {AUDIENCE:?} (audiences: {0:?})")]
+    Audience(Vec<String>),
+    #[error("the token belongs to {0}, not to the proxies' service account {1}")]
+    WrongAccount(String, String),
+    #[error("the token is not bound to a pod (use a projected service-account token)")]
+    NotPodBound,
+    #[error("pod {0} cannot be read: {1}")]
+    PodLookup(String, KubeError),
+    #[error("pod {0} was replaced (uid {1}, the token names {2})")]
+    PodReplaced(String, String, String),
+    #[error("pod {0} is being deleted")]
+    PodDeleting(String),
+    #[error("pod {0} is not a pod of the DaemonSet {1} (controller: {2})")]
+    NotProxyPod(String, String, String),
+    #[error("pod {pod} runs on node {actual}, but the proxy asked for node {claimed}")]
+    WrongNode {
+        pod: String,
+        actual: String,
+        claimed: String,
+    },
+}
+
+/// Checks a proxy's token for `node`; Ok means the node SVID may be issued.
+pub async fn authenticate_proxy(kube: &Kube, token: &str, node: &NodeName) -> Result<(), Refusal> {
+    let review = TokenReview {
+        api_version: "authentication.k8s.io/v1".into(),
+        kind: "TokenReview".into(),
+        spec: TokenReviewSpec {
+            token: token.to_owned(),
+            audiences: vec![AUDIENCE.into()],
+        },
+        status: None,
+    };
+    let answer: TokenReview = kube
+        .client
+        .post("/apis/authentication.k8s.io/v1/tokenreviews", &review)
+        .await
+        .map_err(Refusal::Review)?;
+    let status = answer.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(Refusal::NotAuthenticated(
+            status.error.unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    if !status.audiences.iter().any(|a| a == AUDIENCE) {
+        return Err(Refusal::Audience(status.audiences));
+    }
+    let user = status.user.unwrap_or_default();
+    let s = &kube.settings;
+    let expected = format!(
+        "system:serviceaccount:{}:{}",
+        s.namespace, s.proxy_service_account
+    );
+    if user.username != expected {
+        return Err(Refusal::WrongAccount(user.username, expected));
+    }
+    let (Some(pod_name), Some(pod_uid)) = (
+        user.extra_one(EXTRA_POD_NAME),
+        user.extra_one(EXTRA_POD_UID),
+    ) else {
+        return Err(Refusal::NotPodBound);
+    };
+    let full = format!("{}/{pod_name}", s.namespace);
+    // Read the pod from the API, not the watch cache: the answer must be current.
+    let pod: Pod = kube
+        .client
+        .get(&format!(
+            "/api/v1/namespaces/{}/pods/{}",
+            s.namespace,
+            path_segment(pod_name)
+        ))
+        .await
+        .map_err(|e| Refusal::PodLookup(full.clone(), e))?;
+    if pod.metadata.uid != pod_uid {
+        return Err(Refusal::PodReplaced(
+            full,
+            pod.metadata.uid,
+            pod_uid.to_owned(),
+        ));
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(Refusal::PodDeleting(full));
+    }
+    match pod.controller() {
+        Some(("DaemonSet", name)) if name == s.proxy_daemonset => {}
+        other => {
+            let c = other.map_or("none".to_owned(), |(k, n)| format!("{k}/{n}"));
+            return Err(Refusal::NotProxyPod(full, s.proxy_daemonset.clone(), c));
+        }
+    }
+    let actual = pod.spec.node_name.unwrap_or_default();
+    let review_node = user.extra_one(EXTRA_NODE_NAME);
+    if actual != node.as_str() || review_node.is_some_and(|n| n != node.as_str()) {
+        return Err(Refusal::WrongNode {
+            pod: full,
+            actual,
+            claimed: node.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A pod name is a DNS label; anything else cannot name a pod and must not reach the URL unescaped.
+fn path_segment(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        .collect()
+}
+
+/// Keeps the ConfigMap holding the trust bundle up to date (created if missing, replaced if different),
+/// checking again every few minutes in case it was deleted or edited.
+pub async fn publish_bundle(kube: std::sync::Arc<Kube>, bundle_pem: String) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match ensure_bundle(&kube, &bundle_pem).await {
+            Ok(changed) => {
+                if changed {
+                    info!(
+                        namespace = %kube.settings.namespace,
+                        configmap = BUNDLE_CONFIGMAP,
+                        "trust bundle published for node proxies"
+                    );
+                }
+                backoff = Duration::from_millis(200);
+                tokio::time::sleep(Duration::from_secs(300)).await;
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot publish the trust bundle ConfigMap");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn ensure_bundle(kube: &Kube, pem: &str) -> Result<bool, KubeError> {
+    let ns = &kube.settings.namespace;
+    let path = format!("/api/v1/namespaces/{ns}/configmaps/{BUNDLE_CONFIGMAP}");
+    let existing: Option<ConfigMap> = match kube.client.get(&path).await {
+        Ok(cm) => Some(cm),
+        Err(e) if e.code() == Some(404) => None,
+        Err(e) => return Err(e),
+    };
+    let mut cm = ConfigMap {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        metadata: ObjectMeta {
+            name: BUNDLE_CONFIGMAP.into(),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        data: [(BUNDLE_KEY.to_owned(), pem.to_owned())].into(),
+    };
+    cm.metadata
+        .labels
+        .insert("app.kubernetes.io/part-of".into(), "strait".into());
+    match existing {
+        None => {
+            let _: ConfigMap = kube
+                .client
+                .post(&format!("/api/v1/namespaces/{ns}/configmaps"), &cm)
+                .await?;
+            Ok(true)
+        }
+        Some(old) if old.data.get(BUNDLE_KEY).map(String::as_str) == Some(pem) => Ok(false),
+        Some(old) => {
+            // Optimistic concurrency: replace exactly the version read.
+            cm.metadata.resource_version = old.metadata.resource_version;
+            let _: ConfigMap = kube.client.put(&path, &cm).await?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_names_cannot_escape_the_path() {
+        assert_eq!(path_segment("strait-proxy-x7k2p"), "strait-proxy-x7k2p");
+        assert_eq!(path_segment("../../secrets?x=1"), "....secretsx1");
+    }
+}

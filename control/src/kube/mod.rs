@@ -1,0 +1,328 @@
+//! Kubernetes mode of the control plane: the API server is the source of truth for which pods are in the
+//! mesh, and it vouches for node proxies.
+//!
+//! - [`watch`]: list + watch of pods and namespaces (resourceVersion, bookmarks, re-list on 410 Gone) into
+//!   an in-memory cache; every change becomes a new mesh version (debounced), pushed to proxies as in VM
+//!   mode. Proxies never talk to the API server.
+//! - [`join`]: a proxy proves itself with its projected service-account token (audience `strait`); the
+//!   control plane asks TokenReview and checks the token is bound to a pod of the strait DaemonSet on the
+//!   node it claims.
+//! - [`client`]: the HTTPS client (in-cluster credentials); [`model`]: the object fields read.
+//!
+//! A pod is in the mesh when its namespace has the label `strait.dev/mesh=enabled`, it has an IP, is
+//! scheduled, does not use the host network (its address would be the node's) and has not finished. Its
+//! identity is `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>`; all its ports are mesh ports.
+
+pub mod client;
+pub mod join;
+pub mod model;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use strait_ca::{SpiffeId, TrustDomain};
+use tokio::sync::Notify;
+
+use crate::registry::{NodeName, Selector, Workload};
+use client::KubeClient;
+use model::{Namespace, Pod};
+
+/// The namespace label that opts a namespace's pods into the mesh (like Istio's injection label).
+pub const MESH_LABEL: &str = "strait.dev/mesh";
+pub const MESH_LABEL_VALUE: &str = "enabled";
+/// The audience proxies' projected tokens must be issued for.
+pub const AUDIENCE: &str = "strait";
+/// The ConfigMap the control plane publishes the trust bundle in (key [`BUNDLE_KEY`]).
+pub const BUNDLE_CONFIGMAP: &str = "strait-trust-bundle";
+pub const BUNDLE_KEY: &str = "bundle.pem";
+
+/// Who the node proxies are in the cluster.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// The namespace the control plane and the proxies run in (the ConfigMap goes there).
+    pub namespace: String,
+    /// The proxies' service account (in `namespace`).
+    pub proxy_service_account: String,
+    /// The DaemonSet whose pods are the proxies.
+    pub proxy_daemonset: String,
+}
+
+/// What `State::open_with` needs to run in Kubernetes mode.
+#[derive(Debug)]
+pub struct KubeParts {
+    pub client: KubeClient,
+    pub settings: KubeSettings,
+}
+
+/// Turns cache changes into mesh versions: waits for a change, lets a burst of events settle (a rollout
+/// changes many pods at once; one version for all of them), and rebuilds when the meshed pods differ.
+pub async fn feed(state: std::sync::Arc<crate::server::State>, kube: std::sync::Arc<Kube>) {
+    const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+    let mut last: Option<Vec<Workload>> = None;
+    loop {
+        kube.changed.notified().await;
+        tokio::time::sleep(SETTLE).await;
+        if !kube.synced() {
+            continue;
+        }
+        let now = kube.workloads();
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        last = Some(now.clone());
+        tracing::info!(pods = now.len(), "meshed pods changed");
+        let st = state.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || st.set_kube_workloads(now)).await {
+            tracing::error!(error = %e, "mesh version update task failed");
+        }
+    }
+}
+
+/// The control plane's Kubernetes side: client, settings and the watched state.
+#[derive(Debug)]
+pub struct Kube {
+    pub client: KubeClient,
+    pub settings: KubeSettings,
+    trust_domain: TrustDomain,
+    cache: Mutex<Cache>,
+    /// Signalled after every change to the cache.
+    pub(crate) changed: Notify,
+    pods_synced: AtomicBool,
+    namespaces_synced: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    /// Namespace name → in the mesh.
+    namespaces: HashMap<String, bool>,
+    /// (namespace, name) → pod.
+    pods: HashMap<(String, String), Pod>,
+}
+
+impl Kube {
+    pub fn new(client: KubeClient, settings: KubeSettings, trust_domain: TrustDomain) -> Self {
+        Self {
+            client,
+            settings,
+            trust_domain,
+            cache: Mutex::new(Cache::default()),
+            changed: Notify::new(),
+            pods_synced: AtomicBool::new(false),
+            namespaces_synced: AtomicBool::new(false),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Both lists have been read once: until then the mesh is not published from a partial view.
+    pub fn synced(&self) -> bool {
+        self.pods_synced.load(Ordering::SeqCst) && self.namespaces_synced.load(Ordering::SeqCst)
+    }
+
+    /// The identity a pod would have, whether or not it is in the mesh.
+    pub fn identity(&self, pod: &Pod) -> Option<SpiffeId> {
+        let ns = pod.metadata.namespace.as_deref()?;
+        let sa = pod
+            .spec
+            .service_account_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        SpiffeId::workload(&self.trust_domain, ns, sa).ok()
+    }
+
+    /// The mesh workload a pod is, or why it is not one.
+    fn workload_of(&self, cache: &Cache, pod: &Pod) -> Option<Workload> {
+        let ns = pod.metadata.namespace.as_deref()?;
+        if !cache.namespaces.get(ns).copied().unwrap_or(false)
+            || pod.spec.host_network
+            || pod.finished()
+        {
+            return None;
+        }
+        let node = NodeName::new(pod.spec.node_name.as_deref()?).ok()?;
+        let ips = pod.ips();
+        if ips.is_empty() {
+            return None;
+        }
+        Some(Workload {
+            id: self.identity(pod)?,
+            node,
+            selector: Selector::Ips(ips),
+            ports: Vec::new(),
+        })
+    }
+
+    /// Every meshed pod as a workload, in a stable order (so equal states hash equally).
+    pub fn workloads(&self) -> Vec<Workload> {
+        let cache = self.cache();
+        let mut keys: Vec<&(String, String)> = cache.pods.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .filter_map(|k| cache.pods.get(k))
+            .filter_map(|p| self.workload_of(&cache, p))
+            .collect()
+    }
+
+    /// True when a meshed pod with this identity runs on `node`: the only case in which that node may
+    /// obtain an SVID for it.
+    pub fn runs_on(&self, id: &SpiffeId, node: &NodeName) -> bool {
+        let cache = self.cache();
+        cache
+            .pods
+            .values()
+            .filter_map(|p| self.workload_of(&cache, p))
+            .any(|w| &w.id == id && &w.node == node)
+    }
+
+    pub(crate) fn replace_namespaces(&self, items: Vec<Namespace>) {
+        let mut c = self.cache();
+        c.namespaces = items
+            .into_iter()
+            .map(|n| {
+                let meshed = in_mesh(&n);
+                (n.metadata.name, meshed)
+            })
+            .collect();
+        drop(c);
+        self.namespaces_synced.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn upsert_namespace(&self, n: Namespace) {
+        let meshed = in_mesh(&n);
+        self.cache().namespaces.insert(n.metadata.name, meshed);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn remove_namespace(&self, n: &Namespace) {
+        self.cache().namespaces.remove(&n.metadata.name);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn replace_pods(&self, items: Vec<Pod>) {
+        let mut c = self.cache();
+        c.pods = items
+            .into_iter()
+            .filter_map(|p| Some((key(&p)?, p)))
+            .collect();
+        drop(c);
+        self.pods_synced.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn upsert_pod(&self, p: Pod) {
+        if let Some(k) = key(&p) {
+            self.cache().pods.insert(k, p);
+            self.changed.notify_one();
+        }
+    }
+
+    pub(crate) fn remove_pod(&self, p: &Pod) {
+        if let Some(k) = key(p) {
+            self.cache().pods.remove(&k);
+            self.changed.notify_one();
+        }
+    }
+}
+
+fn key(p: &Pod) -> Option<(String, String)> {
+    Some((p.metadata.namespace.clone()?, p.metadata.name.clone()))
+}
+
+fn in_mesh(n: &Namespace) -> bool {
+    n.metadata.labels.get(MESH_LABEL).map(String::as_str) == Some(MESH_LABEL_VALUE)
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A `Kube` whose client points nowhere (the cache is what unit tests exercise).
+    pub fn kube() -> Kube {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t").unwrap();
+        // A CA file is needed only to build the client; any certificate does.
+        let ca = strait_ca::CertificateAuthority::generate(
+            TrustDomain::new("cluster.local").unwrap(),
+            std::time::Duration::from_secs(3600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.trust_bundle().to_pem()).unwrap();
+        let client = KubeClient::new(&client::KubeConfig {
+            server: "https://127.0.0.1:6443".into(),
+            ca_file: dir.path().join("ca.crt"),
+            token_file: dir.path().join("token"),
+        })
+        .unwrap();
+        Kube::new(
+            client,
+            KubeSettings {
+                namespace: "strait-system".into(),
+                proxy_service_account: "strait-proxy".into(),
+                proxy_daemonset: "strait-proxy".into(),
+            },
+            TrustDomain::new("cluster.local").unwrap(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::kube;
+    use super::*;
+
+    fn pod(json: &str) -> Pod {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn ns(name: &str, meshed: bool) -> Namespace {
+        let mut n = Namespace::default();
+        n.metadata.name = name.into();
+        if meshed {
+            n.metadata
+                .labels
+                .insert(MESH_LABEL.into(), MESH_LABEL_VALUE.into());
+        }
+        n
+    }
+
+    #[test]
+    fn only_running_pods_of_opted_in_namespaces_are_workloads() {
+        let k = kube();
+        k.replace_namespaces(vec![ns("shop", true), ns("other", false)]);
+        let mk = |ns: &str, name: &str, extra: &str| {
+            pod(&format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"{ns}"}},"spec":{{"nodeName":"n1","serviceAccountName":"web"{extra}}},
+                "status":{{"phase":"Running","podIPs":[{{"ip":"10.244.1.{}"}}]}}}}"#,
+                name.len()
+            ))
+        };
+        k.replace_pods(vec![
+            mk("shop", "web", ""),
+            mk("other", "db", ""),
+            mk("shop", "hostnet", r#","hostNetwork":true"#),
+        ]);
+        let w = k.workloads();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].id.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert!(k.runs_on(&w[0].id, &NodeName::new("n1").unwrap()));
+        assert!(!k.runs_on(&w[0].id, &NodeName::new("n2").unwrap()));
+        // The namespace loses its label: nothing is meshed any more.
+        k.upsert_namespace(ns("shop", false));
+        assert!(k.workloads().is_empty());
+        k.upsert_namespace(ns("shop", true));
+        let mut done = mk("shop", "web", "");
+        done.status.phase = Some("Succeeded".into());
+        k.upsert_pod(done);
+        assert!(
+            k.workloads().is_empty(),
+            "a finished pod's IP may belong to another pod"
+        );
+    }
+}
