@@ -7,6 +7,7 @@
 //! bridges and nftables tables.
 #![allow(dead_code)]
 
+pub mod kube_api;
 pub mod mesh;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -116,6 +117,100 @@ impl Netns {
             sh(&["ip", "-n", &ns, "link", "set", "e0", "up"]);
         }
         net
+    }
+
+    /// Adds a "pod": its own namespace behind a veth whose other end is in `node`, routed the way routed
+    /// CNIs (Calico) do it: the pod has only /32 and /128 addresses and a default route to a link-local
+    /// gateway the node's side answers for; the node has a host route per pod and forwards. Other nodes
+    /// reach the pod through `node` (see [`route_pods`](Self::route_pods)).
+    pub fn add_pod(&mut self, node: &str, pod: &str, v4: Ipv4Addr, v6: Ipv6Addr) {
+        let (pns, nns) = (self.ns(pod), self.ns(node));
+        let host_side = format!("{}{pod}", self.prefix);
+        sh(&["ip", "netns", "add", &pns]);
+        self.hosts.push(pod.to_owned());
+        sh(&[
+            "ip", "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &pns,
+        ]);
+        sh(&["ip", "link", "set", &host_side, "netns", &nns]);
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["addr", "add", &format!("{v4}/32"), "dev", "eth0"],
+            vec!["addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"],
+            vec!["route", "add", "169.254.1.1", "dev", "eth0"],
+            vec![
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
+            vec![
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ],
+        ] {
+            let mut a = vec!["ip", "-n", &pns];
+            a.extend(args);
+            sh(&a);
+        }
+        for args in [
+            vec!["link", "set", &host_side, "up"],
+            vec!["addr", "add", "169.254.1.1/32", "dev", &host_side],
+            vec!["addr", "add", "fe80::1/64", "dev", &host_side, "nodad"],
+            vec!["route", "add", &format!("{v4}/32"), "dev", &host_side],
+            vec![
+                "-6",
+                "route",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                &host_side,
+            ],
+        ] {
+            let mut a = vec!["ip", "-n", &nns];
+            a.extend(args);
+            sh(&a);
+        }
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &nns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+    }
+
+    /// Routes a node's pod networks (`v4net`, `v6net`) from every other host through that node.
+    pub fn route_pods(&self, node: &str, v4net: &str, v6net: &str, via: &[&str]) {
+        for other in via {
+            let ns = self.ns(other);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                v4net,
+                "via",
+                &self.v4(node).to_string(),
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                v6net,
+                "via",
+                &self.v6(node).to_string(),
+            ]);
+        }
     }
 
     pub fn ns(&self, host: &str) -> String {
