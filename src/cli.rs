@@ -494,7 +494,9 @@ pub struct ProxyArgs {
     /// this address, e.g. 0.0.0.0:15021 for kubelet probes on a host-network DaemonSet.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
-    /// DNS resolver workloads may query (UDP/TCP 53); repeat for several. Other UDP is dropped.
+    /// DNS resolver workloads may query (UDP/TCP 53); repeat for several. Other UDP is dropped. In
+    /// Kubernetes mode the default is the nameservers of /etc/resolv.conf, which name the cluster DNS
+    /// Service under the DaemonSet's dnsPolicy ClusterFirstWithHostNet.
     #[arg(long = "dns-resolver")]
     pub dns_resolvers: Vec<IpAddr>,
     /// A destination outside the mesh that workloads may reach directly, as CIDR[:PORT]; repeat.

@@ -174,6 +174,9 @@ impl Cluster {
                 &n6,
                 "--drain-timeout",
                 "2s",
+                // The cluster DNS stand-in (a UDP echo on ctl:53).
+                "--dns-resolver",
+                &self.net.v4("ctl").to_string(),
             ],
             &self.dir.join(format!("{node}.log")),
         )
@@ -234,8 +237,18 @@ fn setup() -> Cluster {
     for p in &PODS {
         net.add_pod(p.node, p.name, p.v4, p.v6);
     }
-    net.route_pods("node1", "10.244.1.0/24", "fd00:244:1::/64", &["node2"]);
-    net.route_pods("node2", "10.244.2.0/24", "fd00:244:2::/64", &["node1"]);
+    net.route_pods(
+        "node1",
+        "10.244.1.0/24",
+        "fd00:244:1::/64",
+        &["node2", "ctl"],
+    );
+    net.route_pods(
+        "node2",
+        "10.244.2.0/24",
+        "fd00:244:2::/64",
+        &["node1", "ctl"],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let ctl = net.v4("ctl");
@@ -580,6 +593,29 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     assert_eq!(c.curl("oldb", &url("olda", true, "/"), &[]), "200");
     // A meshed pod cannot reach outside the mesh (no egress allowed), not even an un-meshed pod.
     assert_eq!(c.curl("web", &url("oldb", false, "/"), &[]), "000");
+    // DNS to the resolver is the one UDP a meshed pod may send; any other UDP is dropped at its node.
+    for port in ["53", "54"] {
+        c.net.spawn(
+            "ctl",
+            None,
+            &[
+                "socat",
+                &format!("UDP-LISTEN:{port},fork,reuseaddr"),
+                "EXEC:cat",
+            ],
+            &c.dir.join(format!("udp{port}.log")),
+        );
+    }
+    let udp = |from: &str, port: &str| {
+        let cmd = format!("echo ping | socat -t1 - UDP:{}:{port}", c.net.v4("ctl"));
+        text(&c.net.run(from, None, &["sh", "-c", &cmd])).contains("ping")
+    };
+    c.net
+        .eventually(Duration::from_secs(5), "DNS from a meshed pod", || {
+            udp("web", "53")
+        });
+    assert!(!udp("web", "54"), "other UDP must not leave a meshed pod");
+    assert!(udp("olda", "54"), "an un-meshed pod's UDP is untouched");
     // An un-meshed pod on the same node claiming web's address is dropped before the proxy sees it.
     let web4 = pod("web").v4.to_string();
     c.net.run(

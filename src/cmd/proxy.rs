@@ -1,5 +1,7 @@
 //! `strait proxy`.
 
+use std::net::IpAddr;
+
 use anyhow::{anyhow, Context as _};
 use strait_control::registry::NodeName;
 use strait_proxy::run::{run as run_proxy, Bootstrap, ProxyOptions, OUTBOUND_PORT, TUNNEL_PORT};
@@ -39,6 +41,22 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
             trust_bundle: args.trust_bundle,
         },
     };
+    let mut dns_resolvers = args.dns_resolvers;
+    if args.mode == ProxyMode::Kubernetes && dns_resolvers.is_empty() {
+        // The DaemonSet runs with dnsPolicy ClusterFirstWithHostNet, so this file names the cluster DNS
+        // Service: the resolver the node's pods use.
+        dns_resolvers = std::fs::read_to_string(RESOLV_CONF)
+            .map(|text| nameservers(&text))
+            .unwrap_or_default();
+        if dns_resolvers.is_empty() {
+            tracing::warn!(
+                file = RESOLV_CONF,
+                "no --dns-resolver and no nameserver found: meshed pods' DNS is dropped"
+            );
+        } else {
+            tracing::info!(resolvers = ?dns_resolvers, "meshed pods may query the cluster DNS from {RESOLV_CONF}");
+        }
+    }
     let opts = ProxyOptions {
         control: args.control,
         node: NodeName::new(&args.node).map_err(|e| anyhow!("--node {:?}: {e}", args.node))?,
@@ -48,7 +66,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         tunnel_port: TUNNEL_PORT,
         outbound_port: OUTBOUND_PORT,
         admin: args.admin,
-        dns_resolvers: args.dns_resolvers,
+        dns_resolvers,
         egress,
         drain_timeout: args.drain_timeout,
         policy_bundle: args.policy_bundle,
@@ -63,6 +81,17 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .block_on(run_proxy(opts, super::control::shutdown_signal()))
 }
 
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The `nameserver` addresses of a resolv.conf (an IPv6 zone suffix such as `%eth0` is dropped).
+fn nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|a| a.split('%').next()?.parse().ok())
+        .collect()
+}
+
 /// Whether this process holds CAP_NET_ADMIN in its effective set (root usually does; the systemd unit grants
 /// it as an ambient capability to the unprivileged `strait` user).
 fn has_net_admin() -> bool {
@@ -75,4 +104,16 @@ fn has_net_admin() -> bool {
                 .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nameservers;
+
+    #[test]
+    fn nameservers_of_a_cluster_resolv_conf() {
+        let text = "search shop.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\n# nameserver 1.1.1.1\nnameserver fd00:10:96::a\nnameserver fe80::1%eth0\nnameserver junk\noptions ndots:5\n";
+        let got: Vec<String> = nameservers(text).iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["10.96.0.10", "fd00:10:96::a", "fe80::1"]);
+    }
 }
