@@ -213,6 +213,9 @@ pub struct KubernetesArgs {
     /// DaemonSet of the node proxies: a joining proxy's pod must be controlled by it.
     #[arg(long, requires = "kubernetes", default_value = "strait-proxy")]
     pub proxy_daemonset: String,
+    /// Pods and namespaces are listed in pages of this many objects (the API server's `limit`).
+    #[arg(long, requires = "kubernetes", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_list_page_size: u32,
 }
 
 #[derive(Subcommand, Debug)]

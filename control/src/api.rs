@@ -68,7 +68,7 @@ pub struct JoinRequest {
 }
 
 /// Kubernetes mode: a node proxy joins with its projected service-account token (audience `strait`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubeJoinRequest {
     /// The service-account token (a JWT); checked with TokenReview, never stored or logged.
@@ -80,6 +80,18 @@ pub struct KubeJoinRequest {
     pub tunnel_address: Option<String>,
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// The token is a credential: never in logs, not even at debug level.
+impl std::fmt::Debug for KubeJoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeJoinRequest")
+            .field("token", &"<redacted>")
+            .field("node", &self.node)
+            .field("tunnel_address", &self.tunnel_address)
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -93,6 +93,37 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
     Ok((host, uri.port_u16().unwrap_or(DEFAULT_PORT)))
 }
 
+/// Why [`connect_tls`] failed.
+pub(crate) enum ConnectFailure {
+    /// The host is neither a DNS name nor an IP address.
+    BadName,
+    Tcp(String),
+    Tls(String),
+}
+
+/// Opens TCP (without Nagle) to `host:port` and runs the TLS handshake, each step bounded by `timeout`.
+/// Shared by the control plane's client and the Kubernetes API client.
+pub(crate) async fn connect_tls(
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ConnectFailure> {
+    let name = ServerName::try_from(host.to_owned()).map_err(|_| ConnectFailure::BadName)?;
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| ConnectFailure::Tcp("timed out".into()))?
+        .map_err(|e| ConnectFailure::Tcp(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| ConnectFailure::Tls("handshake timed out".into()))?
+    .map_err(|e| ConnectFailure::Tls(strait_ca::verify::explain_io(&e)))
+}
+
 /// TLS 1.3 client configuration for talking to the control plane: the server must chain to the bundle
 /// (or the pinned anchor) and prove the control plane's SPIFFE ID. No ALPN set.
 pub fn control_tls(
@@ -150,27 +181,16 @@ impl ApiClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
-        let connect_err = |reason: String| ClientError::Connect {
-            addr: self.authority.clone(),
-            reason,
-        };
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| connect_err("timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.host.clone())
-            .map_err(|_| ClientError::BadUrl(self.host.clone()))?;
-        let tls = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| ClientError::Tls("handshake timed out".into()))?
-        .map_err(|e| ClientError::Tls(strait_ca::verify::explain_io(&e)))?;
+        let tls = connect_tls(&self.host, self.port, self.tls.clone(), CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                ConnectFailure::BadName => ClientError::BadUrl(self.host.clone()),
+                ConnectFailure::Tcp(reason) => ClientError::Connect {
+                    addr: self.authority.clone(),
+                    reason,
+                },
+                ConnectFailure::Tls(reason) => ClientError::Tls(reason),
+            })?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(tls))
             .await

@@ -90,6 +90,16 @@ pub enum Selector {
     Ips(Vec<IpAddr>),
 }
 
+impl Selector {
+    /// The addresses an `Ips` selector names (none for a `Uid` one).
+    pub fn ips(&self) -> &[IpAddr] {
+        match self {
+            Selector::Ips(ips) => ips,
+            Selector::Uid(_) => &[],
+        }
+    }
+}
+
 /// A registered workload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawWorkload", into = "RawWorkload")]

@@ -647,7 +647,7 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
         };
-        let resp = issue_node_cert(&st, &node, &csr, advert, now, true)?;
+        let resp = issue_node_cert(&st, &node, &csr, advert, now, Issuance::JoinToken)?;
         info!(%remote, node = %node, token_id = %token.id, "node joined");
         Ok(resp)
     })
@@ -668,6 +668,14 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
     let r: api::KubeJoinRequest = json_body(req).await?;
     check_tunnel_address(&r.tunnel_address)?;
     let csr = check_csr(&r.csr_pem)?;
+    let Ok(_permit) = kube.joins.try_acquire() else {
+        warn!(remote = %caller.remote, node = %r.node, "Kubernetes join refused: too many joins in progress");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many joins are being checked; retry in a few seconds",
+        ));
+    };
     if let Err(refusal) = crate::kube::join::authenticate_proxy(&kube, &r.token, &r.node).await {
         warn!(remote = %caller.remote, node = %r.node, reason = %refusal, "Kubernetes join refused");
         return Err(ApiError::new(
@@ -682,7 +690,14 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
         };
-        let resp = issue_node_cert(&st, &node, &csr, advert, SystemTime::now(), true)?;
+        let resp = issue_node_cert(
+            &st,
+            &node,
+            &csr,
+            advert,
+            SystemTime::now(),
+            Issuance::JoinKubernetes,
+        )?;
         info!(%remote, node = %node, "node joined with its Kubernetes service-account token");
         Ok(resp)
     })
@@ -696,20 +711,46 @@ struct Advert {
     addresses: Vec<std::net::IpAddr>,
 }
 
+/// Why a node certificate is being issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Issuance {
+    JoinToken,
+    JoinKubernetes,
+    Renew,
+}
+
 fn issue_node_cert(
     st: &State,
     node: &NodeName,
     csr: &CheckedCsr,
     advert: Advert,
     now: SystemTime,
-    joining: bool,
+    how: Issuance,
 ) -> Result<api::NodeCertResponse, ApiError> {
+    let old = st.store.node(node.as_str())?;
+    let via_kubernetes = match how {
+        Issuance::JoinToken => false,
+        Issuance::JoinKubernetes => true,
+        Issuance::Renew => old.as_ref().is_some_and(|o| o.via_kubernetes),
+    };
+    // A node vouched for by Kubernetes stays a node only while its proxy pod exists: a token or key copied
+    // out of a deleted pod must not renew itself forever.
+    if how == Issuance::Renew
+        && via_kubernetes
+        && !st.kube.as_ref().is_some_and(|k| k.proxy_pod_on(node))
+    {
+        warn!(node = %node, "renewal refused: no running pod of the proxy DaemonSet on this node");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_proxy_pod",
+            "this node joined through Kubernetes and no pod of the proxy DaemonSet runs on it now",
+        ));
+    }
     let id = SpiffeId::node(st.ca.trust_domain(), node.as_str()).map_err(ApiError::internal)?;
     let svid = st
         .ca
         .issue(csr, &id, st.svid_ttl, now)
         .map_err(ApiError::internal)?;
-    let old = st.store.node(node.as_str())?;
     let rec = NodeRecord {
         name: node.clone(),
         tunnel_address: advert
@@ -722,12 +763,13 @@ fn issue_node_cert(
         } else {
             advert.addresses
         },
-        joined_at: match (&old, joining) {
-            (Some(o), false) => o.joined_at,
+        joined_at: match (&old, how) {
+            (Some(o), Issuance::Renew) => o.joined_at,
             _ => secs(now),
         },
         cert_not_after: secs(svid.not_after),
         last_cert_at: secs(now),
+        via_kubernetes,
     };
     let moved = old
         .as_ref()
@@ -757,7 +799,7 @@ async fn renew(state: &Arc<State>, node: NodeName, req: Request<Incoming>) -> Re
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
         };
-        let resp = issue_node_cert(&st, &node, &csr, advert, SystemTime::now(), false)?;
+        let resp = issue_node_cert(&st, &node, &csr, advert, SystemTime::now(), Issuance::Renew)?;
         info!(node = %node, "node certificate renewed");
         Ok(resp)
     })
@@ -770,11 +812,16 @@ async fn workload_svid(state: &Arc<State>, node: NodeName, req: Request<Incoming
     let csr = check_csr(&r.csr_pem)?;
     let st = state.clone();
     let resp = blocking(move || {
-        let registered = st.store.workload(&r.workload)?;
-        let pod_here = st.kube.as_ref().is_some_and(|k| k.runs_on(&r.workload, &node));
-        match registered {
-            _ if pod_here => {}
+        // A registration in the store wins: a pod whose namespace and service account spell a registered
+        // VM workload's identity must not obtain it elsewhere.
+        match st.store.workload(&r.workload)? {
             Some(w) if w.node == node => {}
+            // A meshed pod on this node, as the directory the proxies enforce lists it.
+            None if st
+                .hub
+                .external()
+                .iter()
+                .any(|w| w.id == r.workload && w.node == node) => {}
             Some(w) => {
                 warn!(node = %node, workload = %r.workload, registered_on = %w.node,
                       "node asked for a workload registered on another node; refused");
@@ -810,7 +857,15 @@ fn forbidden_workload(id: &SpiffeId) -> ApiError {
 
 async fn directory(state: &Arc<State>) -> Reply {
     let st = state.clone();
-    let dir = blocking(move || Ok(st.store.directory()?)).await?;
+    // The directory proxies are given (pods included in Kubernetes mode), or the store's while the first
+    // list of pods is awaited.
+    let dir = blocking(
+        move || match st.hub.directory(&st.store).map_err(ApiError::internal)? {
+            Some(d) => Ok(d),
+            None => Ok(st.store.directory()?),
+        },
+    )
+    .await?;
     Ok(json(StatusCode::OK, &dir))
 }
 

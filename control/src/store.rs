@@ -87,6 +87,9 @@ pub struct NodeRecord {
     pub cert_not_after: u64,
     /// Last time the node renewed or asked for certificates (persisted on those writes only).
     pub last_cert_at: u64,
+    /// Joined with a Kubernetes service-account token: renewals need its proxy pod to still exist.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub via_kubernetes: bool,
 }
 
 /// A workflow as the operator applied it: its YAML and custom Rego modules, kept verbatim so that `strait

@@ -137,6 +137,7 @@ fn kubernetes_parts(
             namespace,
             proxy_service_account: args.proxy_service_account.clone(),
             proxy_daemonset: args.proxy_daemonset.clone(),
+            list_page_size: args.kube_list_page_size,
         },
     }))
 }

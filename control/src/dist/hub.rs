@@ -276,10 +276,9 @@ impl Hub {
         self.latest.borrow().clone()
     }
 
-    /// Makes a new version if the mesh's content changed; returns its number. Blocking (store reads and a
-    /// store write): call it from the blocking pool.
-    pub fn rebuild(&self, store: &Store) -> anyhow::Result<Option<u64>> {
-        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+    /// The directory a version would carry now: the store's workloads and nodes plus the external ones;
+    /// `None` while the external ones are still awaited. Blocking (store reads).
+    pub fn directory(&self, store: &Store) -> anyhow::Result<Option<crate::api::Directory>> {
         let external = self
             .external
             .lock()
@@ -288,12 +287,32 @@ impl Hub {
         let mut directory = store.directory()?;
         match external {
             External::None => {}
-            External::Waiting => {
-                debug!("waiting for the first list of pods before making a mesh version");
-                return Ok(None);
+            External::Waiting => return Ok(None),
+            External::Known(pods) => {
+                // An identity registered in the store belongs to that registration; a pod spelling the
+                // same namespace and service account is left out (and cannot obtain the SVID either).
+                let registered: std::collections::HashSet<_> =
+                    directory.workloads.iter().map(|w| w.id.clone()).collect();
+                for pod in pods.iter() {
+                    if registered.contains(&pod.id) {
+                        warn!(id = %pod.id, node = %pod.node, "a meshed pod has the identity of a registered workload; left out of the directory");
+                    } else {
+                        directory.workloads.push(pod.clone());
+                    }
+                }
             }
-            External::Known(w) => directory.workloads.extend(w.iter().cloned()),
         }
+        Ok(Some(directory))
+    }
+
+    /// Makes a new version if the mesh's content changed; returns its number. Blocking (store reads and a
+    /// store write): call it from the blocking pool.
+    pub fn rebuild(&self, store: &Store) -> anyhow::Result<Option<u64>> {
+        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(directory) = self.directory(store)? else {
+            debug!("waiting for the first list of pods before making a mesh version");
+            return Ok(None);
+        };
         let bundle = crate::workflows::mesh_bundle(&store.workflows()?)?;
         let hash = VersionPayload::compute_hash(&directory, &bundle);
         let current = self.latest();

@@ -14,7 +14,6 @@ use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -114,7 +113,7 @@ pub struct KubeClient {
     host: String,
     port: u16,
     authority: String,
-    tls: tokio_rustls::TlsConnector,
+    tls: Arc<rustls::ClientConfig>,
     token_file: PathBuf,
 }
 
@@ -173,7 +172,7 @@ impl KubeClient {
             host,
             port,
             authority,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            tls: Arc::new(tls),
             token_file: cfg.token_file.clone(),
         })
     }
@@ -186,24 +185,22 @@ impl KubeClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, KubeError> {
-        let connect_err = |reason: String| KubeError::Connect {
-            server: self.authority.clone(),
-            reason,
-        };
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| connect_err("timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.host.clone())
-            .map_err(|e| KubeError::Config(format!("bad API server name: {e}")))?;
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
+        use crate::client::{connect_tls, ConnectFailure};
+        let tls = connect_tls(&self.host, self.port, self.tls.clone(), CONNECT_TIMEOUT)
             .await
-            .map_err(|_| connect_err("TLS handshake timed out".into()))?
-            .map_err(|e| connect_err(format!("TLS: {e}")))?;
+            .map_err(|e| match e {
+                ConnectFailure::BadName => {
+                    KubeError::Config(format!("bad API server name {:?}", self.host))
+                }
+                ConnectFailure::Tcp(reason) => KubeError::Connect {
+                    server: self.authority.clone(),
+                    reason,
+                },
+                ConnectFailure::Tls(reason) => KubeError::Connect {
+                    server: self.authority.clone(),
+                    reason: format!("TLS: {reason}"),
+                },
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| KubeError::Http(e.to_string()))?;

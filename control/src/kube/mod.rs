@@ -19,6 +19,7 @@ pub mod model;
 pub mod watch;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -47,6 +48,8 @@ pub struct KubeSettings {
     pub proxy_service_account: String,
     /// The DaemonSet whose pods are the proxies.
     pub proxy_daemonset: String,
+    /// Objects per page when listing (`limit`), so a large cluster's pods arrive in bounded answers.
+    pub list_page_size: u32,
 }
 
 /// What `State::open_with` needs to run in Kubernetes mode.
@@ -91,7 +94,13 @@ pub struct Kube {
     pub(crate) changed: Notify,
     pods_synced: AtomicBool,
     namespaces_synced: AtomicBool,
+    /// Joins being checked now. Each costs a TokenReview and a pod read on the API server, and the join
+    /// route is open to anyone who reaches the control plane: past this many, callers are asked to retry.
+    pub(crate) joins: tokio::sync::Semaphore,
 }
+
+/// Kubernetes joins checked at once (see [`Kube::joins`]).
+pub const MAX_CONCURRENT_JOINS: usize = 16;
 
 #[derive(Debug, Default)]
 struct Cache {
@@ -111,6 +120,7 @@ impl Kube {
             changed: Notify::new(),
             pods_synced: AtomicBool::new(false),
             namespaces_synced: AtomicBool::new(false),
+            joins: tokio::sync::Semaphore::new(MAX_CONCURRENT_JOINS),
         }
     }
 
@@ -158,25 +168,55 @@ impl Kube {
     }
 
     /// Every meshed pod as a workload, in a stable order (so equal states hash equally).
+    ///
+    /// An address is one pod's: when two meshed pods claim the same one (a terminating pod whose address
+    /// was already given to a new pod), the pod not being deleted keeps it; if that does not settle it,
+    /// neither gets it, since a wrong identity on an address is worse than none.
     pub fn workloads(&self) -> Vec<Workload> {
         let cache = self.cache();
         let mut keys: Vec<&(String, String)> = cache.pods.keys().collect();
         keys.sort();
-        keys.into_iter()
+        let meshed: Vec<(&Pod, Workload)> = keys
+            .into_iter()
             .filter_map(|k| cache.pods.get(k))
-            .filter_map(|p| self.workload_of(&cache, p))
+            .filter_map(|p| Some((p, self.workload_of(&cache, p)?)))
+            .collect();
+        // Address → (claims by live pods, claims by terminating pods).
+        let mut claims: HashMap<IpAddr, (u32, u32)> = HashMap::new();
+        for (pod, w) in &meshed {
+            for ip in w.selector.ips() {
+                let c = claims.entry(*ip).or_default();
+                if pod.metadata.deletion_timestamp.is_some() {
+                    c.1 += 1;
+                } else {
+                    c.0 += 1;
+                }
+            }
+        }
+        meshed
+            .into_iter()
+            .filter(|(pod, w)| {
+                let deleting = pod.metadata.deletion_timestamp.is_some();
+                w.selector.ips().iter().all(|ip| match claims.get(ip) {
+                    Some(&(live, dying)) if deleting => live == 0 && dying == 1,
+                    Some(&(live, _)) => live == 1,
+                    None => true,
+                })
+            })
+            .map(|(_, w)| w)
             .collect()
     }
 
-    /// True when a meshed pod with this identity runs on `node`: the only case in which that node may
-    /// obtain an SVID for it.
-    pub fn runs_on(&self, id: &SpiffeId, node: &NodeName) -> bool {
-        let cache = self.cache();
-        cache
-            .pods
-            .values()
-            .filter_map(|p| self.workload_of(&cache, p))
-            .any(|w| &w.id == id && &w.node == node)
+    /// True when a pod of the proxy DaemonSet, not being deleted, is scheduled on `node`.
+    pub fn proxy_pod_on(&self, node: &NodeName) -> bool {
+        let s = &self.settings;
+        self.cache().pods.values().any(|p| {
+            p.metadata.namespace.as_deref() == Some(s.namespace.as_str())
+                && p.spec.node_name.as_deref() == Some(node.as_str())
+                && p.metadata.deletion_timestamp.is_none()
+                && !p.finished()
+                && matches!(p.controller(), Some(("DaemonSet", name)) if name == s.proxy_daemonset)
+        })
     }
 
     pub(crate) fn replace_namespaces(&self, items: Vec<Namespace>) {
@@ -266,6 +306,7 @@ pub(crate) mod tests_support {
                 namespace: "strait-system".into(),
                 proxy_service_account: "strait-proxy".into(),
                 proxy_daemonset: "strait-proxy".into(),
+                list_page_size: 500,
             },
             TrustDomain::new("cluster.local").unwrap(),
         )
@@ -311,8 +352,7 @@ mod tests {
         let w = k.workloads();
         assert_eq!(w.len(), 1, "{w:?}");
         assert_eq!(w[0].id.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
-        assert!(k.runs_on(&w[0].id, &NodeName::new("n1").unwrap()));
-        assert!(!k.runs_on(&w[0].id, &NodeName::new("n2").unwrap()));
+        assert_eq!(w[0].node.as_str(), "n1");
         // The namespace loses its label: nothing is meshed any more.
         k.upsert_namespace(ns("shop", false));
         assert!(k.workloads().is_empty());
@@ -324,5 +364,33 @@ mod tests {
             k.workloads().is_empty(),
             "a finished pod's IP may belong to another pod"
         );
+    }
+
+    #[test]
+    fn an_address_claimed_twice_goes_to_the_live_pod_or_to_nobody() {
+        let k = kube();
+        k.replace_namespaces(vec![ns("shop", true)]);
+        let mk = |name: &str, sa: &str, deleting: bool| {
+            let del = if deleting {
+                r#","deletionTimestamp":"2024-01-01T00:00:00Z""#
+            } else {
+                ""
+            };
+            pod(&format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"shop"{del}}},"spec":{{"nodeName":"n1","serviceAccountName":"{sa}"}},
+                "status":{{"phase":"Running","podIPs":[{{"ip":"10.244.1.7"}}]}}}}"#
+            ))
+        };
+        // A terminating pod whose address was given to a new pod: the new pod has it.
+        k.replace_pods(vec![mk("old", "db", true), mk("new", "web", false)]);
+        let w = k.workloads();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].id.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
+        // Alone, a terminating pod keeps its address until it is gone.
+        k.replace_pods(vec![mk("old", "db", true)]);
+        assert_eq!(k.workloads().len(), 1);
+        // Two live pods on one address: nobody (a wrong identity is worse than none).
+        k.replace_pods(vec![mk("a", "db", false), mk("b", "web", false)]);
+        assert!(k.workloads().is_empty());
     }
 }

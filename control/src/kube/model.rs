@@ -162,11 +162,21 @@ pub struct TokenReview {
     pub status: Option<TokenReviewStatus>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct TokenReviewSpec {
     pub token: String,
     #[serde(default)]
     pub audiences: Vec<String>,
+}
+
+/// The token is a credential: never in logs.
+impl std::fmt::Debug for TokenReviewSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewSpec")
+            .field("token", &"<redacted>")
+            .field("audiences", &self.audiences)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

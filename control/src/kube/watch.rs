@@ -108,24 +108,48 @@ fn apply_line(kube: &Kube, resource: Resource, line: &[u8]) -> Step {
     }
 }
 
-/// Lists the resource into the cache; returns the list's resourceVersion.
-async fn list(kube: &Kube, resource: Resource) -> Result<String, KubeError> {
-    match resource {
-        Resource::Pods => {
-            let l: List<Pod> = kube.client.get(resource.path()).await?;
-            let n = l.items.len();
-            kube.replace_pods(l.items);
-            info!(pods = n, version = %l.metadata.resource_version, "listed pods");
-            Ok(l.metadata.resource_version)
+/// Reads a whole list, page by page (`limit`/`continue`, every page from the same snapshot); returns the
+/// items and the snapshot's resourceVersion. An expired continue token is a 410: the caller lists again.
+async fn list_all<T: DeserializeOwned>(
+    kube: &Kube,
+    resource: Resource,
+) -> Result<(Vec<T>, String), KubeError> {
+    let mut items = Vec::new();
+    let mut cont: Option<String> = None;
+    loop {
+        let mut url = format!("{}?limit={}", resource.path(), kube.settings.list_page_size);
+        if let Some(c) = &cont {
+            url.push_str("&continue=");
+            url.push_str(&urlencode(c));
         }
-        Resource::Namespaces => {
-            let l: List<Namespace> = kube.client.get(resource.path()).await?;
-            let n = l.items.len();
-            kube.replace_namespaces(l.items);
-            info!(namespaces = n, version = %l.metadata.resource_version, "listed namespaces");
-            Ok(l.metadata.resource_version)
+        let page: List<T> = kube.client.get(&url).await?;
+        items.extend(page.items);
+        match page.metadata.continue_token.filter(|c| !c.is_empty()) {
+            Some(c) => cont = Some(c),
+            None => return Ok((items, page.metadata.resource_version)),
         }
     }
+}
+
+/// Lists the resource into the cache (replacing it only once every page is read); returns the list's
+/// resourceVersion.
+async fn list(kube: &Kube, resource: Resource) -> Result<String, KubeError> {
+    let (n, version) = match resource {
+        Resource::Pods => {
+            let (items, version) = list_all::<Pod>(kube, resource).await?;
+            let n = items.len();
+            kube.replace_pods(items);
+            (n, version)
+        }
+        Resource::Namespaces => {
+            let (items, version) = list_all::<Namespace>(kube, resource).await?;
+            let n = items.len();
+            kube.replace_namespaces(items);
+            (n, version)
+        }
+    };
+    info!(resource = resource.name(), items = n, %version, "listed");
+    Ok(version)
 }
 
 /// Follows one resource forever.
@@ -175,6 +199,7 @@ pub async fn reflect(kube: Arc<Kube>, resource: Resource) {
             }
         };
         debug!(resource = resource.name(), from = %from, "watching");
+        let opened = tokio::time::Instant::now();
         let restart = loop {
             let line = match tokio::time::timeout(IDLE_LIMIT, lines.next()).await {
                 Err(_) => break Some("the watch stream went silent".to_owned()),
@@ -195,12 +220,24 @@ pub async fn reflect(kube: Arc<Kube>, resource: Resource) {
                     version = None;
                     break None;
                 }
-                Step::Restart(why) => break Some(why),
+                Step::Restart(why) => {
+                    // Resuming from the same version would replay the same event for ever, and the
+                    // cache would stay frozen on it: list again instead.
+                    version = None;
+                    break Some(why);
+                }
             }
         };
-        if let Some(why) = restart {
-            let wait = pause(&why, &mut backoff);
-            tokio::time::sleep(wait).await;
+        match restart {
+            Some(why) => {
+                let wait = pause(&why, &mut backoff);
+                tokio::time::sleep(wait).await;
+            }
+            // A server that ends watches at once must not make this loop spin.
+            None if opened.elapsed() < Duration::from_secs(1) => {
+                tokio::time::sleep(BACKOFF_MIN).await;
+            }
+            None => {}
         }
     }
 }
