@@ -361,20 +361,28 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 /// table inet strait {
 ///   chain prerouting { type filter hook prerouting priority -90     # after kube-proxy's Service DNAT
 ///     ip saddr @meshed fib saddr . iif oif missing counter drop    # a pod's address from elsewhere
-///     ip saddr @meshed ct original daddr RESOLVER th dport 53 accept   # DNS stays plain
+///     ct direction original ip saddr @meshed ct original ip daddr RESOLVER th dport 53 accept  # DNS stays
+///     ct direction reply ct original ip saddr @meshed ct original ip daddr RESOLVER accept      # plain
 ///     ip saddr @meshed4 meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set TPROXY_MARK accept
 ///     ip6 saddr @meshed6 meta l4proto tcp tproxy ip6 to [::1]:15001 meta mark set TPROXY_MARK accept
 ///   }
+///   chain input { type filter hook input priority 0              # pods to the node itself
+///     meta mark TPROXY_MARK accept                         # the diverted TCP, to the proxy
+///     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+///     ct direction reply accept                            # answers to the proxy's deliveries
+///     <DNS as above> accept
+///     ip saddr @meshed counter drop
+///   }
 ///   chain forward { type filter hook forward priority 0
-///     ct state established,related accept             # answers to what pods were allowed to start
-///     ip saddr @meshed ct original daddr RESOLVER th dport 53 accept
+///     <DNS as above> accept
 ///     ip saddr @meshed counter drop                    # UDP, ICMP… from meshed pods: nothing else leaves
 ///     ip daddr @meshed counter drop                    # plaintext into meshed pods (other pods, other hosts)
 ///   }
 ///   chain output { type filter hook output priority 0
 ///     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept   # the node finds its pods
 ///     meta mark PROXY_MARK accept                      # the proxy delivering tunnelled streams
-///     ct state established,related accept
+///     ct direction reply accept                        # the transparent sockets answering pods
+///     <DNS as above> accept
 ///     ip daddr @meshed counter drop                    # the node's other processes: no plaintext either
 ///   }
 /// }
@@ -387,56 +395,98 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
     let mut objs = fresh_table();
     objs.extend([
         chain("prerouting", NfChainType::Filter, NfHook::Prerouting, -90),
+        chain("input", NfChainType::Filter, NfHook::Input, 0),
         chain("forward", NfChainType::Filter, NfHook::Forward, 0),
         chain("output", NfChainType::Filter, NfHook::Output, 0),
     ]);
     let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = plan.meshed_pods.iter().partition(|a| a.is_ipv4());
     let families = [("ip", v4), ("ip6", v6)];
     let addr_set = |ips: &[IpAddr]| set(ips.iter().map(|a| s(&a.to_string())));
-    let ct_state = || {
-        m(
+    // `ct original ip saddr`: nft 1.0.6 reads the family from the key ("ip saddr"), not from a field.
+    let ct_orig = |proto: &str, key: &str| {
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: format!("{proto} {key}").into(),
+            family: None,
+            dir: Some(nftables::expr::CTDir::Original),
+        }))
+    };
+    let direction = |dir: &str| {
+        eq(
             Expression::Named(NamedExpression::CT(nftables::expr::CT {
-                key: "state".into(),
+                key: "direction".into(),
                 family: None,
                 dir: None,
             })),
-            Operator::IN,
-            Expression::List(vec![s("established"), s("related")]),
+            s(dir),
         )
     };
+    // DNS exchanges of meshed pods with the resolver, the only plaintext a meshed pod keeps. The resolver
+    // is matched on the connection's original tuple (before kube-proxy's DNAT of the DNS Service). Queries:
+    // port 53 from a meshed pod. Answers: the reply direction of such a connection (its conntrack entry
+    // exists only if the query was accepted: a dropped first packet leaves no entry).
     let dns_rules = |chain_name: &str, objs: &mut Vec<NfObject<'static>>| {
         for (proto, ips) in &families {
-            if ips.is_empty() {
-                continue;
-            }
             for r in &plan.dns_resolvers {
-                let (rproto, family) = match r {
-                    IpAddr::V4(_) => ("ip", nftables::expr::CTFamily::IP),
-                    IpAddr::V6(_) => ("ip6", nftables::expr::CTFamily::IP6),
-                };
-                if rproto != *proto {
+                if ips.is_empty() || (r.is_ipv4() != (*proto == "ip")) {
                     continue;
                 }
+                let resolver = eq(ct_orig(proto, "daddr"), s(&r.to_string()));
                 objs.push(rule(
                     chain_name,
-                    "DNS to the configured resolver (before Service DNAT)",
+                    "DNS queries of meshed pods to the resolver",
                     vec![
+                        direction("original"),
                         eq(field(proto, "saddr"), addr_set(ips)),
-                        eq(
-                            Expression::Named(NamedExpression::CT(nftables::expr::CT {
-                                key: "daddr".into(),
-                                family: Some(family),
-                                dir: Some(nftables::expr::CTDir::Original),
-                            })),
-                            s(&r.to_string()),
-                        ),
+                        resolver.clone(),
                         eq(field("th", "dport"), Expression::Number(53)),
+                        Statement::Accept(None),
+                    ],
+                ));
+                objs.push(rule(
+                    chain_name,
+                    "DNS answers to meshed pods",
+                    vec![
+                        direction("reply"),
+                        eq(ct_orig(proto, "saddr"), addr_set(ips)),
+                        resolver,
                         Statement::Accept(None),
                     ],
                 ));
             }
         }
     };
+    // The node resolves its pods' IPv6 addresses with neighbour discovery and the pods resolve the node's
+    // (ARP, the IPv4 equivalent, is not IP and never reaches this table).
+    let neighbour_discovery = |chain_name: &str| {
+        rule(
+            chain_name,
+            "IPv6 neighbour discovery between the node and its pods",
+            vec![
+                eq(meta(MetaKey::L4proto), s("ipv6-icmp")),
+                eq(
+                    field("icmpv6", "type"),
+                    set([s("nd-neighbor-solicit"), s("nd-neighbor-advert")]),
+                ),
+                Statement::Accept(None),
+            ],
+        )
+    };
+    let drop_meshed =
+        |chain_name: &str, comment: &str, dir: &str, objs: &mut Vec<NfObject<'static>>| {
+            for (proto, ips) in &families {
+                if !ips.is_empty() {
+                    objs.push(rule(
+                        chain_name,
+                        comment,
+                        vec![
+                            eq(field(proto, dir), addr_set(ips)),
+                            counter(),
+                            Statement::Drop(None),
+                        ],
+                    ));
+                }
+            }
+        };
 
     // Source addresses are what identify pods here, so a packet claiming a meshed pod's address must have
     // come in through the interface that address is routed to (strict reverse-path check, whatever the
@@ -490,50 +540,42 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         ));
     }
 
+    // Into the node itself (its addresses, host-network pods, a node-local DNS cache).
     objs.push(rule(
-        "forward",
-        "answers to connections pods were allowed to open",
-        vec![ct_state(), Statement::Accept(None)],
-    ));
-    dns_rules("forward", &mut objs);
-    for (proto, ips) in &families {
-        if ips.is_empty() {
-            continue;
-        }
-        objs.push(rule(
-            "forward",
-            "nothing else leaves a meshed pod",
-            vec![
-                eq(field(proto, "saddr"), addr_set(ips)),
-                counter(),
-                Statement::Drop(None),
-            ],
-        ));
-        objs.push(rule(
-            "forward",
-            "plaintext into meshed pods",
-            vec![
-                eq(field(proto, "daddr"), addr_set(ips)),
-                counter(),
-                Statement::Drop(None),
-            ],
-        ));
-    }
-
-    // The node resolves its pods' IPv6 addresses with neighbour discovery (ARP, the IPv4 equivalent, is
-    // not IP and never reaches this table); dropping it would cut the proxy's own answers to the pod.
-    objs.push(rule(
-        "output",
-        "IPv6 neighbour discovery with the node's pods",
+        "input",
+        "meshed pods' TCP diverted to the proxy",
         vec![
-            eq(meta(MetaKey::L4proto), s("ipv6-icmp")),
-            eq(
-                field("icmpv6", "type"),
-                set([s("nd-neighbor-solicit"), s("nd-neighbor-advert")]),
-            ),
+            eq(meta(MetaKey::Mark), Expression::Number(TPROXY_MARK)),
             Statement::Accept(None),
         ],
     ));
+    objs.push(neighbour_discovery("input"));
+    objs.push(rule(
+        "input",
+        "answers to the node's connections (the proxy delivering streams)",
+        vec![direction("reply"), Statement::Accept(None)],
+    ));
+    dns_rules("input", &mut objs);
+    drop_meshed(
+        "input",
+        "nothing else from a meshed pod to the node",
+        "saddr",
+        &mut objs,
+    );
+
+    // Through the node. No blanket "established" accept: a connection that existed before its pod joined
+    // the mesh is cut, not grandfathered.
+    dns_rules("forward", &mut objs);
+    drop_meshed(
+        "forward",
+        "nothing else leaves a meshed pod",
+        "saddr",
+        &mut objs,
+    );
+    drop_meshed("forward", "plaintext into meshed pods", "daddr", &mut objs);
+
+    // From the node's own processes.
+    objs.push(neighbour_discovery("output"));
     objs.push(rule(
         "output",
         "the proxy's own sockets",
@@ -544,23 +586,16 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
     ));
     objs.push(rule(
         "output",
-        "answers (the proxy's transparent sockets)",
-        vec![ct_state(), Statement::Accept(None)],
+        "answers to connections meshed pods opened (the proxy's transparent sockets)",
+        vec![direction("reply"), Statement::Accept(None)],
     ));
-    for (proto, ips) in &families {
-        if ips.is_empty() {
-            continue;
-        }
-        objs.push(rule(
-            "output",
-            "plaintext from the node into meshed pods",
-            vec![
-                eq(field(proto, "daddr"), addr_set(ips)),
-                counter(),
-                Statement::Drop(None),
-            ],
-        ));
-    }
+    dns_rules("output", &mut objs);
+    drop_meshed(
+        "output",
+        "plaintext from the node into meshed pods",
+        "daddr",
+        &mut objs,
+    );
     Nftables {
         objects: Cow::Owned(objs),
     }

@@ -330,15 +330,25 @@ impl Node {
             local = local.len(),
             "directory in force"
         );
-        self.shared.ctx.dir.store(Arc::new(view));
+        // Rules before the view: a newly captured workload's first connections then meet a proxy that
+        // does not know it yet and are refused (closed), never the other way round (known but uncaptured).
         if **self.shared.capture.load() != plan {
-            match capture::apply(&plan) {
+            // nft takes tens of milliseconds: tell the runtime, so other tasks move to other workers.
+            let apply = || capture::apply(&plan);
+            let applied = match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(apply)
+                }
+                _ => apply(),
+            };
+            match applied {
                 Ok(()) => self.shared.capture.store(Arc::new(plan)),
                 Err(e) => {
                     error!(error = %e, "cannot update the nftables rules; the previous rules stay")
                 }
             }
         }
+        self.shared.ctx.dir.store(Arc::new(view));
     }
 
     async fn fetch_cert(&self, id: &SpiffeId) -> anyhow::Result<Arc<WorkloadCert>> {

@@ -291,8 +291,9 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
 /// VM mode (`redirect`): the destination from `SO_ORIGINAL_DST`, the source workload from the Unix user
 /// owning the client socket. Kubernetes mode (TPROXY): the connection keeps its original addresses, so the
 /// destination is the accepted socket's local address and the source workload is the pod with the peer's
-/// address (pods cannot forge it: the CNI's routes and the node's reverse-path check bind it to the pod's
-/// interface).
+/// address. A pod cannot borrow another's address: the capture's strict reverse-path rule drops a meshed
+/// address arriving on any interface but the one it is routed to, which on a routed CNI (one interface
+/// per pod) is that pod's own. On a CNI that bridges pods on one interface this does not hold.
 fn source_and_destination(
     ctx: &Ctx,
     view: &DirectoryView,
