@@ -460,6 +460,59 @@ async fn compaction_expires_old_versions_with_410() {
 }
 
 #[tokio::test]
+async fn paged_lists_come_from_one_snapshot_and_expire_with_compaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = KubeApi::start_local(tmp.path());
+    let c = Client::new(&api);
+    for i in 1..=5 {
+        api.put_pod(FakePod::running(
+            "shop",
+            &format!("web-{i}"),
+            "node-a",
+            "web",
+            &[&format!("10.1.0.{i}")],
+        ));
+    }
+    let (status, first) = c.get("/api/v1/pods?limit=2").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(names(&first), ["web-1", "web-2"]);
+    assert_eq!(first["metadata"]["remainingItemCount"], 3);
+    let token = first["metadata"]["continue"].as_str().unwrap().to_owned();
+    // A change between pages does not show in the rest of this list (same snapshot, same version).
+    api.delete_pod("shop", "web-5");
+    let (_, second) = c
+        .get(&format!("/api/v1/pods?limit=2&continue={token}"))
+        .await;
+    assert_eq!(names(&second), ["web-3", "web-4"]);
+    let token = second["metadata"]["continue"].as_str().unwrap().to_owned();
+    let (_, last) = c
+        .get(&format!("/api/v1/pods?limit=2&continue={token}"))
+        .await;
+    assert_eq!(names(&last), ["web-5"]);
+    assert!(last["metadata"].get("continue").is_none(), "{last}");
+    assert_eq!(rv(&first), rv(&last));
+    // A token is good once; a list whose snapshot was compacted away answers 410 Expired.
+    let (status, _) = c
+        .get(&format!("/api/v1/pods?limit=2&continue={token}"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, first) = c.get("/api/v1/pods?limit=2").await;
+    let token = first["metadata"]["continue"].as_str().unwrap().to_owned();
+    api.compact();
+    let (status, body) = c
+        .get(&format!("/api/v1/pods?limit=2&continue={token}"))
+        .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (StatusCode::GONE, Some("Expired"))
+    );
+    // Without limit, or with a limit above the count, one answer holds everything.
+    let (_, all) = c.get("/api/v1/pods?limit=50").await;
+    assert_eq!(names(&all).len(), 4);
+    assert!(all["metadata"].get("continue").is_none());
+}
+
+#[tokio::test]
 async fn bookmarks_closing_and_timeouts() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApi::start_local(tmp.path());

@@ -308,6 +308,9 @@ fn setup() -> Cluster {
             cluster.api.token_file().to_str().unwrap(),
             "--kube-namespace",
             "strait-system",
+            // Small pages, so the lists (6 pods, 3 namespaces) take several continue round trips.
+            "--kube-list-page-size",
+            "2",
         ],
         &cluster.dir.join("control.log"),
     );
@@ -361,11 +364,17 @@ fn try_join(c: &Cluster, node: &str, token: &str) -> Result<(), String> {
     })
 }
 
-/// Asks the control plane for a workload SVID with node1's saved identity.
-fn node1_svid(c: &Cluster, workload: &str) -> Result<(), String> {
+/// What node1 can ask the control plane with its saved node identity.
+enum Node1Call<'a> {
+    WorkloadSvid(&'a str),
+    Renew,
+    Directory,
+}
+
+/// Calls the control plane as node1 (its saved identity); Ok(answer as text) or Err(message).
+fn node1_call(c: &Cluster, call: Node1Call) -> Result<String, String> {
     let data = c.dir.join("node1-data");
     let control = format!("https://{}:15012", c.net.v4("ctl"));
-    let id = strait_ca::SpiffeId::parse(workload).unwrap();
     in_netns(&c.net.ns("node1"), || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -376,13 +385,27 @@ fn node1_svid(c: &Cluster, workload: &str) -> Result<(), String> {
                     strait_control::node::NodeIdentity::load(&data).map_err(|e| e.to_string())?;
                 let client = strait_control::node::NodeClient::new(&control, &identity)
                     .map_err(|e| e.to_string())?;
-                client
-                    .workload_svid(&id)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                match call {
+                    Node1Call::WorkloadSvid(id) => {
+                        let id = strait_ca::SpiffeId::parse(id).unwrap();
+                        client.workload_svid(&id).await.map(|_| String::new())
+                    }
+                    Node1Call::Renew => client
+                        .renew(Default::default())
+                        .await
+                        .map(|_| String::new()),
+                    Node1Call::Directory => client
+                        .directory()
+                        .await
+                        .map(|d| serde_json::to_string(&d).unwrap()),
+                }
+                .map_err(|e| e.to_string())
             })
     })
+}
+
+fn node1_svid(c: &Cluster, workload: &str) -> Result<String, String> {
+    node1_call(c, Node1Call::WorkloadSvid(workload))
 }
 
 fn capture(c: &Cluster, host: &str, file: &Path) -> Proc {
@@ -409,6 +432,22 @@ fn capture(c: &Cluster, host: &str, file: &Path) -> Proc {
     );
     std::thread::sleep(Duration::from_millis(300));
     p
+}
+
+/// The packets counted by the rules of `nft list table` output whose comment contains `comment`.
+fn dropped_by(rules: &str, comment: &str) -> u64 {
+    rules
+        .lines()
+        .filter(|l| l.contains(comment))
+        .filter_map(|l| {
+            l.split("packets ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn packets(file: &Path, filter: &str) -> usize {
@@ -516,6 +555,8 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
         .eventually(Duration::from_secs(20), "both proxies ready", || {
             c.ready("node1") && c.ready("node2")
         });
+    // 6 pods in pages of 2: the first list alone took three requests.
+    assert!(c.api.count("list", "pods") >= 3, "paged lists");
     let status = c.admin(&["status"]);
     assert!(
         status.contains("spiffe://cluster.local/ns/shop/sa/web"),
@@ -629,19 +670,7 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
         &["--interface", &web4, "-d", "x"],
     );
     assert_eq!(spoof, "000", "a spoofed source must not pass as web");
-    let spoofed: u64 = c
-        .nft("node1")
-        .lines()
-        .filter(|l| l.contains("spoofed"))
-        .filter_map(|l| {
-            l.split("packets ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let spoofed = dropped_by(&c.nft("node1"), "spoofed");
     assert!(
         spoofed >= 1,
         "the reverse-path rule dropped the spoofed SYN:\n{}",
@@ -652,18 +681,7 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     c.net.wait(tcpdump, Duration::from_secs(5));
 
     let rules = c.nft("node2");
-    let dropped: u64 = rules
-        .lines()
-        .filter(|l| l.contains("plaintext"))
-        .filter_map(|l| {
-            l.split("packets ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let dropped = dropped_by(&rules, "plaintext");
     assert!(
         dropped >= 3,
         "the plaintext attempts hit Strait's drop rules:\n{rules}"
@@ -755,13 +773,89 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
         "200",
         "the GET the mesh refused (403) now reaches the store directly"
     );
+    // Plaintext flows opened meanwhile (TCP and UDP echoes on db:9000 from the un-meshed pod olda, a line
+    // every 100 ms) must not outlive the namespace's return to the mesh: no conntrack entry is honoured.
+    let mut sizes = Vec::new();
+    for proto in ["TCP", "UDP"] {
+        c.net.spawn(
+            "db",
+            None,
+            &[
+                "socat",
+                &format!("{proto}-LISTEN:9000,fork,reuseaddr"),
+                "EXEC:cat",
+            ],
+            &c.dir.join(format!("echo-{proto}.log")),
+        );
+        let flag = if proto == "TCP" { "-Hlnt" } else { "-Hlnu" };
+        c.net
+            .eventually(Duration::from_secs(5), "the echo listening", || {
+                !text(&c.net.run("db", None, &["ss", flag, "sport = :9000"]))
+                    .trim()
+                    .is_empty()
+            });
+        let echoed = c.dir.join(format!("echoed-{proto}.txt"));
+        let feed = format!(
+            "while true; do echo tick; sleep 0.1; done | socat - {proto}:{}:9000 > {}",
+            pod("db").v4,
+            echoed.display()
+        );
+        c.net.spawn(
+            "olda",
+            None,
+            &["sh", "-c", &feed],
+            &c.dir.join(format!("feed-{proto}.log")),
+        );
+        sizes.push((proto, echoed));
+    }
+    let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+    c.net.eventually(
+        Duration::from_secs(10),
+        "the plaintext echoes flowing",
+        || sizes.iter().all(|(_, f)| size(f) > 20),
+    );
     c.api
         .put_namespace("shop", &[("strait.dev/mesh", "enabled")]);
+    c.net.eventually(
+        Duration::from_secs(15),
+        "db's address back in the rules",
+        || c.nft("node2").contains(&pod("db").v4.to_string()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let cut_at: Vec<u64> = sizes.iter().map(|(_, f)| size(f)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    for ((proto, f), before) in sizes.iter().zip(cut_at) {
+        assert_eq!(
+            size(f),
+            before,
+            "an established {proto} flow kept going into a meshed pod"
+        );
+    }
     c.net
         .eventually(Duration::from_secs(15), "shop meshed again", || {
             c.curl("olda", &url("db", false, "/"), &[]) == "000"
                 && c.curl("web", &url("db", false, "/api/db"), &["-d", "x"]) == "201"
         });
+
+    // --- The node's view and its identity follow the API. ---
+    let dir = node1_call(&c, Node1Call::Directory).unwrap();
+    assert!(
+        dir.contains(&pod("db").v4.to_string()),
+        "the node directory lists the pods: {dir}"
+    );
+    assert_eq!(node1_call(&c, Node1Call::Renew), Ok(String::new()));
+    // Its proxy pod deleted, node1 can no longer renew: a copied key or token does not outlive the pod.
+    c.api.delete_pod("strait-system", "strait-proxy-a");
+    let mut renewal = Ok(String::new());
+    c.net
+        .eventually(Duration::from_secs(10), "renewal refused", || {
+            renewal = node1_call(&c, Node1Call::Renew);
+            renewal.is_err()
+        });
+    assert!(
+        matches!(&renewal, Err(e) if e.contains("no pod of the proxy DaemonSet")),
+        "{renewal:?}"
+    );
 
     // --- Shutdown removes every rule and route the proxy installed. ---
     let proxies = std::mem::take(&mut c.proxies);

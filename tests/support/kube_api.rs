@@ -588,6 +588,9 @@ struct State {
     tokens: HashMap<String, (FakeReview, String)>,
     counts: HashMap<(String, String), usize>,
     watch_versions: HashMap<String, Vec<String>>,
+    /// Paged lists in progress: continue token → (the snapshot's resourceVersion, the items still to send).
+    /// Like etcd, every page of one list comes from the same snapshot.
+    pages: HashMap<String, (u64, Vec<Value>)>,
 }
 
 /// How a watch request starts.
@@ -614,6 +617,7 @@ impl State {
             tokens: HashMap::new(),
             counts: HashMap::new(),
             watch_versions: HashMap::new(),
+            pages: HashMap::new(),
         }
     }
 
@@ -682,19 +686,52 @@ impl State {
         self.history.push(change);
     }
 
-    fn list(&self, resource: Resource, selector: &Selector) -> Value {
-        let items: Vec<Value> = self
-            .objects(resource)
-            .values()
-            .filter(|o| selector.matches(o))
-            .cloned()
-            .collect();
-        json!({
+    /// A list, whole or (with `limit`) one page of it. `continue` resumes a paged list from its snapshot;
+    /// once the snapshot's version is compacted away the token answers 410 Expired, as a real API server
+    /// does, and the client must list from the start.
+    fn list(
+        &mut self,
+        resource: Resource,
+        selector: &Selector,
+        limit: Option<usize>,
+        cont: Option<&str>,
+    ) -> Result<Value, Box<Response<Body>>> {
+        let (rv, mut items) = match cont {
+            Some(token) => match self.pages.remove(token) {
+                Some((rv, _)) if rv < self.compacted => {
+                    return Err(Box::new(error(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result.",
+                        None,
+                    )))
+                }
+                Some(page) => page,
+                None => return Err(Box::new(bad_request("invalid continue token"))),
+            },
+            None => (
+                self.rv,
+                self.objects(resource)
+                    .values()
+                    .filter(|o| selector.matches(o))
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if let Some(limit) = limit.filter(|l| *l > 0 && *l < items.len()) {
+            let rest = items.split_off(limit);
+            let token = format!("c{}", random_token());
+            metadata["continue"] = json!(token);
+            metadata["remainingItemCount"] = json!(rest.len());
+            self.pages.insert(token, (rv, rest));
+        }
+        Ok(json!({
             "kind": format!("{}List", resource.kind()),
             "apiVersion": "v1",
-            "metadata": {"resourceVersion": self.rv.to_string()},
+            "metadata": metadata,
             "items": items,
-        })
+        }))
     }
 
     /// Opens a watch from resourceVersion `from`: "" or "0" starts with an ADDED event for every current
@@ -1230,8 +1267,20 @@ fn list_or_watch(
         Err(e) => return bad_request(&e),
     };
     if !flag(query, "watch") {
-        // resourceVersion, limit and continue are ignored: a list is always everything, now.
-        return json_response(StatusCode::OK, &lock(state).list(resource, &selector));
+        // resourceVersion is ignored: a list is always of now (or of its first page's snapshot).
+        let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(_)) => return bad_request("invalid limit"),
+        };
+        let cont = query
+            .get("continue")
+            .map(String::as_str)
+            .filter(|c| !c.is_empty());
+        return match lock(state).list(resource, &selector, limit, cont) {
+            Ok(list) => json_response(StatusCode::OK, &list),
+            Err(resp) => *resp,
+        };
     }
     let timeout = match query.get("timeoutSeconds").map(|t| t.parse::<u64>()) {
         None | Some(Ok(0)) => None,
