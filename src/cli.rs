@@ -493,6 +493,11 @@ pub struct ProxyArgs {
     /// Admin endpoint (/live, /ready, /metrics, /config_dump).
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Kubernetes mode: let the node's own processes (kubelet) reach the ports that meshed pods' HTTP,
+    /// TCP and gRPC probes name, in plaintext, on those pods' addresses. Without it every other plaintext
+    /// into a meshed pod is dropped, probes included, and such pods never turn Ready.
+    #[arg(long)]
+    pub allow_kubelet_probes: bool,
     /// Also serve the probe and metrics paths (/live, /healthz, /ready, /metrics; not /config_dump) on
     /// this address, e.g. 0.0.0.0:15021 for kubelet probes on a host-network DaemonSet.
     #[arg(long)]

@@ -233,6 +233,7 @@ fn workload(ns: &str, sa: &str, node: &str, uid: u32) -> Workload {
             protocol: Protocol::Http,
             permissive: false,
         }],
+        probe_ports: Vec::new(),
     }
 }
 

@@ -174,6 +174,7 @@ impl Cluster {
                 &n6,
                 "--drain-timeout",
                 "2s",
+                "--allow-kubelet-probes",
                 // The cluster DNS stand-in (a UDP echo on ctl:53).
                 "--dns-resolver",
                 &self.net.v4("ctl").to_string(),
@@ -266,13 +267,22 @@ fn setup() -> Cluster {
     api.put_namespace("shop", &[("strait.dev/mesh", "enabled")]);
     api.put_namespace("legacy", &[]);
     for p in &PODS {
-        api.put_pod(FakePod::running(
+        let mut fp = FakePod::running(
             p.ns,
             p.name,
             p.node,
             p.sa,
             &[&p.v4.to_string(), &p.v6.to_string()],
-        ));
+        );
+        if p.name == "web" {
+            // kubelet probes web on its named port; db has no probe.
+            fp.containers = Some(serde_json::json!([{
+                "name": "app", "image": "docstore",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": "http"}},
+            }]));
+        }
+        api.put_pod(fp);
     }
     for (node, pod_name) in [("node1", "strait-proxy-a"), ("node2", "strait-proxy-b")] {
         let pp = proxy_pod(pod_name, node, &net.v4(node).to_string());
@@ -628,6 +638,43 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
             &["curl", "-s", "--max-time", "2", &url("db", false, "/")]
         )),
         ""
+    );
+    // kubelet's probe of web (httpGet on its named port 8080) comes from the node in plaintext and is let
+    // through (--allow-kubelet-probes); the node still cannot reach web's other ports, nor db (no probe).
+    assert_eq!(
+        text(&c.net.run(
+            "node1",
+            None,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &url("web", false, "/")
+            ]
+        )),
+        "200",
+        "kubelet's probe port"
+    );
+    assert!(
+        dropped_by(&c.nft("node1"), "kubelet probes") >= 1,
+        "{}",
+        c.nft("node1")
+    );
+    let before = dropped_by(&c.nft("node1"), "plaintext from the node");
+    let other_port = format!("http://{}:9000/", pod("web").v4);
+    c.net.run(
+        "node1",
+        None,
+        &["curl", "-s", "--max-time", "1", &other_port],
+    );
+    assert!(
+        dropped_by(&c.nft("node1"), "plaintext from the node") > before,
+        "another port of web is not a probe port"
     );
     // Un-meshed pods are untouched: they talk in plaintext across nodes.
     assert_eq!(c.curl("olda", &url("oldb", false, "/"), &[]), "200");

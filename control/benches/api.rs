@@ -177,6 +177,7 @@ fn main() {
                 protocol: Protocol::Http,
                 permissive: false,
             }],
+            probe_ports: Vec::new(),
         };
         let _: api::ChangeResponse = admin.post(paths::ADMIN_WORKLOADS, &w).await.unwrap();
         let csrs: Arc<Vec<_>> = Arc::new((0..SVIDS).map(|_| prepare_csr().unwrap()).collect());

@@ -110,6 +110,9 @@ pub struct Workload {
     /// Sorted by port, no duplicates. Empty only for an `Ips` workload, meaning every port (protocol
     /// detected); see [`Workload::serves`].
     pub ports: Vec<PortSpec>,
+    /// Kubernetes pods: the ports kubelet probes in plaintext from the node (see the proxy's
+    /// `--allow-kubelet-probes`). Sorted, no duplicates; empty for VM workloads.
+    pub probe_ports: Vec<u16>,
 }
 
 impl Workload {
@@ -132,6 +135,8 @@ struct RawWorkload {
     ips: Vec<IpAddr>,
     #[serde(default, serialize_with = "serialize_ports")]
     ports: Vec<PortSpecSer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    probe_ports: Vec<u16>,
 }
 
 /// Ports in serialised form (always the full map).
@@ -200,11 +205,21 @@ impl TryFrom<RawWorkload> for Workload {
         if ports.windows(2).any(|w| w[0].port == w[1].port) {
             return Err("a port is listed twice".into());
         }
+        let mut probe_ports = raw.probe_ports;
+        probe_ports.sort_unstable();
+        probe_ports.dedup();
+        if probe_ports.contains(&0) {
+            return Err("probe port 0 is not a port".into());
+        }
+        if !probe_ports.is_empty() && matches!(selector, Selector::Uid(_)) {
+            return Err("`probe_ports` are for pods (`ip`/`ips`), not `uid` workloads".into());
+        }
         Ok(Workload {
             id: raw.id,
             node: raw.node,
             selector,
             ports,
+            probe_ports,
         })
     }
 }
@@ -222,6 +237,7 @@ impl From<Workload> for RawWorkload {
             ip: None,
             ips,
             ports: w.ports.into_iter().map(PortSpecSer).collect(),
+            probe_ports: w.probe_ports,
         }
     }
 }

@@ -466,6 +466,7 @@ mod tests {
                 protocol: Protocol::Http,
                 permissive: false,
             }],
+            probe_ports: Vec::new(),
         }
     }
 

@@ -32,7 +32,7 @@
 //! failure is closed. `nft delete table inet strait` (or restarting the proxy) recovers.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -72,6 +72,9 @@ pub struct CapturePlan {
     pub mode: CaptureMode,
     /// Kubernetes mode: addresses of the meshed pods on this node.
     pub meshed_pods: BTreeSet<IpAddr>,
+    /// Kubernetes mode with `--allow-kubelet-probes`: the TCP ports of each meshed pod address that the
+    /// node may reach in plaintext (the pods' HTTP, TCP and gRPC probes).
+    pub probe_ports: BTreeMap<IpAddr, BTreeSet<u16>>,
     /// Unix users of the node's registered workloads (outbound capture).
     pub workload_uids: BTreeSet<u32>,
     /// Workload ports that refuse plaintext (everything not declared PERMISSIVE).
@@ -383,6 +386,7 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 ///     meta mark PROXY_MARK accept                      # the proxy delivering tunnelled streams
 ///     ct direction reply accept                        # the transparent sockets answering pods
 ///     <DNS as above> accept
+///     ip daddr POD tcp dport { PROBE PORTS } accept      # only with --allow-kubelet-probes
 ///     ip daddr @meshed counter drop                    # the node's other processes: no plaintext either
 ///   }
 /// }
@@ -590,6 +594,23 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         vec![direction("reply"), Statement::Accept(None)],
     ));
     dns_rules("output", &mut objs);
+    for (addr, ports) in &plan.probe_ports {
+        let proto = if addr.is_ipv4() { "ip" } else { "ip6" };
+        objs.push(rule(
+            "output",
+            "kubelet probes (--allow-kubelet-probes)",
+            vec![
+                eq(field(proto, "daddr"), s(&addr.to_string())),
+                eq(meta(MetaKey::L4proto), s("tcp")),
+                eq(
+                    field("tcp", "dport"),
+                    set(ports.iter().map(|p| Expression::Number(u32::from(*p)))),
+                ),
+                counter(),
+                Statement::Accept(None),
+            ],
+        ));
+    }
     drop_meshed(
         "output",
         "plaintext from the node into meshed pods",
@@ -745,6 +766,17 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("nd-neighbor-solicit"), "{json}");
+        assert!(
+            !json.contains("kubelet probes"),
+            "no probe rule unless asked"
+        );
+        let probed = CapturePlan {
+            probe_ports: [("10.244.1.2".parse().unwrap(), [8080, 9000].into())].into(),
+            ..plan.clone()
+        };
+        let json = serde_json::to_string(&ruleset(&probed)).unwrap();
+        assert!(json.contains("kubelet probes"), "{json}");
+        assert!(json.contains(r#"{"set":[8080,9000]}"#), "{json}");
         assert!(!json.contains("skuid"), "no VM rules in Kubernetes mode");
         // No meshed pods: no pod rules at all, only the table and the generic accepts.
         let empty = CapturePlan {

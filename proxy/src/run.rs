@@ -68,6 +68,8 @@ pub struct ProxyOptions {
     pub decision_log_allow_sample: u64,
     /// Optional health endpoint (probes and metrics only), e.g. 0.0.0.0:15021.
     pub health: Option<SocketAddr>,
+    /// Kubernetes mode: let the node reach its meshed pods' probe ports in plaintext (kubelet).
+    pub allow_kubelet_probes: bool,
 }
 
 impl ProxyOptions {
@@ -239,6 +241,14 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
     if plan.mode == CaptureMode::Kubernetes {
         // Every port of a meshed pod is protected by address; nothing port-based applies.
         plan.meshed_pods = view.local_pod_ips().collect();
+        if opts.allow_kubelet_probes {
+            for w in view.local.iter().filter(|w| !w.probe_ports.is_empty()) {
+                for ip in w.selector.ips() {
+                    plan.probe_ports
+                        .insert(*ip, w.probe_ports.iter().copied().collect());
+                }
+            }
+        }
         return plan;
     }
     for w in &view.local {

@@ -90,6 +90,7 @@ pub async fn workload(cmd: WorkloadCommand) -> anyhow::Result<()> {
                     None => Selector::Ips(ip),
                 },
                 ports,
+                probe_ports: Vec::new(),
             };
             let client = admin_client(&conn)?;
             let resp: api::ChangeResponse = client.post(paths::ADMIN_WORKLOADS, &w).await?;

@@ -29,6 +29,11 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .iter()
         .map(|e| EgressRule::parse(e).map_err(|m| anyhow!("--allow-egress {m}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.allow_kubelet_probes && args.mode != ProxyMode::Kubernetes {
+        return Err(anyhow!(
+            "--allow-kubelet-probes is for --mode kubernetes (VM workloads declare PERMISSIVE ports instead)"
+        ));
+    }
     let bootstrap = match args.mode {
         ProxyMode::Vm => Bootstrap::JoinToken(token),
         ProxyMode::Kubernetes if token.is_some() => {
@@ -73,6 +78,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         distributor_tcp_only: args.distributor_tcp_only,
         decision_log_allow_sample: args.decision_log_allow_sample,
         health: args.health_listen,
+        allow_kubelet_probes: args.allow_kubelet_probes,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -59,6 +59,8 @@ pub struct FakePod {
     pub owners: Vec<(String, String)>,
     /// Sets metadata.deletionTimestamp (the pod is terminating).
     pub deleting: bool,
+    /// spec.containers as given (ports, probes); one bare container when `None`.
+    pub containers: Option<Value>,
 }
 
 impl FakePod {
@@ -82,6 +84,7 @@ impl FakePod {
             labels: Vec::new(),
             owners: Vec::new(),
             deleting: false,
+            containers: None,
         }
     }
 }
@@ -900,7 +903,10 @@ fn pod_json(pod: &FakePod) -> Value {
             "nodeName": pod.node,
             "serviceAccountName": pod.service_account,
             "hostNetwork": pod.host_network,
-            "containers": [{"name": "app", "image": "x"}],
+            "containers": pod
+                .containers
+                .clone()
+                .unwrap_or_else(|| json!([{"name": "app", "image": "x"}])),
         },
         "status": status,
     })

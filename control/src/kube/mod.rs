@@ -164,6 +164,7 @@ impl Kube {
             node,
             selector: Selector::Ips(ips),
             ports: Vec::new(),
+            probe_ports: pod.probe_ports(),
         })
     }
 

@@ -77,6 +77,58 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default)]
     pub host_network: bool,
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+/// The parts of a container that say where kubelet probes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    #[serde(default)]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default)]
+    pub liveness_probe: Option<Probe>,
+    #[serde(default)]
+    pub startup_probe: Option<Probe>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: i64,
+}
+
+/// A probe; only the network kinds matter (an `exec` probe runs inside the pod).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default)]
+    pub http_get: Option<ProbeTarget>,
+    #[serde(default)]
+    pub tcp_socket: Option<ProbeTarget>,
+    #[serde(default)]
+    pub grpc: Option<ProbeTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ProbeTarget {
+    pub port: PortRef,
+    /// Set when the probe goes to another host than the pod: then it is not the pod's business.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// Kubernetes' IntOrString for ports: a number, or the name of a container port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(i64),
+    Name(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -118,6 +170,35 @@ impl Pod {
     /// Succeeded or Failed: its containers are gone and its IP may already belong to another pod.
     pub fn finished(&self) -> bool {
         matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
+    /// The TCP ports kubelet probes on the pod's own address (HTTP, TCP and gRPC probes; named ports
+    /// resolved against the same container's ports), sorted, without duplicates.
+    pub fn probe_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| {
+                [&c.readiness_probe, &c.liveness_probe, &c.startup_probe]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|p| [&p.http_get, &p.tcp_socket, &p.grpc].into_iter().flatten())
+                    .filter(|t| t.host.as_deref().is_none_or(str::is_empty))
+                    .filter_map(move |t| match &t.port {
+                        PortRef::Number(n) => u16::try_from(*n).ok(),
+                        PortRef::Name(name) => c
+                            .ports
+                            .iter()
+                            .find(|p| p.name.as_deref() == Some(name.as_str()))
+                            .and_then(|p| u16::try_from(p.container_port).ok()),
+                    })
+                    .filter(|p| *p != 0)
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
     }
 
     /// The controller that owns the pod, `(kind, name)`.
@@ -240,6 +321,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pod.ips().len(), 2);
+        assert!(pod.probe_ports().is_empty());
+        let probed: Pod = serde_json::from_str(
+            r#"{"metadata":{"name":"p"},"spec":{"containers":[
+              {"name":"a","ports":[{"name":"http","containerPort":8080},{"containerPort":9000}],
+               "readinessProbe":{"httpGet":{"path":"/ready","port":"http"}},
+               "livenessProbe":{"tcpSocket":{"port":9000}},
+               "startupProbe":{"exec":{"command":["true"]}}},
+              {"name":"b","readinessProbe":{"grpc":{"port":7000}},
+               "livenessProbe":{"httpGet":{"port":"http"}}},
+              {"name":"c","readinessProbe":{"httpGet":{"port":8443,"host":"10.0.0.9"}},
+               "livenessProbe":{"httpGet":{"port":70000}}}]}}"#,
+        )
+        .unwrap();
+        // Container b's "http" names no port of b; c's probes go elsewhere or to no port.
+        assert_eq!(probed.probe_ports(), [7000, 8080, 9000]);
         assert_eq!(pod.controller(), Some(("ReplicaSet", "web-7d")));
         assert!(!pod.finished());
         let pending: Pod =
