@@ -114,19 +114,7 @@ impl Cluster {
 
     /// curl from a pod: the HTTP status, or "000" when the connection failed.
     fn curl(&self, from: &str, url: &str, extra: &[&str]) -> String {
-        let mut args = vec![
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-        ];
-        args.extend(extra);
-        args.push(url);
-        text(&self.net.run(from, None, &args)).trim().to_owned()
+        self.net.http_code(from, None, url, extra, 3)
     }
 
     fn admin(&self, args: &[&str]) -> String {
@@ -184,19 +172,9 @@ impl Cluster {
     }
 
     fn ready(&self, node: &str) -> bool {
-        text(&self.net.run(
-            node,
-            None,
-            &[
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "http://127.0.0.1:15000/ready",
-            ],
-        )) == "200"
+        self.net
+            .http_code(node, None, "http://127.0.0.1:15000/ready", &[], 3)
+            == "200"
     }
 }
 
@@ -642,21 +620,8 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     // kubelet's probe of web (httpGet on its named port 8080) comes from the node in plaintext and is let
     // through (--allow-kubelet-probes); the node still cannot reach web's other ports, nor db (no probe).
     assert_eq!(
-        text(&c.net.run(
-            "node1",
-            None,
-            &[
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "2",
-                &url("web", false, "/")
-            ]
-        )),
+        c.net
+            .http_code("node1", None, &url("web", false, "/"), &[], 2),
         "200",
         "kubelet's probe port"
     );

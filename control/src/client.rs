@@ -93,6 +93,15 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
     Ok((host, uri.port_u16().unwrap_or(DEFAULT_PORT)))
 }
 
+/// `host:port` as an HTTP authority (IPv6 literals in brackets).
+pub(crate) fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Why [`connect_tls`] failed.
 pub(crate) enum ConnectFailure {
     /// The host is neither a DNS name nor an IP address.
@@ -165,11 +174,7 @@ impl ApiClient {
         let (host, port) = parse_server(server)?;
         let mut tls = control_tls(trust, client_cert)?;
         tls.alpn_protocols = vec![b"h2".to_vec()];
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let authority = authority(&host, port);
         Ok(Self {
             host,
             port,

@@ -373,20 +373,7 @@ impl Mesh {
 
     /// curl in `host` as `uid`; returns the HTTP code (000 when the connection failed).
     pub fn curl(&self, host: &str, uid: Option<u32>, url: &str, extra: &[&str]) -> String {
-        let mut args = vec![
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ];
-        args.extend(extra);
-        args.push(url);
-        let out = self.net.run(host, uid, &args);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.net.http_code(host, uid, url, extra, 5)
     }
 
     pub fn metrics(&self, host: &str) -> String {

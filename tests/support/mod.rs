@@ -260,6 +260,32 @@ impl Netns {
             .expect("ip netns exec")
     }
 
+    /// curl in `host` (as `uid`), at most `max_secs`: the HTTP status, "000" when the connection failed.
+    pub fn http_code(
+        &self,
+        host: &str,
+        uid: Option<u32>,
+        url: &str,
+        extra: &[&str],
+        max_secs: u32,
+    ) -> String {
+        let max = max_secs.to_string();
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            &max,
+        ];
+        args.extend(extra);
+        args.push(url);
+        let out = self.run(host, uid, &args);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Starts a long-running command in `host`, its output appended to `log`.
     pub fn spawn(&self, host: &str, uid: Option<u32>, args: &[&str], log: &Path) -> Proc {
         let file = std::fs::OpenOptions::new()

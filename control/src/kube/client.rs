@@ -163,11 +163,7 @@ impl KubeClient {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         // Fail early with a clear message rather than at the first request.
         read_token(&cfg.token_file)?;
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let authority = crate::client::authority(&host, port);
         Ok(Self {
             host,
             port,
