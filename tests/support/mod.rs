@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod mesh;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -304,6 +305,11 @@ impl Netns {
         let mut c = self.children.lock().unwrap();
         c.push((args.join(" "), child));
         Proc(c.len() - 1)
+    }
+
+    /// The process id of a started process (`ip netns exec` execs the command, so it is the command's).
+    pub fn pid(&self, p: Proc) -> u32 {
+        self.children.lock().unwrap()[p.0].1.id()
     }
 
     pub fn signal(&self, p: Proc, sig: libc::c_int) {
