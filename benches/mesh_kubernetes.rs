@@ -119,7 +119,7 @@ fn main() {
     );
     println!(
         "|{}|{}|{}|{}|{}|{}|",
-        "-".repeat(46),
+        "-".repeat(48),
         "-".repeat(12),
         "-".repeat(10),
         "-".repeat(10),
