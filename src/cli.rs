@@ -52,7 +52,8 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run the control plane, or create its data directory with `strait control init`.
     Control(ControlArgs),
-    /// Run the node proxy (VM mode): capture workload traffic with nftables and carry it over mTLS.
+    /// Run the node proxy: capture workload traffic with nftables and carry it over mTLS (VM mode by
+    /// default; `--mode kubernetes` for the DaemonSet).
     Proxy(ProxyArgs),
     /// Run a small HTTP document store (a workload for tests, benchmarks and the demo).
     ///
