@@ -95,14 +95,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let mut c = setup();
-    for node in ["node1", "node2"] {
-        let p = c.start_proxy(node);
-        c.proxies.push((node, p));
-    }
-    c.net
-        .eventually(Duration::from_secs(20), "both proxies ready", || {
-            c.ready("node1") && c.ready("node2")
-        });
+    c.start_proxies();
     c.apply_workflow("- {from: web, to: db, methods: [GET], paths: [/]}");
     let direct = format!("http://{}:8080/", pod("oldb").v4);
     let mesh = format!("http://{}:8080/", pod("db").v4);

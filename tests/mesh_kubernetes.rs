@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::kube_api::{FakePod, FakeReview};
 use support::kube_cluster::{in_netns, pod, proxy_pod, review, setup, url, Cluster};
 use support::mesh::{metric, pcap_summary, text};
-use support::{require_root, Proc};
+use support::require_root;
 
 /// Joins as `node` with `token` from inside node1's namespace; Err(message) when refused.
 fn try_join(c: &Cluster, node: &str, token: &str) -> Result<(), String> {
@@ -79,32 +79,6 @@ fn node1_call(c: &Cluster, call: Node1Call) -> Result<String, String> {
 
 fn node1_svid(c: &Cluster, workload: &str) -> Result<String, String> {
     node1_call(c, Node1Call::WorkloadSvid(workload))
-}
-
-fn capture(c: &Cluster, host: &str, file: &Path) -> Proc {
-    let p = c.net.spawn(
-        "sw",
-        None,
-        &[
-            "tcpdump",
-            "--immediate-mode",
-            "-Z",
-            "root",
-            "-i",
-            &c.net.switch_port(host),
-            "-U",
-            "-s",
-            "0",
-            "-w",
-            file.to_str().unwrap(),
-        ],
-        &c.dir.join(format!(
-            "{}.log",
-            file.file_name().unwrap().to_string_lossy()
-        )),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    p
 }
 
 /// The packets counted by the rules of `nft list table` output whose comment contains `comment`.
@@ -220,14 +194,7 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     );
 
     // --- Proxies join and become ready with the pods the API lists. ---
-    for node in ["node1", "node2"] {
-        let p = c.start_proxy(node);
-        c.proxies.push((node, p));
-    }
-    c.net
-        .eventually(Duration::from_secs(20), "both proxies ready", || {
-            c.ready("node1") && c.ready("node2")
-        });
+    c.start_proxies();
     // 6 pods in pages of 2: the first list alone took three requests.
     assert!(c.api.count("list", "pods") >= 3, "paged lists");
     let status = c.admin(&["status"]);
@@ -258,7 +225,7 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
 
     // Pod to pod across nodes, IPv4 and IPv6, through mTLS; the policy is enforced per request.
     let wire = c.dir.join("node2.pcap");
-    let tcpdump = capture(&c, "node2", &wire);
+    let tcpdump = c.net.capture("node2", &wire);
     for v6 in [false, true] {
         let target = url("db", v6, "/api/db");
         let mut got = String::new();

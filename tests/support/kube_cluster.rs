@@ -190,6 +190,18 @@ impl Cluster {
         )
     }
 
+    /// Starts the proxy of each node and waits until both are ready.
+    pub fn start_proxies(&mut self) {
+        for node in ["node1", "node2"] {
+            let p = self.start_proxy(node);
+            self.proxies.push((node, p));
+        }
+        self.net
+            .eventually(Duration::from_secs(20), "both proxies ready", || {
+                self.ready("node1") && self.ready("node2")
+            });
+    }
+
     pub fn ready(&self, node: &str) -> bool {
         self.net
             .http_code(node, None, "http://127.0.0.1:15000/ready", &[], 3)

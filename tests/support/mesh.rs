@@ -430,38 +430,13 @@ pub fn metric(text: &str, name: &str, label: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Starts tcpdump on a host's switch port, writing to `file`; the returned Proc is stopped with SIGINT.
+/// Starts tcpdump on a host's switch port, writing to `file` in the test directory (see
+/// [`Netns::capture`]).
 pub fn capture(m: &Mesh, host: &str, file: &Path) -> Proc {
-    let port = m.net.switch_port(host);
-    // Debian's tcpdump drops to its own user after opening the device; -Z root keeps it able to write
-    // into the test's private directory.
-    let log = format!("{}.log", file.file_name().unwrap().to_string_lossy());
     assert_eq!(
         file.parent(),
         Some(m.dir.as_path()),
         "captures live in the test directory"
     );
-    let p = m.net.spawn(
-        "sw",
-        None,
-        &[
-            "tcpdump",
-            "--immediate-mode",
-            "-Z",
-            "root",
-            "-i",
-            &port,
-            "-U",
-            "-s",
-            "0",
-            "-w",
-            file.to_str().unwrap(),
-        ],
-        &m.dir.join(&log),
-    );
-    m.net
-        .eventually(Duration::from_secs(10), "tcpdump listening", || {
-            m.log(&log).contains("listening on")
-        });
-    p
+    m.net.capture(host, file)
 }

@@ -287,6 +287,40 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Starts tcpdump on `host`'s switch port, writing to `file` (its log beside it, `FILE.log`), and waits
+    /// until it listens; the returned Proc is stopped with SIGINT.
+    pub fn capture(&self, host: &str, file: &Path) -> Proc {
+        let port = self.switch_port(host);
+        let log = file.with_file_name(format!(
+            "{}.log",
+            file.file_name().unwrap().to_string_lossy()
+        ));
+        // Debian's tcpdump drops to its own user after opening the device; -Z root keeps it able to write
+        // into the test's private directory.
+        let p = self.spawn(
+            "sw",
+            None,
+            &[
+                "tcpdump",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-i",
+                &port,
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                file.to_str().unwrap(),
+            ],
+            &log,
+        );
+        self.eventually(Duration::from_secs(10), "tcpdump listening", || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
+        });
+        p
+    }
+
     /// Starts a long-running command in `host`, its output appended to `log`.
     pub fn spawn(&self, host: &str, uid: Option<u32>, args: &[&str], log: &Path) -> Proc {
         let file = std::fs::OpenOptions::new()
