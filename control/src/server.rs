@@ -1012,10 +1012,10 @@ async fn status(state: &Arc<State>) -> Reply {
             revision: st.store.revision()?,
             ca_not_after: secs(st.ca.not_after()),
             nodes,
-            workloads: {
-                let mut w = st.store.workloads()?;
-                w.extend(st.hub.external().iter().cloned());
-                w
+            // What the proxies are given: the store's workloads and, in Kubernetes mode, the pods.
+            workloads: match st.hub.directory(&st.store).map_err(ApiError::internal)? {
+                Some(d) => d.workloads,
+                None => st.store.workloads()?,
             },
             workflows: st.store.workflows()?.iter().map(summary).collect(),
             distribution: st.hub.status(),
