@@ -763,7 +763,7 @@ fn the_workflow_is_enforced_per_request_per_connection_and_before_egress() {
         &m,
         "v1",
         // The steps, then (the YAML continues) one egress entry: owner may reach the outside host's 8081.
-        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx], tcp: true}\negress:\n- {from: owner, cidr: 10.77.0.4/32, port: 8081}",
+        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx], tcp: [5001]}\negress:\n- {from: owner, cidr: 10.77.0.4/32, port: 8081}",
     );
     // A live path the proxy reloads from; replaced atomically (rename) below.
     let live = m.p("live.tar.gz");
@@ -802,7 +802,7 @@ fn the_workflow_is_enforced_per_request_per_connection_and_before_egress() {
         "{log}"
     );
 
-    // A TCP port: one decision per connection (the step says tcp: true).
+    // A TCP port: one decision per connection (the step names it: tcp: [5001]).
     let target = format!("TCP:{}:5001", m.net.v4("b"));
     let out = m.net.run(
         "a",
@@ -858,7 +858,7 @@ fn the_workflow_is_enforced_per_request_per_connection_and_before_egress() {
     );
 
     // Hot reload: a new bundle that also allows GET takes effect without a restart.
-    let v2 = compile_workflow(&m, "v2", "- {from: owner, to: vfx, methods: [POST, GET], paths: [/api/vfx, '/api/vfx/*'], tcp: true}");
+    let v2 = compile_workflow(&m, "v2", "- {from: owner, to: vfx, methods: [POST, GET], paths: [/api/vfx, '/api/vfx/*'], tcp: [5001]}");
     let tmp = m.dir.join("live.tmp");
     std::fs::copy(&v2, &tmp).unwrap();
     std::fs::rename(&tmp, live).unwrap();

@@ -7,8 +7,9 @@
 //!
 //! ```text
 //! data.strait_workflow.name = "movie"
-//! data.strait_workflow.flows[<source ID>][<destination ID>][<METHOD>] = [ {any_path, exact, globs, conditional, headers, window}, … ]
-//! data.strait_workflow.flows[<source ID>][<destination ID>].TCP = true      (a step with `tcp: true`)
+//! data.strait_workflow.flows[<source ID>][<destination ID>].methods[<METHOD>] = [ {any_path, exact, globs, conditional, headers, window}, … ]
+//! data.strait_workflow.flows[<source ID>][<destination ID>].methods["*"] = [ … ]   (steps for any method)
+//! data.strait_workflow.flows[<source ID>][<destination ID>].tcp = [5432, …]        (a step with `tcp: [5432]`)
 //! data.strait_workflow.egress[<source ID>] = [ {cidr, port}, … ]
 //! ```
 //!
@@ -19,7 +20,10 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::workflow::{minutes, normalize_day, Workflow, WorkflowError, METHODS};
+use crate::workflow::{canonical_method, minutes, normalize_day, Workflow, WorkflowError};
+
+/// The `methods` key of the steps that allow any method.
+pub const ANY_METHOD: &str = "*";
 
 /// The workflow's Rego (data-driven; the same for every workflow).
 pub const WORKFLOW_REGO: &str = r#"package strait.workflow
@@ -31,10 +35,13 @@ import rego.v1
 # need glob matching. regorus evaluates every rule body, so there are few of them and they fail fast.
 default allow := false
 
-# HTTP, unconditional steps (the common case).
+# HTTP, unconditional steps (the common case). Methods are exact tokens (the proxy forwards exactly the
+# method it decided on, and methods are case-sensitive); "*" holds the steps that allow any method.
 allow if {
 	http := input.attributes.request.http
-	some step in data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal][upper(http.method)]
+	pair := data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal]
+	some method in [http.method, "*"]
+	some step in pair.methods[method]
 	not step.conditional
 	path_ok(step, split(http.path, "?")[0])
 }
@@ -42,17 +49,20 @@ allow if {
 # HTTP, steps with conditions (headers, time window).
 allow if {
 	http := input.attributes.request.http
-	some step in data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal][upper(http.method)]
+	pair := data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal]
+	some method in [http.method, "*"]
+	some step in pair.methods[method]
 	step.conditional
 	path_ok(step, split(http.path, "?")[0])
 	headers_ok(step, http)
 	time_ok(step)
 }
 
-# TCP connections: one decision per connection, allowed by steps that say `tcp: true`.
+# TCP connections: one decision per connection, allowed by steps that name the destination port in `tcp`.
 allow if {
 	not input.attributes.request.http
-	data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal].TCP
+	pair := data.strait_workflow.flows[input.attributes.source.principal][input.attributes.destination.principal]
+	input.attributes.destination.address.socketAddress.portValue in pair.tcp
 }
 
 # May the source reach the destination at all? (The outbound proxy asks before opening a tunnel.)
@@ -138,12 +148,22 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
             .as_object_mut()
             .and_then(|m| {
                 m.entry(dst.clone())
-                    .or_insert_with(|| Value::Object(Map::new()))
+                    .or_insert_with(|| json!({"methods": {}}))
                     .as_object_mut()
             });
         let Some(pair) = pair else { continue };
-        if s.tcp {
-            pair.insert("TCP".into(), Value::Bool(true));
+        if !s.tcp.is_empty() {
+            if let Value::Array(ports) = pair.entry("tcp").or_insert_with(|| json!([])) {
+                for p in &s.tcp {
+                    if !ports.contains(&json!(p)) {
+                        ports.push(json!(p));
+                    }
+                }
+            }
+            // A TCP-only step allows no HTTP request.
+            if s.methods.is_empty() && s.paths.is_empty() && s.when.is_none() {
+                continue;
+            }
         }
         let (globs, exact): (Vec<&String>, Vec<&String>) =
             s.paths.iter().partition(|p| p.contains(['*', '?']));
@@ -164,14 +184,18 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
             });
         }
         let methods: Vec<String> = if s.methods.is_empty() {
-            METHODS.iter().map(|m| m.to_string()).collect()
+            vec![ANY_METHOD.to_owned()]
         } else {
-            s.methods.iter().map(|m| m.to_ascii_uppercase()).collect()
+            s.methods
+                .iter()
+                .filter_map(|m| canonical_method(m))
+                .collect()
+        };
+        let Some(by_method) = pair.get_mut("methods").and_then(Value::as_object_mut) else {
+            continue;
         };
         for m in methods {
-            if let Some(Value::Array(list)) =
-                Some(pair.entry(m).or_insert_with(|| Value::Array(Vec::new())))
-            {
+            if let Value::Array(list) = by_method.entry(m).or_insert_with(|| json!([])) {
                 list.push(step.clone());
             }
         }
@@ -204,27 +228,14 @@ pub fn merge(compiled: Vec<Value>) -> Value {
             let into_src = flows
                 .entry(src.clone())
                 .or_insert_with(|| Value::Object(Map::new()));
-            for (dst, methods) in dsts.as_object().into_iter().flatten() {
+            for (dst, pair) in dsts.as_object().into_iter().flatten() {
                 let Some(into_dst) = into_src.as_object_mut().map(|m| {
                     m.entry(dst.clone())
                         .or_insert_with(|| Value::Object(Map::new()))
                 }) else {
                     continue;
                 };
-                for (m, v) in methods.as_object().into_iter().flatten() {
-                    let Some(slot) = into_dst.as_object_mut() else {
-                        continue;
-                    };
-                    match (slot.get_mut(m), v) {
-                        (Some(Value::Array(have)), Value::Array(more)) => {
-                            have.extend(more.iter().cloned())
-                        }
-                        (Some(_), _) => {} // "TCP": true, already set
-                        (None, v) => {
-                            slot.insert(m.clone(), v.clone());
-                        }
-                    }
-                }
+                merge_pair(into_dst, pair);
             }
         }
         for (src, list) in wf["egress"].as_object().into_iter().flatten() {
@@ -244,6 +255,33 @@ pub fn merge(compiled: Vec<Value>) -> Value {
         Value::Array(names)
     };
     json!({"strait_workflow": {"name": name, "flows": flows, "egress": egress}})
+}
+
+/// Adds one workflow's (source, destination) entry to the merged one: steps per method appended, TCP ports
+/// united.
+fn merge_pair(into: &mut Value, pair: &Value) {
+    let Some(into) = into.as_object_mut() else {
+        return;
+    };
+    for (m, steps) in pair["methods"].as_object().into_iter().flatten() {
+        let slot = into
+            .entry("methods")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .map(|by_method| by_method.entry(m.clone()).or_insert_with(|| json!([])));
+        if let (Some(Value::Array(have)), Value::Array(more)) = (slot, steps) {
+            have.extend(more.iter().cloned());
+        }
+    }
+    if let Value::Array(ports) = &pair["tcp"] {
+        if let Value::Array(have) = into.entry("tcp").or_insert_with(|| json!([])) {
+            for p in ports {
+                if !have.contains(p) {
+                    have.push(p.clone());
+                }
+            }
+        }
+    }
 }
 
 /// The same flows written naively, one Rego rule per step, in files of at most 500 rules (regorus refuses
@@ -268,7 +306,8 @@ pub fn naive_modules(wf: &Workflow) -> Result<Vec<(String, String)>, WorkflowErr
             let m: Vec<String> = s
                 .methods
                 .iter()
-                .map(|m| format!("{:?}", m.to_ascii_uppercase()))
+                .filter_map(|m| canonical_method(m))
+                .map(|m| format!("{m:?}"))
                 .collect();
             rule.push_str(&format!("\thttp.method in {{{}}}\n", m.join(", ")));
         }

@@ -90,8 +90,9 @@ pub fn svg(wf: &Workflow) -> String {
         } else {
             s.methods.join(",")
         };
-        let label = if s.tcp {
-            "TCP".to_owned()
+        let label = if !s.tcp.is_empty() {
+            let ports: Vec<String> = s.tcp.iter().map(u16::to_string).collect();
+            format!("TCP {}", ports.join(","))
         } else if s.paths.is_empty() {
             methods
         } else {
@@ -129,14 +130,14 @@ mod tests {
     #[test]
     fn every_service_and_step_is_drawn_and_names_are_escaped() {
         let wf = Workflow::from_yaml(
-            "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {name: m}\ntrustDomain: td\nactors:\n  - {name: a, services: [{name: x}, {name: y}]}\n  - {name: b, services: [{name: z}]}\nsteps:\n  - {from: x, to: y, methods: [POST], paths: [/api/y]}\n  - {from: y, to: z}\n  - {from: z, to: x, tcp: true}\n",
+            "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {name: m}\ntrustDomain: td\nactors:\n  - {name: a, services: [{name: x}, {name: y}]}\n  - {name: b, services: [{name: z}]}\nsteps:\n  - {from: x, to: y, methods: [POST], paths: [/api/y]}\n  - {from: y, to: z}\n  - {from: z, to: x, tcp: [5432]}\n",
         )
         .unwrap();
         let s = svg(&wf);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert_eq!(s.matches("<line ").count(), 3);
         assert_eq!(s.matches("rx=\"8\"").count(), 3);
-        assert!(s.contains("POST /api/y") && s.contains("any method") && s.contains(">TCP<"));
+        assert!(s.contains("POST /api/y") && s.contains("any method") && s.contains(">TCP 5432<"));
         assert!(!svg(&Workflow {
             metadata: crate::workflow::Metadata {
                 name: "<x&y>".into()

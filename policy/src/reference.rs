@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::workflow::Workflow;
+use crate::workflow::{canonical_method, Workflow};
 
 /// What the reference needs to know about a request.
 #[derive(Debug, Clone)]
@@ -12,6 +12,8 @@ pub struct RefRequest {
     pub destination: String,
     /// `None` for a TCP connection.
     pub http: Option<RefHttp>,
+    /// The destination port (what `tcp: [ports]` is checked against).
+    pub port: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -50,14 +52,22 @@ pub fn decide(wf: &Workflow, req: &RefRequest) -> Option<bool> {
             continue;
         }
         let Some(http) = &req.http else {
-            allowed |= step.tcp;
+            allowed |= step.tcp.contains(&req.port);
             continue;
         };
+        // A TCP-only step allows no request.
+        if !step.tcp.is_empty()
+            && step.methods.is_empty()
+            && step.paths.is_empty()
+            && step.when.is_none()
+        {
+            continue;
+        }
         let method_ok = step.methods.is_empty()
             || step
                 .methods
                 .iter()
-                .any(|m| m.eq_ignore_ascii_case(&http.method));
+                .any(|m| canonical_method(m).as_deref() == Some(http.method.as_str()));
         let path = http.path.split('?').next().unwrap_or_default();
         let path_ok = step.paths.is_empty() || step.paths.iter().any(|p| glob(p, path));
         let cond = step.when.clone().unwrap_or_default();

@@ -17,12 +17,12 @@
 //! steps:
 //!   - from: owner
 //!     to: vfx-1
-//!     methods: [POST]                       # empty or absent: any method
+//!     methods: [POST]                       # empty or absent: any method (extension methods too)
 //!     paths: ["/api/vfx-1", "/api/vfx-1/**"] # globs: `*` within a segment, `**` across, `?` one char
 //!     when:                                  # optional conditions, all must hold
 //!       headers: {x-case-id: "*"}            # "*": present with any value; otherwise exact value
 //!       timeWindow: {timezone: Europe/Paris, days: [mon, tue, wed, thu, fri], from: "08:00", to: "18:00"}
-//!   - {from: vfx-1, to: vfx-2, tcp: true}    # raw TCP connections between these two are allowed
+//!   - {from: vfx-1, to: vfx-2, tcp: [5432]}  # raw TCP connections to these ports of vfx-2 are allowed
 //! egress:                                    # destinations outside the mesh
 //!   - {from: sound, cidr: 192.0.2.0/24, port: 443}
 //! ```
@@ -79,10 +79,39 @@ pub struct Step {
     pub methods: Vec<String>,
     #[serde(default)]
     pub paths: Vec<String>,
-    #[serde(default)]
-    pub tcp: bool,
+    /// Ports of the destination that the source may open raw TCP connections to (one decision per
+    /// connection). Only ports the destination declares `tcp` (or `auto` ports whose client does not speak
+    /// HTTP) are served as TCP; HTTP ports stay decided per request whatever this says.
+    #[serde(
+        default,
+        deserialize_with = "tcp_ports",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tcp: Vec<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<Conditions>,
+}
+
+/// `tcp: [5432, 6379]`. The old `tcp: true` opened raw TCP to every port of the destination, HTTP ports
+/// included; it is refused with the way forward. `tcp: false` means none.
+fn tcp_ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Flag(bool),
+        Ports(Vec<u16>),
+    }
+    match Raw::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("tcp: expected a list of ports, e.g. tcp: [5432]"))?
+    {
+        Raw::Flag(false) => Ok(Vec::new()),
+        Raw::Flag(true) => Err(serde::de::Error::custom(
+            "`tcp: true` is no longer accepted (it opened every port of the destination to raw TCP): \
+             name the ports, e.g. tcp: [5432]",
+        )),
+        Raw::Ports(p) if p.contains(&0) => Err(serde::de::Error::custom("tcp: port 0 is not a port")),
+        Raw::Ports(p) => Ok(p),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -169,9 +198,31 @@ fn check_pattern(p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The methods of RFC 9110 and RFC 5789. Written in any case in a workflow they mean the upper-case
+/// method; any other method (WebDAV's `PROPFIND`, `QUERY`, …) is an exact, case-sensitive token, as
+/// methods are on the wire.
 pub(crate) const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
+
+/// RFC 9110 `tchar`: what a method token (and a header name) is made of.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The method a step's entry means: a standard method in any case → its upper-case name; any other token
+/// as written; `None` when it is not a token.
+pub fn canonical_method(m: &str) -> Option<String> {
+    if m.is_empty() || !m.bytes().all(is_tchar) {
+        return None;
+    }
+    Some(
+        METHODS
+            .iter()
+            .find(|s| s.eq_ignore_ascii_case(m))
+            .map_or_else(|| m.to_owned(), |s| (*s).to_owned()),
+    )
+}
 
 impl Workflow {
     pub fn from_yaml(text: &str) -> Result<Self, WorkflowError> {
@@ -242,10 +293,10 @@ impl Workflow {
                 }
             }
             for (j, m) in s.methods.iter().enumerate() {
-                if !METHODS.contains(&m.to_ascii_uppercase().as_str()) {
+                if canonical_method(m).is_none() {
                     return Err(err(
                         format!("steps[{i}].methods[{j}]"),
-                        format!("{m:?} is not an HTTP method"),
+                        format!("{m:?} is not an HTTP method (a token such as GET or PROPFIND)"),
                     ));
                 }
             }

@@ -274,7 +274,7 @@ fn bad_workflows_say_where() {
     assert_eq!(e.at, "steps[5].to");
     let e = Workflow::from_yaml(&MOVIE.replace(
         "methods: [POST], paths: [/api/hdr]",
-        "methods: [FETCH], paths: [/api/hdr]",
+        "methods: ['GE T'], paths: [/api/hdr]",
     ))
     .unwrap_err();
     assert_eq!(e.at, "steps[5].methods[0]");
@@ -293,14 +293,15 @@ fn bad_workflows_say_where() {
 // Property: compiled Rego == reference
 
 fn arb_workflow() -> impl Strategy<Value = Workflow> {
-    let method = prop::sample::select(vec!["GET", "POST", "PUT", "DELETE"]);
+    // `get` in a workflow means GET; PROPFIND is an extension method, exact.
+    let method = prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "get", "PROPFIND"]);
     let path = prop::sample::select(vec!["/a", "/a/*", "/a/**", "/b", "/b/?", "/*/c", "/**"]);
     let step = (
         0usize..5,
         0usize..5,
         prop::collection::vec(method, 0..3),
         prop::collection::vec(path, 0..3),
-        any::<bool>(),
+        prop::sample::select(vec!["[]", "[5001]", "[5001, 5002]"]),
         prop::option::of(prop::sample::select(vec!["*", "yes"])),
     );
     prop::collection::vec(step, 0..12).prop_map(|steps| {
@@ -328,22 +329,28 @@ fn arb_workflow() -> impl Strategy<Value = Workflow> {
 fn arb_request() -> impl Strategy<Value = RefRequest> {
     let principal = (0usize..6).prop_map(|i| format!("spiffe://example.org/ns/p/sa/s{i}"));
     let http = prop::option::of((
-        prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        prop::sample::select(vec![
+            "GET", "POST", "PUT", "DELETE", "PATCH", "get", "PROPFIND", "propfind",
+        ]),
         prop::sample::select(vec![
             "/a", "/a/x", "/a/x/y", "/b", "/b/1", "/b/12", "/q/c", "/c", "/a?z=1",
         ]),
         prop::option::of(prop::sample::select(vec!["yes", "no"])),
     ));
-    (principal.clone(), principal, http).prop_map(|(source, destination, http)| RefRequest {
-        source,
-        destination,
-        http: http.map(|(m, p, flag)| RefHttp {
-            method: m.into(),
-            path: p.into(),
-            headers: flag
-                .map(|f| BTreeMap::from([("x-flag".to_string(), f.to_string())]))
-                .unwrap_or_default(),
-        }),
+    let port = prop::sample::select(vec![5000u16, 5001, 5002]);
+    (principal.clone(), principal, http, port).prop_map(|(source, destination, http, port)| {
+        RefRequest {
+            source,
+            destination,
+            port,
+            http: http.map(|(m, p, flag)| RefHttp {
+                method: m.into(),
+                path: p.into(),
+                headers: flag
+                    .map(|f| BTreeMap::from([("x-flag".to_string(), f.to_string())]))
+                    .unwrap_or_default(),
+            }),
+        }
     })
 }
 
@@ -354,7 +361,8 @@ proptest! {
         let e = engine_for(&wf, &[]);
         for r in reqs {
             let want = decide(&wf, &r).expect("no time windows generated");
-            let (src, dst) = (Peer { address: None, principal: Some(r.source.clone()) }, Peer { address: None, principal: Some(r.destination.clone()) });
+            let dst_addr = std::net::SocketAddr::from(([10, 0, 0, 2], r.port));
+            let (src, dst) = (Peer { address: None, principal: Some(r.source.clone()) }, Peer { address: Some(dst_addr), principal: Some(r.destination.clone()) });
             let input = match &r.http {
                 None => tcp_input(&src, &dst),
                 Some(h) => http_input(&src, &dst, &HttpRequest {
@@ -377,8 +385,10 @@ fn data_is_indexed_by_source_then_destination() {
     let flows = &data["strait_workflow"]["flows"];
     assert_eq!(flows[id("vfx-1")].as_object().unwrap().len(), 2);
     assert_eq!(
-        flows[id("owner")][id("vfx-1")]["POST"][0]["exact"],
+        flows[id("owner")][id("vfx-1")]["methods"]["POST"][0]["exact"],
         json!({"/api/vfx-1": true})
     );
-    assert!(flows[id("owner")][id("vfx-1")].get("GET").is_none());
+    assert!(flows[id("owner")][id("vfx-1")]["methods"]
+        .get("GET")
+        .is_none());
 }

@@ -50,7 +50,7 @@ struct Pair {
 fn pairs(wf: &Workflow) -> Vec<Pair> {
     wf.steps
         .iter()
-        .filter(|s| !s.tcp)
+        .filter(|s| s.tcp.is_empty())
         .map(|s| Pair {
             src: s.from.clone(),
             dst: s.to.clone(),
