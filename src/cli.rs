@@ -342,7 +342,7 @@ pub enum WorkloadCommand {
         /// Kubernetes mode: its pod address (repeat for several).
         #[arg(long)]
         ip: Vec<IpAddr>,
-        /// A port it serves on, as PORT or PORT/PROTOCOL (http, http2, tcp, auto); repeat for several.
+        /// A port it serves on, as PORT or PORT/PROTOCOL (http, http2, grpc, tcp, auto); repeat for several.
         #[arg(long = "port", required = true)]
         ports: Vec<String>,
         #[command(flatten)]
@@ -526,6 +526,11 @@ pub struct ProxyArgs {
     /// Log one allowed decision in this many (0: none). Denials are always logged.
     #[arg(long, default_value_t = 0)]
     pub decision_log_allow_sample: u64,
+    /// On `auto` ports, how long to wait for the client's first bytes (HTTP or not is decided on them).
+    /// A client idle for less than this before its first request is still handled as HTTP; a server-first
+    /// protocol on an `auto` port is closed after it, with a log line (declare such ports `tcp`).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub auto_detect_timeout: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

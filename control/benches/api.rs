@@ -172,11 +172,7 @@ fn main() {
             id: strait_ca::SpiffeId::parse("spiffe://bench.example/ns/a/sa/web").unwrap(),
             node: NodeName::new("svid-node").unwrap(),
             selector: Selector::Uid(1000),
-            ports: vec![PortSpec {
-                port: 80,
-                protocol: Protocol::Http,
-                permissive: false,
-            }],
+            ports: vec![PortSpec::new(80, Protocol::Http)],
             probe_ports: Vec::new(),
         };
         let _: api::ChangeResponse = admin.post(paths::ADMIN_WORKLOADS, &w).await.unwrap();

@@ -60,11 +60,14 @@ impl<'de> Deserialize<'de> for NodeName {
 pub enum Protocol {
     /// HTTP/1.1 (requests parsed and authorized one by one).
     Http,
-    /// HTTP/2 with prior knowledge (gRPC and the like).
+    /// HTTP/2 with prior knowledge (h2c).
     Http2,
+    /// gRPC: HTTP/2 with prior knowledge, denials answered as gRPC statuses.
+    Grpc,
     /// Opaque TCP: one decision per connection.
     Tcp,
-    /// Not declared: detect from the first bytes, never waiting long for server-first protocols.
+    /// Not declared: the client's first bytes decide (an HTTP/1 request line or the HTTP/2 preface → HTTP,
+    /// anything else → TCP). Client-first protocols only: see docs/proxy.md.
     #[default]
     Auto,
 }
@@ -79,6 +82,29 @@ pub struct PortSpec {
     /// PERMISSIVE: plaintext from other hosts is accepted on this port (for migrations). Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub permissive: bool,
+    /// HTTP: pass percent-encoded `/` and `\` (`%2F`, `%5C`) in paths through unchanged instead of refusing
+    /// them with 400. Weakens path rules: a workload that decodes them may serve a path the policy did not
+    /// see. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_escaped_slashes: bool,
+    /// HTTP: forward request headers whose names contain `_` (dropped by default, so that
+    /// `x_forwarded_client_cert` cannot pass for `x-forwarded-client-cert` at a workload that folds `_`
+    /// into `-`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_underscore_headers: bool,
+}
+
+impl PortSpec {
+    /// A port with the protocol's defaults (no PERMISSIVE, no weakened HTTP handling).
+    pub fn new(port: u16, protocol: Protocol) -> Self {
+        Self {
+            port,
+            protocol,
+            permissive: false,
+            allow_escaped_slashes: false,
+            allow_underscore_headers: false,
+        }
+    }
 }
 
 /// How the node recognises the workload's traffic.
@@ -155,11 +181,7 @@ fn deserialize_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PortSpec, 
         fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortSpec, E> {
             let port = u16::try_from(v)
                 .map_err(|_| E::custom(format!("{v} is not a port number (1-65535)")))?;
-            Ok(PortSpec {
-                port,
-                protocol: Protocol::Auto,
-                permissive: false,
-            })
+            Ok(PortSpec::new(port, Protocol::Auto))
         }
         fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortSpec, E> {
             u64::try_from(v)

@@ -461,11 +461,7 @@ mod tests {
             id: SpiffeId::parse(&format!("spiffe://t{path}")).unwrap(),
             node: NodeName::new("n1").unwrap(),
             selector: Selector::Uid(uid),
-            ports: vec![PortSpec {
-                port: 80,
-                protocol: Protocol::Http,
-                permissive: false,
-            }],
+            ports: vec![PortSpec::new(80, Protocol::Http)],
             probe_ports: Vec::new(),
         }
     }

@@ -66,6 +66,8 @@ pub struct ProxyOptions {
     pub distributor_tcp_only: bool,
     /// Log one allowed decision in this many (0: none); denials are always logged.
     pub decision_log_allow_sample: u64,
+    /// `auto` ports: how long to wait for the client's first bytes.
+    pub auto_detect_timeout: Duration,
     /// Optional health endpoint (probes and metrics only), e.g. 0.0.0.0:15021.
     pub health: Option<SocketAddr>,
     /// Kubernetes mode: let the node reach its meshed pods' probe ports in plaintext (kubelet).
@@ -539,6 +541,7 @@ pub async fn run(
             addrs: opts.addresses.clone(),
             egress: opts.egress.clone(),
             mode: opts.mode(),
+            auto_detect_timeout: opts.auto_detect_timeout,
         },
         authz.clone(),
     ));

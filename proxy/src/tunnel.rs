@@ -152,11 +152,16 @@ pub struct Ctx {
     pub egress: Vec<EgressRule>,
     pub inflight: Inflight,
     pub authz: Arc<crate::authz::Authz>,
-    pub workload_client: crate::l7::WorkloadClient,
     /// How captured connections reach the outbound listener, hence how their source is recognised.
     pub mode: crate::capture::CaptureMode,
-    pool: Mutex<HashMap<PoolKey, Pooled>>,
+    /// `auto` ports: how long to wait for the client's first bytes.
+    pub auto_detect_timeout: Duration,
+    pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
 }
+
+/// Streams one pooled tunnel carries at most before another is opened beside it (ztunnel uses 100 too):
+/// more connections spread the TLS work over the cores, and no caller ever waits for a free stream.
+pub const STREAMS_PER_TUNNEL: usize = 100;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -169,16 +174,47 @@ struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     /// The source certificate generation the connection was opened with.
     generation: u64,
+    /// Streams open on it now.
+    streams: Arc<AtomicUsize>,
+}
+
+/// One stream's place on a pooled tunnel, given back when the stream ends.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            addrs: Vec::new(),
+            egress: Vec::new(),
+            mode: Default::default(),
+            auto_detect_timeout: crate::l7::limits::FIRST_BYTES_TIMEOUT,
+        }
+    }
 }
 
 /// What the data path needs to know about the node it runs on.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NodeSettings {
     /// The node's addresses (VM workloads are reached on them).
     pub addrs: Vec<IpAddr>,
     /// Destinations outside the mesh that workloads may reach.
     pub egress: Vec<EgressRule>,
     pub mode: crate::capture::CaptureMode,
+    /// `auto` ports: how long to wait for the client's first bytes (default 30 s).
+    pub auto_detect_timeout: Duration,
 }
 
 impl Ctx {
@@ -194,6 +230,7 @@ impl Ctx {
             addrs: node_addrs,
             egress,
             mode,
+            auto_detect_timeout,
         } = node;
         Self {
             certs,
@@ -204,14 +241,17 @@ impl Ctx {
             egress,
             inflight: Inflight::default(),
             authz,
-            workload_client: crate::l7::workload_client(),
             mode,
+            auto_detect_timeout,
             pool: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn pooled_tunnels(&self) -> usize {
-        self.pool.lock().map(|p| p.len()).unwrap_or(0)
+        self.pool
+            .lock()
+            .map(|p| p.values().map(Vec::len).sum())
+            .unwrap_or(0)
     }
 }
 
@@ -429,14 +469,15 @@ async fn open_tunnel(
     Ok(sender)
 }
 
-/// A ready sender for (src, dst): the pooled one when it is alive and was opened with the source's current
-/// certificate, otherwise a new tunnel. The pool lock is never held across an await.
+/// A ready sender for (src, dst) and the stream's slot on it: a pooled tunnel that is alive, was opened
+/// with the source's current certificate and has room for another stream, otherwise a new tunnel beside
+/// the others. The pool lock is never held across an await.
 async fn sender_for(
     ctx: &Ctx,
     src: &SpiffeId,
     dst: &SpiffeId,
     tunnel: SocketAddr,
-) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+) -> Result<(SendRequest<Empty<Bytes>>, StreamSlot), TunnelError> {
     let generation = ctx
         .certs
         .get(src)
@@ -447,27 +488,31 @@ async fn sender_for(
         dst: dst.clone(),
         tunnel,
     };
-    let cached = ctx.pool.lock().ok().and_then(|p| {
-        p.get(&key)
-            .filter(|e| e.generation == generation && !e.sender.is_closed())
-            .map(|e| e.sender.clone())
+    let cached = ctx.pool.lock().ok().and_then(|mut p| {
+        let conns = p.get_mut(&key)?;
+        // Closed tunnels and those of an older certificate leave the pool.
+        conns.retain(|e| e.generation == generation && !e.sender.is_closed());
+        conns
+            .iter()
+            .find(|e| e.streams.load(Ordering::Relaxed) < STREAMS_PER_TUNNEL)
+            .map(|e| (e.sender.clone(), StreamSlot::take(&e.streams)))
     });
-    if let Some(mut s) = cached {
+    if let Some((mut s, slot)) = cached {
         if s.ready().await.is_ok() {
-            return Ok(s);
+            return Ok((s, slot));
         }
     }
     let sender = open_tunnel(ctx, src, dst, tunnel).await?;
+    let streams = Arc::new(AtomicUsize::new(0));
+    let slot = StreamSlot::take(&streams);
     if let Ok(mut p) = ctx.pool.lock() {
-        p.insert(
-            key,
-            Pooled {
-                sender: sender.clone(),
-                generation,
-            },
-        );
+        p.entry(key).or_default().push(Pooled {
+            sender: sender.clone(),
+            generation,
+            streams,
+        });
     }
-    Ok(sender)
+    Ok((sender, slot))
 }
 
 async fn tunnel(
@@ -478,7 +523,7 @@ async fn tunnel(
     tunnel: SocketAddr,
     target: SocketAddr,
 ) -> Result<(u64, u64), TunnelError> {
-    let mut sender = sender_for(ctx, &src.id, &dst.id, tunnel).await?;
+    let (mut sender, _slot) = sender_for(ctx, &src.id, &dst.id, tunnel).await?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
@@ -602,7 +647,7 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
             builder
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
-                .max_concurrent_streams(1024);
+                .max_concurrent_streams(4 * STREAMS_PER_TUNNEL as u32);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                 debug!(%peer, error = %e, "tunnel connection ended with an error");
             }

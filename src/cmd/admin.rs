@@ -57,14 +57,13 @@ fn parse_port(s: &str) -> anyhow::Result<PortSpec> {
         None | Some("auto") => Protocol::Auto,
         Some("http") => Protocol::Http,
         Some("http2") => Protocol::Http2,
+        Some("grpc") => Protocol::Grpc,
         Some("tcp") => Protocol::Tcp,
-        Some(other) => bail!("--port {s:?}: unknown protocol {other:?} (http, http2, tcp, auto)"),
+        Some(other) => {
+            bail!("--port {s:?}: unknown protocol {other:?} (http, http2, grpc, tcp, auto)")
+        }
     };
-    Ok(PortSpec {
-        port,
-        protocol,
-        permissive: false,
-    })
+    Ok(PortSpec::new(port, protocol))
 }
 
 pub async fn workload(cmd: WorkloadCommand) -> anyhow::Result<()> {

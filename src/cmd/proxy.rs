@@ -17,6 +17,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     // regorus captures backtraces on internal errors under a global lock; never pay that in the proxy.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    raise_open_files_limit();
     // An empty STRAIT_JOIN_TOKEN (the packaged proxy.env after the first join) means no token.
     let given = args.token.as_ref().filter(|t| !t.trim().is_empty());
     let token = match (given, &args.token_file) {
@@ -77,6 +78,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         policy_bundle: args.policy_bundle,
         distributor_tcp_only: args.distributor_tcp_only,
         decision_log_allow_sample: args.decision_log_allow_sample,
+        auto_detect_timeout: args.auto_detect_timeout,
         health: args.health_listen,
         allow_kubelet_probes: args.allow_kubelet_probes,
     };
@@ -96,6 +98,27 @@ fn nameservers(text: &str) -> Vec<IpAddr> {
         .filter_map(|rest| rest.split_whitespace().next())
         .filter_map(|a| a.split('%').next()?.parse().ok())
         .collect()
+}
+
+/// Every proxied connection holds two descriptors (the caller's and the workload's or the tunnel's): the
+/// soft limit a shell gives (often 1 024) would cap a proxy at a few hundred connections. Raise it to the
+/// hard limit, as servers do (the systemd units set both to 1 048 576).
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(
+                    from = soft,
+                    to = lim.rlim_max,
+                    "raised the open files limit"
+                );
+            }
+        }
+    }
 }
 
 /// Whether this process holds CAP_NET_ADMIN in its effective set (root usually does; the systemd unit grants
