@@ -18,9 +18,13 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 
 # Debian packages the tests drive: openssl (independent certificate checks and TLS clients), nftables
 # and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
-# util-linux (setpriv: workloads as other users), socat (half-closes). scripts/check-package.sh adds
+# util-linux (setpriv: workloads as other users), socat (half-closes and raw requests), nghttp2-client
+# (nghttp: an HTTP/2 client that shows trailers). scripts/check-package.sh adds
 # systemd (systemd-analyze), adduser and binutils, and installs cargo-deb.
-ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat
+ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client
+
+# grpcio, hypercorn and websockets for the L7 tests (tests/mesh_l7.rs), in target/test-venv.
+bash scripts/test-venv.sh
 
 # regorus runs ~3.5x slower and serialises threads when backtraces are captured (see NOTES.md).
 export RUST_LIB_BACKTRACE=0

@@ -228,11 +228,7 @@ fn workload(ns: &str, sa: &str, node: &str, uid: u32) -> Workload {
         id: wid(ns, sa),
         node: NodeName::new(node).unwrap(),
         selector: Selector::Uid(uid),
-        ports: vec![PortSpec {
-            port: 5000,
-            protocol: Protocol::Http,
-            permissive: false,
-        }],
+        ports: vec![PortSpec::new(5000, Protocol::Http)],
         probe_ports: Vec::new(),
     }
 }
