@@ -85,10 +85,7 @@ impl Decision {
                 ..Self::deny("", took)
             },
             Value::Bool(false) => Self::deny("denied by policy", took),
-            Value::Object(_) => match serde_json::to_value(v) {
-                Ok(j) => Self::from_object(&j, took),
-                Err(e) => Self::deny(format!("policy result unreadable: {e}"), took),
-            },
+            Value::Object(_) => Self::from_object(v, took),
             other => Self::deny(
                 format!("policy result is neither a boolean nor an object: {other}"),
                 took,
@@ -96,66 +93,58 @@ impl Decision {
         }
     }
 
-    fn from_object(j: &serde_json::Value, took: Duration) -> Self {
-        let Some(allowed) = j.get("allowed").and_then(serde_json::Value::as_bool) else {
+    /// Reads a result object straight from the engine's value (no JSON round trip on the hot path).
+    fn from_object(j: &Value, took: Duration) -> Self {
+        let field = |key: &str| -> &Value { &j[key] };
+        let Ok(&allowed) = field("allowed").as_bool() else {
             return Self::deny("policy result object has no boolean `allowed`", took);
         };
-        let pairs = |key: &str| -> Vec<(String, String)> {
-            match j.get(key) {
-                Some(serde_json::Value::Object(m)) => m
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            v.as_str()
-                                .map(str::to_owned)
-                                .unwrap_or_else(|| v.to_string()),
-                        )
-                    })
-                    .collect(),
-                _ => Vec::new(),
+        let text = |v: &Value| -> String {
+            match v {
+                Value::String(s) => s.to_string(),
+                other => serde_json::to_string(other).unwrap_or_default(),
             }
         };
-        let status = j
-            .get("http_status")
-            .and_then(serde_json::Value::as_u64)
+        let pairs = |key: &str| -> Vec<(String, String)> {
+            match field(key).as_object() {
+                Ok(m) => m
+                    .iter()
+                    .map(|(k, v)| (text(k), text(v)))
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        let status = field("http_status")
+            .as_u64()
+            .ok()
             .filter(|s| (200..600).contains(s))
             .map(|s| s as u16);
-        let reason = j
-            .get("reason")
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| {
-                if allowed {
-                    "allowed by policy"
-                } else {
-                    "denied by policy"
-                }
-                .into()
-            });
+        let reason = match field("reason") {
+            Value::String(r) => r.to_string(),
+            _ if allowed => "allowed by policy".into(),
+            _ => "denied by policy".into(),
+        };
         Self {
             allowed,
             http_status: status.unwrap_or(if allowed { 200 } else { 403 }),
             headers: pairs("headers"),
-            body: j
-                .get("body")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned),
+            body: match field("body") {
+                Value::String(b) => Some(b.to_string()),
+                _ => None,
+            },
             request_headers_to_add: if allowed {
                 pairs("headers")
             } else {
                 Vec::new()
             },
             response_headers_to_add: pairs("response_headers_to_add"),
-            request_headers_to_remove: j
-                .get("request_headers_to_remove")
-                .and_then(serde_json::Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            request_headers_to_remove: match field("request_headers_to_remove").as_array() {
+                Ok(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_string().ok().map(|s| s.to_string()))
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
             reason,
             took,
         }
@@ -335,12 +324,18 @@ impl PolicyEngine {
 
     /// One decision. Never fails: every failure is a deny with its reason.
     pub fn decide(&self, input: &serde_json::Value) -> Decision {
+        self.decide_value(Value::from(input.clone()))
+    }
+
+    /// One decision on an input already in the engine's form (the proxy's hot path: see
+    /// [`crate::input::http_input_value`]).
+    pub fn decide_value(&self, input: Value) -> Decision {
         let start = Instant::now();
         let result = match &self.vm {
-            Some(vm) => vm.execute(Value::from(input.clone()), self.budget),
+            Some(vm) => vm.execute(input, self.budget),
             None => {
                 let mut engine = self.engine.clone();
-                engine.set_input(Value::from(input.clone()));
+                engine.set_input(input);
                 engine
                     .eval_rule(self.rule.clone())
                     .map_err(|e| e.to_string())

@@ -21,8 +21,11 @@
 //! `source_principal` and `version` are present.
 
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 
-use serde_json::{json, Map, Value};
+use regorus::value::Object;
+pub use regorus::Value;
+use serde_json::Map;
 
 /// One side of a connection.
 #[derive(Debug, Clone, Default)]
@@ -52,18 +55,136 @@ pub struct HttpRequest {
     pub body_truncated: bool,
 }
 
-fn peer_json(p: &Peer) -> Value {
-    let mut o = Map::new();
+/// The document's keys, made once (a regorus string is reference-counted: cloning a key is cheap, making
+/// one allocates).
+struct Keys {
+    attributes: Value,
+    source: Value,
+    destination: Value,
+    request: Value,
+    http: Value,
+    address: Value,
+    socket_address: Value,
+    port_value: Value,
+    principal: Value,
+    id: Value,
+    method: Value,
+    path: Value,
+    host: Value,
+    scheme: Value,
+    protocol: Value,
+    size: Value,
+    headers: Value,
+    body: Value,
+    parsed_path: Value,
+    parsed_query: Value,
+    parsed_body: Value,
+    truncated_body: Value,
+    source_principal: Value,
+    version: Value,
+    authority: Value,
+    method_pseudo: Value,
+    path_pseudo: Value,
+    version_doc: Value,
+}
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
+    attributes: "attributes".into(),
+    source: "source".into(),
+    destination: "destination".into(),
+    request: "request".into(),
+    http: "http".into(),
+    address: "address".into(),
+    socket_address: "socketAddress".into(),
+    port_value: "portValue".into(),
+    principal: "principal".into(),
+    id: "id".into(),
+    method: "method".into(),
+    path: "path".into(),
+    host: "host".into(),
+    scheme: "scheme".into(),
+    protocol: "protocol".into(),
+    size: "size".into(),
+    headers: "headers".into(),
+    body: "body".into(),
+    parsed_path: "parsed_path".into(),
+    parsed_query: "parsed_query".into(),
+    parsed_body: "parsed_body".into(),
+    truncated_body: "truncated_body".into(),
+    source_principal: "source_principal".into(),
+    version: "version".into(),
+    authority: ":authority".into(),
+    method_pseudo: ":method".into(),
+    path_pseudo: ":path".into(),
+    version_doc: Value::from(Object::from_iter([
+        (Value::from("encoding"), Value::from("protojson")),
+        (Value::from("ext_authz"), Value::from("v3")),
+    ])),
+});
+
+fn peer_value(p: &Peer) -> Value {
+    let k = &*KEYS;
+    let mut o = Object::new();
     if let Some(a) = p.address {
+        let sock = Object::from_iter([
+            (k.address.clone(), Value::from(a.ip().to_string())),
+            (k.port_value.clone(), Value::from(u64::from(a.port()))),
+        ]);
         o.insert(
-            "address".into(),
-            json!({"socketAddress": {"address": a.ip().to_string(), "portValue": a.port()}}),
+            k.address.clone(),
+            Value::from(Object::from_iter([(
+                k.socket_address.clone(),
+                Value::from(sock),
+            )])),
         );
     }
     if let Some(pr) = &p.principal {
-        o.insert("principal".into(), Value::String(pr.clone()));
+        o.insert(k.principal.clone(), Value::from(pr.as_str()));
     }
-    Value::Object(o)
+    Value::from(o)
+}
+
+/// Both ends of a connection, in the document's form, made once per connection: each request's document
+/// shares them.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    pub source: Peer,
+    pub destination: Peer,
+    source_value: Value,
+    destination_value: Value,
+    source_principal: Option<Value>,
+}
+
+impl Peers {
+    pub fn new(source: Peer, destination: Peer) -> Self {
+        Self {
+            source_value: peer_value(&source),
+            destination_value: peer_value(&destination),
+            source_principal: source.principal.as_deref().map(Value::from),
+            source,
+            destination,
+        }
+    }
+
+    /// `attributes` with the peers and, for HTTP, the request; plus `source_principal` and `version`.
+    fn document(&self, request: Option<Value>) -> Object {
+        let k = &*KEYS;
+        let mut attributes = Object::from_iter([
+            (k.source.clone(), self.source_value.clone()),
+            (k.destination.clone(), self.destination_value.clone()),
+        ]);
+        if let Some(r) = request {
+            attributes.insert(k.request.clone(), r);
+        }
+        let mut doc = Object::from_iter([
+            (k.attributes.clone(), Value::from(attributes)),
+            (k.version.clone(), k.version_doc.clone()),
+        ]);
+        if let Some(p) = &self.source_principal {
+            doc.insert(k.source_principal.clone(), p.clone());
+        }
+        doc
+    }
 }
 
 /// Percent-decodes `s` (invalid escapes are kept literally, as OPA-Envoy does).
@@ -104,18 +225,24 @@ fn percent_decode(s: &str, plus_as_space: bool) -> String {
 }
 
 /// `a=1&a=2&b` → `{"a": ["1","2"], "b": [""]}`.
-fn parse_query(q: &str) -> Map<String, Value> {
-    let mut m: Map<String, Value> = Map::new();
+fn parse_query(q: &str) -> Value {
+    let mut m = Object::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let entry = m
-            .entry(percent_decode(k, true))
-            .or_insert_with(|| Value::Array(Vec::new()));
-        if let Value::Array(a) = entry {
-            a.push(Value::String(percent_decode(v, true)));
+        let key = Value::from(percent_decode(k, true));
+        let value = Value::from(percent_decode(v, true));
+        match m.get_mut(&key) {
+            Some(list) => {
+                if let Ok(a) = list.as_array_mut() {
+                    a.push(value);
+                }
+            }
+            None => {
+                m.insert(key, Value::from(vec![value]));
+            }
         }
     }
-    m
+    Value::from(m)
 }
 
 impl HttpRequest {
@@ -127,99 +254,122 @@ impl HttpRequest {
     }
 }
 
-/// Builds the input document for an HTTP request.
-pub fn http_input(source: &Peer, destination: &Peer, req: &HttpRequest) -> Value {
-    let mut headers = Map::new();
-    for (k, v) in &req.headers {
-        let k = k.to_ascii_lowercase();
-        match headers.get_mut(&k) {
+/// The input document for an HTTP request, as the engine takes it.
+pub fn http_input_value(peers: &Peers, req: &HttpRequest) -> Value {
+    let k = &*KEYS;
+    let mut headers = Object::new();
+    for (name, v) in &req.headers {
+        let key = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            Value::from(name.to_ascii_lowercase())
+        } else {
+            Value::from(name.as_str())
+        };
+        match headers.get_mut(&key) {
             Some(Value::String(existing)) => {
-                existing.push(',');
-                existing.push_str(v);
+                *existing = format!("{existing},{v}").into();
             }
             _ => {
-                headers.insert(k, Value::String(v.clone()));
+                headers.insert(key, Value::from(v.as_str()));
             }
         }
     }
-    headers.insert(":authority".into(), Value::String(req.host.clone()));
-    headers.insert(":method".into(), Value::String(req.method.clone()));
-    headers.insert(":path".into(), Value::String(req.path.clone()));
+    headers.insert(k.authority.clone(), Value::from(req.host.as_str()));
+    headers.insert(k.method_pseudo.clone(), Value::from(req.method.as_str()));
+    let path = Value::from(req.path.as_str());
+    headers.insert(k.path_pseudo.clone(), path.clone());
 
-    let mut http = Map::new();
-    let mut put = |k: &str, v: &str| {
+    let mut http = Object::new();
+    for (key, v) in [
+        (&k.id, &req.id),
+        (&k.method, &req.method),
+        (&k.host, &req.host),
+        (&k.scheme, &req.scheme),
+        (&k.protocol, &req.protocol),
+    ] {
         if !v.is_empty() {
-            http.insert(k.into(), Value::String(v.to_owned()));
+            http.insert(key.clone(), Value::from(v.as_str()));
         }
-    };
-    put("id", &req.id);
-    put("method", &req.method);
-    put("path", &req.path);
-    put("host", &req.host);
-    put("scheme", &req.scheme);
-    put("protocol", &req.protocol);
+    }
+    if !req.path.is_empty() {
+        http.insert(k.path.clone(), path);
+    }
     if let Some(size) = req.size {
         // protojson renders int64 as a string.
-        http.insert("size".into(), Value::String(size.to_string()));
+        http.insert(k.size.clone(), Value::from(size.to_string()));
     }
-    http.insert("headers".into(), Value::Object(headers));
+    http.insert(k.headers.clone(), Value::from(headers));
 
     let (path_only, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let parsed_path: Vec<Value> = path_only
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| Value::String(percent_decode(s, false)))
+        .map(|s| Value::from(percent_decode(s, false)))
         .collect();
 
-    let mut doc = json!({
-        "attributes": {
-            "source": peer_json(source),
-            "destination": peer_json(destination),
-            "request": {"http": Value::Object(http)},
-        },
-        "parsed_path": parsed_path,
-        "parsed_query": Value::Object(parse_query(query)),
-        "version": {"encoding": "protojson", "ext_authz": "v3"},
-    });
-    if let Some(p) = &source.principal {
-        doc["source_principal"] = Value::String(p.clone());
-    }
+    let mut parsed_body = None;
     if let Some(body) = &req.body {
         let ct = req.content_type().unwrap_or("");
-        let parsed = if req.body_truncated {
+        parsed_body = if req.body_truncated {
             None
         } else if ct.starts_with("application/json") {
-            serde_json::from_slice::<Value>(body).ok()
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .map(Value::from)
         } else if ct.starts_with("application/x-www-form-urlencoded") {
-            Some(Value::Object(parse_query(&String::from_utf8_lossy(body))))
+            Some(parse_query(&String::from_utf8_lossy(body)))
         } else {
             None
         };
-        if let Some(p) = parsed {
-            doc["parsed_body"] = p;
-        }
-        doc["truncated_body"] = Value::Bool(req.body_truncated);
-        doc["attributes"]["request"]["http"]["body"] =
-            Value::String(String::from_utf8_lossy(body).into_owned());
+        http.insert(
+            k.body.clone(),
+            Value::from(String::from_utf8_lossy(body).into_owned()),
+        );
     }
-    doc
+    let request = Object::from_iter([(k.http.clone(), Value::from(http))]);
+    let mut doc = peers.document(Some(Value::from(request)));
+    doc.insert(k.parsed_path.clone(), Value::from(parsed_path));
+    doc.insert(k.parsed_query.clone(), parse_query(query));
+    if req.body.is_some() {
+        if let Some(p) = parsed_body {
+            doc.insert(k.parsed_body.clone(), p);
+        }
+        doc.insert(
+            k.truncated_body.clone(),
+            Value::from(req.body_truncated),
+        );
+    }
+    Value::from(doc)
 }
 
-/// Builds the input document for a TCP connection (one decision per connection).
-pub fn tcp_input(source: &Peer, destination: &Peer) -> Value {
-    let mut doc = json!({
-        "attributes": {"source": peer_json(source), "destination": peer_json(destination)},
-        "version": {"encoding": "protojson", "ext_authz": "v3"},
-    });
-    if let Some(p) = &source.principal {
-        doc["source_principal"] = Value::String(p.clone());
-    }
-    doc
+/// The input document for a TCP connection (one decision per connection), as the engine takes it.
+pub fn tcp_input_value(peers: &Peers) -> Value {
+    Value::from(peers.document(None))
+}
+
+fn to_json(v: Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Object(Map::new()))
+}
+
+/// The input document for an HTTP request, as JSON (`policy eval`, tests).
+pub fn http_input(source: &Peer, destination: &Peer, req: &HttpRequest) -> serde_json::Value {
+    to_json(http_input_value(
+        &Peers::new(source.clone(), destination.clone()),
+        req,
+    ))
+}
+
+/// The input document for a TCP connection, as JSON.
+pub fn tcp_input(source: &Peer, destination: &Peer) -> serde_json::Value {
+    to_json(tcp_input_value(&Peers::new(
+        source.clone(),
+        destination.clone(),
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn builds_the_opa_envoy_shape() {
@@ -260,6 +410,21 @@ mod tests {
         assert_eq!(
             doc["attributes"]["source"]["address"]["socketAddress"]["portValue"],
             4444
+        );
+    }
+
+    #[test]
+    fn tcp_documents_have_only_the_peers() {
+        let src = Peer {
+            address: None,
+            principal: Some("spiffe://td/a".into()),
+        };
+        let doc = tcp_input(&src, &Peer::default());
+        assert_eq!(
+            doc,
+            json!({"attributes": {"source": {"principal": "spiffe://td/a"}, "destination": {}},
+                   "source_principal": "spiffe://td/a",
+                   "version": {"encoding": "protojson", "ext_authz": "v3"}})
         );
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use strait_policy::bundle::Bundle;
 use strait_policy::engine::{Decision, PolicyEngine, DEFAULT_BUDGET};
-use strait_policy::input::{http_input, tcp_input, HttpRequest, Peer};
+use strait_policy::input::{http_input_value, tcp_input_value, HttpRequest, Peer, Peers};
 use tracing::{error, info, warn};
 
 /// A loaded bundle.
@@ -106,10 +106,10 @@ impl Verdict {
     }
 }
 
+/// A request id for the input and the decision log: unique enough to correlate, not a secret (a
+/// thread-local generator, no system call per request).
 fn request_id() -> String {
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("{:016x}", fastrand::u64(..))
 }
 
 impl Authz {
@@ -129,7 +129,7 @@ impl Authz {
         self.current.store(Some(Arc::new(p)));
     }
 
-    fn decide(&self, input: &serde_json::Value) -> (Verdict, Option<Arc<LoadedPolicy>>) {
+    fn decide(&self, input: strait_policy::input::Value) -> (Verdict, Option<Arc<LoadedPolicy>>) {
         let policy = self.current.load_full();
         let Some(p) = policy.clone() else {
             return (
@@ -140,7 +140,7 @@ impl Authz {
                 None,
             );
         };
-        let decision = p.engine.decide(input);
+        let decision = p.engine.decide_value(input);
         let dry_run_allowed = !decision.allowed && p.dry_run;
         (
             Verdict {
@@ -151,21 +151,20 @@ impl Authz {
         )
     }
 
-    /// One decision for an HTTP request; logs it.
-    pub fn http(&self, source: &Peer, destination: &Peer, req: &mut HttpRequest) -> Verdict {
+    /// One decision for an HTTP request between `peers` (made once per connection); logs it.
+    pub fn http(&self, peers: &Peers, req: &mut HttpRequest) -> Verdict {
         if req.id.is_empty() {
             req.id = request_id();
         }
-        let input = http_input(source, destination, req);
-        let (v, p) = self.decide(&input);
-        self.log(&v, p.as_deref(), source, destination, Some(req));
+        let (v, p) = self.decide(http_input_value(peers, req));
+        self.log(&v, p.as_deref(), &peers.source, &peers.destination, Some(req));
         v
     }
 
     /// One decision for a TCP connection; logs it.
     pub fn tcp(&self, source: &Peer, destination: &Peer) -> Verdict {
-        let input = tcp_input(source, destination);
-        let (v, p) = self.decide(&input);
+        let peers = Peers::new(source.clone(), destination.clone());
+        let (v, p) = self.decide(tcp_input_value(&peers));
         self.log(&v, p.as_deref(), source, destination, None);
         v
     }
@@ -313,8 +312,7 @@ mod tests {
         );
         let authz = Authz::new(Some(LoadedPolicy::load(dir.path()).unwrap()), 0);
         let v = authz.http(
-            &peer(None, "spiffe://td/a"),
-            &peer(None, "spiffe://td/b"),
+            &Peers::new(peer(None, "spiffe://td/a"), peer(None, "spiffe://td/b")),
             &mut request(),
         );
         assert!(!v.decision.allowed, "the decision itself is a denial");
@@ -323,8 +321,7 @@ mod tests {
         bundle(dir.path(), r#"{"revision": "r2"}"#, deny_all);
         let authz = Authz::new(Some(LoadedPolicy::load(dir.path()).unwrap()), 0);
         let v = authz.http(
-            &peer(None, "spiffe://td/a"),
-            &peer(None, "spiffe://td/b"),
+            &Peers::new(peer(None, "spiffe://td/a"), peer(None, "spiffe://td/b")),
             &mut request(),
         );
         assert!(!v.allowed());

@@ -10,7 +10,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use strait_ca::SpiffeId;
 use strait_control::registry::{Protocol, Workload};
-use strait_policy::input::{HttpRequest, Peer};
+use strait_policy::input::{HttpRequest, Peers};
 use tracing::{debug, warn};
 
 use super::limits::MAX_POLICY_BODY;
@@ -27,8 +27,7 @@ pub struct Stream {
     ctx: Arc<Ctx>,
     src: SpiffeId,
     dst: Arc<Workload>,
-    source: Peer,
-    destination: Peer,
+    peers: Peers,
     target: SocketAddr,
     opts: normalize::Options,
     /// The port is declared `grpc`: failures are answered as gRPC statuses even without a gRPC
@@ -52,8 +51,10 @@ impl Stream {
         // Tell the workload who called, as Istio does (the peer's verified identity, never a client header).
         let xfcc = HeaderValue::try_from(format!("By={};URI={}", dst.id, src)).ok();
         Self {
-            source: peer(Some(peer_addr), src.as_str()),
-            destination: peer(Some(target), dst.id.as_str()),
+            peers: Peers::new(
+                peer(Some(peer_addr), src.as_str()),
+                peer(Some(target), dst.id.as_str()),
+            ),
             ctx,
             src,
             dst,
@@ -160,10 +161,7 @@ impl Stream {
             }
             _ => Either::Left(body),
         };
-        let verdict = self
-            .ctx
-            .authz
-            .http(&self.source, &self.destination, &mut input);
+        let verdict = self.ctx.authz.http(&self.peers, &mut input);
         if !verdict.allowed() {
             self.ctx.metrics.refuse("inbound", "policy_denied");
             return respond::deny(&verdict.decision, grpc_call);
