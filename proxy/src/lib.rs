@@ -4,7 +4,8 @@
 //! - [`sockets`]: original destinations, source users, marked sockets.
 //! - [`certs`]: workload SVIDs (keys made here), swapped on renewal; TLS certificate resolvers.
 //! - [`directory`]: routing from the mesh directory.
-//! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload.
+//! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload; [`h2stream`]: one
+//!   CONNECT stream as a byte stream.
 //! - [`authz`]: the policy bundle (hot reload), decisions, decision log; [`l7`]: HTTP/TCP enforcement.
 //! - [`admin`], [`metrics`]: `/live`, `/ready`, `/metrics`, `/config_dump`.
 //! - [`mesh`]: the policy distributor subscription: verify, compile, persist, swap, ACK/NACK.
@@ -16,6 +17,7 @@ pub mod capture;
 pub mod certs;
 pub mod conntrack;
 pub mod directory;
+pub mod h2stream;
 pub mod l7;
 pub mod mesh;
 pub mod metrics;

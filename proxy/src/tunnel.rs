@@ -16,10 +16,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use strait_ca::verify::{explain_io, peer_id, SvidClientVerifier, SvidServerVerifier};
 use strait_ca::{PeerIdMatcher, SpiffeId, TrustBundle};
@@ -31,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::certs::{sni_for, CertStore, InboundResolver, SourceCert};
 use crate::directory::DirectoryView;
+use crate::h2stream::H2Stream;
 use crate::metrics::{Direction, Metrics};
 use crate::sockets::{client_uid, connect_marked, original_dst};
 
@@ -40,6 +39,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// any latency.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
+/// Frames up to 1 MiB: a bulk transfer takes fewer frames (ztunnel uses the same).
+const MAX_FRAME: u32 = 1 << 20;
 
 /// Destinations outside the mesh that workloads may reach directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +172,9 @@ struct PoolKey {
 }
 
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection's task ends (h2's sender cannot tell).
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// The source certificate generation the connection was opened with.
     generation: u64,
     /// Streams open on it now.
@@ -429,7 +432,7 @@ async fn open_tunnel(
     src: &SpiffeId,
     dst: &SpiffeId,
     tunnel: SocketAddr,
-) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TunnelError::Tls(e.to_string()))?
@@ -454,19 +457,24 @@ async fn open_tunnel(
     .await
     .map_err(|_| TunnelError::Tls("handshake timed out".into()))?
     .map_err(|e| TunnelError::Tls(handshake_failed(ctx, "outbound", &e)))?;
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let (sender, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
-        .handshake(TokioIo::new(tls))
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(STREAM_WINDOW as usize)
+        .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| TunnelError::Http(e.to_string()))?;
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = closed.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!(error = %e, "tunnel connection ended");
         }
+        done.store(true, Ordering::Relaxed);
     });
     ctx.metrics.tunnels_opened.inc();
-    Ok(sender)
+    Ok((sender, closed))
 }
 
 /// A ready sender for (src, dst) and the stream's slot on it: a pooled tunnel that is alive, was opened
@@ -477,7 +485,7 @@ async fn sender_for(
     src: &SpiffeId,
     dst: &SpiffeId,
     tunnel: SocketAddr,
-) -> Result<(SendRequest<Empty<Bytes>>, StreamSlot), TunnelError> {
+) -> Result<(SendRequest<Bytes>, StreamSlot), TunnelError> {
     let generation = ctx
         .certs
         .get(src)
@@ -491,27 +499,32 @@ async fn sender_for(
     let cached = ctx.pool.lock().ok().and_then(|mut p| {
         let conns = p.get_mut(&key)?;
         // Closed tunnels and those of an older certificate leave the pool.
-        conns.retain(|e| e.generation == generation && !e.sender.is_closed());
+        conns.retain(|e| e.generation == generation && !e.closed.load(Ordering::Relaxed));
         conns
             .iter()
             .find(|e| e.streams.load(Ordering::Relaxed) < STREAMS_PER_TUNNEL)
             .map(|e| (e.sender.clone(), StreamSlot::take(&e.streams)))
     });
-    if let Some((mut s, slot)) = cached {
-        if s.ready().await.is_ok() {
+    if let Some((s, slot)) = cached {
+        if let Ok(s) = s.ready().await {
             return Ok((s, slot));
         }
     }
-    let sender = open_tunnel(ctx, src, dst, tunnel).await?;
+    let (sender, closed) = open_tunnel(ctx, src, dst, tunnel).await?;
     let streams = Arc::new(AtomicUsize::new(0));
     let slot = StreamSlot::take(&streams);
     if let Ok(mut p) = ctx.pool.lock() {
         p.entry(key).or_default().push(Pooled {
             sender: sender.clone(),
+            closed,
             generation,
             streams,
         });
     }
+    let sender = sender
+        .ready()
+        .await
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
     Ok((sender, slot))
 }
 
@@ -527,20 +540,17 @@ async fn tunnel(
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .body(Empty::<Bytes>::new())
+        .body(())
         .map_err(|e| TunnelError::Http(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
+    let (resp, send) = sender
+        .send_request(req, false)
         .map_err(|e| TunnelError::Http(e.to_string()))?;
+    let resp = resp.await.map_err(|e| TunnelError::Http(e.to_string()))?;
     if resp.status() != StatusCode::OK {
         return Err(TunnelError::Refused(resp.status()));
     }
-    let upgraded = hyper::upgrade::on(resp)
-        .await
-        .map_err(|e| TunnelError::Http(e.to_string()))?;
-    let mut upgraded = TokioIo::new(upgraded);
-    match tokio::io::copy_bidirectional(&mut tcp, &mut upgraded).await {
+    let mut stream = H2Stream::new(send, resp.into_body());
+    match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
         Ok(bytes) => Ok(bytes),
         // A reset by either end after data flowed is the end of a connection, not a tunnel failure.
         Err(e) => {
@@ -636,47 +646,61 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
                 ctx.metrics.refuse("inbound", "unknown_destination");
                 return;
             }
-            let svc_ctx = ctx.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let (ctx, src, dst) = (svc_ctx.clone(), src.clone(), dst.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(inbound_stream(ctx, src, dst, peer, req))
-                }
-            });
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .initial_stream_window_size(STREAM_WINDOW)
+            let mut conn = match h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
-                .max_concurrent_streams(4 * STREAMS_PER_TUNNEL as u32);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                debug!(%peer, error = %e, "tunnel connection ended with an error");
+                .max_frame_size(MAX_FRAME)
+                .max_send_buffer_size(STREAM_WINDOW as usize)
+                .max_concurrent_streams(4 * STREAMS_PER_TUNNEL as u32)
+                .handshake::<_, Bytes>(tls)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%peer, error = %e, "tunnel HTTP/2 handshake failed");
+                    return;
+                }
+            };
+            // Polling accept drives the connection: every stream's frames go through here.
+            while let Some(next) = conn.accept().await {
+                match next {
+                    Ok((req, respond)) => {
+                        inbound_stream(ctx.clone(), src.clone(), dst.clone(), peer, req, respond)
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "tunnel connection ended with an error");
+                        return;
+                    }
+                }
             }
         });
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn refuse_stream(mut respond: h2::server::SendResponse<Bytes>, code: StatusCode) {
+    let mut r = Response::new(());
     *r.status_mut() = code;
-    r
+    let _ = respond.send_response(r, true);
 }
 
-/// One CONNECT stream: checks the target and, if allowed, answers 200 and pipes bytes to the workload.
+/// One CONNECT stream: checks the target and, if allowed, answers 200 and serves the stream (by the port's
+/// protocol) in a task of its own.
 fn inbound_stream(
     ctx: Arc<Ctx>,
     src: SpiffeId,
     dst_id: SpiffeId,
     peer: SocketAddr,
-    mut req: Request<hyper::body::Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
     if req.method() != Method::CONNECT {
         ctx.metrics.refuse("inbound", "not_connect");
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return refuse_stream(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     let Some(target) = target else {
         ctx.metrics.refuse("inbound", "bad_target");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse_stream(respond, StatusCode::BAD_REQUEST);
     };
     // Only an address and port of a local workload with the identity the peer asked for (the node's
     // addresses and declared ports for a VM workload, the pod's own address for a pod): a tunnel is not an
@@ -688,36 +712,28 @@ fn inbound_stream(
     else {
         ctx.metrics.refuse("inbound", "target_not_workload");
         warn!(%src, dst = %dst_id, %target, "stream to an address or port the workload does not serve; refused");
-        return status(StatusCode::FORBIDDEN);
+        return refuse_stream(respond, StatusCode::FORBIDDEN);
     };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, error = %e, "stream reset before it was answered");
+            return;
+        }
+    };
+    let stream = H2Stream::new(send, req.into_body());
     tokio::spawn(async move {
         let _guard = ctx.inflight.enter();
         let dir = Direction {
             direction: "inbound",
         };
-        let upgraded = match hyper::upgrade::on(&mut req).await {
-            Ok(u) => u,
-            Err(e) => {
-                debug!(%peer, error = %e, "stream upgrade failed");
-                return;
-            }
-        };
         ctx.metrics.connections.get_or_create(&dir).inc();
         let active = ctx.metrics.active.get_or_create(&dir).clone();
         active.inc();
-        crate::l7::serve(
-            ctx.clone(),
-            TokioIo::new(upgraded),
-            src.clone(),
-            dst.clone(),
-            peer,
-            target,
-        )
-        .await;
+        crate::l7::serve(ctx.clone(), stream, src.clone(), dst.clone(), peer, target).await;
         active.dec();
         debug!(%src, dst = %dst.id, "inbound stream closed");
     });
-    status(StatusCode::OK)
 }
 
 #[cfg(test)]
