@@ -9,6 +9,9 @@ mod cmd;
 mod demo;
 mod plot;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none())

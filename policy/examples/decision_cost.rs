@@ -7,10 +7,11 @@
 //!     callgrind_annotate --inclusive=yes cg.10 | grep PolicyEngine::decide     # ÷ 2001 decisions
 //!
 //! Builds a workflow of N steps (as `benches/decision.rs` does), then makes 2 001 decisions for its last
-//! step.
+//! step the way the proxy does: the input document built in the engine's form (`http_input_value`, with
+//! the peers prepared once), then `decide_value`.
 
 use strait_policy::bundle::Bundle;
-use strait_policy::input::{http_input, HttpRequest, Peer};
+use strait_policy::input::{http_input_value, HttpRequest, Peer, Peers};
 use strait_policy::workflow::Workflow;
 
 fn main() {
@@ -40,26 +41,36 @@ fn main() {
     .expect("generated workflow");
     let ids = wf.service_ids().expect("ids");
     let step = &wf.steps[n - 1];
-    let input = http_input(
-        &Peer {
-            address: None,
+    let peers = Peers::new(
+        Peer {
+            address: Some("10.0.0.1:40000".parse().expect("address")),
             principal: Some(ids[&step.from].clone()),
         },
-        &Peer {
-            address: None,
+        Peer {
+            address: Some("10.0.0.2:5000".parse().expect("address")),
             principal: Some(ids[&step.to].clone()),
         },
-        &HttpRequest {
-            method: "POST".into(),
-            path: format!("/api/{}", step.to),
-            ..Default::default()
-        },
     );
+    let request = HttpRequest {
+        id: "0123456789abcdef".into(),
+        method: "POST".into(),
+        path: format!("/api/{}", step.to),
+        host: format!("{}:5000", step.to),
+        scheme: "http".into(),
+        protocol: "HTTP/1.1".into(),
+        headers: vec![
+            ("host".into(), format!("{}:5000", step.to)),
+            ("user-agent".into(), "curl/7.88.1".into()),
+            ("accept".into(), "*/*".into()),
+        ],
+        ..Default::default()
+    };
     let engine = Bundle::from_workflow(&wf, &[], false)
         .expect("bundle")
         .engine(std::time::Duration::from_millis(100))
         .expect("engine");
     for _ in 0..2001 {
-        assert!(engine.decide(&input).allowed);
+        let input = http_input_value(&peers, &request);
+        assert!(engine.decide_value(input).allowed);
     }
 }

@@ -93,12 +93,17 @@ impl Decision {
         }
     }
 
-    /// Reads a result object straight from the engine's value (no JSON round trip on the hot path).
+    /// Reads a result object straight from the engine's value (no JSON round trip on the hot path, and
+    /// no `as_*` accessors: their errors allocate, and capture backtraces when enabled).
     fn from_object(j: &Value, took: Duration) -> Self {
-        let field = |key: &str| -> &Value { &j[key] };
-        let Ok(&allowed) = field("allowed").as_bool() else {
+        let Value::Object(o) = j else {
+            return Self::deny("policy result is not an object", took);
+        };
+        let field = |key: &str| -> Option<&Value> { o.get(&Value::from(key)) };
+        let Some(Value::Bool(allowed)) = field("allowed") else {
             return Self::deny("policy result object has no boolean `allowed`", took);
         };
+        let allowed = *allowed;
         let text = |v: &Value| -> String {
             match v {
                 Value::String(s) => s.to_string(),
@@ -106,44 +111,41 @@ impl Decision {
             }
         };
         let pairs = |key: &str| -> Vec<(String, String)> {
-            match field(key).as_object() {
-                Ok(m) => m
-                    .iter()
-                    .map(|(k, v)| (text(k), text(v)))
-                    .collect(),
-                Err(_) => Vec::new(),
+            match field(key) {
+                Some(Value::Object(m)) => m.iter().map(|(k, v)| (text(k), text(v))).collect(),
+                _ => Vec::new(),
             }
         };
-        let status = field("http_status")
-            .as_u64()
-            .ok()
-            .filter(|s| (200..600).contains(s))
-            .map(|s| s as u16);
+        let status = match field("http_status") {
+            Some(Value::Number(n)) => n.as_u64().filter(|s| (200..600).contains(s)),
+            _ => None,
+        }
+        .map(|s| s as u16);
         let reason = match field("reason") {
-            Value::String(r) => r.to_string(),
+            Some(Value::String(r)) => r.to_string(),
             _ if allowed => "allowed by policy".into(),
             _ => "denied by policy".into(),
         };
+        let headers = pairs("headers");
         Self {
             allowed,
             http_status: status.unwrap_or(if allowed { 200 } else { 403 }),
-            headers: pairs("headers"),
+            request_headers_to_add: if allowed { headers.clone() } else { Vec::new() },
+            headers,
             body: match field("body") {
-                Value::String(b) => Some(b.to_string()),
+                Some(Value::String(b)) => Some(b.to_string()),
                 _ => None,
             },
-            request_headers_to_add: if allowed {
-                pairs("headers")
-            } else {
-                Vec::new()
-            },
             response_headers_to_add: pairs("response_headers_to_add"),
-            request_headers_to_remove: match field("request_headers_to_remove").as_array() {
-                Ok(a) => a
+            request_headers_to_remove: match field("request_headers_to_remove") {
+                Some(Value::Array(a)) => a
                     .iter()
-                    .filter_map(|v| v.as_string().ok().map(|s| s.to_string()))
+                    .filter_map(|v| match v {
+                        Value::String(s) => Some(s.to_string()),
+                        _ => None,
+                    })
                     .collect(),
-                Err(_) => Vec::new(),
+                _ => Vec::new(),
             },
             reason,
             took,

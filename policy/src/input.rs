@@ -333,10 +333,7 @@ pub fn http_input_value(peers: &Peers, req: &HttpRequest) -> Value {
         if let Some(p) = parsed_body {
             doc.insert(k.parsed_body.clone(), p);
         }
-        doc.insert(
-            k.truncated_body.clone(),
-            Value::from(req.body_truncated),
-        );
+        doc.insert(k.truncated_body.clone(), Value::from(req.body_truncated));
     }
     Value::from(doc)
 }

@@ -157,7 +157,13 @@ impl Authz {
             req.id = request_id();
         }
         let (v, p) = self.decide(http_input_value(peers, req));
-        self.log(&v, p.as_deref(), &peers.source, &peers.destination, Some(req));
+        self.log(
+            &v,
+            p.as_deref(),
+            &peers.source,
+            &peers.destination,
+            Some(req),
+        );
         v
     }
 
