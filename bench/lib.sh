@@ -57,7 +57,7 @@ bg cp.log ip netns exec $P-cp $BIN control --data-dir $W/cp --listen 10.77.0.1:1
 sleep 0.5
 adm() { ip netns exec $P-cp env STRAIT_CONFIG=$W/cp/admin.yaml $BIN "$@"; }
 adm workload add --id spiffe://bench.example/ns/b/sa/client --node host-a --uid 1001 --port 5000/http >/dev/null
-adm workload add --id spiffe://bench.example/ns/b/sa/server --node host-b --uid 1002 --port 5000/http >/dev/null
+adm workload add --id spiffe://bench.example/ns/b/sa/server --node host-b --uid 1002 --port 5000/http --port 7001/grpc >/dev/null
 bg docstore.log ip netns exec $P-b setpriv --reuid=1002 --regid=1002 --clear-groups $BIN docstore --listen '[::]:5000' --name server
 sleep 0.5
 URL=http://10.77.0.3:5000/
@@ -144,7 +144,7 @@ workflow() { # N OUT_DIR
     echo "      - {name: server, namespace: b, serviceAccount: server}"
     for i in $(seq 0 $((k-1))); do echo "      - {name: s$i, namespace: gen, serviceAccount: s$i}"; done
     echo "steps:"
-    echo "  - {from: client, to: server, methods: [GET, POST], paths: [\"/\", \"/api/**\"]}"
+    echo "  - {from: client, to: server, methods: [GET, POST], paths: [\"/\", \"/api/**\", \"/strait.test.Echo/*\"]}"
     for i in $(seq 1 $((n-1))); do
       f=$((i % k)); t=$(((i / k + 1 + i % k) % k))
       echo "  - {from: s$f, to: s$t, methods: [POST], paths: [\"/api/s$t\"]}"

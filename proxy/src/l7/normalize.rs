@@ -493,3 +493,37 @@ mod tests {
         assert_eq!(check_limits(&h), Err(Reject::HeadersTooLarge));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whatever a client sends: no panic; what comes out is origin-form, has no empty or dot segment,
+        /// no encoded slash, and normalizing it again changes nothing (what the workload may normalize
+        /// itself is what was decided).
+        #[test]
+        fn normalized_paths_are_canonical(raw in "/[a-z./%25%2e%2E%2f%5c\\\\0-9A-F_~-]{0,40}") {
+            if let Ok(p) = path(&raw, Options::default()) {
+                prop_assert!(p.starts_with('/'));
+                prop_assert!(!p.contains("//"), "{p}");
+                prop_assert!(!p.split('/').any(|s| s == "." || s == ".."), "{p}");
+                let lower = p.to_ascii_lowercase();
+                prop_assert!(!lower.contains("%2f") && !lower.contains("%5c") && !lower.contains("%2e"), "{p}");
+                prop_assert!(!p.contains('\\'));
+                let again = path(&p, Options::default()).map(Cow::into_owned);
+                prop_assert_eq!(again, Ok(p.to_string()));
+            }
+        }
+
+        #[test]
+        fn any_bytes_are_handled(raw in any::<Vec<u8>>()) {
+            if let Ok(s) = std::str::from_utf8(&raw) {
+                let _ = path(s, Options::default());
+                let _ = path(s, Options { allow_escaped_slashes: true, allow_underscore_headers: true });
+            }
+        }
+    }
+}

@@ -38,7 +38,12 @@ pub fn classify(b: &[u8]) -> Sniffed {
             Sniffed::NeedMore
         };
     }
-    request_line(b)
+    // Only the first MAX_REQUEST_LINE bytes count, so that more bytes never change an answer.
+    let window = &b[..b.len().min(MAX_REQUEST_LINE)];
+    match request_line(window) {
+        Sniffed::NeedMore if b.len() >= MAX_REQUEST_LINE => Sniffed::Http1,
+        other => other,
+    }
 }
 
 fn request_line(b: &[u8]) -> Sniffed {
@@ -79,12 +84,8 @@ fn request_line(b: &[u8]) -> Sniffed {
     }
 }
 
-fn more_or_http(b: &[u8]) -> Sniffed {
-    if b.len() >= MAX_REQUEST_LINE {
-        Sniffed::Http1
-    } else {
-        Sniffed::NeedMore
-    }
+fn more_or_http(_: &[u8]) -> Sniffed {
+    Sniffed::NeedMore
 }
 
 #[cfg(test)]
@@ -132,5 +133,34 @@ mod tests {
         assert_eq!(classify(b""), Sniffed::NeedMore);
         let long = [b"GET /".as_slice(), &[b'a'; MAX_REQUEST_LINE]].concat();
         assert_eq!(classify(&long), Sniffed::Http1);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Once the first bytes are classified, more bytes never change the answer: the sniffer may decide
+        /// on however much arrived first.
+        #[test]
+        fn a_classification_never_changes_with_more_bytes(
+            head in prop_oneof![
+                Just(b"GET /a HTTP/1.1\r\n".to_vec()),
+                Just(PREFACE.to_vec()),
+                any::<Vec<u8>>(),
+            ],
+            cut in 0usize..64,
+            more in any::<Vec<u8>>(),
+        ) {
+            let cut = cut.min(head.len());
+            let first = classify(&head[..cut]);
+            let all = [&head[..], &more[..]].concat();
+            if first != Sniffed::NeedMore {
+                prop_assert_eq!(classify(&all), first);
+            }
+        }
     }
 }
