@@ -79,6 +79,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(async move {
+                    let shutdown = shutdown_signal();
                     let listener =
                         tokio::net::TcpListener::bind(listen)
                             .await
@@ -95,7 +96,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
                     strait_control::systemd::spawn_watchdog();
                     strait_control::systemd::ready(&format!("serving the API on {listen}"));
                     serve(state, listener, async {
-                        shutdown_signal().await;
+                        shutdown.await;
                         strait_control::systemd::stopping();
                     })
                     .await
@@ -143,18 +144,25 @@ fn kubernetes_parts(
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called (inside the runtime), not when the future is first
+/// polled: call it before binding the listeners, so that a SIGTERM that arrives once the port answers is
+/// never met by the default action (which exits with a signal status instead of shutting down).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still stops on the default action.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the process still stops on the default action.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
     }
 }

@@ -73,6 +73,7 @@ pub fn run(listen: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
+            let shutdown = super::control::shutdown_signal();
             let store = Arc::new(Store {
                 name,
                 docs: Mutex::new(Vec::new()),
@@ -104,7 +105,7 @@ pub fn run(listen: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
                 }));
             }
             tokio::select! {
-                _ = super::control::shutdown_signal() => {}
+                _ = shutdown => {}
                 _ = futures_join(tasks) => {}
             }
             Ok(())

@@ -79,6 +79,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         distributor_tcp_only: args.distributor_tcp_only,
         decision_log_allow_sample: args.decision_log_allow_sample,
         auto_detect_timeout: args.auto_detect_timeout,
+        idle_timeout: args.idle_timeout,
         health: args.health_listen,
         allow_kubelet_probes: args.allow_kubelet_probes,
     };
@@ -87,7 +88,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .on_thread_park(give_back_memory)
         .build()
         .context("starting the runtime")?
-        .block_on(run_proxy(opts, super::control::shutdown_signal()))
+        .block_on(async move { run_proxy(opts, super::control::shutdown_signal()).await })
 }
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";

@@ -158,7 +158,7 @@ pub fn in_lab<T>(
                 .enable_all()
                 .build()
             {
-                rt.block_on(crate::cmd::shutdown_signal());
+                rt.block_on(async { crate::cmd::shutdown_signal().await });
                 eprintln!("\ninterrupted: removing the namespaces and processes");
                 lab.teardown();
                 std::process::exit(130);
