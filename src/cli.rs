@@ -531,6 +531,11 @@ pub struct ProxyArgs {
     /// protocol on an `auto` port is closed after it, with a log line (declare such ports `tcp`).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub auto_detect_timeout: Duration,
+    /// Close an inbound stream (a TCP connection, or a caller's HTTP connection) that moves no byte either
+    /// way for this long. HTTP/1 connections are also closed 30 s after a response when no next request
+    /// starts (the header-read timeout).
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub idle_timeout: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

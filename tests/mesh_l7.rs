@@ -135,6 +135,8 @@ fn mesh() -> Mesh {
             "1",
             "--auto-detect-timeout",
             "8s",
+            "--idle-timeout",
+            "15s",
         ],
     );
     m.converge();
@@ -503,27 +505,29 @@ fn grpc(m: &Mesh, port: u16) {
     );
 }
 
+/// curl from host a as the owner, with at most 10 s: the response body as JSON (panics with curl's output
+/// when it is not JSON).
+fn curl_json(m: &Mesh, args: &[&str]) -> Value {
+    let mut all = vec!["curl", "-s", "--max-time", "10"];
+    all.extend(args);
+    let o = m.net.run("a", Some(OWNER_UID), &all);
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("curl {args:?}: {}", out(&o)))
+}
+
 fn http2_and_websocket(m: &Mesh) {
     let b = m.net.v4("b");
     for port in [7003, 7004] {
         // HTTP/2 end to end: the workload sees HTTP/2 and the client's authority.
         let url = format!("http://{b}:{port}/echo");
-        let o = m.net.run(
-            "a",
-            Some(OWNER_UID),
+        let echo = curl_json(
+            m,
             &[
-                "curl",
-                "-s",
-                "--max-time",
-                "10",
                 "--http2-prior-knowledge",
                 "-H",
                 "Host: vfx.example:7003",
                 &url,
             ],
         );
-        let echo: Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|_| panic!("port {port}: {}", out(&o)));
         assert_eq!(echo["http_version"], "2", "port {port}: {echo}");
         assert!(
             echo["headers"]
@@ -534,13 +538,7 @@ fn http2_and_websocket(m: &Mesh) {
             "port {port}: the authority must be preserved: {echo}"
         );
         // HTTP/1.1 stays HTTP/1.1.
-        let o = m.net.run(
-            "a",
-            Some(OWNER_UID),
-            &["curl", "-s", "--max-time", "10", &url],
-        );
-        let echo: Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|_| panic!("port {port}: {}", out(&o)));
+        let echo = curl_json(m, &[&url]);
         assert_eq!(echo["http_version"], "1.1", "port {port}: {echo}");
         // Response trailers reach an HTTP/2 client (nghttp, nghttp2's client; prior knowledge).
         let o = m.net.run(
@@ -619,19 +617,7 @@ fn http2_and_websocket(m: &Mesh) {
     );
     assert_eq!(code, "403");
     // An h2c upgrade offer is not an opaque tunnel: the request is answered in HTTP/1.1, decided.
-    let o = m.net.run(
-        "a",
-        Some(OWNER_UID),
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "10",
-            "--http2",
-            &format!("http://{b}:7003/h2c"),
-        ],
-    );
-    let echo: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", out(&o)));
+    let echo = curl_json(m, &["--http2", &format!("http://{b}:7003/h2c")]);
     assert_eq!(echo["http_version"], "1.1", "{echo}");
     assert!(decisions(m).iter().any(|d| d["path"] == "/h2c"));
 }
@@ -659,15 +645,19 @@ fn auto_ports(m: &Mesh) {
     let o = m.net.run(
         "a",
         Some(OWNER_UID),
+        // -u: socat only reads the connection (the client sends nothing) and exits when it closes.
         &[
-            "sh",
-            "-c",
-            &format!("sleep 20 | socat -T 20 - TCP:{b}:7007"),
+            "socat",
+            "-T",
+            "20",
+            "-u",
+            &format!("TCP:{b}:7007"),
+            "STDOUT",
         ],
     );
     assert!(
-        start.elapsed() >= Duration::from_secs(7),
-        "{:?}",
+        (Duration::from_secs(7)..Duration::from_secs(18)).contains(&start.elapsed()),
+        "closed after {:?} (the detection timeout is 8 s)",
         start.elapsed()
     );
     assert!(o.stdout.is_empty(), "{}", out(&o));
@@ -684,6 +674,29 @@ fn auto_ports(m: &Mesh) {
     );
     let t = out(&o);
     assert!(t.contains("220-banner") && t.contains("ping"), "{t}");
+    // A TCP stream that moves nothing for the idle timeout (15 s here) is closed.
+    let start = Instant::now();
+    let o = m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &[
+            "socat",
+            "-T",
+            "40",
+            "-u",
+            &format!("TCP:{b}:7008"),
+            "STDOUT",
+        ],
+    );
+    let idle = start.elapsed();
+    assert!(out(&o).contains("220-banner"), "{}", out(&o));
+    assert!(
+        (Duration::from_secs(14)..Duration::from_secs(30)).contains(&idle),
+        "closed after {idle:?}"
+    );
+    assert!(m
+        .log("proxy-b.log")
+        .contains("stream idle for the idle timeout"));
 }
 
 /// More concurrent connections between one pair than one tunnel carries streams: further tunnels open.

@@ -68,6 +68,8 @@ pub struct ProxyOptions {
     pub decision_log_allow_sample: u64,
     /// `auto` ports: how long to wait for the client's first bytes.
     pub auto_detect_timeout: Duration,
+    /// Inbound streams that move no byte for this long are closed.
+    pub idle_timeout: Duration,
     /// Optional health endpoint (probes and metrics only), e.g. 0.0.0.0:15021.
     pub health: Option<SocketAddr>,
     /// Kubernetes mode: let the node reach its meshed pods' probe ports in plaintext (kubelet).
@@ -542,6 +544,7 @@ pub async fn run(
             egress: opts.egress.clone(),
             mode: opts.mode(),
             auto_detect_timeout: opts.auto_detect_timeout,
+            idle_timeout: opts.idle_timeout,
         },
         authz.clone(),
     ));

@@ -157,6 +157,8 @@ pub struct Ctx {
     pub mode: crate::capture::CaptureMode,
     /// `auto` ports: how long to wait for the client's first bytes.
     pub auto_detect_timeout: Duration,
+    /// An inbound stream that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
 }
 
@@ -204,6 +206,7 @@ impl Default for NodeSettings {
             egress: Vec::new(),
             mode: Default::default(),
             auto_detect_timeout: crate::l7::limits::FIRST_BYTES_TIMEOUT,
+            idle_timeout: crate::l7::limits::IDLE_TIMEOUT,
         }
     }
 }
@@ -218,6 +221,8 @@ pub struct NodeSettings {
     pub mode: crate::capture::CaptureMode,
     /// `auto` ports: how long to wait for the client's first bytes (default 30 s).
     pub auto_detect_timeout: Duration,
+    /// Inbound streams idle this long are closed (default 1 h).
+    pub idle_timeout: Duration,
 }
 
 impl Ctx {
@@ -234,6 +239,7 @@ impl Ctx {
             egress,
             mode,
             auto_detect_timeout,
+            idle_timeout,
         } = node;
         Self {
             certs,
@@ -246,6 +252,7 @@ impl Ctx {
             authz,
             mode,
             auto_detect_timeout,
+            idle_timeout,
             pool: Mutex::new(HashMap::new()),
         }
     }
@@ -730,7 +737,13 @@ fn inbound_stream(
         ctx.metrics.connections.get_or_create(&dir).inc();
         let active = ctx.metrics.active.get_or_create(&dir).clone();
         active.inc();
-        crate::l7::serve(ctx.clone(), stream, src.clone(), dst.clone(), peer, target).await;
+        let ends = crate::l7::Ends {
+            src: src.clone(),
+            dst: dst.clone(),
+            peer_addr: peer,
+            target,
+        };
+        crate::l7::serve(ctx.clone(), stream, ends).await;
         active.dec();
         debug!(%src, dst = %dst.id, "inbound stream closed");
     });

@@ -17,6 +17,7 @@ use super::limits::MAX_POLICY_BODY;
 use super::normalize::{self, Reject};
 use super::respond::{self, is_grpc, Body};
 use super::upstream::{ForwardBody, Upstream};
+use super::Ends;
 use crate::authz::peer;
 use crate::tunnel::Ctx;
 
@@ -39,15 +40,13 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn new(
-        ctx: Arc<Ctx>,
-        src: SpiffeId,
-        dst: Arc<Workload>,
-        peer_addr: SocketAddr,
-        target: SocketAddr,
-        opts: normalize::Options,
-        protocol: Protocol,
-    ) -> Self {
+    pub fn new(ctx: Arc<Ctx>, ends: Ends, opts: normalize::Options, protocol: Protocol) -> Self {
+        let Ends {
+            src,
+            dst,
+            peer_addr,
+            target,
+        } = ends;
         // Tell the workload who called, as Istio does (the peer's verified identity, never a client header).
         let xfcc = HeaderValue::try_from(format!("By={};URI={}", dst.id, src)).ok();
         Self {

@@ -11,6 +11,7 @@
 //! Limits and timeouts are in [`limits`], the same for HTTP/1.1 and HTTP/2.
 
 mod handle;
+pub mod idle;
 pub mod normalize;
 mod respond;
 pub mod sniff;
@@ -24,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use strait_ca::SpiffeId;
 use strait_control::registry::{Protocol, Workload};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::authz::peer;
 use crate::sockets::connect_marked;
@@ -43,6 +44,9 @@ pub mod limits {
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
     /// `auto` ports: how long the proxy waits for the client's first bytes (`--auto-detect-timeout`).
     pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+    /// An inbound stream (TCP, or a caller's HTTP connection) that moves no byte either way for this long is
+    /// closed (`--idle-timeout`; Envoy's default idle timeout).
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     /// JSON and form bodies up to this size are buffered so the policy sees `parsed_body`; larger or
     /// unsized bodies stream through and the policy sees no body.
     pub const MAX_POLICY_BODY: u64 = 64 * 1024;
@@ -113,15 +117,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     }
 }
 
+/// Who is at both ends of one tunnel stream: the verified peer, the local workload it asked for, the
+/// peer's address and the workload address it targets.
+pub struct Ends {
+    pub src: SpiffeId,
+    pub dst: Arc<Workload>,
+    pub peer_addr: SocketAddr,
+    pub target: SocketAddr,
+}
+
 /// Reads an `auto` port's first bytes until they tell HTTP from anything else: `Some((is_http, bytes))`,
 /// or `None` when the client closed or sent nothing in time (logged).
 async fn sniff<T: AsyncRead + Unpin>(
     io: &mut T,
     timeout: std::time::Duration,
-    src: &SpiffeId,
-    dst: &Workload,
-    target: SocketAddr,
+    ends: &Ends,
 ) -> Option<(bool, Bytes)> {
+    let Ends {
+        src, dst, target, ..
+    } = ends;
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -149,18 +163,28 @@ async fn sniff<T: AsyncRead + Unpin>(
     }
 }
 
-/// Serves one tunnel stream to `dst` on `target` for the verified peer `src`.
-pub async fn serve<T>(
-    ctx: Arc<Ctx>,
-    mut io: T,
-    src: SpiffeId,
-    dst: Arc<Workload>,
-    peer_addr: SocketAddr,
-    target: SocketAddr,
-) where
+/// Serves one tunnel stream between its `ends`, until it ends or moves no byte for the idle timeout.
+pub async fn serve<T>(ctx: Arc<Ctx>, io: T, ends: Ends)
+where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let port = dst.ports.iter().find(|p| p.port == target.port());
+    let activity = idle::Activity::new();
+    let io = idle::Watched::new(io, activity.clone());
+    let (timeout, src, dst) = (ctx.idle_timeout, ends.src.clone(), ends.dst.id.clone());
+    tokio::select! {
+        () = serve_stream(ctx.clone(), io, ends) => {}
+        () = activity.idle_for(timeout) => {
+            ctx.metrics.refuse("inbound", "idle_timeout");
+            info!(%src, %dst, ?timeout, "stream idle for the idle timeout; closed");
+        }
+    }
+}
+
+async fn serve_stream<T>(ctx: Arc<Ctx>, mut io: T, ends: Ends)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let port = ends.dst.ports.iter().find(|p| p.port == ends.target.port());
     let protocol = port.map(|p| p.protocol).unwrap_or_default();
     let opts = normalize::Options {
         allow_escaped_slashes: port.is_some_and(|p| p.allow_escaped_slashes),
@@ -169,32 +193,30 @@ pub async fn serve<T>(
     let (is_http, prefix) = match protocol {
         Protocol::Http | Protocol::Http2 | Protocol::Grpc => (true, Bytes::new()),
         Protocol::Tcp => (false, Bytes::new()),
-        Protocol::Auto => match sniff(&mut io, ctx.auto_detect_timeout, &src, &dst, target).await {
+        Protocol::Auto => match sniff(&mut io, ctx.auto_detect_timeout, &ends).await {
             Some(s) => s,
             None => return,
         },
     };
     let io = Prefixed { prefix, inner: io };
     if is_http {
-        let stream = Arc::new(handle::Stream::new(
-            ctx, src, dst, peer_addr, target, opts, protocol,
-        ));
+        let stream = Arc::new(handle::Stream::new(ctx, ends, opts, protocol));
         serve_http(stream, io).await;
     } else {
-        serve_tcp(ctx, io, src, dst, peer_addr, target).await;
+        serve_tcp(ctx, io, ends).await;
     }
 }
 
-async fn serve_tcp<T>(
-    ctx: Arc<Ctx>,
-    mut io: T,
-    src: SpiffeId,
-    dst: Arc<Workload>,
-    peer_addr: SocketAddr,
-    target: SocketAddr,
-) where
+async fn serve_tcp<T>(ctx: Arc<Ctx>, mut io: T, ends: Ends)
+where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let Ends {
+        src,
+        dst,
+        peer_addr,
+        target,
+    } = ends;
     let verdict = ctx.authz.tcp(
         &peer(Some(peer_addr), src.as_str()),
         &peer(Some(target), dst.id.as_str()),
