@@ -87,7 +87,7 @@ fn mesh() -> Mesh {
     m.admin(&["apply", "-f", apply.to_str().unwrap()]);
     let (py, apps) = (python(), apps());
     let hypercorn = format!(
-        "ulimit -Sn $(ulimit -Hn); cd {apps} && exec {py} -m hypercorn --backlog 4096 --bind '[::]:7003' --bind '[::]:7004' echo:app"
+        "ulimit -Sn $(ulimit -Hn); cd {apps} && exec {py} -m hypercorn --workers 0 --backlog 4096 --bind '[::]:7003' --bind '[::]:7004' echo:app"
     );
     let grpc_server = format!("{apps}/grpc_server.py");
     let raw_echo = format!("{apps}/raw_echo.py");
@@ -449,7 +449,8 @@ fn normalization_table(m: &Mesh) {
     );
 }
 
-fn grpc(m: &Mesh, port: u16) {
+/// `cancels`: how many cancelled streams the server must have seen after this run.
+fn grpc(m: &Mesh, port: u16, cancels: usize) {
     let b = m.net.v4("b");
     let client = format!("{}/grpc_client.py", apps());
     let o = m.net.run(
@@ -490,6 +491,17 @@ fn grpc(m: &Mesh, port: u16) {
     assert_eq!(call("deadline")["code"], "DEADLINE_EXCEEDED", "{ctx}");
     assert_eq!(call("fail")["code"], "NOT_FOUND", "{ctx}");
     assert_eq!(call("fail")["details"], "no such thing", "{ctx}");
+    // A client that cancels a stream: its RST_STREAM crosses both proxies and the server sees it.
+    assert_eq!(
+        call("cancel")["result"],
+        serde_json::json!(["tick-0", "tick-1", "CANCELLED"]),
+        "{ctx}"
+    );
+    m.net.eventually(
+        Duration::from_secs(10),
+        "the server to see the cancel",
+        || m.log("grpc.log").matches("endless cancelled").count() >= cancels,
+    );
     assert_eq!(call("denied")["code"], "PERMISSION_DENIED", "{ctx}");
     assert_eq!(
         call("denied")["details"],
@@ -728,8 +740,8 @@ fn grpc_websocket_http2_and_normalized_requests_through_the_mesh() {
     let _ = bin();
     let m = mesh();
     normalization_table(&m);
-    grpc(&m, 7001);
-    grpc(&m, 7002);
+    grpc(&m, 7001, 1);
+    grpc(&m, 7002, 2);
     http2_and_websocket(&m);
     auto_ports(&m);
     // 3 000 keeps the suite quick; STRAIT_L7_CONNECTIONS=10000 for the figure.

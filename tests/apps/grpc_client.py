@@ -54,11 +54,19 @@ def fail():
     return resp.decode(), {}
 
 
+def cancel():
+    call = ch.unary_stream(M + "Endless")(b"", timeout=30)
+    got = [next(call).decode(), next(call).decode()]
+    call.cancel()
+    return got + [call.code().name], {}
+
+
 def denied():
     resp = ch.unary_unary("/strait.test.Admin/Drop")(b"z", timeout=10)
     return resp.decode(), {}
 
 
 for name, fn in [("unary", unary), ("client_stream", client_stream), ("server_stream", server_stream),
-                 ("bidi", bidi), ("deadline", slow), ("fail", fail), ("denied", denied)]:
+                 ("bidi", bidi), ("deadline", slow), ("fail", fail), ("cancel", cancel),
+                 ("denied", denied)]:
     report(name, fn)

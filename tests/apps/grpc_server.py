@@ -7,6 +7,8 @@ handlers so no code generation is needed (messages are raw bytes):
     /strait.test.Echo/Bidi           bidirectional: echoes each message as it comes
     /strait.test.Echo/Slow           unary that sleeps 2 s (for deadlines)
     /strait.test.Echo/Fail           unary that fails with NOT_FOUND and a message
+    /strait.test.Echo/Endless        server streaming until the client cancels; then prints
+                                     "endless cancelled" (the client's RST_STREAM reached the server)
 
     python grpc_server.py PORT [PORT…]
 """
@@ -41,6 +43,15 @@ def slow(req, ctx):
     return req
 
 
+def endless(req, ctx):
+    ctx.add_callback(lambda: print("endless cancelled", flush=True))
+    i = 0
+    while ctx.is_active():
+        yield b"tick-%d" % i
+        i += 1
+        time.sleep(0.05)
+
+
 def fail(req, ctx):
     ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
 
@@ -52,6 +63,7 @@ handlers = {
     "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
     "Slow": grpc.unary_unary_rpc_method_handler(slow),
     "Fail": grpc.unary_unary_rpc_method_handler(fail),
+    "Endless": grpc.unary_stream_rpc_method_handler(endless),
 }
 
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
