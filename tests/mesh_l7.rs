@@ -634,6 +634,19 @@ fn http2_and_websocket(m: &Mesh) {
     assert!(decisions(m).iter().any(|d| d["path"] == "/h2c"));
 }
 
+/// Connects from host a as the owner and only reads (socat -u: the client sends nothing) until the
+/// connection closes, at most 40 s: what was read, and how long the connection lasted.
+fn read_until_closed(m: &Mesh, port: u16) -> (std::process::Output, Duration) {
+    let start = Instant::now();
+    let target = format!("TCP:{}:{port}", m.net.v4("b"));
+    let o = m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &["socat", "-T", "40", "-u", &target, "STDOUT"],
+    );
+    (o, start.elapsed())
+}
+
 fn auto_ports(m: &Mesh) {
     let b = m.net.v4("b");
     // An HTTP client idle for 5 s before its first request is still HTTP, decided per request.
@@ -653,24 +666,10 @@ fn auto_ports(m: &Mesh) {
     );
     // A server-first protocol on an auto port: the client waits for the server, the proxy for the client;
     // the stream is closed after the detection timeout, and the log says what to do.
-    let start = Instant::now();
-    let o = m.net.run(
-        "a",
-        Some(OWNER_UID),
-        // -u: socat only reads the connection (the client sends nothing) and exits when it closes.
-        &[
-            "socat",
-            "-T",
-            "20",
-            "-u",
-            &format!("TCP:{b}:7007"),
-            "STDOUT",
-        ],
-    );
+    let (o, took) = read_until_closed(m, 7007);
     assert!(
-        (Duration::from_secs(7)..Duration::from_secs(18)).contains(&start.elapsed()),
-        "closed after {:?} (the detection timeout is 8 s)",
-        start.elapsed()
+        (Duration::from_secs(7)..Duration::from_secs(18)).contains(&took),
+        "closed after {took:?} (the detection timeout is 8 s)"
     );
     assert!(o.stdout.is_empty(), "{}", out(&o));
     assert!(m.log("proxy-b.log").contains("must be declared `tcp`"));
@@ -687,20 +686,7 @@ fn auto_ports(m: &Mesh) {
     let t = out(&o);
     assert!(t.contains("220-banner") && t.contains("ping"), "{t}");
     // A TCP stream that moves nothing for the idle timeout (15 s here) is closed.
-    let start = Instant::now();
-    let o = m.net.run(
-        "a",
-        Some(OWNER_UID),
-        &[
-            "socat",
-            "-T",
-            "40",
-            "-u",
-            &format!("TCP:{b}:7008"),
-            "STDOUT",
-        ],
-    );
-    let idle = start.elapsed();
+    let (o, idle) = read_until_closed(m, 7008);
     assert!(out(&o).contains("220-banner"), "{}", out(&o));
     assert!(
         (Duration::from_secs(14)..Duration::from_secs(30)).contains(&idle),
