@@ -12,6 +12,7 @@ pub mod kube_cluster;
 pub mod mesh;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -329,8 +330,11 @@ impl Netns {
             .open(log)
             .unwrap();
         let err = file.try_clone().unwrap();
+        // Its own process group: whatever it forks (socat's `fork` children, a server's workers) is
+        // killed with it when the harness is dropped.
         let child = self
             .command(host, uid, args)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
@@ -385,6 +389,10 @@ impl Drop for Netns {
     fn drop(&mut self) {
         if let Ok(mut c) = self.children.lock() {
             for (_, child) in c.iter_mut() {
+                // SAFETY: kill of the process group this harness created (the child leads it).
+                unsafe {
+                    libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }
