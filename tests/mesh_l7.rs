@@ -723,6 +723,7 @@ fn grpc_websocket_http2_and_normalized_requests_through_the_mesh() {
     if !require_root() {
         return;
     }
+    support::require_commands(&["socat", "curl", "nghttp"]);
     let _ = bin();
     let m = mesh();
     normalization_table(&m);

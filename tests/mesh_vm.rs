@@ -679,6 +679,29 @@ fn the_proxy_runs_unprivileged_with_only_net_admin_and_net_raw() {
     assert_eq!(health("/healthz"), "200");
     assert_eq!(health("/metrics"), "200");
     assert_eq!(health("/config_dump"), "404");
+    // The loopback admin port answers /config_dump only to root and to the proxy's own user (the kernel
+    // names the caller's user): a workload's user, or any other local user, gets 403 and no directory.
+    let dump = "http://127.0.0.1:15000/config_dump";
+    assert_eq!(m.curl("b", None, dump, &[]), "200", "root on B");
+    assert_eq!(
+        m.curl("b", Some(VFX_UID), dump, &[]),
+        "403",
+        "a workload's user on B"
+    );
+    assert_eq!(
+        m.curl("b", Some(VFX_UID), "http://127.0.0.1:15000/metrics", &[]),
+        "200"
+    );
+    assert_eq!(
+        m.curl("a", Some(PROXY_UID), dump, &[]),
+        "200",
+        "the unprivileged proxy's own user on A"
+    );
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), dump, &[]),
+        "403",
+        "a workload's user on A"
+    );
     let code = m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "doc"]);
     assert_eq!(
         code, "201",

@@ -2,6 +2,11 @@
 //! optional health endpoint (`--health-listen`, e.g. 0.0.0.0:15021 for kubelet probes and Prometheus on a
 //! host-network DaemonSet), which answers only `/live` (alias `/healthz`), `/ready` and `/metrics`: the
 //! configuration dump (identities, directory, rules) stays on the loopback admin port.
+//!
+//! `/config_dump` shows the whole directory of the mesh, so it is answered only to root and to the proxy's
+//! own user: the kernel tells which Unix user owns the connecting socket (one `sock_diag` query per admin
+//! connection, as for captured connections). Anyone else, and any caller that is not a local socket, gets
+//! 403; `/live`, `/ready` and `/metrics` stay open to every local user.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,7 +35,35 @@ fn secs(t: SystemTime) -> u64 {
         .unwrap_or_default()
 }
 
-fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// Who is asking, as far as the kernel can tell.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    /// The Unix user owning the client socket, when it is a local socket.
+    uid: Option<u32>,
+}
+
+impl Caller {
+    fn of(tcp: &tokio::net::TcpStream) -> Self {
+        let uid = match (tcp.peer_addr(), tcp.local_addr()) {
+            (Ok(peer), Ok(local)) => crate::sockets::local_peer_uid(peer, local).ok().flatten(),
+            _ => None,
+        };
+        Self { uid }
+    }
+
+    /// Root, or the user the proxy runs as.
+    fn may_read_config(&self) -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let own = unsafe { libc::geteuid() };
+        matches!(self.uid, Some(u) if u == 0 || u == own)
+    }
+}
+
+fn handle(
+    shared: &Shared,
+    caller: Caller,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
         "/ready" => match shared.not_ready_reason() {
@@ -67,6 +100,15 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
                     e.to_string(),
                 ),
             }
+        }
+        "/config_dump" if !caller.may_read_config() => {
+            warn!(uid = ?caller.uid, "/config_dump refused: only root or the proxy's own user may read it");
+            reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "/config_dump is only for root and the proxy's own user (it holds the mesh's directory); \
+                 run the request as root, e.g. `sudo curl http://127.0.0.1:15000/config_dump`\n",
+            )
         }
         "/config_dump" => {
             let view = shared.ctx.dir.load();
@@ -113,10 +155,14 @@ fn handle(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Ful
 }
 
 /// The health endpoint: the probe and metrics paths of [`handle`], nothing else.
-fn handle_health(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn handle_health(
+    shared: &Shared,
+    caller: Caller,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/live" | "/healthz" => reply(StatusCode::OK, "text/plain", "live\n"),
-        "/ready" | "/metrics" => handle(shared, req),
+        "/ready" | "/metrics" => handle(shared, caller, req),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -136,7 +182,7 @@ pub async fn serve_health(shared: Arc<Shared>, listener: TcpListener) {
 async fn serve_with(
     shared: Arc<Shared>,
     listener: TcpListener,
-    handler: fn(&Shared, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+    handler: fn(&Shared, Caller, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
 ) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -144,9 +190,10 @@ async fn serve_with(
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let caller = Caller::of(&tcp);
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handler(&shared, &req)) }
+                async move { Ok::<_, Infallible>(handler(&shared, caller, &req)) }
             });
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::certs::{sni_for, CertStore, InboundResolver, SourceCert};
 use crate::directory::DirectoryView;
-use crate::h2stream::H2Stream;
+use crate::h2stream::{H2Stream, Refused};
 use crate::metrics::{Direction, Metrics};
 use crate::sockets::{client_uid, connect_marked, original_dst};
 
@@ -549,16 +549,18 @@ async fn tunnel(
         .uri(target.to_string())
         .body(())
         .map_err(|e| TunnelError::Http(e.to_string()))?;
-    let (resp, send) = sender
+    let (answer, send) = sender
         .send_request(req, false)
         .map_err(|e| TunnelError::Http(e.to_string()))?;
-    let resp = resp.await.map_err(|e| TunnelError::Http(e.to_string()))?;
-    if resp.status() != StatusCode::OK {
-        return Err(TunnelError::Refused(resp.status()));
-    }
-    let mut stream = H2Stream::new(send, resp.into_body());
+    // The caller's first bytes go out without waiting for the answer (one round trip less per new
+    // connection); the first read waits for it, and a refusal ends the copy with `Refused`.
+    let mut stream = H2Stream::opening(send, answer);
     match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
         Ok(bytes) => Ok(bytes),
+        Err(e) if !stream.answered() => Err(match Refused::of(&e) {
+            Some(status) => TunnelError::Refused(status),
+            None => TunnelError::Http(e.to_string()),
+        }),
         // A reset by either end after data flowed is the end of a connection, not a tunnel failure.
         Err(e) => {
             debug!(error = %e, "outbound copy ended with an error");

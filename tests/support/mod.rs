@@ -39,6 +39,23 @@ pub fn require_root() -> bool {
     );
 }
 
+/// Panics naming every program of `cmds` that is not on PATH (`ip netns exec` would only say "No such
+/// file" in a process log, and the test would time out waiting for it).
+#[allow(dead_code)]
+pub fn require_commands(cmds: &[&str]) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = cmds
+        .iter()
+        .copied()
+        .filter(|c| !std::env::split_paths(&path).any(|d| d.join(c).is_file()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing programs: {}; `bash scripts/test.sh` installs them (Debian packages)",
+        missing.join(", ")
+    );
+}
+
 pub struct Netns {
     pub prefix: String,
     hosts: Vec<String>,
