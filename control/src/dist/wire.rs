@@ -22,6 +22,21 @@ pub const ALPN: &[u8] = b"strait-dist/1";
 /// Largest message accepted: bundles are configuration; a 10 000-step workflow is about 3 MiB.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// How large a message of each direction may be. A proxy only ever sends a hello, ACKs and NACKs (a NACK
+/// reason is a line of text), so the control plane reads at most 64 KiB from it: a proxy cannot make the
+/// hub hold a version-sized buffer per connection.
+pub trait Bounded {
+    const MAX_BYTES: usize;
+}
+
+impl Bounded for ClientMsg {
+    const MAX_BYTES: usize = 64 << 10;
+}
+
+impl Bounded for ServerMsg {
+    const MAX_BYTES: usize = MAX_MESSAGE;
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMsg {
@@ -117,7 +132,12 @@ impl<W: AsyncWrite + Unpin + Send> FrameSink for Stream<W> {
     }
 }
 
-pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, WireError> {
+/// Reads one frame. The length is checked against the message type's bound first, and the body buffer
+/// grows with what actually arrives (a peer announcing a large frame and sending nothing gets no
+/// allocation of that size).
+pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned + Bounded>(
+    r: &mut R,
+) -> Result<T, WireError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -125,11 +145,14 @@ pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Resul
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
+    if len > T::MAX_BYTES {
         return Err(WireError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(WireError::Closed);
+    }
     serde_json::from_slice(&body).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
@@ -159,6 +182,25 @@ mod tests {
         assert!(matches!(
             read::<_, ClientMsg>(&mut b).await,
             Err(WireError::TooLarge(_))
+        ));
+
+        // A proxy's message is small: a hello-sized bound, not a version-sized one.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&(ClientMsg::MAX_BYTES as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        assert!(matches!(
+            read::<_, ClientMsg>(&mut b).await,
+            Err(WireError::TooLarge(_))
+        ));
+        // A frame that ends early is a closed stream, not a message.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&1000u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{}").await.unwrap();
+        drop(a);
+        assert!(matches!(
+            read::<_, ServerMsg>(&mut b).await,
+            Err(WireError::Closed)
         ));
 
         // Garbage is refused with a reason.
