@@ -1,5 +1,7 @@
 //! `strait`: the one binary of the Strait mesh. Each subcommand lives in its own module under `cmd/`.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,6 +10,8 @@ mod cli;
 mod cmd;
 mod demo;
 mod plot;
+#[allow(unsafe_code)]
+mod sys;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

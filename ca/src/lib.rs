@@ -10,6 +10,8 @@
 //! The crate does no network I/O and reads no clock: every operation that depends on time takes `now`.
 //! Files are touched only by [`files`] and the CA's `save`/`load`, at paths the caller passes.
 
+#![forbid(unsafe_code)]
+
 pub mod authority;
 pub mod bundle;
 pub mod cert;

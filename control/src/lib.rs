@@ -10,6 +10,8 @@
 //! - [`kube`]: Kubernetes mode (pods and namespaces watched, proxies vouched for by TokenReview).
 //! - [`init`]: `strait control init`; [`context`]: the CLI's kubectl-style contexts.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod client;
 pub mod context;

@@ -7,6 +7,8 @@
 //!   [`reference`]: the same decision in plain Rust, for tests.
 //! - [`graph`]: a workflow drawn as SVG.
 //! - [`bundle`]: OPA-layout bundles (directory or .tar.gz); [`testing`]: `strait policy test`.
+
+#![forbid(unsafe_code)]
 pub mod bundle;
 pub mod compile;
 pub mod engine;

@@ -53,8 +53,7 @@ impl Caller {
 
     /// Root, or the user the proxy runs as.
     fn may_read_config(&self) -> bool {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let own = unsafe { libc::geteuid() };
+        let own = crate::sockets::effective_uid();
         matches!(self.uid, Some(u) if u == 0 || u == own)
     }
 }

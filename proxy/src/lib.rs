@@ -11,6 +11,8 @@
 //! - [`mesh`]: the policy distributor subscription: verify, compile, persist, swap, ACK/NACK.
 //! - [`run`]: start-up, renewal and drain.
 
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod authz;
 pub mod capture;
@@ -22,5 +24,7 @@ pub mod l7;
 pub mod mesh;
 pub mod metrics;
 pub mod run;
+// The one module with `unsafe` (socket options and netlink syscalls, each with a SAFETY comment).
+#[allow(unsafe_code)]
 pub mod sockets;
 pub mod tunnel;

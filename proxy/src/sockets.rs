@@ -164,23 +164,47 @@ pub(crate) fn netlink_roundtrip(
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        let hdr_len = std::mem::size_of::<NlMsgHdr>();
-        if n < hdr_len {
-            return Err(io::Error::other("short netlink answer"));
+        Ok(netlink_answer(&buf[..n])?.map(|a| a.len()))
+    }
+}
+
+/// The first message of a netlink answer: `None` for an error message saying ENOENT (no such socket or
+/// connection), that error for any other error message, otherwise the answer itself.
+pub fn netlink_answer(answer: &[u8]) -> io::Result<Option<&[u8]>> {
+    let hdr_len = std::mem::size_of::<NlMsgHdr>();
+    if answer.len() < hdr_len {
+        return Err(io::Error::other("short netlink answer"));
+    }
+    let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+    if kind != NLMSG_ERROR {
+        return Ok(Some(answer));
+    }
+    let code = answer
+        .get(hdr_len..hdr_len + 4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| io::Error::other("short netlink error"))?;
+    match code.checked_neg() {
+        Some(libc::ENOENT) => Ok(None),
+        Some(errno) if errno > 0 => Err(io::Error::from_raw_os_error(errno)),
+        _ => Err(io::Error::other(format!(
+            "netlink error message with code {code}"
+        ))),
+    }
+}
+
+/// The owner's uid in a `sock_diag` answer (`struct nlmsghdr` then `struct inet_diag_msg`).
+pub fn parse_diag_uid(answer: &[u8]) -> io::Result<u32> {
+    let hdr_len = std::mem::size_of::<NlMsgHdr>();
+    let uid_at = hdr_len + std::mem::offset_of!(InetDiagMsg, uid);
+    let kind = answer.get(4..6).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    match (kind, answer.get(uid_at..uid_at + 4)) {
+        (Some(SOCK_DIAG_BY_FAMILY), Some(_))
+            if answer.len() >= hdr_len + std::mem::size_of::<InetDiagMsg>() =>
+        {
+            let b = &answer[uid_at..uid_at + 4];
+            Ok(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
         }
-        let hdr: NlMsgHdr = std::ptr::read_unaligned(buf.as_ptr() as *const NlMsgHdr);
-        if hdr.kind == NLMSG_ERROR {
-            if n < hdr_len + 4 {
-                return Err(io::Error::other("short netlink error"));
-            }
-            let code: i32 = std::ptr::read_unaligned(buf[hdr_len..].as_ptr() as *const i32);
-            return if code == -libc::ENOENT {
-                Ok(None)
-            } else {
-                Err(io::Error::from_raw_os_error(-code))
-            };
-        }
-        Ok(Some(n))
+        _ => Err(io::Error::other("unexpected netlink answer")),
     }
 }
 
@@ -254,17 +278,13 @@ pub fn local_peer_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<
         Some(n) => n,
         None => return Ok(None),
     };
-    let hdr_len = std::mem::size_of::<NlMsgHdr>();
-    // SAFETY: read_unaligned of plain old data within `n` bytes that the kernel wrote.
-    unsafe {
-        let hdr: NlMsgHdr = std::ptr::read_unaligned(buf.as_ptr() as *const NlMsgHdr);
-        if hdr.kind != SOCK_DIAG_BY_FAMILY || n < hdr_len + std::mem::size_of::<InetDiagMsg>() {
-            return Err(io::Error::other("unexpected netlink answer"));
-        }
-        let diag: InetDiagMsg =
-            std::ptr::read_unaligned(buf[hdr_len..].as_ptr() as *const InetDiagMsg);
-        Ok(Some(diag.uid))
-    }
+    parse_diag_uid(&buf[..n]).map(Some)
+}
+
+/// The proxy's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Connects with the proxy's socket mark set (exempt from capture), with a timeout.

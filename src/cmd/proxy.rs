@@ -109,8 +109,7 @@ fn give_back_memory() {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             last.set(Some(now));
-            // SAFETY: mi_collect has no preconditions; it only touches this thread's heap.
-            unsafe { libmimalloc_sys::mi_collect(false) };
+            crate::sys::allocator_give_back();
         }
     });
 }
@@ -128,20 +127,8 @@ fn nameservers(text: &str) -> Vec<IpAddr> {
 /// soft limit a shell gives (often 1 024) would cap a proxy at a few hundred connections. Raise it to the
 /// hard limit, as servers do (the systemd units set both to 1 048 576).
 fn raise_open_files_limit() {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let soft = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!(
-                    from = soft,
-                    to = lim.rlim_max,
-                    "raised the open files limit"
-                );
-            }
-        }
+    if let Some((from, to)) = crate::sys::raise_open_files_limit() {
+        tracing::debug!(from, to, "raised the open files limit");
     }
 }
 

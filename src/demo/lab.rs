@@ -59,8 +59,7 @@ pub fn delete_namespaces(names: &[String]) {
             .map(|o| {
                 for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
                     if let Ok(p) = pid.parse::<i32>() {
-                        // SAFETY: kill has no memory preconditions.
-                        unsafe { libc::kill(p, libc::SIGKILL) };
+                        crate::sys::signal(p, libc::SIGKILL);
                     }
                 }
             });
@@ -226,8 +225,7 @@ impl Lab {
     pub fn teardown(&self) {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         for (_, c) in children.iter() {
-            // SAFETY: kill with a pid we started.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            crate::sys::signal(c.id() as i32, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for (_, c) in children.iter_mut() {

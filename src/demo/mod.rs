@@ -29,8 +29,7 @@ fn on_path(tool: &str) -> bool {
 
 /// Root and the tools, each refusal one line saying what to do.
 fn preflight(command: &str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::sys::effective_uid() != 0 {
         bail!("strait {command} needs root (network namespaces, nftables): run `sudo strait {command}`, or `sudo bash scripts/demo.sh` which also installs what it needs");
     }
     for (tool, package) in [
@@ -292,8 +291,8 @@ fn demo(
             }
         }
     }
-    // SAFETY: kill with a pid we started (ip netns exec execs tcpdump in place).
-    unsafe { libc::kill(dump as i32, libc::SIGINT) };
+    // A pid we started (ip netns exec execs tcpdump in place).
+    crate::sys::signal(dump as i32, libc::SIGINT);
     std::thread::sleep(Duration::from_millis(700));
 
     // The table.
