@@ -21,7 +21,11 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 # util-linux (setpriv: workloads as other users), socat (half-closes and raw requests), nghttp2-client
 # (nghttp: an HTTP/2 client that shows trailers). scripts/check-package.sh adds
 # systemd (systemd-analyze), adduser and binutils, and installs cargo-deb.
-ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client
+ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++
+
+# What runs now is not the suite's: everything started after this must be gone at the end.
+LEFTOVERS=$(mktemp)
+bash scripts/leftovers.sh snapshot "$LEFTOVERS"
 
 # grpcio, hypercorn and websockets for the L7 tests (tests/mesh_l7.rs), in target/test-venv.
 bash scripts/test-venv.sh
@@ -43,3 +47,12 @@ bash scripts/check-package.sh
 
 step "deployment manifests and Containerfile (kubectl kustomize, kubernetes-validate, checkov, hadolint)"
 bash scripts/check-deploy.sh
+
+# A few seconds of every fuzz target (fuzz/, cargo-fuzz): a debug build with AddressSanitizer, quicker to
+# build than a campaign's optimised one. Campaigns: bash scripts/fuzz.sh 600 (docs/fuzzing.md).
+step "fuzz targets (${FUZZ_SECONDS:-8} s each)"
+FUZZ_BUILD=--dev bash scripts/fuzz.sh "${FUZZ_SECONDS:-8}"
+
+step "nothing of the suite is left (namespaces, nftables tables, policy routes, processes)"
+bash scripts/leftovers.sh check "$LEFTOVERS"
+rm -f "$LEFTOVERS"

@@ -91,7 +91,8 @@ fn mount(root: &mut Value, at: &str, value: Value) -> Result<(), String> {
 }
 
 impl Bundle {
-    fn from_files(files: BTreeMap<String, Vec<u8>>) -> Result<Self, BundleError> {
+    /// A bundle from its files by path (what a directory or an archive holds), validated.
+    pub fn from_files(files: BTreeMap<String, Vec<u8>>) -> Result<Self, BundleError> {
         let mut manifest = Manifest::default();
         let mut modules = Vec::new();
         let mut data = Value::Object(Default::default());
@@ -128,24 +129,6 @@ impl Bundle {
         };
         let mut files = BTreeMap::new();
         let mut total = 0u64;
-        let mut add = |name: String, size: u64, read: &mut dyn Read| -> Result<(), BundleError> {
-            if size > MAX_FILE {
-                return Err(invalid(&name, format!("file larger than {MAX_FILE} bytes")));
-            }
-            total += size;
-            if total > MAX_TOTAL {
-                return Err(invalid(
-                    &name,
-                    format!("bundle larger than {MAX_TOTAL} bytes"),
-                ));
-            }
-            let mut buf = Vec::with_capacity(size as usize);
-            read.take(MAX_FILE + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| invalid(&name, e.to_string()))?;
-            files.insert(name, buf);
-            Ok(())
-        };
         if path.is_dir() {
             let mut stack = vec![path.to_path_buf()];
             while let Some(dir) = stack.pop() {
@@ -162,28 +145,44 @@ impl Bundle {
                             .to_string_lossy()
                             .replace('\\', "/");
                         let mut f = std::fs::File::open(&p).map_err(io)?;
-                        add(rel, meta.len(), &mut f)?;
+                        add_file(&mut files, &mut total, rel, meta.len(), &mut f)?;
                     }
                 }
             }
         } else {
             let f = std::fs::File::open(path).map_err(io)?;
-            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(f));
-            for entry in archive.entries().map_err(io)? {
-                let mut entry = entry.map_err(io)?;
-                if !entry.header().entry_type().is_file() {
-                    continue;
-                }
-                let p = entry.path().map_err(io)?.into_owned();
-                if p.components()
-                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-                {
-                    return Err(invalid(p.display().to_string(), "path escapes the bundle"));
-                }
-                let name = p.to_string_lossy().trim_start_matches("./").to_owned();
-                let size = entry.size();
-                add(name, size, &mut entry)?;
+            return Self::from_tar_gz(f).map_err(|e| match e {
+                BundleError::Io { message, .. } => io(std::io::Error::other(message)),
+                other => other,
+            });
+        }
+        Self::from_files(files)
+    }
+
+    /// Reads a bundle from a `.tar.gz` stream (OPA's layout). Only regular files are read; a path that
+    /// leaves the bundle (`..`, absolute), a file or a bundle over the size limits is refused.
+    pub fn from_tar_gz(r: impl Read) -> Result<Self, BundleError> {
+        let io = |e: std::io::Error| BundleError::Io {
+            path: "<tar.gz>".into(),
+            message: e.to_string(),
+        };
+        let mut files = BTreeMap::new();
+        let mut total = 0u64;
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(r));
+        for entry in archive.entries().map_err(io)? {
+            let mut entry = entry.map_err(io)?;
+            if !entry.header().entry_type().is_file() {
+                continue;
             }
+            let p = entry.path().map_err(io)?.into_owned();
+            if p.components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+            {
+                return Err(invalid(p.display().to_string(), "path escapes the bundle"));
+            }
+            let name = p.to_string_lossy().trim_start_matches("./").to_owned();
+            let size = entry.size();
+            add_file(&mut files, &mut total, name, size, &mut entry)?;
         }
         Self::from_files(files)
     }
@@ -366,4 +365,34 @@ impl Bundle {
         bundle.manifest.revision = bundle.content_hash();
         Ok(bundle)
     }
+}
+
+/// Reads one file of a bundle into `files`, enforcing the per-file and whole-bundle size limits (a
+/// declared size is not trusted: at most one byte past the limit is read).
+fn add_file(
+    files: &mut BTreeMap<String, Vec<u8>>,
+    total: &mut u64,
+    name: String,
+    size: u64,
+    read: &mut dyn Read,
+) -> Result<(), BundleError> {
+    if size > MAX_FILE {
+        return Err(invalid(&name, format!("file larger than {MAX_FILE} bytes")));
+    }
+    *total += size;
+    if *total > MAX_TOTAL {
+        return Err(invalid(
+            &name,
+            format!("bundle larger than {MAX_TOTAL} bytes"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    read.take(MAX_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| invalid(&name, e.to_string()))?;
+    if buf.len() as u64 > MAX_FILE {
+        return Err(invalid(&name, format!("file larger than {MAX_FILE} bytes")));
+    }
+    files.insert(name, buf);
+    Ok(())
 }

@@ -112,7 +112,7 @@ fn find(data: &[u8], kind: u16) -> Option<&[u8]> {
 }
 
 /// The original source (client address before NAT) in a ctnetlink answer.
-fn parse_original_source(answer: &[u8]) -> Option<SocketAddr> {
+pub fn parse_original_source(answer: &[u8]) -> Option<SocketAddr> {
     let len = (u32::from_ne_bytes(answer.get(0..4)?.try_into().ok()?) as usize).min(answer.len());
     let body = answer.get(NLMSG_HDRLEN + NFGENMSG_LEN..len)?;
     let orig = find(body, CTA_TUPLE_ORIG)?;

@@ -45,7 +45,7 @@ impl Resource {
 
 /// What one watch line means for the reflector.
 #[derive(Debug)]
-enum Step {
+pub enum Step {
     /// An object changed; resume after `version`.
     Applied { version: String },
     /// A bookmark: nothing changed, resume after `version`.
@@ -68,8 +68,9 @@ fn version_of(v: &serde_json::Value) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Applies one watch line to the cache.
-fn apply_line(kube: &Kube, resource: Resource, line: &[u8]) -> Step {
+/// Applies one watch line (untrusted JSON from the API server) to the cache: never panics, an unreadable
+/// or unexpected line is a `Restart` with the reason. The fuzz target `kube_watch` runs this.
+pub fn apply_line(kube: &Kube, resource: Resource, line: &[u8]) -> Step {
     let event: WatchEvent = match serde_json::from_slice(line) {
         Ok(e) => e,
         Err(e) => return Step::Restart(format!("unreadable watch event: {e}")),

@@ -82,57 +82,16 @@ impl Stream {
                 grpc_call,
             );
         }
-        // The target, normalized: the policy decides on it and the workload receives it.
-        let raw_path = req.uri().path();
-        let path = if raw_path == "*" && req.method() == Method::OPTIONS {
-            std::borrow::Cow::Borrowed("*")
-        } else {
-            match normalize::path(raw_path, self.opts) {
-                Ok(p) => p,
-                Err(why) => return self.refuse(why, grpc_call),
-            }
-        };
-        let path_and_query = match req.uri().query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.into_owned(),
-        };
-        let info = match normalize::request_headers(req.headers_mut(), http1, self.opts) {
-            Ok(i) => i,
-            Err(why) => return self.refuse(why, grpc_call),
-        };
-        let host = match self.host(&mut req, http1) {
-            Ok(h) => h,
+        let Prepared {
+            mut input,
+            host,
+            info,
+        } = match prepare(&mut req, http1, self.opts) {
+            Ok(p) => p,
             Err(why) => return self.refuse(why, grpc_call),
         };
         let down_upgrade = req.extensions_mut().remove::<OnUpgrade>();
         let (mut parts, body) = req.into_parts();
-        let mut input = HttpRequest {
-            method: parts.method.as_str().to_owned(),
-            path: path_and_query,
-            host: host.clone().unwrap_or_default(),
-            scheme: "http".into(),
-            protocol: match parts.version {
-                Version::HTTP_2 => "HTTP/2",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            }
-            .into(),
-            size: parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok()),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            ..Default::default()
-        };
         let parseable = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -234,33 +193,93 @@ impl Stream {
         }
         Response::from_parts(rp, Either::Right(rb))
     }
+}
 
-    /// The request's authority, checked: what the policy sees as `host` and the workload receives. An
-    /// HTTP/1.1 request needs exactly one Host (absolute-form targets replace it, RFC 9112 §3.2.2); an
-    /// HTTP/2 request's `host` header, if any, must agree with `:authority`.
-    fn host(&self, req: &mut Request<Incoming>, http1: bool) -> Result<Option<String>, Reject> {
-        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
-        let header = req
+/// A request as the policy will see it, and the authority it is for.
+#[derive(Debug)]
+pub struct Prepared {
+    pub input: HttpRequest,
+    pub host: Option<String>,
+    pub info: normalize::ConnectionInfo,
+}
+
+/// Everything decided about a request before the policy sees it, on its head alone (no I/O, so the fuzz
+/// target `http_request` runs exactly this): the target normalized, the headers cleaned, the Host
+/// checked, and the policy's view of the request built from what is left. The workload will receive
+/// `input.path` as the target and these headers. A CONNECT and the body are the caller's business.
+pub fn prepare<B>(
+    req: &mut Request<B>,
+    http1: bool,
+    opts: normalize::Options,
+) -> Result<Prepared, Reject> {
+    // The target, normalized: the policy decides on it and the workload receives it.
+    let raw_path = req.uri().path();
+    let path = if raw_path == "*" && req.method() == Method::OPTIONS {
+        std::borrow::Cow::Borrowed("*")
+    } else {
+        normalize::path(raw_path, opts)?
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    let info = normalize::request_headers(req.headers_mut(), http1, opts)?;
+    let host = host(req, http1)?;
+    let input = HttpRequest {
+        method: req.method().as_str().to_owned(),
+        path: path_and_query,
+        host: host.clone().unwrap_or_default(),
+        scheme: "http".into(),
+        protocol: match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+        .into(),
+        size: req
             .headers()
-            .get(header::HOST)
-            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
-        if http1 {
-            if let Some(a) = authority {
-                if let Ok(v) = HeaderValue::try_from(a.as_str()) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
-                return Ok(Some(a));
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    Ok(Prepared { input, host, info })
+}
+
+/// The request's authority, checked: what the policy sees as `host` and the workload receives. An
+/// HTTP/1.1 request needs exactly one Host (absolute-form targets replace it, RFC 9112 §3.2.2); an
+/// HTTP/2 request's `host` header, if any, must agree with `:authority`.
+fn host<B>(req: &mut Request<B>, http1: bool) -> Result<Option<String>, Reject> {
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    let header = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+    if http1 {
+        if let Some(a) = authority {
+            if let Ok(v) = HeaderValue::try_from(a.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
             }
-            if header.is_none() && req.version() == Version::HTTP_11 {
-                return Err(Reject::MissingHost);
-            }
-            return Ok(header);
+            return Ok(Some(a));
         }
-        match (authority, header) {
-            (Some(a), Some(h)) if a != h => Err(Reject::HostMismatch),
-            (Some(a), _) => Ok(Some(a)),
-            (None, h) => Ok(h),
+        if header.is_none() && req.version() == Version::HTTP_11 {
+            return Err(Reject::MissingHost);
         }
+        return Ok(header);
+    }
+    match (authority, header) {
+        (Some(a), Some(h)) if a != h => Err(Reject::HostMismatch),
+        (Some(a), _) => Ok(Some(a)),
+        (None, h) => Ok(h),
     }
 }
 

@@ -31,6 +31,7 @@ use crate::authz::peer;
 use crate::sockets::connect_marked;
 use crate::tunnel::Ctx;
 
+pub use handle::{prepare, Prepared};
 pub use upstream::ForwardBody;
 
 /// Limits and timeouts of the HTTP path (docs/proxy.md lists them for operators).
