@@ -249,9 +249,60 @@ fn every_way_around_the_mesh_fails() {
         "DNS to the configured resolver must be allowed"
     );
 
+    // Inbound UDP to a workload's ports never reaches it: not from another host (over IPv4 or IPv6), not
+    // from a user of its own host that is not a workload, not from another workload. A listener on an
+    // undeclared port is the positive control: the same datagrams do arrive where no rule drops them.
+    let (b4, b6) = (m.net.v4("b"), m.net.v6("b"));
+    let declared = m.dir.join("udp-5001.log");
+    let undeclared = m.dir.join("udp-5999.log");
+    for (port, log) in [(5001, &declared), (5999, &undeclared)] {
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[
+                "socat",
+                "-u",
+                &format!("UDP6-RECV:{port},ipv6only=0"),
+                "STDOUT",
+            ],
+            log,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for port in [5001, 5999] {
+        let send = |host: &str, uid: Option<u32>, to: String, tag: &str| {
+            let cmd = format!("echo {tag}-{port} > /dev/udp/{to}/{port}");
+            m.net.run(host, uid, &["bash", "-c", &cmd]);
+        };
+        send("a", None, b4.to_string(), "FROM-A-V4");
+        send("a", None, b6.to_string(), "FROM-A-V6");
+        send("a", Some(OWNER_UID), b4.to_string(), "FROM-A-WORKLOAD");
+        send(
+            "b",
+            Some(STRANGER_UID),
+            "127.0.0.1".into(),
+            "FROM-B-STRANGER",
+        );
+        send("b", None, b4.to_string(), "FROM-B-ROOT");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let got = std::fs::read_to_string(&declared).unwrap_or_default();
+    assert!(
+        got.is_empty(),
+        "UDP reached a declared workload port: {got:?}"
+    );
+    let control = std::fs::read_to_string(&undeclared).unwrap_or_default();
+    for tag in ["FROM-A-V4", "FROM-A-V6", "FROM-B-STRANGER", "FROM-B-ROOT"] {
+        assert!(
+            control.contains(&format!("{tag}-5999")),
+            "the control datagram {tag} must arrive on the undeclared port: {control:?}"
+        );
+    }
+    // (A workload's own UDP never leaves its host: FROM-A-WORKLOAD is dropped on A, on both ports.)
+    assert!(!control.contains("FROM-A-WORKLOAD"), "{control:?}");
+
     // A PERMISSIVE port accepts plaintext from other hosts; its strict neighbour on the same workload
     // does not.
-    let b4 = m.net.v4("b");
     assert_eq!(
         m.curl(
             "a",

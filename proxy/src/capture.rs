@@ -14,6 +14,7 @@
 //!   chain filter_output { type filter hook output priority 0
 //!     meta mark PROXY_MARK accept
 //!     oifname "lo" tcp dport { strict ports } reject with tcp reset   # local non-proxy → workload port
+//!     oifname "lo" udp dport { declared ports } counter drop          # UDP to workload ports, locally
 //!     meta skuid { uids } udp dport 53 ip(6) daddr RESOLVER accept    # DNS to the configured resolver
 //!     meta skuid { uids } ip daddr 127.0.0.0/8 accept; … ::1 accept   # redirected (NAT already done)
 //!     meta skuid { uids } tcp sport { permissive ports } accept       # replies on PERMISSIVE ports
@@ -22,6 +23,7 @@
 //!   chain filter_input  { type filter hook input priority 0
 //!     iifname "lo" accept
 //!     tcp dport { strict ports } counter drop          # plaintext from other hosts
+//!     udp dport { declared ports } counter drop        # UDP to workload ports from other hosts
 //!   }
 //! }
 //! ```
@@ -142,6 +144,16 @@ fn port_set(plan: &CapturePlan) -> Expression<'static> {
     set(plan
         .strict_ports
         .iter()
+        .map(|p| Expression::Number(u32::from(*p))))
+}
+
+/// Every declared workload port, strict or PERMISSIVE (UDP to any of them is dropped: the mesh carries
+/// TCP only, and PERMISSIVE is about plaintext TCP during a migration).
+fn declared_port_set(plan: &CapturePlan) -> Expression<'static> {
+    set(plan
+        .strict_ports
+        .iter()
+        .chain(&plan.permissive_ports)
         .map(|p| Expression::Number(u32::from(*p))))
 }
 
@@ -270,6 +282,22 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             ],
         ));
     }
+    let declared = !plan.strict_ports.is_empty() || !plan.permissive_ports.is_empty();
+    if declared {
+        // Not only from unregistered users: a workload sending UDP to another workload on this host would
+        // bypass the mesh over loopback too, and the proxy itself never sends UDP to workload ports.
+        objs.push(rule(
+            "filter_output",
+            "UDP to workload ports on this host",
+            vec![
+                eq(meta(MetaKey::Oifname), s("lo")),
+                eq(meta(MetaKey::L4proto), s("udp")),
+                eq(field("udp", "dport"), declared_port_set(plan)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
     if !plan.workload_uids.is_empty() {
         for r in &plan.dns_resolvers {
             let proto = match r {
@@ -347,6 +375,18 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             vec![
                 tcp(),
                 eq(field("tcp", "dport"), port_set(plan)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+    if declared {
+        objs.push(rule(
+            "filter_input",
+            "UDP to workload ports from other hosts",
+            vec![
+                eq(meta(MetaKey::L4proto), s("udp")),
+                eq(field("udp", "dport"), declared_port_set(plan)),
                 counter(),
                 Statement::Drop(None),
             ],
