@@ -536,6 +536,12 @@ pub struct ProxyArgs {
     /// starts (the header-read timeout).
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     pub idle_timeout: Duration,
+    /// Most connections carried at once (captured outbound connections plus inbound tunnel streams);
+    /// past it new ones are refused at once and counted (`refused_connections_total{reason="over_capacity"}`)
+    /// instead of stalling the open ones when descriptors run out. 0: half the open-files limit, less a
+    /// reserve (each connection holds two descriptors).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

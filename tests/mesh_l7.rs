@@ -125,7 +125,13 @@ fn mesh() -> Mesh {
     let policy = m.dir.join("l7-policy");
     std::fs::create_dir_all(&policy).unwrap();
     std::fs::write(policy.join("policy.rego"), POLICY).unwrap();
-    m.start_proxy("a", &[]);
+    // A's proxy starts with a shell's soft limit of 1 024 descriptors (it raises it to the hard limit) and
+    // a cap of 5 200 connections: `many_connections` holds 5 000 through it, then goes over the cap.
+    m.start_proxy_behind(
+        "a",
+        &["prlimit", "--nofile=1024:", "--"],
+        &["--max-connections", "5200"],
+    );
     m.start_proxy(
         "b",
         &[
@@ -718,6 +724,31 @@ fn many_connections(m: &Mesh, n: usize) {
     );
 }
 
+/// Past `--max-connections` (5 200 on A) new connections are refused at once and counted; the open ones
+/// keep working, and once they close the proxy carries connections again.
+fn over_the_cap(m: &Mesh) {
+    let b = m.net.v4("b");
+    let script = format!("{}/many_conns.py", apps());
+    let o = m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &[&python(), &script, &b.to_string(), "7003", "5600"],
+    );
+    let t = out(&o);
+    assert!(t.contains("open 5600") && t.contains("failed"), "{t}");
+    let refused = support::mesh::metric(
+        &m.metrics("a"),
+        "strait_proxy_refused_connections_total",
+        "over_capacity",
+    );
+    assert!(refused >= 400, "refused over the cap: {refused}; {t}");
+    // The burst's connections end within moments; then a new one is carried again.
+    m.net
+        .eventually(Duration::from_secs(15), "a request after the burst", || {
+            m.curl("a", Some(OWNER_UID), &format!("http://{b}:7003/after"), &[]) == "200"
+        });
+}
+
 #[test]
 fn grpc_websocket_http2_and_normalized_requests_through_the_mesh() {
     if !require_root() {
@@ -731,10 +762,6 @@ fn grpc_websocket_http2_and_normalized_requests_through_the_mesh() {
     grpc(&m, 7002, 2);
     http2_and_websocket(&m);
     auto_ports(&m);
-    // 3 000 keeps the suite quick; STRAIT_L7_CONNECTIONS=10000 for the figure.
-    let n = std::env::var("STRAIT_L7_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
-    many_connections(&m, n);
+    many_connections(&m, 5000);
+    over_the_cap(&m);
 }

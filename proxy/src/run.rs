@@ -70,6 +70,8 @@ pub struct ProxyOptions {
     pub auto_detect_timeout: Duration,
     /// Inbound streams that move no byte for this long are closed.
     pub idle_timeout: Duration,
+    /// Most connections carried at once (0: derived from the open-files limit).
+    pub max_connections: usize,
     /// Optional health endpoint (probes and metrics only), e.g. 0.0.0.0:15021.
     pub health: Option<SocketAddr>,
     /// Kubernetes mode: let the node reach its meshed pods' probe ports in plaintext (kubelet).
@@ -233,6 +235,29 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
     id.save(&opts.data_dir)?;
     info!(node = %id.id(), "joined the mesh");
     Ok(id)
+}
+
+/// The connection cap: as asked, or half the open-files limit less a reserve for listeners, tunnels,
+/// the control plane and logs (each carried connection holds two descriptors).
+fn max_connections(asked: usize) -> usize {
+    if asked > 0 {
+        return asked;
+    }
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    let cap = limit.saturating_sub(256).max(256) / 2;
+    tracing::info!(
+        open_files_limit = limit,
+        max_connections = cap,
+        "connection cap (--max-connections)"
+    );
+    cap
 }
 
 fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
@@ -545,6 +570,7 @@ pub async fn run(
             mode: opts.mode(),
             auto_detect_timeout: opts.auto_detect_timeout,
             idle_timeout: opts.idle_timeout,
+            max_connections: max_connections(opts.max_connections),
         },
         authz.clone(),
     ));

@@ -159,6 +159,8 @@ pub struct Ctx {
     pub auto_detect_timeout: Duration,
     /// An inbound stream that moves no byte for this long is closed.
     pub idle_timeout: Duration,
+    /// Most connections carried at once; past it new ones are refused at once.
+    pub max_connections: usize,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
 }
 
@@ -207,6 +209,7 @@ impl Default for NodeSettings {
             mode: Default::default(),
             auto_detect_timeout: crate::l7::limits::FIRST_BYTES_TIMEOUT,
             idle_timeout: crate::l7::limits::IDLE_TIMEOUT,
+            max_connections: usize::MAX,
         }
     }
 }
@@ -223,6 +226,8 @@ pub struct NodeSettings {
     pub auto_detect_timeout: Duration,
     /// Inbound streams idle this long are closed (default 1 h).
     pub idle_timeout: Duration,
+    /// Most connections (outbound connections plus inbound streams) carried at once.
+    pub max_connections: usize,
 }
 
 impl Ctx {
@@ -240,6 +245,7 @@ impl Ctx {
             mode,
             auto_detect_timeout,
             idle_timeout,
+            max_connections,
         } = node;
         Self {
             certs,
@@ -253,6 +259,7 @@ impl Ctx {
             mode,
             auto_detect_timeout,
             idle_timeout,
+            max_connections,
             pool: Mutex::new(HashMap::new()),
         }
     }
@@ -279,6 +286,12 @@ pub async fn serve_outbound(ctx: Arc<Ctx>, listener: TcpListener) {
                 continue;
             }
         };
+        if ctx.inflight.count() >= ctx.max_connections {
+            // Closed at once: the caller sees the connection end, not one that hangs.
+            ctx.metrics.refuse("outbound", "over_capacity");
+            drop(tcp);
+            continue;
+        }
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _guard = ctx.inflight.enter();
@@ -723,6 +736,10 @@ fn inbound_stream(
         warn!(%src, dst = %dst_id, %target, "stream to an address or port the workload does not serve; refused");
         return refuse_stream(respond, StatusCode::FORBIDDEN);
     };
+    if ctx.inflight.count() >= ctx.max_connections {
+        ctx.metrics.refuse("inbound", "over_capacity");
+        return refuse_stream(respond, StatusCode::SERVICE_UNAVAILABLE);
+    }
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
         Err(e) => {

@@ -80,6 +80,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         decision_log_allow_sample: args.decision_log_allow_sample,
         auto_detect_timeout: args.auto_detect_timeout,
         idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
         health: args.health_listen,
         allow_kubelet_probes: args.allow_kubelet_probes,
     };

@@ -250,6 +250,13 @@ impl Mesh {
         self.launch_proxy(host, token, extra, &[])
     }
 
+    /// Starts the proxy behind a command prefix (e.g. `prlimit --nofile=1024:`).
+    #[allow(dead_code)]
+    pub fn start_proxy_behind(&self, host: &str, prefix: &[&str], extra: &[&str]) -> Proc {
+        let token = self.admin(&["node", "token", "create", "--node", &format!("host-{host}")]);
+        self.launch_proxy(host, Some(token.trim()), extra, prefix)
+    }
+
     /// Starts the proxy as the systemd unit runs it: an unprivileged user (`uid`) holding only
     /// CAP_NET_ADMIN and CAP_NET_RAW as ambient capabilities (inherited by the `nft` it runs).
     pub fn start_proxy_unprivileged(&self, host: &str, uid: u32) -> Proc {
