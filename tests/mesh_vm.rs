@@ -334,6 +334,12 @@ fn every_way_around_the_mesh_fails() {
         String::from_utf8_lossy(&stored.stdout).trim(),
         "no such document"
     );
+    // A workload connecting to the outbound port directly (loopback is not redirected) is refused and
+    // counted as what it is.
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), "http://127.0.0.1:15001/", &[]),
+        "000"
+    );
     let ma = m.metrics("a");
     assert!(
         metric(
@@ -341,6 +347,14 @@ fn every_way_around_the_mesh_fails() {
             "strait_proxy_refused_connections_total",
             "outside_mesh"
         ) >= 2,
+        "{ma}"
+    );
+    assert!(
+        metric(
+            &ma,
+            "strait_proxy_refused_connections_total",
+            "not_redirected"
+        ) >= 1,
         "{ma}"
     );
 }

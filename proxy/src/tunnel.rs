@@ -366,6 +366,13 @@ fn source_and_destination(
     match ctx.mode {
         crate::capture::CaptureMode::Vm => {
             let dst = match original_dst(tcp) {
+                // A connection made to the outbound port itself (a workload's traffic to loopback is not
+                // redirected): conntrack's original destination is the port it reached.
+                Ok(d) if tcp.local_addr().is_ok_and(|l| l == d) => {
+                    ctx.metrics.refuse("outbound", "not_redirected");
+                    warn!(%peer, "connection to the outbound port without a redirect; refused");
+                    return None;
+                }
                 Ok(d) => d,
                 Err(e) => {
                     // Not a redirected connection: someone connected to the outbound port directly.
