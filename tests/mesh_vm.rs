@@ -1055,3 +1055,79 @@ fn custom_rego_sees_the_json_body_and_narrows_the_workflow() {
         "{answer}"
     );
 }
+
+/// A workload's connection opened before its capture began went around the mesh; once the proxy captures
+/// the workload it is closed (the workload would reconnect through the proxy). Root's identical
+/// connection, not a workload's, stays: the proxy closed the workload's, not everything.
+#[test]
+fn connections_opened_before_capture_are_cut() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    let out4 = m.net.v4("out");
+    m.net
+        .eventually(Duration::from_secs(10), "the outside docstore", || {
+            m.curl("a", None, &format!("http://{out4}:8080/"), &[]) != "000"
+        });
+    let hold = format!("exec 3<>/dev/tcp/{out4}/8080; sleep 60");
+    m.net.spawn(
+        "a",
+        Some(OWNER_UID),
+        &["bash", "-c", &hold],
+        &m.dir.join("hold-owner.log"),
+    );
+    m.net.spawn(
+        "a",
+        None,
+        &["bash", "-c", &hold],
+        &m.dir.join("hold-root.log"),
+    );
+    let established = || {
+        let o = m.net.run(
+            "a",
+            None,
+            &[
+                "ss",
+                "-tnHe",
+                "state",
+                "established",
+                "dst",
+                &format!("{out4}:8080"),
+            ],
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    m.net
+        .eventually(Duration::from_secs(5), "both connections open", || {
+            established().lines().count() == 2
+        });
+    assert!(
+        established().contains(&format!("uid:{OWNER_UID}")),
+        "{}",
+        established()
+    );
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    m.net.eventually(
+        Duration::from_secs(10),
+        "the workload's connection cut",
+        || !established().contains(&format!("uid:{OWNER_UID}")),
+    );
+    assert_eq!(
+        established().lines().count(),
+        1,
+        "root's connection stays: {}",
+        established()
+    );
+    let ma = m.metrics("a");
+    assert!(
+        metric(
+            &ma,
+            "strait_proxy_refused_connections_total",
+            "opened_before_capture"
+        ) >= 1,
+        "{ma}"
+    );
+}

@@ -237,6 +237,40 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
     Ok(id)
 }
 
+/// Connections that newly captured workloads opened before their capture began went around the mesh and
+/// would keep doing so; now that the rules are in place, they are closed (`SOCK_DESTROY`, as `ss -K`), so
+/// the workload reconnects through the proxy. Listening sockets, unconnected UDP sockets (they can no
+/// longer send anywhere but the resolver) and connections to loopback (allowed, local) are left alone.
+fn cut_uncaptured_sockets(
+    uids: &std::collections::BTreeSet<u32>,
+    metrics: &crate::metrics::Metrics,
+) {
+    if uids.is_empty() {
+        return;
+    }
+    let sockets = match crate::sockets::sockets_of(uids) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot list the sockets of newly captured workloads; connections they opened before capture stay open");
+            return;
+        }
+    };
+    for s in sockets
+        .iter()
+        .filter(|s| s.remote.port() != 0 && !s.remote.ip().is_loopback())
+    {
+        match crate::sockets::destroy(s) {
+            Ok(()) => {
+                metrics.refuse("outbound", "opened_before_capture");
+                info!(uid = s.uid, local = %s.local, remote = %s.remote, protocol = s.protocol, "closed a connection opened before the workload was captured");
+            }
+            Err(e) => {
+                warn!(uid = s.uid, local = %s.local, remote = %s.remote, error = %e, "cannot close a connection opened before capture (kernel without CONFIG_INET_DIAG_DESTROY?)")
+            }
+        }
+    }
+}
+
 /// The connection cap: as asked, or half the open-files limit less a reserve for listeners, tunnels,
 /// the control plane and logs (each carried connection holds two descriptors).
 fn max_connections(asked: usize) -> usize {
@@ -381,7 +415,13 @@ impl Node {
                 _ => apply(),
             };
             match applied {
-                Ok(()) => self.shared.capture.store(Arc::new(plan)),
+                Ok(()) => {
+                    let before = self.shared.capture.load().workload_uids.clone();
+                    let newly: std::collections::BTreeSet<u32> =
+                        plan.workload_uids.difference(&before).copied().collect();
+                    self.shared.capture.store(Arc::new(plan));
+                    cut_uncaptured_sockets(&newly, &self.shared.ctx.metrics);
+                }
                 Err(e) => {
                     error!(error = %e, "cannot update the nftables rules; the previous rules stay")
                 }

@@ -184,6 +184,8 @@ pub fn netlink_answer(answer: &[u8]) -> io::Result<Option<&[u8]>> {
         .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
         .ok_or_else(|| io::Error::other("short netlink error"))?;
     match code.checked_neg() {
+        // An acknowledgement (asked for with NLM_F_ACK).
+        Some(0) => Ok(Some(answer)),
         Some(libc::ENOENT) => Ok(None),
         Some(errno) if errno > 0 => Err(io::Error::from_raw_os_error(errno)),
         _ => Err(io::Error::other(format!(
@@ -279,6 +281,205 @@ pub fn local_peer_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<
         None => return Ok(None),
     };
     parse_diag_uid(&buf[..n]).map(Some)
+}
+
+/// A socket of a local user, as `sock_diag` lists it (enough to destroy it again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSocket {
+    pub protocol: u8,
+    pub uid: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    family: u8,
+    /// The kernel's `inet_diag_sockid` as received (ports, addresses, interface, cookie).
+    id: [u8; ID_LEN],
+}
+
+const ID_LEN: usize = std::mem::size_of::<InetDiagSockId>();
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+const SOCK_DESTROY: u16 = 21;
+const TCP_LISTEN: u32 = 10;
+
+/// One `inet_diag_msg` of a dump answer (after its `nlmsghdr`): `None` unless well formed.
+pub fn parse_diag_socket(protocol: u8, msg: &[u8]) -> Option<UserSocket> {
+    let need = std::mem::size_of::<InetDiagMsg>();
+    let msg = msg.get(..need)?;
+    let family = msg[0];
+    let id: [u8; ID_LEN] = msg.get(4..4 + ID_LEN)?.try_into().ok()?;
+    let ip = |b: &[u8]| -> Option<IpAddr> {
+        Some(match family as libc::c_int {
+            libc::AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&b[..4]).ok()?)),
+            libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?)),
+            _ => return None,
+        })
+    };
+    let local = SocketAddr::new(ip(&id[4..20])?, u16::from_be_bytes([id[0], id[1]]));
+    let remote = SocketAddr::new(ip(&id[20..36])?, u16::from_be_bytes([id[2], id[3]]));
+    let at = std::mem::offset_of!(InetDiagMsg, uid);
+    let uid = u32::from_ne_bytes(msg.get(at..at + 4)?.try_into().ok()?);
+    Some(UserSocket {
+        protocol,
+        uid,
+        local,
+        remote,
+        family,
+        id,
+    })
+}
+
+fn diag_request(
+    family: u8,
+    protocol: u8,
+    states: u32,
+    kind: u16,
+    flags: u16,
+    id: [u8; ID_LEN],
+) -> Vec<u8> {
+    let mut req = InetDiagReqV2 {
+        family,
+        protocol,
+        states,
+        ..Default::default()
+    };
+    // SAFETY: `InetDiagSockId` is plain old data of exactly `ID_LEN` bytes; every bit pattern is valid.
+    req.id = unsafe { std::mem::transmute::<[u8; ID_LEN], InetDiagSockId>(id) };
+    #[repr(C)]
+    struct Request {
+        hdr: NlMsgHdr,
+        req: InetDiagReqV2,
+    }
+    let msg = Request {
+        hdr: NlMsgHdr {
+            len: std::mem::size_of::<Request>() as u32,
+            kind,
+            flags,
+            seq: 1,
+            pid: 0,
+        },
+        req,
+    };
+    // SAFETY: `Request` is plain old data (repr(C)); we copy exactly its bytes.
+    unsafe {
+        std::slice::from_raw_parts(
+            &msg as *const Request as *const u8,
+            std::mem::size_of::<Request>(),
+        )
+    }
+    .to_vec()
+}
+
+/// Every TCP and UDP socket (IPv4 and IPv6) owned by one of `uids`, except listening ones: what a workload
+/// had open before its capture began.
+pub fn sockets_of(uids: &std::collections::BTreeSet<u32>) -> io::Result<Vec<UserSocket>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for (protocol, states) in [
+            (libc::IPPROTO_TCP as u8, !(1u32 << TCP_LISTEN)),
+            (libc::IPPROTO_UDP as u8, !0u32),
+        ] {
+            let req = diag_request(
+                family,
+                protocol,
+                states,
+                SOCK_DIAG_BY_FAMILY,
+                libc::NLM_F_REQUEST as u16 | NLM_F_DUMP,
+                [0; ID_LEN],
+            );
+            netlink_dump(&req, |msg| {
+                if let Some(s) = parse_diag_socket(protocol, msg) {
+                    if uids.contains(&s.uid) {
+                        out.push(s);
+                    }
+                }
+            })?;
+        }
+    }
+    Ok(out)
+}
+
+/// Closes a socket of another process (`SOCK_DESTROY`, what `ss -K` does): its owner's next read or
+/// write fails, and it sends nothing more.
+pub fn destroy(s: &UserSocket) -> io::Result<()> {
+    let req = diag_request(
+        s.family,
+        s.protocol,
+        !0,
+        SOCK_DESTROY,
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+        s.id,
+    );
+    let mut buf = [0u8; 512];
+    netlink_roundtrip(NETLINK_SOCK_DIAG, &req, &mut buf).map(|_| ())
+}
+
+/// Sends a dump request and hands each message's payload (after its `nlmsghdr`) to `each`, until the
+/// kernel says it is done.
+fn netlink_dump(request: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    // SAFETY: plain syscalls on a socket we own; buffers are valid for their lengths.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        if libc::sendto(
+            fd.as_raw_fd(),
+            request.as_ptr() as *const libc::c_void,
+            request.len(),
+            0,
+            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            );
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if dump_messages(&buf[..n as usize], &mut each)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The messages of one dump datagram; `true` once NLMSG_DONE was seen.
+pub fn dump_messages(mut data: &[u8], each: &mut impl FnMut(&[u8])) -> io::Result<bool> {
+    let hdr_len = std::mem::size_of::<NlMsgHdr>();
+    if data.is_empty() {
+        return Ok(true);
+    }
+    while data.len() >= hdr_len {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        if len < hdr_len || len > data.len() {
+            return Err(io::Error::other("malformed netlink dump"));
+        }
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                netlink_answer(&data[..len])?;
+            }
+            _ => each(&data[hdr_len..len]),
+        }
+        data = &data[((len + 3) & !3).min(data.len())..];
+    }
+    Ok(false)
 }
 
 /// The proxy's effective user id.
