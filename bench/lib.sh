@@ -53,7 +53,7 @@ result_row() { # LABEL RPS P50 P99 CPU_A CPU_B
 
 bg() { local log=$1; shift; "$@" >"$W/$log" 2>&1 & PIDS+=($!); disown; }
 $BIN control init --data-dir $W/cp --trust-domain bench.example --server 10.77.0.1:15012 >/dev/null
-bg cp.log ip netns exec $P-cp $BIN control --data-dir $W/cp --listen 10.77.0.1:15012
+bg cp.log ip netns exec $P-cp $BIN control --data-dir $W/cp --listen 10.77.0.1:15012 ${CONTROL_ARGS:-}
 sleep 0.5
 adm() { ip netns exec $P-cp env STRAIT_CONFIG=$W/cp/admin.yaml $BIN "$@"; }
 adm workload add --id spiffe://bench.example/ns/b/sa/client --node host-a --uid 1001 --port 5000/http >/dev/null

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Soak, as root (not in CI):
+#
+#     sudo bash bench/soak.sh [MINUTES] [RESTART_EVERY_S]     # default 30 minutes, a restart every 300 s
+#
+# Continuous allowed traffic from host A to the docstore on B (hey, 4 connections × 25 req/s, keep-alive)
+# through both proxies, while: SVIDs live 10 s (proxies renew at half life), a workflow change is applied
+# every 10 s (the allowed step stays, another one comes and goes), and A's proxy is restarted (SIGTERM,
+# then started again on its data directory) every RESTART_EVERY_S. Every 10 s the proxies' RSS and open
+# descriptors are sampled. Prints failed requests (hey's non-2xx and errors), the samples' first and last
+# rows, and writes bench/results/soak.csv and bench/results/soak-rss.svg (one group per minute).
+MIN=${1:-30}
+RESTART_EVERY=${2:-300}
+DUR=$((MIN * 60))
+cd "$(dirname "$0")/.."
+command -v hey >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hey >/dev/null || { echo "error: install hey" >&2; exit 1; }; }
+CONTROL_ARGS="--svid-ttl 10s"
+. bench/lib.sh
+
+workflow 1 $W/b-1
+cp $W/wf-1.yaml $W/wf-a.yaml
+workflow 3 $W/b-3
+cp $W/wf-3.yaml $W/wf-b.yaml
+adm workflow apply -f $W/wf-a.yaml >/dev/null
+start_proxies_distributed
+
+chmod 755 $W; : > $W/hey.txt; chmod 666 $W/hey.txt   # written by the client's user
+bg hey.log ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups sh -c "hey -z ${DUR}s -c 4 -q 25 -disable-compression $URL > $W/hey.txt 2>&1"
+HEY=${PIDS[-1]}
+csv_start soak t_s rss_a_mib rss_b_mib fds_a fds_b restarts
+sample() { # PID → "rss_mib fds"
+  awk '/VmRSS/ {printf "%.1f ", $2/1024}' /proc/$1/status 2>/dev/null || printf "0 "
+  ls /proc/$1/fd 2>/dev/null | wc -l
+}
+start=$(date +%s); restarts=0; next_restart=$RESTART_EVERY; flip=0
+while kill -0 $HEY 2>/dev/null; do
+  sleep 10
+  t=$(( $(date +%s) - start ))
+  flip=$((1 - flip))
+  adm workflow apply -f $W/wf-$([ $flip = 1 ] && echo b || echo a).yaml >/dev/null 2>&1 || echo "# warning: workflow apply failed at ${t}s" >&2
+  if [ $t -ge $next_restart ] && [ $t -lt $((DUR - 20)) ]; then
+    kill -TERM $PA; while kill -0 $PA 2>/dev/null; do sleep 0.05; done
+    bg pa-restart.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
+    PA=${PIDS[-1]}
+    until ip netns exec $P-a curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done
+    restarts=$((restarts + 1)); next_restart=$((next_restart + RESTART_EVERY))
+  fi
+  read -r ra fa <<<"$(sample $PA)"; read -r rb fb <<<"$(sample $PB)"
+  csv_row soak "$t" "$ra" "$rb" "$fa" "$fb" "$restarts"
+done
+wait $HEY 2>/dev/null || true
+total=$(awk '/Requests\/sec/ {print $2}' $W/hey.txt)
+ok=$(awk '/\[200\]/ {print $2}' $W/hey.txt)
+other=$(awk '/Status code distribution/ {f=1; next} f && /\[[0-9]+\]/ && $1 != "[200]" {n += $2} /Error distribution/ {f=0} END {print n+0}' $W/hey.txt)
+errors=$(awk '/Error distribution/ {f=1; next} f && /\[[0-9]+\]/ {gsub(/[\[\]]/,"",$1); n += $1} END {print n+0}' $W/hey.txt)
+echo
+echo "soak: ${MIN} min, SVID lifetime 10 s, a workflow change every 10 s, $restarts restarts of A's proxy"
+echo "requests: ${ok:-0} answered 200, $other other statuses, $errors errors (hey: $total req/s)"
+grep -E "Slowest|Average|99% in" $W/hey.txt | sed 's/^ */  /'
+sed -n '/Error distribution/,$p' $W/hey.txt | head -12
+echo "samples (first and last):"; head -2 bench/results/soak.csv; tail -1 bench/results/soak.csv
+# One group per minute for the picture.
+awk -F, 'NR == 1 || ($1 % 60) < 10' bench/results/soak.csv > bench/results/soak-minutes.csv
+plot soak-minutes soak-rss "Proxy RSS during the soak (MiB)" MiB t_s rss_a_mib rss_b_mib
