@@ -74,7 +74,7 @@ fn out(o: &std::process::Output) -> String {
 /// The workloads' servers and proxies, with b on the custom policy.
 fn mesh() -> Mesh {
     let m = Mesh::new("1h");
-    let ports = "[{port: 5000, protocol: http}, {port: 7001, protocol: grpc}, {port: 7002, protocol: auto}, {port: 7003, protocol: http}, {port: 7004, protocol: auto}, {port: 7005, protocol: http}, {port: 7006, protocol: auto}, {port: 7007, protocol: auto}, {port: 7008, protocol: tcp}]";
+    let ports = "[{port: 5000, protocol: http}, {port: 7001, protocol: grpc}, {port: 7002, protocol: auto}, {port: 7003, protocol: http}, {port: 7004, protocol: auto}, {port: 7005, protocol: http}, {port: 7006, protocol: auto}, {port: 7007, protocol: auto}, {port: 7008, protocol: tcp}, {port: 7009, protocol: http2}]";
     let apply = m.dir.join("vfx-l7.yaml");
     std::fs::write(
         &apply,
@@ -91,6 +91,7 @@ fn mesh() -> Mesh {
     );
     let grpc_server = format!("{apps}/grpc_server.py");
     let raw_echo = format!("{apps}/raw_echo.py");
+    let h2_abrupt = format!("{apps}/h2_abrupt.py");
     for (args, log) in [
         (
             vec![py.as_str(), grpc_server.as_str(), "7001", "7002"],
@@ -102,6 +103,10 @@ fn mesh() -> Mesh {
             "hypercorn.log",
         ),
         (vec![py.as_str(), raw_echo.as_str(), "7005"], "echo1.log"),
+        (
+            vec![py.as_str(), h2_abrupt.as_str(), "7009"],
+            "h2-abrupt.log",
+        ),
         (vec![py.as_str(), raw_echo.as_str(), "7006"], "echo2.log"),
         (
             vec![
@@ -384,6 +389,13 @@ fn normalization_table(m: &Mesh) {
                 echo["target"].as_str().unwrap_or("?")
             )),
         ));
+        if status != c.status {
+            eprintln!(
+                "A LOG:\n{}\nB LOG:\n{}",
+                m.log("proxy-a.log"),
+                m.log("proxy-b.log")
+            );
+        }
         assert_eq!(status, c.status, "{}: status{table}", c.what);
         match c.decided {
             None => assert!(
@@ -724,6 +736,54 @@ fn many_connections(m: &Mesh, n: usize) {
     );
 }
 
+/// A workload's RST_STREAM reaches the client as a reset (not as a stream that ended cleanly), and its
+/// GOAWAY ends only that upstream connection: the caller's next requests on the same connection are served
+/// on a new one, as Envoy and Linkerd do (h2load straight to this server gets 1 of 4 answered: it does not
+/// reconnect after a GOAWAY). nghttp (nghttp2) and h2load are the clients; the server is the `h2` library.
+fn workload_resets_and_goaway(m: &Mesh) {
+    let b = m.net.v4("b");
+    m.net
+        .eventually(Duration::from_secs(10), "the h2 server on 7009", || {
+            let o = m.net.run(
+                "a",
+                Some(OWNER_UID),
+                &["nghttp", &format!("http://{b}:7009/ok")],
+            );
+            out(&o).contains("ok")
+        });
+    let o = m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &["nghttp", "-v", &format!("http://{b}:7009/rst")],
+    );
+    let t = out(&o);
+    assert!(
+        t.contains("recv RST_STREAM"),
+        "the workload's reset must reach the client: {t}"
+    );
+    let o = m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &[
+            "h2load",
+            "-n",
+            "4",
+            "-c",
+            "1",
+            "-m",
+            "1",
+            &format!("http://{b}:7009/goaway"),
+            &format!("http://{b}:7009/ok"),
+        ],
+    );
+    let t = out(&o);
+    assert!(
+        t.contains("4 succeeded, 0 failed"),
+        "requests after the workload's GOAWAY: {t}"
+    );
+    assert!(t.contains("status codes: 4 2xx"), "{t}");
+}
+
 /// Past `--max-connections` (5 200 on A) new connections are refused at once and counted; the open ones
 /// keep working, and once they close the proxy carries connections again.
 fn over_the_cap(m: &Mesh) {
@@ -762,6 +822,7 @@ fn grpc_websocket_http2_and_normalized_requests_through_the_mesh() {
     grpc(&m, 7002, 2);
     http2_and_websocket(&m);
     auto_ports(&m);
+    workload_resets_and_goaway(&m);
     many_connections(&m, 5000);
     over_the_cap(&m);
 }

@@ -170,7 +170,10 @@ impl AsyncWrite for H2Stream {
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.write_closed {
             self.write_closed = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+            // A stream the peer already closed (it answered and reset, or the connection is gone) takes
+            // no END_STREAM; that is not a failure of our side's shutdown. Failing here would end a
+            // copy_bidirectional before the peer's last bytes, already received, reach our caller.
+            let _ = self.send.send_data(Bytes::new(), true);
         }
         Poll::Ready(Ok(()))
     }

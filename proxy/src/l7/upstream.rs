@@ -94,7 +94,9 @@ impl Upstream {
         Ok(resp?)
     }
 
-    /// Sends an HTTP/2 request on this caller's h2c connection to the workload.
+    /// Sends an HTTP/2 request on this caller's h2c connection to the workload. A connection the workload
+    /// is closing (it sent GOAWAY) may still look open; a request it never took is sent once more on a new
+    /// connection, so the workload's GOAWAY ends that connection, not the caller's requests.
     pub async fn send_h2(
         &self,
         req: Request<ForwardBody>,
@@ -104,28 +106,43 @@ impl Upstream {
             .lock()
             .ok()
             .and_then(|s| s.as_ref().filter(|s| !s.is_closed()).cloned());
-        let mut sender = match cached {
-            Some(s) => s,
-            None => {
-                let io = self.connect().await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .initial_stream_window_size(limits::H2_STREAM_WINDOW)
-                    .initial_connection_window_size(limits::H2_CONN_WINDOW)
-                    .max_header_list_size(limits::H2_HEADER_LIST)
-                    .handshake(io)
-                    .await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, "workload HTTP/2 connection ended");
-                    }
-                });
-                if let Ok(mut slot) = self.h2.lock() {
-                    *slot = Some(sender.clone());
-                }
-                sender
-            }
+        let req = match cached {
+            Some(mut sender) if !sender.is_closed() => match sender.ready().await {
+                Ok(()) => match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => {
+                            debug!(error = %e.error(), "workload HTTP/2 connection closing; new one");
+                            req
+                        }
+                        None => return Err(e.into_error().into()),
+                    },
+                },
+                Err(_) => req,
+            },
+            _ => req,
         };
+        let mut sender = self.connect_h2().await?;
         sender.ready().await?;
         Ok(sender.send_request(req).await?)
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<ForwardBody>, UpstreamError> {
+        let io = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(limits::H2_STREAM_WINDOW)
+            .initial_connection_window_size(limits::H2_CONN_WINDOW)
+            .max_header_list_size(limits::H2_HEADER_LIST)
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "workload HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut slot) = self.h2.lock() {
+            *slot = Some(sender.clone());
+        }
+        Ok(sender)
     }
 }
