@@ -113,13 +113,23 @@ pub struct Inflight {
 pub struct InflightGuard<'a>(&'a Inflight);
 
 impl Inflight {
-    pub fn enter(&self) -> InflightGuard<'_> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        InflightGuard(self)
-    }
-
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Counts one more connection if fewer than `max` are open (atomically: a burst of accepts cannot
+    /// overshoot the cap). The reservation is held by the guard [`Inflight::adopt`] returns.
+    pub fn try_reserve(&self, max: usize) -> bool {
+        self.count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                (c < max).then_some(c + 1)
+            })
+            .is_ok()
+    }
+
+    /// The guard of a reservation made with [`Inflight::try_reserve`] (released when dropped).
+    pub fn adopt(&self) -> InflightGuard<'_> {
+        InflightGuard(self)
     }
 
     /// Resolves when no connection is open.
@@ -286,7 +296,7 @@ pub async fn serve_outbound(ctx: Arc<Ctx>, listener: TcpListener) {
                 continue;
             }
         };
-        if ctx.inflight.count() >= ctx.max_connections {
+        if !ctx.inflight.try_reserve(ctx.max_connections) {
             // Closed at once: the caller sees the connection end, not one that hangs.
             ctx.metrics.refuse("outbound", "over_capacity");
             drop(tcp);
@@ -294,7 +304,7 @@ pub async fn serve_outbound(ctx: Arc<Ctx>, listener: TcpListener) {
         }
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _guard = ctx.inflight.enter();
+            let _guard = ctx.inflight.adopt();
             outbound(&ctx, tcp, peer).await;
         });
     }
@@ -743,20 +753,21 @@ fn inbound_stream(
         warn!(%src, dst = %dst_id, %target, "stream to an address or port the workload does not serve; refused");
         return refuse_stream(respond, StatusCode::FORBIDDEN);
     };
-    if ctx.inflight.count() >= ctx.max_connections {
+    if !ctx.inflight.try_reserve(ctx.max_connections) {
         ctx.metrics.refuse("inbound", "over_capacity");
         return refuse_stream(respond, StatusCode::SERVICE_UNAVAILABLE);
     }
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
         Err(e) => {
+            drop(ctx.inflight.adopt());
             debug!(%peer, error = %e, "stream reset before it was answered");
             return;
         }
     };
     let stream = H2Stream::new(send, req.into_body());
     tokio::spawn(async move {
-        let _guard = ctx.inflight.enter();
+        let _guard = ctx.inflight.adopt(); // reserved above
         let dir = Direction {
             direction: "inbound",
         };
