@@ -2,10 +2,7 @@
 //! preconditions. Everything else is `deny(unsafe_code)` (see main.rs).
 
 /// The effective user id.
-pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
+pub use strait_proxy::sockets::effective_uid;
 
 /// Sends `signal` to process `pid` (errors, such as a process already gone, are ignored).
 pub fn signal(pid: i32, signal: libc::c_int) {

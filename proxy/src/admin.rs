@@ -35,27 +35,31 @@ fn secs(t: SystemTime) -> u64 {
         .unwrap_or_default()
 }
 
-/// Who is asking, as far as the kernel can tell.
+/// Who is asking: the two ends of the admin connection, from which the kernel can name the user (asked
+/// only for `/config_dump`, so probes and scrapes cost no netlink query).
 #[derive(Debug, Clone, Copy)]
 struct Caller {
-    /// The Unix user owning the client socket, when it is a local socket.
-    uid: Option<u32>,
+    ends: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 impl Caller {
     fn of(tcp: &tokio::net::TcpStream) -> Self {
-        let uid = match (tcp.peer_addr(), tcp.local_addr()) {
-            (Ok(peer), Ok(local)) => crate::sockets::local_peer_uid(peer, local).ok().flatten(),
-            _ => None,
-        };
-        Self { uid }
+        Self {
+            ends: tcp.peer_addr().ok().zip(tcp.local_addr().ok()),
+        }
     }
 
-    /// Root, or the user the proxy runs as.
-    fn may_read_config(&self) -> bool {
-        let own = crate::sockets::effective_uid();
-        matches!(self.uid, Some(u) if u == 0 || u == own)
+    /// The Unix user owning the client socket, when it is a local socket.
+    fn uid(&self) -> Option<u32> {
+        let (peer, local) = self.ends?;
+        crate::sockets::local_peer_uid(peer, local).ok().flatten()
     }
+}
+
+/// Root, or the user the proxy runs as.
+fn may_read_config(uid: Option<u32>) -> bool {
+    let own = crate::sockets::effective_uid();
+    matches!(uid, Some(u) if u == 0 || u == own)
 }
 
 fn handle(
@@ -100,16 +104,17 @@ fn handle(
                 ),
             }
         }
-        "/config_dump" if !caller.may_read_config() => {
-            warn!(uid = ?caller.uid, "/config_dump refused: only root or the proxy's own user may read it");
-            reply(
-                StatusCode::FORBIDDEN,
-                "text/plain",
-                "/config_dump is only for root and the proxy's own user (it holds the mesh's directory); \
-                 run the request as root, e.g. `sudo curl http://127.0.0.1:15000/config_dump`\n",
-            )
-        }
         "/config_dump" => {
+            let uid = caller.uid();
+            if !may_read_config(uid) {
+                warn!(uid = ?uid, "/config_dump refused: only root or the proxy's own user may read it");
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "/config_dump is only for root and the proxy's own user (it holds the mesh's directory); \
+                     run the request as root, e.g. `sudo curl http://127.0.0.1:15000/config_dump`\n",
+                );
+            }
             let view = shared.ctx.dir.load();
             let certs: Vec<_> = shared
                 .ctx

@@ -70,7 +70,7 @@ struct NlMsgHdr {
 
 /// `struct inet_diag_sockid`: ports and addresses in network byte order.
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct InetDiagSockId {
     sport: [u8; 2],
     dport: [u8; 2],
@@ -130,7 +130,14 @@ pub(crate) fn netlink_roundtrip(
     request: &[u8],
     buf: &mut [u8],
 ) -> io::Result<Option<usize>> {
-    // SAFETY: plain syscalls on a socket we own; `request` and `buf` are valid for their lengths.
+    let fd = netlink_send(protocol, request)?;
+    let n = netlink_recv(&fd, buf)?;
+    Ok(netlink_answer(&buf[..n])?.map(|a| a.len()))
+}
+
+/// A fresh netlink socket of `protocol` with `request` sent to the kernel on it.
+fn netlink_send(protocol: libc::c_int, request: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain syscalls on a socket we own; `request` is valid for its length.
     unsafe {
         let fd = libc::socket(
             libc::AF_NETLINK,
@@ -154,18 +161,25 @@ pub(crate) fn netlink_roundtrip(
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = libc::recv(
+        Ok(fd)
+    }
+}
+
+/// One datagram from a netlink socket into `buf`; its length.
+fn netlink_recv(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
             fd.as_raw_fd(),
             buf.as_mut_ptr() as *mut libc::c_void,
             buf.len(),
             0,
-        );
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        Ok(netlink_answer(&buf[..n])?.map(|a| a.len()))
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(n as usize)
 }
 
 /// The first message of a netlink answer: `None` for an error message saying ENOENT (no such socket or
@@ -239,44 +253,24 @@ pub fn local_peer_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<
     } else {
         libc::AF_INET6
     };
-    let req = InetDiagReqV2 {
-        family: family as u8,
-        protocol: libc::IPPROTO_TCP as u8,
-        states: !0,
-        id: InetDiagSockId {
-            sport: client.port().to_be_bytes(),
-            dport: dst.port().to_be_bytes(),
-            src: addr_bytes(client.ip()),
-            dst: addr_bytes(dst.ip()),
-            interface: 0,
-            cookie: [INET_DIAG_NOCOOKIE; 2],
-        },
-        ..Default::default()
+    let id = InetDiagSockId {
+        sport: client.port().to_be_bytes(),
+        dport: dst.port().to_be_bytes(),
+        src: addr_bytes(client.ip()),
+        dst: addr_bytes(dst.ip()),
+        interface: 0,
+        cookie: [INET_DIAG_NOCOOKIE; 2],
     };
-    #[repr(C)]
-    struct Request {
-        hdr: NlMsgHdr,
-        req: InetDiagReqV2,
-    }
-    let msg = Request {
-        hdr: NlMsgHdr {
-            len: std::mem::size_of::<Request>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: libc::NLM_F_REQUEST as u16,
-            seq: 1,
-            pid: 0,
-        },
-        req,
-    };
-    // SAFETY: `Request` is plain old data (repr(C), no padding holes read by the kernel beyond its size).
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            &msg as *const Request as *const u8,
-            std::mem::size_of::<Request>(),
-        )
-    };
+    let request = diag_request(
+        family as u8,
+        libc::IPPROTO_TCP as u8,
+        !0,
+        SOCK_DIAG_BY_FAMILY,
+        libc::NLM_F_REQUEST as u16,
+        id,
+    );
     let mut buf = [0u8; 1024];
-    let n = match netlink_roundtrip(NETLINK_SOCK_DIAG, bytes, &mut buf)? {
+    let n = match netlink_roundtrip(NETLINK_SOCK_DIAG, &request, &mut buf)? {
         Some(n) => n,
         None => return Ok(None),
     };
@@ -292,10 +286,8 @@ pub struct UserSocket {
     pub remote: SocketAddr,
     family: u8,
     /// The kernel's `inet_diag_sockid` as received (ports, addresses, interface, cookie).
-    id: [u8; ID_LEN],
+    id: InetDiagSockId,
 }
-
-const ID_LEN: usize = std::mem::size_of::<InetDiagSockId>();
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 3;
 const SOCK_DESTROY: u16 = 21;
@@ -306,16 +298,25 @@ pub fn parse_diag_socket(protocol: u8, msg: &[u8]) -> Option<UserSocket> {
     let need = std::mem::size_of::<InetDiagMsg>();
     let msg = msg.get(..need)?;
     let family = msg[0];
-    let id: [u8; ID_LEN] = msg.get(4..4 + ID_LEN)?.try_into().ok()?;
-    let ip = |b: &[u8]| -> Option<IpAddr> {
+    let raw = msg.get(4..4 + std::mem::size_of::<InetDiagSockId>())?;
+    let word = |at: usize| u32::from_ne_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+    let id = InetDiagSockId {
+        sport: [raw[0], raw[1]],
+        dport: [raw[2], raw[3]],
+        src: raw[4..20].try_into().ok()?,
+        dst: raw[20..36].try_into().ok()?,
+        interface: word(36),
+        cookie: [word(40), word(44)],
+    };
+    let ip = |b: &[u8; 16]| -> Option<IpAddr> {
         Some(match family as libc::c_int {
             libc::AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&b[..4]).ok()?)),
-            libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?)),
+            libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(*b)),
             _ => return None,
         })
     };
-    let local = SocketAddr::new(ip(&id[4..20])?, u16::from_be_bytes([id[0], id[1]]));
-    let remote = SocketAddr::new(ip(&id[20..36])?, u16::from_be_bytes([id[2], id[3]]));
+    let local = SocketAddr::new(ip(&id.src)?, u16::from_be_bytes(id.sport));
+    let remote = SocketAddr::new(ip(&id.dst)?, u16::from_be_bytes(id.dport));
     let at = std::mem::offset_of!(InetDiagMsg, uid);
     let uid = u32::from_ne_bytes(msg.get(at..at + 4)?.try_into().ok()?);
     Some(UserSocket {
@@ -328,22 +329,22 @@ pub fn parse_diag_socket(protocol: u8, msg: &[u8]) -> Option<UserSocket> {
     })
 }
 
+/// A `sock_diag` request (`nlmsghdr` + `inet_diag_req_v2`) as bytes.
 fn diag_request(
     family: u8,
     protocol: u8,
     states: u32,
     kind: u16,
     flags: u16,
-    id: [u8; ID_LEN],
+    id: InetDiagSockId,
 ) -> Vec<u8> {
-    let mut req = InetDiagReqV2 {
+    let req = InetDiagReqV2 {
         family,
         protocol,
         states,
+        id,
         ..Default::default()
     };
-    // SAFETY: `InetDiagSockId` is plain old data of exactly `ID_LEN` bytes; every bit pattern is valid.
-    req.id = unsafe { std::mem::transmute::<[u8; ID_LEN], InetDiagSockId>(id) };
     #[repr(C)]
     struct Request {
         hdr: NlMsgHdr,
@@ -384,7 +385,7 @@ pub fn sockets_of(uids: &std::collections::BTreeSet<u32>) -> io::Result<Vec<User
                 states,
                 SOCK_DIAG_BY_FAMILY,
                 libc::NLM_F_REQUEST as u16 | NLM_F_DUMP,
-                [0; ID_LEN],
+                InetDiagSockId::default(),
             );
             netlink_dump(&req, |msg| {
                 if let Some(s) = parse_diag_socket(protocol, msg) {
@@ -416,44 +417,12 @@ pub fn destroy(s: &UserSocket) -> io::Result<()> {
 /// Sends a dump request and hands each message's payload (after its `nlmsghdr`) to `each`, until the
 /// kernel says it is done.
 fn netlink_dump(request: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
-    // SAFETY: plain syscalls on a socket we own; buffers are valid for their lengths.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        if libc::sendto(
-            fd.as_raw_fd(),
-            request.as_ptr() as *const libc::c_void,
-            request.len(),
-            0,
-            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            );
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if dump_messages(&buf[..n as usize], &mut each)? {
-                return Ok(());
-            }
+    let fd = netlink_send(NETLINK_SOCK_DIAG, request)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = netlink_recv(&fd, &mut buf)?;
+        if dump_messages(&buf[..n], &mut each)? {
+            return Ok(());
         }
     }
 }

@@ -107,7 +107,7 @@ impl Upstream {
             .ok()
             .and_then(|s| s.as_ref().filter(|s| !s.is_closed()).cloned());
         let req = match cached {
-            Some(mut sender) if !sender.is_closed() => match sender.ready().await {
+            Some(mut sender) => match sender.ready().await {
                 Ok(()) => match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(resp),
                     Err(mut e) => match e.take_message() {
@@ -120,7 +120,7 @@ impl Upstream {
                 },
                 Err(_) => req,
             },
-            _ => req,
+            None => req,
         };
         let mut sender = self.connect_h2().await?;
         sender.ready().await?;
