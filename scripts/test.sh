@@ -21,7 +21,7 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 # util-linux (setpriv: workloads as other users), socat (half-closes and raw requests), nghttp2-client
 # (nghttp: an HTTP/2 client that shows trailers). scripts/check-package.sh adds
 # systemd (systemd-analyze), adduser and binutils, and installs cargo-deb.
-ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++
+ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++ dnsmasq-base bind9-dnsutils
 
 # What runs now is not the suite's: everything started after this must be gone at the end.
 LEFTOVERS=$(mktemp)

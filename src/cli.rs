@@ -503,12 +503,21 @@ pub struct ProxyArgs {
     /// this address, e.g. 0.0.0.0:15021 for kubelet probes on a host-network DaemonSet.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
-    /// DNS resolver workloads may query (UDP/TCP 53); repeat for several. Other UDP is dropped. In
-    /// Kubernetes mode the default is the nameservers of /etc/resolv.conf, which name the cluster DNS
-    /// Service under the DaemonSet's dnsPolicy ClusterFirstWithHostNet.
+    /// Resolver the DNS proxy asks for names an egress entry allows (port 53); repeat for several.
+    /// Default: the nameservers of /etc/resolv.conf. Workloads' DNS (UDP and TCP port 53, to any
+    /// address) goes to the proxy (127.0.0.1:15053), which answers mesh names itself, forwards only
+    /// queries for allowed names and answers every other name REFUSED. In Kubernetes mode meshed pods
+    /// query these resolvers directly (under the DaemonSet's dnsPolicy ClusterFirstWithHostNet the
+    /// default names the cluster DNS Service).
     #[arg(long = "dns-resolver")]
     pub dns_resolvers: Vec<IpAddr>,
-    /// A destination outside the mesh that workloads may reach directly, as CIDR[:PORT]; repeat.
+    /// The DNS zone of mesh names: the workload spiffe://TD/ns/NS/sa/SA is SA.NS.ZONE (its node's
+    /// addresses, or its pod addresses), answered by the proxy without any resolver.
+    #[arg(long = "dns-zone", default_value = strait_proxy::dns::DEFAULT_ZONE)]
+    pub dns_zone: String,
+    /// A destination outside the mesh that workloads may reach directly, as CIDR[:PORT]
+    /// (10.1.2.0/24:443) or NAME[:PORT] (api.partner.example:443, *.partner.example:443: the addresses
+    /// the resolver gives for the name, for the answer's lifetime); repeat.
     #[arg(long = "allow-egress")]
     pub egress: Vec<String>,
     /// How long SIGTERM waits for open connections before removing the rules.

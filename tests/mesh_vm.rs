@@ -7,7 +7,7 @@
 //! | cp | 10.77.0.1 | `strait control` |
 //! | a | 10.77.0.2 | proxy; workload `owner` = uid 1001 (client); uid 1003 is not registered |
 //! | b | 10.77.0.3 | proxy; workload `vfx` = uid 1002: docstore on :5000, `wc -c` on :5001 (tcp), docstore on :5002 (PERMISSIVE) |
-//! | out | 10.77.0.4 | not in the mesh: docstores on :8080 and :8081 |
+//! | out | 10.77.0.4 | not in the mesh: docstores on :8080 and :8081 (and dnsmasq in the DNS test) |
 
 mod support;
 
@@ -245,8 +245,8 @@ fn every_way_around_the_mesh_fails() {
     assert!(seen("UDP-CONTROL"), "the control datagram must be captured");
     assert!(!seen("UDP-LEAK"), "UDP from a workload left the host");
     assert!(
-        seen("DNS-QUERY"),
-        "DNS to the configured resolver must be allowed"
+        !seen("DNS-QUERY"),
+        "bytes to port 53 that are not DNS left the host"
     );
 
     // Inbound UDP to a workload's ports never reaches it: not from another host (over IPv4 or IPv6), not
@@ -1129,5 +1129,268 @@ fn connections_opened_before_capture_are_cut() {
             "opened_before_capture"
         ) >= 1,
         "{ma}"
+    );
+}
+
+/// Runs `dig` on a host as a user; its whole output.
+fn dig(m: &Mesh, host: &str, uid: u32, args: &[&str]) -> String {
+    let mut all = vec!["dig", "+time=3", "+tries=1"];
+    all.extend_from_slice(args);
+    let out = m.net.run(host, (uid != 0).then_some(uid), &all);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dns_goes_through_the_proxy_and_only_allowed_names_leave() {
+    if !require_root() {
+        return;
+    }
+    support::require_commands(&["dig", "dnsmasq", "tcpdump"]);
+    let m = Mesh::new("24h");
+    let out4 = m.net.v4("out").to_string();
+    // A real resolver outside the mesh that knows every name of the test and logs each query it sees.
+    let queries = m.dir.join("dnsmasq-queries.log");
+    let big = "x".repeat(200);
+    m.net.spawn(
+        "out",
+        None,
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={out4}"),
+            "--user=root",
+            "--pid-file=",
+            &format!("--address=/allowed.example/{out4}"),
+            &format!("--address=/unlisted.example/{out4}"),
+            &format!("--address=/partner.example/{out4}"),
+            // Four 200-byte strings: more than a 512-byte UDP answer holds, so the client retries over TCP.
+            &format!("--txt-record=big.partner.example,{big},{big},{big},{big}"),
+            "--log-queries",
+            &format!("--log-facility={}", queries.display()),
+        ],
+        &m.dir.join("dnsmasq.log"),
+    );
+    let bundle = compile_workflow(
+        &m,
+        "dns",
+        "- {from: owner, to: vfx, methods: [POST], paths: [/api/vfx]}\negress:\n- {from: owner, host: allowed.example, port: 8081}\n- {from: owner, host: '*.partner.example', port: 8081}",
+    );
+    m.start_proxy("a", &["--policy-bundle", &bundle, "--dns-resolver", &out4]);
+    m.start_proxy("b", &["--policy-bundle", &bundle]);
+    m.converge();
+    m.net
+        .eventually(Duration::from_secs(5), "dnsmasq answers root", || {
+            dig(
+                &m,
+                "a",
+                0,
+                &[&format!("@{out4}"), "+short", "allowed.example"],
+            )
+            .trim()
+                == out4
+        });
+
+    let pcap = m.dir.join("dns.pcap");
+    let dump = capture(&m, "a", &pcap);
+    // Before any answer, the egress entry's address is not reachable: the entry names a name.
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            &format!("http://{out4}:8081/api/allowed"),
+            &["-d", "x"]
+        ),
+        "000",
+        "an address nobody resolved"
+    );
+    // Mesh names: answered by the proxy, whatever resolver the workload addressed (10.77.0.99 does
+    // not exist).
+    let b4 = m.net.v4("b").to_string();
+    let b6 = m.net.v6("b").to_string();
+    for at in [format!("@{out4}"), "@10.77.0.99".to_owned()] {
+        assert_eq!(
+            dig(
+                &m,
+                "a",
+                OWNER_UID,
+                &[&at, "+short", "vfx.movie.strait.internal"]
+            )
+            .trim(),
+            b4
+        );
+    }
+    assert_eq!(
+        dig(
+            &m,
+            "a",
+            OWNER_UID,
+            &["@10.77.0.99", "+short", "AAAA", "vfx.movie.strait.internal"]
+        )
+        .trim(),
+        b6
+    );
+    let unknown = dig(
+        &m,
+        "a",
+        OWNER_UID,
+        &["@10.77.0.99", "nobody.movie.strait.internal"],
+    );
+    assert!(unknown.contains("status: NXDOMAIN"), "{unknown}");
+    // An allowed name: forwarded to the configured resolver (not to the one addressed), over UDP and TCP.
+    assert_eq!(
+        dig(
+            &m,
+            "a",
+            OWNER_UID,
+            &["@10.77.0.99", "+short", "allowed.example"]
+        )
+        .trim(),
+        out4
+    );
+    assert_eq!(
+        dig(
+            &m,
+            "a",
+            OWNER_UID,
+            &[&format!("@{out4}"), "+tcp", "+short", "allowed.example"]
+        )
+        .trim(),
+        out4
+    );
+    // A large answer: truncated over UDP (no EDNS: 512 bytes), complete over TCP (dig retries by itself).
+    let txt = dig(
+        &m,
+        "a",
+        OWNER_UID,
+        &[&format!("@{out4}"), "+noedns", "TXT", "big.partner.example"],
+    );
+    assert!(txt.contains("retrying in TCP mode"), "{txt}");
+    assert_eq!(txt.matches(big.as_str()).count(), 4, "{txt}");
+    // An unlisted name: REFUSED by the proxy, never sent anywhere. Raw bytes to port 53 go nowhere.
+    let refused = dig(
+        &m,
+        "a",
+        OWNER_UID,
+        &[&format!("@{out4}"), "secret-data.unlisted.example"],
+    );
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let refused = dig(
+        &m,
+        "a",
+        OWNER_UID,
+        &[&format!("@{out4}"), "+tcp", "secret-tcp.unlisted.example"],
+    );
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    m.net.run(
+        "a",
+        Some(OWNER_UID),
+        &[
+            "bash",
+            "-c",
+            &format!("echo RAW-DNS-BYTES > /dev/udp/{out4}/53"),
+        ],
+    );
+    // A real application resolving with the C library (whatever /etc/resolv.conf names, port 53 goes to
+    // the proxy): the allowed name resolves and its port is reachable; another port of the same address
+    // is not; an unlisted name does not resolve. The test hosts have no default route, so the nameserver
+    // the machine's resolv.conf names would be unreachable before any packet left: give A one.
+    m.net
+        .run("a", None, &["ip", "route", "add", "default", "dev", "e0"]);
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            "http://allowed.example:8081/api/allowed",
+            &["-d", "ok"]
+        ),
+        "201"
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            "http://allowed.example:8080/api/outside",
+            &["-d", "x"]
+        ),
+        "000"
+    );
+    assert_eq!(
+        m.curl(
+            "a",
+            Some(OWNER_UID),
+            "http://leak-by-name.unlisted.example:8081/",
+            &["-d", "x"]
+        ),
+        "000"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    m.net.signal(dump, libc::SIGINT);
+    m.net.wait(dump, Duration::from_secs(5));
+
+    let bytes = std::fs::read(&pcap).unwrap();
+    let seen = |n: &str| bytes.windows(n.len()).any(|w| w == n.as_bytes());
+    // Names as DNS writes them on the wire (length-prefixed labels).
+    assert!(
+        seen("\x07allowed\x07example"),
+        "the forwarded query must be on the wire (control)"
+    );
+    for leak in [
+        "secret-data",
+        "secret-tcp",
+        "leak-by-name",
+        "RAW-DNS-BYTES",
+        "\x06strait\x08internal",
+    ] {
+        assert!(!seen(leak), "{leak} left host A");
+    }
+    let log = std::fs::read_to_string(&queries).unwrap_or_default();
+    assert!(log.contains("allowed.example"), "{log}");
+    assert!(
+        !log.contains("unlisted"),
+        "the resolver saw an unlisted name: {log}"
+    );
+    assert!(
+        !log.contains("strait.internal"),
+        "the resolver saw a mesh name: {log}"
+    );
+
+    let metrics = m.metrics("a");
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_dns_queries_total",
+            "outcome=\"refused\""
+        ) >= 3,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_dns_queries_total",
+            "outcome=\"mesh\""
+        ) >= 3
+    );
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_dns_queries_total",
+            "outcome=\"dropped\""
+        ) >= 1
+    );
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_refused_connections_total",
+            "reason=\"name_not_allowed\""
+        ) >= 3
+    );
+    let log = m.log("proxy-a.log");
+    assert!(
+        log.contains("DNS name not allowed by any egress entry")
+            && log.contains("secret-data.unlisted.example"),
+        "the refusal is logged with the name"
     );
 }

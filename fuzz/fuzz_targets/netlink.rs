@@ -4,11 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strait_proxy::conntrack::parse_original_source;
+use strait_proxy::conntrack::parse_original_tuple;
 use strait_proxy::sockets::{dump_messages, netlink_answer, parse_diag_socket, parse_diag_uid};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = parse_original_source(data);
+    let _ = parse_original_tuple(data);
     if let Ok(Some(answer)) = netlink_answer(data) {
         let _ = parse_diag_uid(answer);
     }

@@ -10,7 +10,7 @@
 //! data.strait_workflow.flows[<source ID>][<destination ID>].methods[<METHOD>] = [ {any_path, exact, globs, conditional, headers, window}, … ]
 //! data.strait_workflow.flows[<source ID>][<destination ID>].methods["*"] = [ … ]   (steps for any method)
 //! data.strait_workflow.flows[<source ID>][<destination ID>].tcp = [5432, …]        (a step with `tcp: [5432]`)
-//! data.strait_workflow.egress[<source ID>] = [ {cidr, port}, … ]
+//! data.strait_workflow.egress[<source ID>] = [ {cidr, port} or {host, port}, … ]
 //! ```
 //!
 //! How custom Rego combines with the workflow: modules in packages `strait.custom.<name>` each define
@@ -206,7 +206,10 @@ pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
             .entry(ids[&e.from].clone())
             .or_insert_with(|| Value::Array(Vec::new()));
         if let Value::Array(a) = list {
-            a.push(json!({"cidr": e.cidr, "port": e.port}));
+            a.push(match (&e.cidr, &e.host) {
+                (Some(cidr), _) => json!({"cidr": cidr, "port": e.port}),
+                (None, host) => json!({"host": host, "port": e.port}),
+            });
         }
     }
     // Under its own root, not under the package's path: a data path that overlaps a package makes

@@ -6,6 +6,7 @@
 //! - [`workflow`]: the workflow YAML model; [`compile`]: workflow → Rego + data;
 //!   [`reference`]: the same decision in plain Rust, for tests.
 //! - [`graph`]: a workflow drawn as SVG.
+//! - [`hostname`]: DNS names and the patterns egress entries name.
 //! - [`bundle`]: OPA-layout bundles (directory or .tar.gz); [`testing`]: `strait policy test`.
 
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod compile;
 pub mod engine;
 pub mod extensions;
 pub mod graph;
+pub mod hostname;
 pub mod input;
 pub mod reference;
 pub mod testing;

@@ -25,6 +25,7 @@
 //!   - {from: vfx-1, to: vfx-2, tcp: [5432]}  # raw TCP connections to these ports of vfx-2 are allowed
 //! egress:                                    # destinations outside the mesh
 //!   - {from: sound, cidr: 192.0.2.0/24, port: 443}
+//!   - {from: sound, host: api.partner.example, port: 443}
 //! ```
 
 use std::collections::BTreeMap;
@@ -137,7 +138,13 @@ pub struct TimeWindow {
 #[serde(deny_unknown_fields)]
 pub struct Egress {
     pub from: String,
-    pub cidr: String,
+    /// An address or CIDR outside the mesh; exactly one of `cidr` and `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// A DNS name (`api.example.com`) or every name below one (`*.example.com`): the source's proxy
+    /// forwards its queries for these names, and the addresses in the answers become reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     #[serde(default)]
     pub port: Option<u16>,
 }
@@ -334,13 +341,31 @@ impl Workflow {
                     format!("no service named {:?}", e.from),
                 ));
             }
-            let (addr, len) = e.cidr.split_once('/').unwrap_or((&e.cidr, ""));
-            let ip: Result<std::net::IpAddr, _> = addr.parse();
-            if ip.is_err() || (!len.is_empty() && len.parse::<u8>().is_err()) {
-                return Err(err(
-                    format!("egress[{i}].cidr"),
-                    format!("{:?} is not an address or CIDR", e.cidr),
-                ));
+            match (&e.cidr, &e.host) {
+                (Some(cidr), None) => {
+                    let (addr, len) = cidr.split_once('/').unwrap_or((cidr, ""));
+                    let ip: Result<std::net::IpAddr, _> = addr.parse();
+                    if ip.is_err() || (!len.is_empty() && len.parse::<u8>().is_err()) {
+                        return Err(err(
+                            format!("egress[{i}].cidr"),
+                            format!("{cidr:?} is not an address or CIDR"),
+                        ));
+                    }
+                }
+                (None, Some(host)) => {
+                    if let Err(e) = crate::hostname::HostPattern::parse(host) {
+                        return Err(err(
+                            format!("egress[{i}].host"),
+                            format!("{host:?} is not a DNS name or '*.' and a DNS name: {e}"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(err(
+                        format!("egress[{i}]"),
+                        "give exactly one of cidr (an address or CIDR) and host (a DNS name)",
+                    ))
+                }
             }
         }
         Ok(())

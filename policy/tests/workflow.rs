@@ -287,6 +287,25 @@ fn bad_workflows_say_where() {
     ))
     .unwrap_err();
     assert!(e.message.contains("colour"), "{e}");
+    // Egress entries name an address or a DNS name, exactly one of them, and a wildcard only as the
+    // whole first label below a registrable name.
+    let egress = |entry: &str| {
+        let base = MOVIE.trim_end();
+        Workflow::from_yaml(&format!("{base}\negress:\n- {{from: owner, {entry}}}\n"))
+    };
+    let ok = egress("host: '*.partner.example', port: 443").unwrap();
+    let compiled = strait_policy::compile::compile(&ok).unwrap();
+    assert!(compiled.to_string().contains(r#""host":"*.partner.example""#));
+    for (entry, at) in [
+        ("host: '*.com'", "egress[0].host"),
+        ("host: 'a b.example'", "egress[0].host"),
+        ("host: 'x.*.example'", "egress[0].host"),
+        ("cidr: 10.0.0.0/8, host: api.example", "egress[0]"),
+        ("port: 443", "egress[0]"),
+        ("cidr: api.example", "egress[0].cidr"),
+    ] {
+        assert_eq!(egress(entry).unwrap_err().at, at, "{entry}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------

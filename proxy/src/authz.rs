@@ -24,6 +24,8 @@ pub struct LoadedPolicy {
     pub has_workflow: bool,
     /// The workflow's `egress` entries: destinations outside the mesh each source may reach.
     pub egress: std::collections::HashMap<String, Vec<crate::tunnel::EgressRule>>,
+    /// The workflow's `egress` entries by DNS name (`host:`), per source.
+    pub egress_hosts: std::collections::HashMap<String, Vec<crate::dns::HostRule>>,
     /// (source, destination) pairs that some step connects: the compiled workflow's
     /// `data.strait_workflow.flows[source][destination]`, read once here so the per-connection egress
     /// check is a set lookup instead of a Rego evaluation (same answer as `strait.workflow.reachable`).
@@ -40,6 +42,8 @@ impl LoadedPolicy {
         let engine = bundle.engine(DEFAULT_BUDGET)?;
         let mut egress: std::collections::HashMap<String, Vec<crate::tunnel::EgressRule>> =
             Default::default();
+        let mut egress_hosts: std::collections::HashMap<String, Vec<crate::dns::HostRule>> =
+            Default::default();
         if let Some(by_source) = bundle
             .data
             .pointer("/strait_workflow/egress")
@@ -47,6 +51,28 @@ impl LoadedPolicy {
         {
             for (source, entries) in by_source {
                 for e in entries.as_array().into_iter().flatten() {
+                    let port = e
+                        .get("port")
+                        .and_then(serde_json::Value::as_u64)
+                        .map(|p| {
+                            u16::try_from(p).map_err(|_| {
+                                anyhow::anyhow!(
+                                    "workflow egress entry for {source}: port {p} out of range"
+                                )
+                            })
+                        })
+                        .transpose()?;
+                    if let Some(host) = e.get("host").and_then(serde_json::Value::as_str) {
+                        let pattern =
+                            strait_policy::hostname::HostPattern::parse(host).map_err(|m| {
+                                anyhow::anyhow!("workflow egress entry for {source}: {host:?}: {m}")
+                            })?;
+                        egress_hosts
+                            .entry(source.clone())
+                            .or_default()
+                            .push(crate::dns::HostRule { pattern, port });
+                        continue;
+                    }
                     let cidr = e
                         .get("cidr")
                         .and_then(serde_json::Value::as_str)
@@ -81,6 +107,7 @@ impl LoadedPolicy {
             has_workflow: bundle.data.get("strait_workflow").is_some(),
             engine,
             egress,
+            egress_hosts,
             reachable,
         })
     }
@@ -182,6 +209,26 @@ impl Authz {
             .as_ref()
             .and_then(|p| p.egress.get(source))
             .is_some_and(|rules| rules.iter().any(|r| r.allows(dst)))
+    }
+
+    /// Does an egress entry of `source` name `name` (and `port`, when given)? With no port, whether any
+    /// entry names it at all: what the DNS proxy asks before forwarding a query.
+    pub fn egress_host_allowed(
+        &self,
+        source: &str,
+        name: &strait_policy::hostname::HostName,
+        port: Option<u16>,
+    ) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .and_then(|p| p.egress_hosts.get(source))
+            .is_some_and(|rules| {
+                rules.iter().any(|r| match port {
+                    Some(port) => r.allows(name, port),
+                    None => r.pattern.matches(name),
+                })
+            })
     }
 
     /// May `source` open a flow to `destination` at all? Asked before a tunnel is opened, so a flow the

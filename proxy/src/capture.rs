@@ -8,6 +8,7 @@
 //!   chain nat_output    { type nat hook output priority -100
 //!     meta mark PROXY_MARK return                      # the proxy's own sockets
 //!     meta skuid != { workload uids } return           # only registered workloads are captured
+//!     udp dport 53 redirect to :15053; tcp dport 53 redirect to :15053   # all DNS to the DNS proxy
 //!     ip daddr 127.0.0.0/8 return; ip6 daddr ::1 return
 //!     meta l4proto tcp redirect to :15001              # every other TCP flow goes to the proxy
 //!   }
@@ -15,7 +16,7 @@
 //!     meta mark PROXY_MARK accept
 //!     oifname "lo" tcp dport { strict ports } reject with tcp reset   # local non-proxy → workload port
 //!     oifname "lo" udp dport { declared ports } counter drop          # UDP to workload ports, locally
-//!     meta skuid { uids } udp dport 53 ip(6) daddr RESOLVER accept    # DNS to the configured resolver
+//!     meta skuid { uids } udp dport 53 counter drop; … tcp dport 53   # DNS that escaped the redirect
 //!     meta skuid { uids } ip daddr 127.0.0.0/8 accept; … ::1 accept   # redirected (NAT already done)
 //!     meta skuid { uids } tcp sport { permissive ports } accept       # replies on PERMISSIVE ports
 //!     meta skuid { uids } oifname != "lo" counter drop                # UDP, ICMP, raw: nothing leaves
@@ -84,8 +85,11 @@ pub struct CapturePlan {
     /// PERMISSIVE workload ports: plaintext from other hosts is accepted, so the workload's replies from
     /// these ports must leave the host.
     pub permissive_ports: BTreeSet<u16>,
-    /// The DNS resolver workloads may query over UDP/TCP port 53.
+    /// Kubernetes mode: the DNS resolvers meshed pods may query over UDP/TCP port 53. (VM mode
+    /// redirects every workload's DNS to the proxy's DNS port instead.)
     pub dns_resolvers: Vec<IpAddr>,
+    /// VM mode: where workloads' DNS (UDP and TCP port 53, to any address) is redirected.
+    pub dns_port: u16,
     /// Where captured TCP is redirected.
     pub outbound_port: u16,
 }
@@ -242,6 +246,22 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             "only registered workloads are captured",
             vec![m(meta(MetaKey::Skuid), Operator::NEQ, uid_set(plan)), ret()],
         ));
+        // Before loopback is exempted: a resolver on 127.0.0.53 is asked through the proxy too.
+        for l4 in ["udp", "tcp"] {
+            objs.push(rule(
+                "nat_output",
+                "workload DNS goes to the proxy's DNS port",
+                vec![
+                    eq(field(l4, "dport"), Expression::Number(53)),
+                    Statement::Redirect(Some(NAT {
+                        addr: None,
+                        family: None,
+                        port: Some(Expression::Number(u32::from(plan.dns_port))),
+                        flags: None,
+                    })),
+                ],
+            ));
+        }
         for dst in loopback_dsts() {
             objs.push(rule("nat_output", "loopback stays local", vec![dst, ret()]));
         }
@@ -299,23 +319,19 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         ));
     }
     if !plan.workload_uids.is_empty() {
-        for r in &plan.dns_resolvers {
-            let proto = match r {
-                IpAddr::V4(_) => "ip",
-                IpAddr::V6(_) => "ip6",
-            };
-            for l4 in ["udp", "tcp"] {
-                objs.push(rule(
-                    "filter_output",
-                    "DNS to the configured resolver",
-                    vec![
-                        eq(meta(MetaKey::Skuid), uid_set(plan)),
-                        eq(field(proto, "daddr"), s(&r.to_string())),
-                        eq(field(l4, "dport"), Expression::Number(53)),
-                        Statement::Accept(None),
-                    ],
-                ));
-            }
+        // Redirected DNS has the proxy's port by now; what still goes to port 53 escaped the redirect
+        // (a flow conntrack knew before the rules existed) and must not reach a resolver.
+        for l4 in ["udp", "tcp"] {
+            objs.push(rule(
+                "filter_output",
+                "workload DNS that was not redirected",
+                vec![
+                    eq(meta(MetaKey::Skuid), uid_set(plan)),
+                    eq(field(l4, "dport"), Expression::Number(53)),
+                    counter(),
+                    Statement::Drop(None),
+                ],
+            ));
         }
         // After the nat chain's redirect the destination is loopback, but `oifname` still names the device
         // chosen before NAT, so redirected packets are recognised by their rewritten destination.
@@ -767,12 +783,18 @@ mod tests {
             workload_uids: [1001, 1002].into(),
             strict_ports: [5000].into(),
             permissive_ports: [5002].into(),
-            dns_resolvers: vec!["10.0.0.53".parse().unwrap()],
+            dns_port: 15053,
             outbound_port: 15001,
             ..Default::default()
         };
         let json = serde_json::to_string(&ruleset(&plan)).unwrap();
         assert!(json.contains(r#""redirect":{"port":15001}"#), "{json}");
+        // DNS is redirected before loopback is exempted, and never accepted to a resolver directly.
+        let dns = json
+            .find(r#""redirect":{"port":15053}"#)
+            .expect("DNS redirect");
+        assert!(dns < json.find("loopback stays local").unwrap());
+        assert!(json.contains("workload DNS that was not redirected"));
         assert!(json.contains(r#""skuid""#));
         assert!(json.contains("tcp reset"));
         assert!(json.contains("replies from PERMISSIVE ports"));

@@ -45,8 +45,8 @@ fn attr(out: &mut Vec<u8>, kind: u16, body: impl FnOnce(&mut Vec<u8>)) {
     out.resize(start + align4(len as usize), 0);
 }
 
-/// The CT_GET request for the connection whose reply tuple is `from` → `to`.
-fn request(from: SocketAddr, to: SocketAddr) -> Vec<u8> {
+/// The CT_GET request for the `protocol` (TCP or UDP) flow whose reply tuple is `from` → `to`.
+fn request(protocol: u8, from: SocketAddr, to: SocketAddr) -> Vec<u8> {
     let family = if from.is_ipv4() {
         libc::AF_INET
     } else {
@@ -73,7 +73,7 @@ fn request(from: SocketAddr, to: SocketAddr) -> Vec<u8> {
             }
         });
         attr(t, CTA_TUPLE_PROTO | NLA_F_NESTED, |p| {
-            attr(p, CTA_PROTO_NUM, |v| v.push(libc::IPPROTO_TCP as u8));
+            attr(p, CTA_PROTO_NUM, |v| v.push(protocol));
             attr(p, CTA_PROTO_SRC_PORT, |v| {
                 v.extend_from_slice(&from.port().to_be_bytes())
             });
@@ -111,38 +111,58 @@ fn find(data: &[u8], kind: u16) -> Option<&[u8]> {
     attrs(data).find(|(k, _)| *k == kind).map(|(_, p)| p)
 }
 
-/// The original source (client address before NAT) in a ctnetlink answer.
-pub fn parse_original_source(answer: &[u8]) -> Option<SocketAddr> {
+/// The original direction's (source, destination) in a ctnetlink answer: the client's address before
+/// NAT and where it sent to.
+pub fn parse_original_tuple(answer: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     let len = (u32::from_ne_bytes(answer.get(0..4)?.try_into().ok()?) as usize).min(answer.len());
     let body = answer.get(NLMSG_HDRLEN + NFGENMSG_LEN..len)?;
     let orig = find(body, CTA_TUPLE_ORIG)?;
     let ip = find(orig, CTA_TUPLE_IP)?;
-    let addr = if let Some(v4) = find(ip, CTA_IP_V4_SRC) {
-        IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(v4).ok()?))
+    let (src, dst) = if let (Some(s), Some(d)) = (find(ip, CTA_IP_V4_SRC), find(ip, CTA_IP_V4_DST))
+    {
+        (
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(s).ok()?)),
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(d).ok()?)),
+        )
     } else {
-        IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(find(ip, CTA_IP_V6_SRC)?).ok()?,
-        ))
+        (
+            IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(find(ip, CTA_IP_V6_SRC)?).ok()?,
+            )),
+            IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(find(ip, CTA_IP_V6_DST)?).ok()?,
+            )),
+        )
     };
-    let port = find(find(orig, CTA_TUPLE_PROTO)?, CTA_PROTO_SRC_PORT)?;
-    Some(SocketAddr::new(
-        addr,
-        u16::from_be_bytes(port.try_into().ok()?),
+    let proto = find(orig, CTA_TUPLE_PROTO)?;
+    let port = |kind| Some(u16::from_be_bytes(find(proto, kind)?.try_into().ok()?));
+    Some((
+        SocketAddr::new(src, port(CTA_PROTO_SRC_PORT)?),
+        SocketAddr::new(dst, port(CTA_PROTO_DST_PORT)?),
     ))
 }
 
-/// The client's address before NAT for the connection the proxy sees as `peer` → `local`; `None` when
-/// conntrack has no such connection.
-pub fn original_source(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
+/// The original (source, destination) of the `protocol` flow the proxy sees as `peer` → `local`;
+/// `None` when conntrack has no such flow.
+pub fn original_tuple(
+    protocol: u8,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> io::Result<Option<(SocketAddr, SocketAddr)>> {
     // The reply direction runs from the redirect target (the proxy) to the (translated) client.
-    let req = request(local, peer);
+    let req = request(protocol, local, peer);
     let mut buf = [0u8; 4096];
     match netlink_roundtrip(NETLINK_NETFILTER, &req, &mut buf)? {
         None => Ok(None),
-        Some(n) => parse_original_source(&buf[..n])
+        Some(n) => parse_original_tuple(&buf[..n])
             .map(Some)
-            .ok_or_else(|| io::Error::other("conntrack answer without an original source")),
+            .ok_or_else(|| io::Error::other("conntrack answer without an original tuple")),
     }
+}
+
+/// The client's address before NAT for the TCP connection the proxy sees as `peer` → `local`.
+pub fn original_source(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
+    Ok(original_tuple(libc::IPPROTO_TCP as u8, local, peer)?.map(|(src, _)| src))
 }
 
 #[cfg(test)]
@@ -151,7 +171,7 @@ mod tests {
 
     /// An answer as the kernel shapes it: header, nfgenmsg, then the original tuple among others.
     fn answer(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-        let mut m = request(dst, src);
+        let mut m = request(6, dst, src);
         // Turn the request's reply tuple into an original tuple src → dst, and add a status attribute.
         m.truncate(NLMSG_HDRLEN + NFGENMSG_LEN);
         attr(&mut m, 3, |v| v.extend_from_slice(&8u32.to_be_bytes()));
@@ -187,6 +207,7 @@ mod tests {
     #[test]
     fn the_request_is_aligned_and_names_the_reply_tuple() {
         let r = request(
+            17,
             "127.0.0.1:15001".parse().unwrap(),
             "10.0.0.2:5005".parse().unwrap(),
         );
@@ -206,18 +227,19 @@ mod tests {
             find(proto, CTA_PROTO_DST_PORT).unwrap(),
             5005u16.to_be_bytes()
         );
+        assert_eq!(find(proto, CTA_PROTO_NUM).unwrap(), [17]);
         let ip = find(reply, CTA_TUPLE_IP).unwrap();
         assert_eq!(find(ip, CTA_IP_V4_DST).unwrap(), [10, 0, 0, 2]);
     }
 
     #[test]
-    fn the_original_source_is_read_back_over_ipv4_and_ipv6() {
+    fn the_original_tuple_is_read_back_over_ipv4_and_ipv6() {
         for (src, dst) in [
             ("10.0.0.2:41234", "10.0.0.3:5002"),
             ("[fd00::2]:41234", "[fd00::3]:5002"),
         ] {
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-            assert_eq!(parse_original_source(&answer(src, dst)), Some(src));
+            assert_eq!(parse_original_tuple(&answer(src, dst)), Some((src, dst)));
         }
     }
 
@@ -232,11 +254,11 @@ mod tests {
             if b.len() >= 4 {
                 b[0..4].copy_from_slice(&(cut as u32).to_ne_bytes());
             }
-            assert_eq!(parse_original_source(&b), None, "cut at {cut}");
+            assert_eq!(parse_original_tuple(&b), None, "cut at {cut}");
         }
         let mut bad = a.clone();
         // An attribute length pointing past the end.
         bad[NLMSG_HDRLEN + NFGENMSG_LEN] = 0xff;
-        assert_eq!(parse_original_source(&bad), None);
+        assert_eq!(parse_original_tuple(&bad), None);
     }
 }

@@ -26,6 +26,8 @@ pub struct DirectoryView {
     tunnels: HashMap<NodeName, SocketAddr>,
     local_by_uid: HashMap<u32, Arc<Workload>>,
     local_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Mesh DNS names (`<service account>.<namespace>`, relative to the DNS zone) → addresses.
+    by_name: HashMap<String, Vec<IpAddr>>,
     pub local: Vec<Arc<Workload>>,
 }
 
@@ -50,7 +52,20 @@ impl DirectoryView {
                 v.tunnels.insert(n.name.clone(), t);
             }
         }
+        let node_addrs: HashMap<&NodeName, &Vec<IpAddr>> =
+            dir.nodes.iter().map(|n| (&n.name, &n.addresses)).collect();
         for w in &dir.workloads {
+            if let Some(name) = dns_name(&w.id) {
+                let addrs = v.by_name.entry(name).or_default();
+                match &w.selector {
+                    Selector::Ips(ips) => addrs.extend(ips),
+                    Selector::Uid(_) => {
+                        addrs.extend(node_addrs.get(&w.node).into_iter().copied().flatten())
+                    }
+                }
+                addrs.sort();
+                addrs.dedup();
+            }
             let w = Arc::new(w.clone());
             for p in &w.ports {
                 v.by_node_port.insert((w.node.clone(), p.port), w.clone());
@@ -92,6 +107,12 @@ impl DirectoryView {
         Some(Route { workload, tunnel })
     }
 
+    /// The addresses of the workloads named `<service account>.<namespace>` (all replicas); `None` when
+    /// no workload has that name.
+    pub fn addresses_of(&self, name: &str) -> Option<&[IpAddr]> {
+        self.by_name.get(name).map(Vec::as_slice)
+    }
+
     pub fn local_by_uid(&self, uid: u32) -> Option<&Arc<Workload>> {
         self.local_by_uid.get(&uid)
     }
@@ -123,4 +144,21 @@ impl DirectoryView {
     pub fn local_pod_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.local_by_ip.keys().copied()
     }
+}
+
+/// The DNS name of a workload relative to the mesh zone: `spiffe://td/ns/movie/sa/vfx` → `vfx.movie`
+/// (lower case; `None` for identities of another shape or with characters DNS names cannot carry).
+fn dns_name(id: &strait_ca::SpiffeId) -> Option<String> {
+    let mut parts = id.path().trim_start_matches('/').split('/');
+    let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let name = strait_policy::hostname::HostName::parse(&format!("{sa}.{ns}")).ok()?;
+    Some(name.as_str().to_owned())
 }

@@ -4,6 +4,7 @@
 //! - [`sockets`]: original destinations, source users, marked sockets.
 //! - [`certs`]: workload SVIDs (keys made here), swapped on renewal; TLS certificate resolvers.
 //! - [`directory`]: routing from the mesh directory.
+//! - [`dns`]: the DNS proxy: mesh names from the directory, allowed names forwarded, the rest refused.
 //! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload; [`h2stream`]: one
 //!   CONNECT stream as a byte stream.
 //! - [`authz`]: the policy bundle (hot reload), decisions, decision log; [`l7`]: HTTP/TCP enforcement.
@@ -19,6 +20,7 @@ pub mod capture;
 pub mod certs;
 pub mod conntrack;
 pub mod directory;
+pub mod dns;
 pub mod h2stream;
 pub mod l7;
 pub mod mesh;

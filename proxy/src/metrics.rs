@@ -18,6 +18,11 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsOutcome {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Identity {
     pub id: String,
 }
@@ -37,6 +42,7 @@ pub struct Metrics {
     pub mesh_version: Gauge,
     pub mesh_applied: Counter,
     pub mesh_refused: Counter,
+    pub dns_queries: Family<DnsOutcome, Counter>,
 }
 
 impl Metrics {
@@ -98,6 +104,11 @@ impl Metrics {
             self.cert_expiry.clone(),
         );
         r.register(
+            "dns_queries",
+            "DNS queries of workloads by outcome: mesh (answered from the directory), mesh_unknown (NXDOMAIN), forwarded (an allowed name), refused (REFUSED: no egress entry names it), failed (SERVFAIL), unsupported, dropped (not DNS)",
+            self.dns_queries.clone(),
+        );
+        r.register(
             "certificate_renewals",
             "Certificate renewals",
             self.cert_renewals.clone(),
@@ -108,6 +119,12 @@ impl Metrics {
             self.cert_renewal_failures.clone(),
         );
         r
+    }
+
+    pub fn dns_query(&self, outcome: &'static str) {
+        self.dns_queries
+            .get_or_create(&DnsOutcome { outcome })
+            .inc();
     }
 
     pub fn refuse(&self, direction: &'static str, reason: &str) {

@@ -56,8 +56,14 @@ pub struct ProxyOptions {
     pub tunnel_port: u16,
     pub outbound_port: u16,
     pub admin: SocketAddr,
+    /// Resolvers the DNS proxy asks for names an egress entry allows (and, in Kubernetes mode, that
+    /// meshed pods may query directly).
     pub dns_resolvers: Vec<IpAddr>,
+    /// The zone of mesh DNS names.
+    pub dns_zone: strait_policy::hostname::HostName,
     pub egress: Vec<EgressRule>,
+    /// `--allow-egress` entries by DNS name.
+    pub egress_hosts: Vec<crate::dns::HostRule>,
     pub drain_timeout: Duration,
     /// A local policy bundle (OPA layout, directory or .tar.gz) that overrides the distributed policy,
     /// reloaded when it changes. None: the distributor's policy (and with no version yet, deny all).
@@ -299,6 +305,7 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
         mode: opts.mode(),
         outbound_port: opts.outbound_port,
         dns_resolvers: opts.dns_resolvers.clone(),
+        dns_port: crate::dns::DNS_PORT,
         ..Default::default()
     };
     if plan.mode == CaptureMode::Kubernetes {
@@ -536,6 +543,23 @@ fn bind_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<Vec<TcpListener>>
     Ok(out)
 }
 
+/// UDP sockets on the IPv4 address and, when the host has IPv6, the IPv6 one.
+fn bind_udp_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<Vec<tokio::net::UdpSocket>> {
+    let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        tokio::net::UdpSocket::from_std(socket)
+    };
+    let mut out = vec![bind(v4).with_context(|| format!("cannot listen on UDP {v4} (in use?)"))?];
+    match bind(v6) {
+        Ok(s) => out.push(s),
+        Err(e) => {
+            warn!(addr = %v6, error = %e, "no IPv6 DNS listener (IPv6 disabled on this host?)")
+        }
+    }
+    Ok(out)
+}
+
 /// The control plane's address for the distributor (same host and port as the API).
 async fn control_addr(control: &str) -> anyhow::Result<SocketAddr> {
     let (host, port) = strait_control::client::parse_server(control)?;
@@ -611,6 +635,11 @@ pub async fn run(
             auto_detect_timeout: opts.auto_detect_timeout,
             idle_timeout: opts.idle_timeout,
             max_connections: max_connections(opts.max_connections),
+            dns: crate::dns::DnsSettings {
+                zone: opts.dns_zone.clone(),
+                upstreams: opts.dns_resolvers.clone(),
+                hosts: opts.egress_hosts.clone(),
+            },
         },
         authz.clone(),
     ));
@@ -633,6 +662,14 @@ pub async fn run(
         }
         capture::ensure_tproxy_route().context("installing the TPROXY policy route")?;
     }
+    let dns_tcp = bind_pair(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+    )?;
+    let dns_udp = bind_udp_pair(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+    )?;
     let inbound = bind_pair(
         SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), opts.tunnel_port),
         SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), opts.tunnel_port),
@@ -689,6 +726,12 @@ pub async fn run(
     let mut listeners: Vec<JoinHandle<()>> = Vec::new();
     for l in outbound {
         listeners.push(tokio::spawn(tunnel::serve_outbound(ctx.clone(), l)));
+    }
+    for l in dns_tcp {
+        listeners.push(tokio::spawn(crate::dns::serve_tcp(ctx.clone(), l)));
+    }
+    for s in dns_udp {
+        listeners.push(tokio::spawn(crate::dns::serve_udp(ctx.clone(), s)));
     }
     for l in inbound {
         listeners.push(tokio::spawn(tunnel::serve_inbound(

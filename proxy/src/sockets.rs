@@ -248,22 +248,35 @@ pub fn client_uid(tcp: &TcpStream, peer: SocketAddr, dst: SocketAddr) -> io::Res
 /// owner's uid, which the kernel recorded and the client cannot forge. (Scanning /proc/net/tcp instead
 /// costs milliseconds once connection churn fills it with TIME_WAIT entries.)
 pub fn local_peer_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<u32>> {
-    let family = if client.is_ipv4() {
+    owner_uid(libc::IPPROTO_TCP as u8, client, dst)
+}
+
+/// The Unix user owning the local UDP socket that sent from `client` to `dst` (the addresses before
+/// redirection, from conntrack). It finds the socket the kernel would deliver `dst`'s answer to: a socket
+/// connected to `dst` or an unconnected one bound to `client`'s port.
+pub fn udp_sender_uid(client: SocketAddr, dst: SocketAddr) -> io::Result<Option<u32>> {
+    // The kernel's UDP lookup by `inet_diag_sockid` reads `src` as the remote end and `dst` as the local
+    // one, the reverse of TCP's (udp_dump_one: "src and dst are swapped for historical reasons").
+    owner_uid(libc::IPPROTO_UDP as u8, dst, client)
+}
+
+fn owner_uid(protocol: u8, src: SocketAddr, dst: SocketAddr) -> io::Result<Option<u32>> {
+    let family = if src.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
     let id = InetDiagSockId {
-        sport: client.port().to_be_bytes(),
+        sport: src.port().to_be_bytes(),
         dport: dst.port().to_be_bytes(),
-        src: addr_bytes(client.ip()),
+        src: addr_bytes(src.ip()),
         dst: addr_bytes(dst.ip()),
         interface: 0,
         cookie: [INET_DIAG_NOCOOKIE; 2],
     };
     let request = diag_request(
         family as u8,
-        libc::IPPROTO_TCP as u8,
+        protocol,
         !0,
         SOCK_DIAG_BY_FAMILY,
         libc::NLM_F_REQUEST as u16,
@@ -475,6 +488,20 @@ pub async fn connect_marked(addr: SocketAddr, timeout: Duration) -> io::Result<T
         })?
 }
 
+/// A UDP socket with the proxy's mark, connected to `addr` (so only `addr`'s datagrams are received).
+pub async fn udp_connected_marked(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let domain = match addr {
+        SocketAddr::V4(_) => socket2::Domain::IPV4,
+        SocketAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::UdpSocket::from_std(socket.into())?;
+    socket.connect(addr).await?;
+    Ok(socket)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +516,26 @@ mod tests {
         // No such connection: None, not an error.
         let none = local_peer_uid("127.0.0.1:1".parse().unwrap(), dst).unwrap();
         assert_eq!(none, None);
+    }
+
+    #[tokio::test]
+    async fn finds_the_uid_of_a_udp_sender_connected_or_not() {
+        let me = Some(unsafe { libc::geteuid() });
+        let resolver: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let connected = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        connected.connect(resolver).unwrap();
+        let from = connected.local_addr().unwrap();
+        assert_eq!(udp_sender_uid(from, resolver).unwrap(), me);
+        // Connected elsewhere: not the socket that sent to `resolver`.
+        let other: SocketAddr = "127.0.0.1:54".parse().unwrap();
+        assert_eq!(udp_sender_uid(from, other).unwrap(), None);
+        let unconnected = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = unconnected.local_addr().unwrap().port();
+        let from = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
+        assert_eq!(udp_sender_uid(from, resolver).unwrap(), me);
+        // Nobody bound there.
+        drop(unconnected);
+        assert_eq!(udp_sender_uid(from, resolver).unwrap(), None);
     }
 
     #[tokio::test]

@@ -171,6 +171,8 @@ pub struct Ctx {
     pub idle_timeout: Duration,
     /// Most connections carried at once; past it new ones are refused at once.
     pub max_connections: usize,
+    /// The DNS proxy, and the addresses it resolved for the egress check.
+    pub dns: crate::dns::Dns,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
 }
 
@@ -220,6 +222,7 @@ impl Default for NodeSettings {
             auto_detect_timeout: crate::l7::limits::FIRST_BYTES_TIMEOUT,
             idle_timeout: crate::l7::limits::IDLE_TIMEOUT,
             max_connections: usize::MAX,
+            dns: Default::default(),
         }
     }
 }
@@ -238,6 +241,7 @@ pub struct NodeSettings {
     pub idle_timeout: Duration,
     /// Most connections (outbound connections plus inbound streams) carried at once.
     pub max_connections: usize,
+    pub dns: crate::dns::DnsSettings,
 }
 
 impl Ctx {
@@ -256,6 +260,7 @@ impl Ctx {
             auto_detect_timeout,
             idle_timeout,
             max_connections,
+            dns,
         } = node;
         Self {
             certs,
@@ -270,6 +275,7 @@ impl Ctx {
             auto_detect_timeout,
             idle_timeout,
             max_connections,
+            dns: crate::dns::Dns::new(dns),
             pool: Mutex::new(HashMap::new()),
         }
     }
@@ -322,6 +328,7 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
     let Some(route) = view.route(dst) else {
         if ctx.egress.iter().any(|r| r.allows(dst))
             || ctx.authz.egress_allowed(src.id.as_str(), dst)
+            || ctx.dns.egress_allowed(&ctx.authz, src.id.as_str(), dst)
         {
             return egress(ctx, tcp, &src, dst).await;
         }

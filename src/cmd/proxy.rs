@@ -4,6 +4,8 @@ use std::net::IpAddr;
 
 use anyhow::{anyhow, Context as _};
 use strait_control::registry::NodeName;
+use strait_policy::hostname::HostName;
+use strait_proxy::dns::HostRule;
 use strait_proxy::run::{run as run_proxy, Bootstrap, ProxyOptions, OUTBOUND_PORT, TUNNEL_PORT};
 use strait_proxy::tunnel::EgressRule;
 
@@ -25,11 +27,18 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         (None, Some(f)) => Some(strait_control::init::read_token_file(f)?),
         (None, None) => None,
     };
-    let egress = args
-        .egress
-        .iter()
-        .map(|e| EgressRule::parse(e).map_err(|m| anyhow!("--allow-egress {m}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (mut egress, mut egress_hosts) = (Vec::new(), Vec::new());
+    for e in &args.egress {
+        // An address or CIDR if it parses as one, else a DNS name.
+        match EgressRule::parse(e) {
+            Ok(rule) => egress.push(rule),
+            Err(cidr_error) => egress_hosts.push(HostRule::parse(e).map_err(|name_error| {
+                anyhow!("--allow-egress {e:?} is neither an address ({cidr_error}) nor a DNS name ({name_error})")
+            })?),
+        }
+    }
+    let dns_zone = HostName::parse(&args.dns_zone)
+        .map_err(|e| anyhow!("--dns-zone {:?} is not a DNS name: {e}", args.dns_zone))?;
     if args.allow_kubelet_probes && args.mode != ProxyMode::Kubernetes {
         return Err(anyhow!(
             "--allow-kubelet-probes is for --mode kubernetes (VM workloads declare PERMISSIVE ports instead)"
@@ -48,19 +57,19 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         },
     };
     let mut dns_resolvers = args.dns_resolvers;
-    if args.mode == ProxyMode::Kubernetes && dns_resolvers.is_empty() {
-        // The DaemonSet runs with dnsPolicy ClusterFirstWithHostNet, so this file names the cluster DNS
-        // Service: the resolver the node's pods use.
+    if dns_resolvers.is_empty() {
+        // In Kubernetes mode the DaemonSet runs with dnsPolicy ClusterFirstWithHostNet, so this file
+        // names the cluster DNS Service: the resolver the node's pods use.
         dns_resolvers = std::fs::read_to_string(RESOLV_CONF)
             .map(|text| nameservers(&text))
             .unwrap_or_default();
         if dns_resolvers.is_empty() {
             tracing::warn!(
                 file = RESOLV_CONF,
-                "no --dns-resolver and no nameserver found: meshed pods' DNS is dropped"
+                "no --dns-resolver and no nameserver found: only mesh names resolve for workloads"
             );
         } else {
-            tracing::info!(resolvers = ?dns_resolvers, "meshed pods may query the cluster DNS from {RESOLV_CONF}");
+            tracing::info!(resolvers = ?dns_resolvers, "resolvers for allowed names from {RESOLV_CONF}");
         }
     }
     let opts = ProxyOptions {
@@ -73,7 +82,9 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         outbound_port: OUTBOUND_PORT,
         admin: args.admin,
         dns_resolvers,
+        dns_zone,
         egress,
+        egress_hosts,
         drain_timeout: args.drain_timeout,
         policy_bundle: args.policy_bundle,
         distributor_tcp_only: args.distributor_tcp_only,
