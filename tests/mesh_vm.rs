@@ -249,16 +249,22 @@ fn every_way_around_the_mesh_fails() {
         "bytes to port 53 that are not DNS left the host"
     );
 
-    // Inbound UDP to a workload's ports never reaches it: not from another host (over IPv4 or IPv6), not
-    // from a user of its own host that is not a workload, not from another workload. A listener on an
-    // undeclared port is the positive control: the same datagrams do arrive where no rule drops them.
+    // Inbound UDP to a workload's sockets never reaches them from another host (over IPv4 or IPv6),
+    // declared port or not; a declared port is not reached from a local user that is not a workload or
+    // from another workload either. A listener of a user that is not a workload is the positive control:
+    // the same datagrams arrive where no rule drops them.
     let (b4, b6) = (m.net.v4("b"), m.net.v6("b"));
     let declared = m.dir.join("udp-5001.log");
     let undeclared = m.dir.join("udp-5999.log");
-    for (port, log) in [(5001, &declared), (5999, &undeclared)] {
+    let not_a_workload = m.dir.join("udp-5998.log");
+    for (port, uid, log) in [
+        (5001, VFX_UID, &declared),
+        (5999, VFX_UID, &undeclared),
+        (5998, STRANGER_UID, &not_a_workload),
+    ] {
         m.net.spawn(
             "b",
-            Some(VFX_UID),
+            Some(uid),
             &[
                 "socat",
                 "-u",
@@ -268,8 +274,33 @@ fn every_way_around_the_mesh_fails() {
             log,
         );
     }
-    std::thread::sleep(Duration::from_millis(300));
-    for port in [5001, 5999] {
+    // And a TCP listener of the workload on a port it did not declare.
+    m.net.spawn(
+        "b",
+        Some(VFX_UID),
+        &[
+            "socat",
+            "TCP6-LISTEN:5997,ipv6only=0,reuseaddr,fork",
+            "EXEC:echo undeclared",
+        ],
+        &m.dir.join("tcp-5997.log"),
+    );
+    // The proxy lists the workloads' sockets every 2 s and the inbound rules follow.
+    let rules_b = || {
+        let out = m
+            .net
+            .run("b", None, &["nft", "list", "table", "inet", "strait"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    m.net.eventually(
+        Duration::from_secs(10),
+        "B's rules cover the undeclared ports",
+        || {
+            let r = rules_b();
+            r.contains("5999") && r.contains("5997") && !r.contains("5998")
+        },
+    );
+    for port in [5001, 5999, 5998] {
         let send = |host: &str, uid: Option<u32>, to: String, tag: &str| {
             let cmd = format!("echo {tag}-{port} > /dev/udp/{to}/{port}");
             m.net.run(host, uid, &["bash", "-c", &cmd]);
@@ -291,15 +322,30 @@ fn every_way_around_the_mesh_fails() {
         got.is_empty(),
         "UDP reached a declared workload port: {got:?}"
     );
-    let control = std::fs::read_to_string(&undeclared).unwrap_or_default();
-    for tag in ["FROM-A-V4", "FROM-A-V6", "FROM-B-STRANGER", "FROM-B-ROOT"] {
+    let got = std::fs::read_to_string(&undeclared).unwrap_or_default();
+    for tag in ["FROM-A-V4", "FROM-A-V6", "FROM-A-WORKLOAD"] {
         assert!(
-            control.contains(&format!("{tag}-5999")),
-            "the control datagram {tag} must arrive on the undeclared port: {control:?}"
+            !got.contains(tag),
+            "UDP from another host reached an undeclared workload port: {got:?}"
         );
     }
-    // (A workload's own UDP never leaves its host: FROM-A-WORKLOAD is dropped on A, on both ports.)
+    let control = std::fs::read_to_string(&not_a_workload).unwrap_or_default();
+    for tag in ["FROM-A-V4", "FROM-A-V6", "FROM-B-STRANGER", "FROM-B-ROOT"] {
+        assert!(
+            control.contains(&format!("{tag}-5998")),
+            "the control datagram {tag} must arrive at a socket that is not a workload's: {control:?}"
+        );
+    }
+    // (A workload's own UDP never leaves its host: FROM-A-WORKLOAD is dropped on A, on every port.)
     assert!(!control.contains("FROM-A-WORKLOAD"), "{control:?}");
+    // TCP to the undeclared port from another host: refused by its own rule, which counts it.
+    assert_eq!(m.curl("a", None, &format!("http://{b4}:5997/"), &[]), "000");
+    let rules = rules_b();
+    let line = rules
+        .lines()
+        .find(|l| l.contains("TCP to ports workloads listen on without declaring them"))
+        .unwrap_or_else(|| panic!("no rule for undeclared TCP ports: {rules}"));
+    assert!(!line.contains("counter packets 0 "), "{line}");
 
     // A PERMISSIVE port accepts plaintext from other hosts; its strict neighbour on the same workload
     // does not.

@@ -295,7 +295,9 @@ fn bad_workflows_say_where() {
     };
     let ok = egress("host: '*.partner.example', port: 443").unwrap();
     let compiled = strait_policy::compile::compile(&ok).unwrap();
-    assert!(compiled.to_string().contains(r#""host":"*.partner.example""#));
+    assert!(compiled
+        .to_string()
+        .contains(r#""host":"*.partner.example""#));
     for (entry, at) in [
         ("host: '*.com'", "egress[0].host"),
         ("host: 'a b.example'", "egress[0].host"),

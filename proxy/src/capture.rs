@@ -90,6 +90,10 @@ pub struct CapturePlan {
     pub dns_resolvers: Vec<IpAddr>,
     /// VM mode: where workloads' DNS (UDP and TCP port 53, to any address) is redirected.
     pub dns_port: u16,
+    /// VM mode: TCP ports workloads listen on and UDP ports they have unconnected sockets on, declared
+    /// or not, as the kernel lists them (refreshed every few seconds): dropped from other hosts.
+    pub listening_tcp: BTreeSet<u16>,
+    pub listening_udp: BTreeSet<u16>,
     /// Where captured TCP is redirected.
     pub outbound_port: u16,
 }
@@ -403,6 +407,50 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             vec![
                 eq(meta(MetaKey::L4proto), s("udp")),
                 eq(field("udp", "dport"), declared_port_set(plan)),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+    // Not only declared ports: in VM mode nothing tells the kernel which user an inbound packet is for,
+    // so the proxy lists the workloads' listening sockets and drops other hosts' traffic to those ports.
+    // (PERMISSIVE ports stay open to plaintext on purpose.)
+    let undeclared_tcp: Vec<u16> = plan
+        .listening_tcp
+        .iter()
+        .filter(|p| !plan.strict_ports.contains(p) && !plan.permissive_ports.contains(p))
+        .copied()
+        .collect();
+    if !undeclared_tcp.is_empty() {
+        objs.push(rule(
+            "filter_input",
+            "TCP to ports workloads listen on without declaring them",
+            vec![
+                eq(meta(MetaKey::L4proto), s("tcp")),
+                eq(
+                    field("tcp", "dport"),
+                    set(undeclared_tcp
+                        .iter()
+                        .map(|p| Expression::Number(u32::from(*p)))),
+                ),
+                counter(),
+                Statement::Drop(None),
+            ],
+        ));
+    }
+    if !plan.listening_udp.is_empty() {
+        objs.push(rule(
+            "filter_input",
+            "UDP to the sockets of workloads",
+            vec![
+                eq(meta(MetaKey::L4proto), s("udp")),
+                eq(
+                    field("udp", "dport"),
+                    set(plan
+                        .listening_udp
+                        .iter()
+                        .map(|p| Expression::Number(u32::from(*p)))),
+                ),
                 counter(),
                 Statement::Drop(None),
             ],

@@ -300,8 +300,21 @@ fn max_connections(asked: usize) -> usize {
     cap
 }
 
-fn capture_plan(view: &DirectoryView, opts: &ProxyOptions) -> CapturePlan {
+/// The ports the node's workloads listen on (TCP) and receive on (unconnected UDP), last read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listening {
+    pub tcp: BTreeSet<u16>,
+    pub udp: BTreeSet<u16>,
+}
+
+/// How often the workloads' listening sockets are listed: a port a workload opens without declaring it
+/// is reachable from other hosts for at most this long (TCP: not even then, its SYN-ACK cannot leave).
+const LISTENING_REFRESH: Duration = Duration::from_secs(2);
+
+fn capture_plan(view: &DirectoryView, opts: &ProxyOptions, listening: &Listening) -> CapturePlan {
     let mut plan = CapturePlan {
+        listening_tcp: listening.tcp.clone(),
+        listening_udp: listening.udp.clone(),
         mode: opts.mode(),
         outbound_port: opts.outbound_port,
         dns_resolvers: opts.dns_resolvers.clone(),
@@ -341,6 +354,9 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
     cert_tasks: Mutex<HashMap<SpiffeId, JoinHandle<()>>>,
+    /// Held while a capture plan is computed and applied, so the directory and the listening-socket
+    /// watcher never apply plans out of order. Also holds the last listening ports read.
+    capture: Mutex<Listening>,
 }
 
 impl Node {
@@ -404,7 +420,6 @@ impl Node {
                 keep
             });
         }
-        let plan = capture_plan(&view, &self.opts);
         info!(
             revision = view.revision,
             local = local.len(),
@@ -412,29 +427,60 @@ impl Node {
         );
         // Rules before the view: a newly captured workload's first connections then meet a proxy that
         // does not know it yet and are refused (closed), never the other way round (known but uncaptured).
-        if **self.shared.capture.load() != plan {
-            // nft takes tens of milliseconds: tell the runtime, so other tasks move to other workers.
-            let apply = || capture::apply(&plan);
-            let applied = match tokio::runtime::Handle::try_current() {
-                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                    tokio::task::block_in_place(apply)
-                }
-                _ => apply(),
-            };
-            match applied {
-                Ok(()) => {
-                    let before = self.shared.capture.load().workload_uids.clone();
-                    let newly: std::collections::BTreeSet<u32> =
-                        plan.workload_uids.difference(&before).copied().collect();
-                    self.shared.capture.store(Arc::new(plan));
-                    cut_uncaptured_sockets(&newly, &self.shared.ctx.metrics);
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot update the nftables rules; the previous rules stay")
-                }
+        let listening = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        self.apply_plan(capture_plan(&view, &self.opts, &listening));
+        drop(listening);
+        self.shared.ctx.dir.store(Arc::new(view));
+    }
+
+    /// Applies `plan` unless it is already in force; closes what newly captured workloads opened before.
+    /// Called with `self.capture` held.
+    fn apply_plan(&self, plan: CapturePlan) {
+        if **self.shared.capture.load() == plan {
+            return;
+        }
+        // nft takes tens of milliseconds: tell the runtime, so other tasks move to other workers.
+        let apply = || capture::apply(&plan);
+        let applied = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(apply)
+            }
+            _ => apply(),
+        };
+        match applied {
+            Ok(()) => {
+                let before = self.shared.capture.load().workload_uids.clone();
+                let newly: std::collections::BTreeSet<u32> =
+                    plan.workload_uids.difference(&before).copied().collect();
+                self.shared.capture.store(Arc::new(plan));
+                cut_uncaptured_sockets(&newly, &self.shared.ctx.metrics);
+            }
+            Err(e) => {
+                error!(error = %e, "cannot update the nftables rules; the previous rules stay")
             }
         }
-        self.shared.ctx.dir.store(Arc::new(view));
+    }
+
+    /// Re-reads the ports the workloads listen on; when they changed, the inbound rules follow.
+    fn refresh_listening(&self) {
+        let uids = self.shared.capture.load().workload_uids.clone();
+        let now = match crate::sockets::listening_ports(&uids) {
+            Ok((tcp, udp)) => Listening { tcp, udp },
+            Err(e) => {
+                warn!(error = %e, "cannot list the workloads' listening sockets; the inbound rules stay as they are");
+                return;
+            }
+        };
+        let mut listening = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        if *listening == now {
+            return;
+        }
+        info!(tcp = ?now.tcp, udp = ?now.udp, "ports the workloads listen on changed");
+        *listening = now;
+        let mut plan = (**self.shared.capture.load()).clone();
+        plan.listening_tcp = listening.tcp.clone();
+        plan.listening_udp = listening.udp.clone();
+        self.apply_plan(plan);
     }
 
     async fn fetch_cert(&self, id: &SpiffeId) -> anyhow::Result<Arc<WorkloadCert>> {
@@ -622,7 +668,7 @@ pub async fn run(
         opts.decision_log_allow_sample,
     ));
     let view = DirectoryView::default();
-    let plan = capture_plan(&view, &opts);
+    let plan = capture_plan(&view, &opts, &Listening::default());
     let ctx = Arc::new(Ctx::new(
         certs.clone(),
         view,
@@ -703,6 +749,7 @@ pub async fn run(
         metrics: metrics.clone(),
         shared: shared.clone(),
         cert_tasks: Mutex::new(HashMap::new()),
+        capture: Mutex::new(Listening::default()),
     });
     let applier = Arc::new(crate::mesh::ProxyApplier::new(
         node.clone(),
@@ -751,6 +798,16 @@ pub async fn run(
             path.clone(),
             Duration::from_secs(1),
         )));
+    }
+    if opts.mode() == CaptureMode::Vm {
+        let node = node.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LISTENING_REFRESH);
+            loop {
+                tick.tick().await;
+                node.refresh_listening();
+            }
+        }));
     }
     background.push(tokio::spawn(keep_node_cert(
         opts.clone(),

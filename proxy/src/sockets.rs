@@ -386,12 +386,55 @@ fn diag_request(
 /// Every TCP and UDP socket (IPv4 and IPv6) owned by one of `uids`, except listening ones: what a workload
 /// had open before its capture began.
 pub fn sockets_of(uids: &std::collections::BTreeSet<u32>) -> io::Result<Vec<UserSocket>> {
-    let mut out = Vec::new();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for (protocol, states) in [
+    dump_sockets(
+        uids,
+        &[
             (libc::IPPROTO_TCP as u8, !(1u32 << TCP_LISTEN)),
             (libc::IPPROTO_UDP as u8, !0u32),
-        ] {
+        ],
+    )
+}
+
+/// The ports `uids` accept traffic on: listening TCP sockets and unconnected UDP sockets, IPv4 and
+/// IPv6 (what a workload serves, declared or not).
+pub fn listening_ports(
+    uids: &std::collections::BTreeSet<u32>,
+) -> io::Result<(
+    std::collections::BTreeSet<u16>,
+    std::collections::BTreeSet<u16>,
+)> {
+    let (mut tcp, mut udp) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for s in dump_sockets(
+        uids,
+        &[
+            (libc::IPPROTO_TCP as u8, 1u32 << TCP_LISTEN),
+            (libc::IPPROTO_UDP as u8, !0u32),
+        ],
+    )? {
+        match s.protocol {
+            p if p == libc::IPPROTO_TCP as u8 => {
+                tcp.insert(s.local.port());
+            }
+            _ if s.remote.port() == 0 => {
+                udp.insert(s.local.port());
+            }
+            _ => {}
+        }
+    }
+    Ok((tcp, udp))
+}
+
+/// The sockets of `uids` for each (protocol, TCP state mask), IPv4 and IPv6.
+fn dump_sockets(
+    uids: &std::collections::BTreeSet<u32>,
+    kinds: &[(u8, u32)],
+) -> io::Result<Vec<UserSocket>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for &(protocol, states) in kinds {
             let req = diag_request(
                 family,
                 protocol,
@@ -536,6 +579,24 @@ mod tests {
         // Nobody bound there.
         drop(unconnected);
         assert_eq!(udp_sender_uid(from, resolver).unwrap(), None);
+    }
+
+    #[test]
+    fn lists_the_ports_a_user_listens_on() {
+        let me: std::collections::BTreeSet<u32> = [unsafe { libc::geteuid() }].into();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let connected = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        connected.connect("127.0.0.1:9").unwrap();
+        let (t, u) = listening_ports(&me).unwrap();
+        assert!(t.contains(&tcp.local_addr().unwrap().port()));
+        assert!(u.contains(&udp.local_addr().unwrap().port()));
+        assert!(
+            !u.contains(&connected.local_addr().unwrap().port()),
+            "a connected socket is a client"
+        );
+        let nobody: std::collections::BTreeSet<u32> = [65_533].into();
+        assert_eq!(listening_ports(&nobody).unwrap(), Default::default());
     }
 
     #[tokio::test]
