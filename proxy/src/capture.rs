@@ -148,21 +148,19 @@ fn uid_set(plan: &CapturePlan) -> Expression<'static> {
     set(plan.workload_uids.iter().map(|u| Expression::Number(*u)))
 }
 
+/// A set of ports as an nft expression.
+fn ports<'a>(ports: impl IntoIterator<Item = &'a u16>) -> Expression<'static> {
+    set(ports.into_iter().map(|p| Expression::Number(u32::from(*p))))
+}
+
 fn port_set(plan: &CapturePlan) -> Expression<'static> {
-    set(plan
-        .strict_ports
-        .iter()
-        .map(|p| Expression::Number(u32::from(*p))))
+    ports(&plan.strict_ports)
 }
 
 /// Every declared workload port, strict or PERMISSIVE (UDP to any of them is dropped: the mesh carries
 /// TCP only, and PERMISSIVE is about plaintext TCP during a migration).
 fn declared_port_set(plan: &CapturePlan) -> Expression<'static> {
-    set(plan
-        .strict_ports
-        .iter()
-        .chain(&plan.permissive_ports)
-        .map(|p| Expression::Number(u32::from(*p))))
+    ports(plan.strict_ports.iter().chain(&plan.permissive_ports))
 }
 
 fn chain(name: &str, kind: NfChainType, hook: NfHook, prio: i32) -> NfObject<'static> {
@@ -359,13 +357,7 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
                 vec![
                     eq(meta(MetaKey::Skuid), uid_set(plan)),
                     tcp(),
-                    eq(
-                        field("tcp", "sport"),
-                        set(plan
-                            .permissive_ports
-                            .iter()
-                            .map(|p| Expression::Number(u32::from(*p)))),
-                    ),
+                    eq(field("tcp", "sport"), ports(&plan.permissive_ports)),
                     Statement::Accept(None),
                 ],
             ));
@@ -427,12 +419,7 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             "TCP to ports workloads listen on without declaring them",
             vec![
                 eq(meta(MetaKey::L4proto), s("tcp")),
-                eq(
-                    field("tcp", "dport"),
-                    set(undeclared_tcp
-                        .iter()
-                        .map(|p| Expression::Number(u32::from(*p)))),
-                ),
+                eq(field("tcp", "dport"), ports(&undeclared_tcp)),
                 counter(),
                 Statement::Drop(None),
             ],
@@ -444,13 +431,7 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             "UDP to the sockets of workloads",
             vec![
                 eq(meta(MetaKey::L4proto), s("udp")),
-                eq(
-                    field("udp", "dport"),
-                    set(plan
-                        .listening_udp
-                        .iter()
-                        .map(|p| Expression::Number(u32::from(*p)))),
-                ),
+                eq(field("udp", "dport"), ports(&plan.listening_udp)),
                 counter(),
                 Statement::Drop(None),
             ],
@@ -698,7 +679,7 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         vec![direction("reply"), Statement::Accept(None)],
     ));
     dns_rules("output", &mut objs);
-    for (addr, ports) in &plan.probe_ports {
+    for (addr, probe) in &plan.probe_ports {
         let proto = if addr.is_ipv4() { "ip" } else { "ip6" };
         objs.push(rule(
             "output",
@@ -706,10 +687,7 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             vec![
                 eq(field(proto, "daddr"), s(&addr.to_string())),
                 eq(meta(MetaKey::L4proto), s("tcp")),
-                eq(
-                    field("tcp", "dport"),
-                    set(ports.iter().map(|p| Expression::Number(u32::from(*p)))),
-                ),
+                eq(field("tcp", "dport"), ports(probe)),
                 counter(),
                 Statement::Accept(None),
             ],

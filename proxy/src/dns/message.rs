@@ -165,14 +165,7 @@ pub fn plan(bytes: &[u8], transport: Transport, scope: &Scope<'_>, upstream_id: 
         .set_recursion_desired(true)
         .set_checking_disabled(msg.checking_disabled())
         .add_query(asked.clone());
-    let mut edns = Edns::new();
-    edns.set_max_payload(UDP_PAYLOAD).set_version(0);
-    edns.set_dnssec_ok(
-        msg.extensions()
-            .as_ref()
-            .is_some_and(|e| e.flags().dnssec_ok),
-    );
-    up.set_edns(edns);
+    up.set_edns(our_edns(dnssec_ok(&msg)));
     match up.to_vec() {
         Ok(upstream) => Plan::Forward(Box::new(Pending {
             name,
@@ -225,11 +218,22 @@ fn local_answer(
         .add_queries(query.queries().iter().take(1).cloned())
         .add_answers(answers.iter().cloned());
     if query.extensions().is_some() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(UDP_PAYLOAD).set_version(0);
-        m.set_edns(edns);
+        m.set_edns(our_edns(false));
     }
     encode_within(&m, max_len)
+}
+
+/// The only EDNS record we send, upstream or to clients: version 0, our UDP size, no options.
+fn our_edns(dnssec_ok: bool) -> Edns {
+    let mut edns = Edns::new();
+    edns.set_max_payload(UDP_PAYLOAD)
+        .set_version(0)
+        .set_dnssec_ok(dnssec_ok);
+    edns
+}
+
+fn dnssec_ok(m: &Message) -> bool {
+    m.extensions().as_ref().is_some_and(|e| e.flags().dnssec_ok)
 }
 
 /// `m` encoded, or its truncated form (header, question, TC) when it does not fit `max_len`.
@@ -282,14 +286,7 @@ pub fn finish(pending: &Pending, answer: &[u8]) -> Result<Answered, AnswerError>
         .add_name_servers(up.name_servers().iter().cloned())
         .add_additionals(up.additionals().iter().cloned());
     if client.extensions().is_some() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(UDP_PAYLOAD).set_version(0);
-        edns.set_dnssec_ok(
-            up.extensions()
-                .as_ref()
-                .is_some_and(|e| e.flags().dnssec_ok),
-        );
-        m.set_edns(edns);
+        m.set_edns(our_edns(dnssec_ok(&up)));
     }
     Ok((
         encode_within(&m, pending.max_len),
