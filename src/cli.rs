@@ -93,6 +93,15 @@ pub enum Command {
     /// Store workflows in the control plane; every proxy enforces them within about a second.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
+    /// Rotate the key that signs mesh versions, without downtime (docs/distributor.md).
+    ///
+    /// Two steps, as SPIRE's `localauthority prepare` and `activate`: `prepare` makes a new key and
+    /// announces it to every proxy inside a version signed by the current key; `activate` (once every
+    /// registered node applied the announcement, which `status` shows) makes the new key sign from then
+    /// on, and proxies stop trusting the old one with the first version it signs. `rotate` does both and
+    /// waits in between.
+    #[command(subcommand)]
+    DistributionKey(DistributionKeyCommand),
     /// The main job: a whole mesh on this machine, in network namespaces, running the reference workflow.
     ///
     /// Builds a control plane host and one host per service of the film-production workflow (seven
@@ -319,6 +328,40 @@ pub enum WorkflowCommand {
     /// Delete a workflow; its steps stop being allowed everywhere with the next version.
     Delete {
         name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DistributionKeyCommand {
+    /// The active key, the next key if a rotation is prepared, and the nodes it still waits for.
+    Status {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Step 1: make the next key and announce it under the current one.
+    Prepare {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Step 2: the announced key signs from now on. Refused while a registered node has not applied the
+    /// announcement, unless --force.
+    Activate {
+        /// Activate even so (a node that missed the announcement asks the control plane for the keys when
+        /// it meets the new signature; until then it keeps enforcing its last version).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Both steps: prepare, wait until every registered node has the next key, activate.
+    Rotate {
+        /// How long to wait for the nodes between the steps.
+        #[arg(long, value_parser = parse_duration, default_value = "2m")]
+        timeout: Duration,
         #[command(flatten)]
         conn: ConnArgs,
     },

@@ -485,6 +485,7 @@ async fn workload_svids_cannot_be_used_to_call_the_control_plane() {
         bundle: node.bundle.clone(),
         not_after: node.not_after,
         distribution_key: node.distribution_key.clone(),
+        distribution_next_key: None,
     };
     let err = NodeClient::new(&cp.server(), &as_node)
         .unwrap()

@@ -402,3 +402,142 @@ fn where_udp_is_dropped_the_proxy_falls_back_to_tls_over_tcp() {
     assert_eq!(a["transport"], "tcp", "{a}");
     assert_eq!(a["applied"], d["latest"], "{d}");
 }
+
+/// Trusted distribution key ids of a host's proxy (`/config_dump`).
+fn trusted_keys(m: &Mesh, host: &str) -> Vec<String> {
+    dump(m, host)["mesh"]["trusted_keys"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn key_status(m: &Mesh) -> serde_json::Value {
+    serde_json::from_str(&m.admin(&["distribution-key", "status", "--output", "json"])).unwrap()
+}
+
+#[test]
+fn the_distribution_key_rotates_under_traffic_and_a_node_that_missed_it_catches_up() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    start_both(&m, &[]);
+    apply(&m, "POST");
+    time_until(&m, "POST allowed", || post(&m) == CREATED);
+    let first = key_status(&m)["active"].as_str().unwrap().to_owned();
+    for h in ["a", "b"] {
+        assert_eq!(trusted_keys(&m, h), std::slice::from_ref(&first));
+    }
+
+    // Continuous traffic from A's workload to B's through the whole rotation: not one request may fail.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failed) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = post(&m);
+                sent += 1;
+                if got != CREATED {
+                    failed.push(got);
+                }
+            }
+            (sent, failed)
+        });
+
+        // Step 1: the next key is announced under the current one; both proxies trust both.
+        let out = m.admin(&["distribution-key", "prepare"]);
+        assert!(out.contains("rotation prepared: next key"), "{out}");
+        let next = key_status(&m)["next"].as_str().unwrap().to_owned();
+        assert_ne!(next, first);
+        time_until(&m, "both proxies trust both keys", || {
+            ["a", "b"]
+                .iter()
+                .all(|h| trusted_keys(&m, h) == [first.clone(), next.clone()])
+        });
+        time_until(&m, "nobody waited for", || {
+            key_status(&m)["waiting_for"]
+                .as_array()
+                .is_some_and(|w| w.is_empty())
+        });
+        let table = m.admin(&["status"]);
+        assert!(table.contains("ready to activate"), "{table}");
+
+        // Step 2: the next key signs; once its first version is applied, the old key is trusted nowhere.
+        let out = m.admin(&["distribution-key", "activate"]);
+        assert!(out.contains(&format!("DISTRIBUTION KEY {next}")), "{out}");
+        assert!(out.contains("no rotation under way"), "{out}");
+        time_until(&m, "both proxies trust only the new key", || {
+            ["a", "b"]
+                .iter()
+                .all(|h| trusted_keys(&m, h) == [next.clone()])
+        });
+        // A workflow change signed by the new key is applied everywhere.
+        apply(&m, "POST, GET");
+        let d = &status(&m)["distribution"];
+        assert_eq!(d["rollout_acked"], 2, "{d}");
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    eprintln!(
+        "distribution key rotation under traffic: {sent} requests, {} failed",
+        failed.len()
+    );
+    assert!(sent > 20, "the traffic loop ran ({sent} requests)");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the rotation: {failed:?}"
+    );
+    assert!(!m.dir.join("cp/distribution-key.next.pk8").exists());
+
+    // A node away for a whole rotation: activation waits for it, unless forced; when it comes back it
+    // meets a signature by a key it never saw announced, asks the control plane, and catches up.
+    let second = key_status(&m)["active"].as_str().unwrap().to_owned();
+    stop_proxy(&m, "b");
+    m.admin(&["distribution-key", "prepare"]);
+    let third = key_status(&m)["next"].as_str().unwrap().to_owned();
+    time_until(&m, "A trusts both", || {
+        trusted_keys(&m, "a") == [second.clone(), third.clone()]
+    });
+    let out = m.admin_output(&["distribution-key", "activate"]);
+    assert!(
+        !out.status.success(),
+        "activation with a node behind is refused"
+    );
+    assert!(text(&out).contains("host-b"), "{}", text(&out));
+    let out = m.admin(&["distribution-key", "activate", "--force"]);
+    assert!(out.contains(&format!("DISTRIBUTION KEY {third}")), "{out}");
+    apply(&m, "POST");
+    time_until(&m, "A trusts only the third key", || {
+        trusted_keys(&m, "a") == [third.clone()]
+    });
+    m.start_proxy_with("b", None, DISTRIBUTED);
+    time_until(&m, "B caught up", || {
+        trusted_keys(&m, "b") == [third.clone()]
+    });
+    let latest = status(&m)["distribution"]["latest"].as_u64();
+    time_until(&m, "B applied the newest version", || {
+        dump(&m, "b")["mesh"]["version"].as_u64() == latest
+    });
+    assert!(m
+        .log("proxy-b.log")
+        .contains("signed by a distribution key not yet trusted"));
+    assert_eq!(post(&m), CREATED);
+    assert_eq!(get(&m), "403", "B enforces the newest workflow");
+
+    // B restarts with the control plane down: the persisted version (signed by the third key) is still
+    // verified, because the keys trusted with it were saved beside it.
+    m.kill_control();
+    stop_proxy(&m, "b");
+    m.start_proxy_with("b", None, DISTRIBUTED);
+    time_until(&m, "B enforces the persisted version", || {
+        post(&m) == CREATED
+    });
+    assert!(m
+        .log("proxy-b.log")
+        .contains("enforcing the persisted mesh version"));
+}

@@ -8,6 +8,7 @@
 //! | POST | `/v1/node/renew` | node (mTLS, node SVID) | [`RenewRequest`] → [`NodeCertResponse`] |
 //! | POST | `/v1/node/svids` | node (mTLS) | [`SvidRequest`] → [`SvidResponse`] |
 //! | GET | `/v1/node/directory` | node (mTLS) | → [`Directory`] |
+//! | GET | `/v1/node/distribution-keys` | node (mTLS) | → [`DistributionKeys`] |
 //! | POST | `/v1/admin/tokens` | admin (bearer) | [`TokenRequest`] → [`TokenResponse`] |
 //! | GET | `/v1/admin/workloads` | admin | → `[Workload]` |
 //! | POST | `/v1/admin/workloads` | admin | `Workload` → [`ChangeResponse`] |
@@ -15,6 +16,9 @@
 //! | POST | `/v1/admin/apply` | admin | YAML or JSON [`crate::registry::ApplyDocument`] → [`crate::store::ApplyReport`] |
 //! | GET | `/v1/admin/status` | admin | → [`Status`] |
 //! | GET | `/v1/admin/workflows` | admin | → `[WorkflowSummary]` |
+//! | GET | `/v1/admin/distribution-key` | admin | → [`crate::dist::keys::KeyStatus`] |
+//! | POST | `/v1/admin/distribution-key/prepare` | admin | → [`crate::dist::keys::KeyStatus`] |
+//! | POST | `/v1/admin/distribution-key/activate` | admin | [`KeyActivateRequest`] → [`crate::dist::keys::KeyStatus`] |
 //! | POST | `/v1/admin/workflows` | admin | [`WorkflowApplyRequest`] → [`WorkflowApplyResponse`] |
 //! | GET | `/v1/admin/workflows/<name>` | admin | → [`crate::store::WorkflowRecord`] |
 //! | POST | `/v1/admin/workflows/delete` | admin | [`WorkflowDeleteRequest`] → [`WorkflowDeleteResponse`] |
@@ -43,6 +47,10 @@ pub mod paths {
     pub const NODE_RENEW: &str = "/v1/node/renew";
     pub const NODE_SVIDS: &str = "/v1/node/svids";
     pub const NODE_DIRECTORY: &str = "/v1/node/directory";
+    pub const NODE_DISTRIBUTION_KEYS: &str = "/v1/node/distribution-keys";
+    pub const ADMIN_DISTRIBUTION_KEY: &str = "/v1/admin/distribution-key";
+    pub const ADMIN_DISTRIBUTION_KEY_PREPARE: &str = "/v1/admin/distribution-key/prepare";
+    pub const ADMIN_DISTRIBUTION_KEY_ACTIVATE: &str = "/v1/admin/distribution-key/activate";
     pub const ADMIN_TOKENS: &str = "/v1/admin/tokens";
     pub const ADMIN_WORKLOADS: &str = "/v1/admin/workloads";
     pub const ADMIN_WORKLOADS_REMOVE: &str = "/v1/admin/workloads/remove";
@@ -114,6 +122,25 @@ pub struct NodeCertResponse {
     /// The policy distributor's public key (Ed25519, base64): mesh versions must be signed by it.
     #[serde(default)]
     pub distribution_key: Option<String>,
+    /// The next distribution key while a rotation is prepared (docs/distributor.md).
+    #[serde(default)]
+    pub distribution_next_key: Option<String>,
+}
+
+/// The distribution keys a node should trust: the active one and, during a rotation, the next one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DistributionKeys {
+    pub active: crate::dist::version::PublicKey,
+    #[serde(default)]
+    pub next: Option<crate::dist::version::PublicKey>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyActivateRequest {
+    /// Activate even though some registered nodes have not applied the announcement.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

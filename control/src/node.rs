@@ -39,6 +39,19 @@ pub struct NodeIdentity {
     pub not_after: SystemTime,
     /// The policy distributor's public key: mesh versions must carry its signature.
     pub distribution_key: Option<PublicKey>,
+    /// The next distribution key, while the control plane rotates it.
+    pub distribution_next_key: Option<PublicKey>,
+}
+
+impl NodeIdentity {
+    /// The distribution keys to trust: the active one, then the next one.
+    pub fn distribution_keys(&self) -> Vec<PublicKey> {
+        self.distribution_key
+            .iter()
+            .chain(&self.distribution_next_key)
+            .cloned()
+            .collect()
+    }
 }
 
 /// Files a node keeps in its data directory.
@@ -72,17 +85,20 @@ fn identity_from(
             resp.id
         )));
     }
-    let distribution_key = resp
-        .distribution_key
-        .as_deref()
-        .map(PublicKey::parse)
-        .transpose()
-        .map_err(|e| bad(&e))?;
+    let parse = |k: &Option<String>| {
+        k.as_deref()
+            .map(PublicKey::parse)
+            .transpose()
+            .map_err(|e| bad(&e))
+    };
+    let distribution_key = parse(&resp.distribution_key)?;
+    let distribution_next_key = parse(&resp.distribution_next_key)?;
     Ok(NodeIdentity {
         svid: Svid { id, chain, key },
         bundle: Arc::new(bundle),
         not_after: UNIX_EPOCH + Duration::from_secs(resp.not_after),
         distribution_key,
+        distribution_next_key,
     })
 }
 
@@ -188,12 +204,8 @@ impl NodeIdentity {
             self.bundle.to_pem().as_bytes(),
             PUBLIC_MODE,
         )?;
-        if let Some(k) = &self.distribution_key {
-            files::write_atomic(
-                &dir.join(layout::DISTRIBUTION_KEY),
-                k.to_base64().as_bytes(),
-                PUBLIC_MODE,
-            )?;
+        if self.distribution_key.is_some() {
+            save_distribution_keys(dir, &self.distribution_keys())?;
         }
         Ok(())
     }
@@ -213,18 +225,38 @@ impl NodeIdentity {
         )
         .map_err(|e| bad(&e))?;
         let key_file = dir.join(layout::DISTRIBUTION_KEY);
-        let distribution_key = if key_file.exists() {
-            Some(PublicKey::parse(&files::read_pem(&key_file)?).map_err(|e| bad(&e))?)
+        let mut keys = if key_file.exists() {
+            files::read_pem(&key_file)?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(PublicKey::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(&e))?
         } else {
-            None
-        };
+            Vec::new()
+        }
+        .into_iter();
+        let (distribution_key, distribution_next_key) = (keys.next(), keys.next());
         Ok(Self {
             svid: Svid { id, chain, key },
             bundle: Arc::new(bundle),
             not_after: summary.not_after,
             distribution_key,
+            distribution_next_key,
         })
     }
+}
+
+/// Writes the distribution keys a node trusts, one per line (the active one first), so that a restart
+/// verifies the persisted mesh version with what was trusted when it was applied.
+pub fn save_distribution_keys(dir: &Path, keys: &[PublicKey]) -> Result<(), NodeError> {
+    let lines: String = keys.iter().map(|k| k.to_base64() + "\n").collect();
+    files::write_atomic(
+        &dir.join(layout::DISTRIBUTION_KEY),
+        lines.as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    Ok(())
 }
 
 /// A node's authenticated session with the control plane (mTLS with the node SVID).
@@ -304,6 +336,12 @@ impl NodeClient {
 
     pub async fn directory(&self) -> Result<api::Directory, NodeError> {
         Ok(self.api.get(paths::NODE_DIRECTORY).await?)
+    }
+
+    /// The distribution keys to trust now, asked over this authenticated session (a node that missed a
+    /// rotation's announcement learns the new key this way).
+    pub async fn distribution_keys(&self) -> Result<api::DistributionKeys, NodeError> {
+        Ok(self.api.get(paths::NODE_DISTRIBUTION_KEYS).await?)
     }
 }
 

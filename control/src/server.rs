@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{self, paths, ErrorBody, ErrorDetail};
 use crate::dist::hub::Hub;
-use crate::dist::version::SigningKey;
+use crate::dist::keys::{KeyError, KeyRing};
 use crate::dist::Transport;
 use crate::registry::{from_json, from_yaml, ApplyDocument, FieldError, NodeName, Workload};
 use crate::store::{NodeRecord, Store, StoreError, TokenRecord};
@@ -145,8 +145,8 @@ impl State {
             .certs()
             .first()
             .context("the CA has no trust anchor")?;
-        let key = SigningKey::load_or_create(data_dir).context("loading the distribution key")?;
-        let hub = Arc::new(Hub::open(&store, key, &ca.trust_domain().to_string())?);
+        let keys = KeyRing::open(data_dir)?;
+        let hub = Arc::new(Hub::open(&store, keys, &ca.trust_domain().to_string())?);
         let kube = kube.map(|k| {
             hub.expect_external();
             Arc::new(crate::kube::Kube::new(
@@ -494,6 +494,13 @@ async fn dispatch(
                 (&Method::POST, paths::NODE_RENEW) => renew(state, node, req).await,
                 (&Method::POST, paths::NODE_SVIDS) => workload_svid(state, node, req).await,
                 (&Method::GET, paths::NODE_DIRECTORY) => directory(state).await,
+                (&Method::GET, paths::NODE_DISTRIBUTION_KEYS) => {
+                    let (active, next) = state.hub.public_keys();
+                    Ok(json(
+                        StatusCode::OK,
+                        &api::DistributionKeys { active, next },
+                    ))
+                }
                 _ => Err(not_found(method, p)),
             }
         }
@@ -513,6 +520,16 @@ async fn dispatch(
                 (&Method::GET, paths::ADMIN_WORKFLOWS) => list_workflows(state).await,
                 (&Method::POST, paths::ADMIN_WORKFLOWS) => apply_workflow(state, req).await,
                 (&Method::POST, paths::ADMIN_WORKFLOWS_DELETE) => delete_workflow(state, req).await,
+                (&Method::GET, paths::ADMIN_DISTRIBUTION_KEY) => {
+                    key_rotation(state, KeyStep::Status).await
+                }
+                (&Method::POST, paths::ADMIN_DISTRIBUTION_KEY_PREPARE) => {
+                    key_rotation(state, KeyStep::Prepare).await
+                }
+                (&Method::POST, paths::ADMIN_DISTRIBUTION_KEY_ACTIVATE) => {
+                    let r: api::KeyActivateRequest = json_body(req).await?;
+                    key_rotation(state, KeyStep::Activate { force: r.force }).await
+                }
                 (&Method::GET, p) if p.starts_with(paths::ADMIN_WORKFLOW_PREFIX) => {
                     show_workflow(state, &p[paths::ADMIN_WORKFLOW_PREFIX.len()..]).await
                 }
@@ -779,13 +796,15 @@ fn issue_node_cert(
         st.hub.changed(&st.store);
     }
     st.touch(node);
+    let (active_key, next_key) = st.hub.public_keys();
     Ok(api::NodeCertResponse {
         id,
         chain_pem: svid.chain_pem(),
         bundle_pem: st.bundle_pem.clone(),
         trust_domain: st.ca.trust_domain().to_string(),
         not_after: secs(svid.not_after),
-        distribution_key: Some(st.hub.public_key().to_base64()),
+        distribution_key: Some(active_key.to_base64()),
+        distribution_next_key: next_key.map(|k| k.to_base64()),
     })
 }
 
@@ -994,13 +1013,46 @@ async fn apply(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     Ok(json(StatusCode::OK, &report))
 }
 
+enum KeyStep {
+    Status,
+    Prepare,
+    Activate { force: bool },
+}
+
+async fn key_rotation(state: &Arc<State>, step: KeyStep) -> Reply {
+    let st = state.clone();
+    let status = blocking(move || {
+        let nodes: Vec<NodeName> = st.store.nodes()?.into_iter().map(|n| n.name).collect();
+        match step {
+            KeyStep::Status => Ok(st.hub.key_status(&nodes)),
+            KeyStep::Prepare => st.hub.prepare_key_rotation(&st.store).map_err(|e| {
+                ApiError::new(StatusCode::CONFLICT, "rotation_refused", format!("{e:#}"))
+            }),
+            KeyStep::Activate { force } => {
+                st.hub
+                    .activate_key_rotation(&st.store, force)
+                    .map_err(|e| match e {
+                        KeyError::Other(e) => ApiError::internal(format!("{e:#}")),
+                        refused => ApiError::new(
+                            StatusCode::CONFLICT,
+                            "rotation_refused",
+                            refused.to_string(),
+                        ),
+                    })
+            }
+        }
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &status))
+}
+
 async fn status(state: &Arc<State>) -> Reply {
     let st = state.clone();
     let status = blocking(move || {
         let seen = st.last_seen.lock().map(|m| m.clone()).unwrap_or_default();
-        let nodes = st
-            .store
-            .nodes()?
+        let records = st.store.nodes()?;
+        let node_names: Vec<NodeName> = records.iter().map(|n| n.name.clone()).collect();
+        let nodes = records
             .into_iter()
             .map(|record| api::NodeStatus {
                 last_seen_secs_ago: seen.get(&record.name).map(|t| t.elapsed().as_secs()),
@@ -1018,7 +1070,7 @@ async fn status(state: &Arc<State>) -> Reply {
                 None => st.store.workloads()?,
             },
             workflows: st.store.workflows()?.iter().map(summary).collect(),
-            distribution: st.hub.status(),
+            distribution: st.hub.status(&node_names),
         })
     })
     .await?;

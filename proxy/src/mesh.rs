@@ -21,6 +21,8 @@ pub const PERSISTED: &str = "mesh-version.json";
 pub struct Prepared {
     pub payload: VersionPayload,
     pub policy: LoadedPolicy,
+    /// The keys to trust once this version is in force (its signer and the next key it announces).
+    pub verifier: Verifier,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -47,7 +49,12 @@ pub fn prepare(
             number: payload.number,
             reason: format!("{e:#}"),
         })?;
-    Ok(Some(Prepared { payload, policy }))
+    let verifier = verifier.after(v, &payload);
+    Ok(Some(Prepared {
+        payload,
+        policy,
+        verifier,
+    }))
 }
 
 /// Reads and verifies the persisted version. A missing file is `Ok(None)`; a file that fails verification is
@@ -81,6 +88,8 @@ pub struct MeshStatus {
     pub transport: Option<String>,
     pub fallback: bool,
     pub last_refusal: Option<String>,
+    /// Ids of the distribution keys whose signatures this proxy accepts now.
+    pub trusted_keys: Vec<String>,
 }
 
 /// What the link reports; the version itself is read from `current`, so it is never stored twice.
@@ -96,7 +105,8 @@ struct LinkState {
 /// The proxy's [`Applier`].
 pub struct ProxyApplier {
     node: Arc<crate::run::Node>,
-    verifier: Verifier,
+    /// Replaced by each applied version's successor verifier (never held across an await).
+    verifier: Mutex<Verifier>,
     data_dir: PathBuf,
     current: Mutex<Option<(u64, String)>>,
     state: Mutex<LinkState>,
@@ -106,7 +116,7 @@ impl ProxyApplier {
     pub fn new(node: Arc<crate::run::Node>, verifier: Verifier, data_dir: PathBuf) -> Self {
         Self {
             node,
-            verifier,
+            verifier: Mutex::new(verifier),
             data_dir,
             current: Mutex::new(None),
             state: Mutex::new(LinkState {
@@ -124,9 +134,17 @@ impl ProxyApplier {
         f(&mut g)
     }
 
+    fn verifier(&self) -> Verifier {
+        self.verifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn status(&self) -> MeshStatus {
         let current = self.current();
         let s = self.set(|s| s.clone());
+        let trusted_keys = self.verifier().key_ids();
         MeshStatus {
             version: current.as_ref().map(|c| c.0),
             content_hash: current.map(|c| c.1),
@@ -135,6 +153,7 @@ impl ProxyApplier {
             transport: s.transport,
             fallback: s.fallback,
             last_refusal: s.last_refusal,
+            trusted_keys,
         }
     }
 
@@ -145,6 +164,18 @@ impl ProxyApplier {
             prepared.payload.number,
             prepared.payload.content_hash.clone(),
         );
+        let next = prepared.verifier.clone();
+        let (old, new) = (self.verifier().key_ids(), next.key_ids());
+        if old != new {
+            info!(version = number, trusted_keys = ?new, was = ?old, "distribution keys trusted from now on");
+            // A restart must trust the key that signed the persisted version.
+            if let Err(e) =
+                strait_control::node::save_distribution_keys(&self.data_dir, next.keys())
+            {
+                error!(error = %e, "cannot save the trusted distribution keys");
+            }
+        }
+        *self.verifier.lock().unwrap_or_else(|p| p.into_inner()) = next;
         self.node.install(prepared);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, hash));
         self.set(|s| {
@@ -164,6 +195,27 @@ fn claimed_number(v: &SignedVersion) -> u64 {
         .unwrap_or(0)
 }
 
+impl ProxyApplier {
+    /// Verifies and compiles `v` on the blocking pool against the version in force.
+    async fn prepare_off_thread(
+        &self,
+        v: &Arc<SignedVersion>,
+    ) -> Result<Result<Option<Prepared>, Refusal>, (u64, String)> {
+        let have = self.current();
+        let verifier = self.verifier();
+        let env = v.clone();
+        tokio::task::spawn_blocking(move || {
+            prepare(
+                &verifier,
+                &env,
+                have.as_ref().map(|(n, h)| (*n, h.as_str())),
+            )
+        })
+        .await
+        .map_err(|e| (claimed_number(v), format!("apply task failed: {e}")))
+    }
+}
+
 impl Applier for ProxyApplier {
     fn current(&self) -> Option<(u64, String)> {
         self.current
@@ -173,19 +225,26 @@ impl Applier for ProxyApplier {
     }
 
     async fn apply(&self, v: SignedVersion) -> Result<(u64, String), (u64, String)> {
-        let have = self.current();
-        let verifier = self.verifier.clone();
         let v = Arc::new(v);
-        let env = v.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare(
-                &verifier,
-                &env,
-                have.as_ref().map(|(n, h)| (*n, h.as_str())),
-            )
-        })
-        .await
-        .map_err(|e| (claimed_number(&v), format!("apply task failed: {e}")))?;
+        let mut prepared = self.prepare_off_thread(&v).await?;
+        if let Err(Refusal::UnknownKey { key_id, .. }) = &prepared {
+            // A rotation this proxy missed (it was away while the next key was announced): ask the control
+            // plane, over the node's mTLS session, which keys sign now, and check again. A forged signature
+            // under a made-up key id still fails: the control plane only names its own keys.
+            match self.node.client.load().distribution_keys().await {
+                Ok(keys) => {
+                    info!(key = %key_id, active = %keys.active.key_id(), next = ?keys.next.as_ref().map(|k| k.key_id()), "version signed by a distribution key not yet trusted; the control plane's keys are trusted now");
+                    self.verifier
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .trust(std::iter::once(keys.active).chain(keys.next));
+                    prepared = self.prepare_off_thread(&v).await?;
+                }
+                Err(e) => {
+                    error!(key = %key_id, error = %e, "cannot ask the control plane for its distribution keys")
+                }
+            }
+        }
         let prepared = match prepared {
             Ok(Some(p)) => p,
             Ok(None) => {
@@ -264,9 +323,10 @@ mod tests {
             trust_domain: "td".into(),
             number,
             created_at_ms: 0,
-            content_hash: VersionPayload::compute_hash(&directory, &bundle),
+            content_hash: VersionPayload::compute_hash(&directory, &bundle, None),
             directory,
             bundle,
+            next_key: None,
         })
     }
 

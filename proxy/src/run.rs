@@ -635,12 +635,14 @@ pub async fn run(
         identity.save(&opts.data_dir)?;
         client = NodeClient::new(&opts.control, &identity)?;
     }
-    let key = identity
-        .distribution_key
-        .clone()
-        .context("the control plane sent no distribution key")?;
-    let verifier =
-        strait_control::dist::version::Verifier::new(key, identity.id().trust_domain().to_string());
+    let keys = identity.distribution_keys();
+    if keys.is_empty() {
+        bail!("the control plane sent no distribution key");
+    }
+    let verifier = strait_control::dist::version::Verifier::with_keys(
+        keys,
+        identity.id().trust_domain().to_string(),
+    );
     let client = Arc::new(ArcSwap::from_pointee(client));
     let control = control_addr(&opts.control).await?;
 

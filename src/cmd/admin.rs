@@ -11,13 +11,15 @@ use strait_ca::SpiffeId;
 use strait_control::api::{self, paths};
 use strait_control::client::decode;
 use strait_control::dist::hub::DistributionStatus;
+use strait_control::dist::keys::KeyStatus;
 use strait_control::registry::{NodeName, PortSpec, Protocol, Selector, Workload};
 use strait_control::store::ApplyReport;
 
 use super::conn::admin_client;
 use super::table;
 use crate::cli::{
-    ConnArgs, NodeCommand, OutputFormat, TokenCommand, WorkflowCommand, WorkloadCommand,
+    ConnArgs, DistributionKeyCommand, NodeCommand, OutputFormat, TokenCommand, WorkflowCommand,
+    WorkloadCommand,
 };
 
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
@@ -211,6 +213,7 @@ pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> 
         println!("  {}  (applied {})", w.name, fmt_time(w.applied_at));
     }
     print!("{}", distribution_table(&st.distribution, st.nodes.len()));
+    print!("\n{}", key_status_text(&st.distribution.keys));
     Ok(())
 }
 
@@ -257,6 +260,92 @@ fn distribution_table(d: &DistributionStatus, nodes: usize) -> String {
         &rows,
     ));
     out
+}
+
+fn key_status_text(k: &KeyStatus) -> String {
+    let mut out = format!("DISTRIBUTION KEY {}", k.active);
+    match (&k.next, k.announced_in) {
+        (Some(next), announced) => {
+            out.push_str(&format!(
+                "   rotation prepared: next key {next}{}",
+                announced.map_or(String::new(), |n| format!(", announced in version {n}"))
+            ));
+            if k.waiting_for.is_empty() {
+                out.push_str("; every registered node has it (ready to activate)");
+            } else {
+                out.push_str(&format!("; waiting for {}", k.waiting_for.join(", ")));
+            }
+        }
+        (None, _) => out.push_str("   no rotation under way"),
+    }
+    out.push('\n');
+    out
+}
+
+pub async fn distribution_key(cmd: DistributionKeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        DistributionKeyCommand::Status { output, conn } => {
+            let k: KeyStatus = admin_client(&conn)?
+                .get(paths::ADMIN_DISTRIBUTION_KEY)
+                .await?;
+            if output == OutputFormat::Json {
+                println!("{}", serde_json::to_string_pretty(&k)?);
+            } else {
+                print!("{}", key_status_text(&k));
+            }
+        }
+        DistributionKeyCommand::Prepare { conn } => {
+            let k: KeyStatus = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_DISTRIBUTION_KEY_PREPARE,
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print!("{}", key_status_text(&k));
+        }
+        DistributionKeyCommand::Activate { force, conn } => {
+            let k: KeyStatus = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_DISTRIBUTION_KEY_ACTIVATE,
+                    &api::KeyActivateRequest { force },
+                )
+                .await?;
+            print!("{}", key_status_text(&k));
+        }
+        DistributionKeyCommand::Rotate { timeout, conn } => {
+            let client = admin_client(&conn)?;
+            let k: KeyStatus = client
+                .post(
+                    paths::ADMIN_DISTRIBUTION_KEY_PREPARE,
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print!("{}", key_status_text(&k));
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                let k: KeyStatus = client.get(paths::ADMIN_DISTRIBUTION_KEY).await?;
+                if k.waiting_for.is_empty() {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    bail!(
+                        "after {}, {} still lack the next key; the rotation stays prepared: check them with `strait status`, then run `strait distribution-key activate` (or --force)",
+                        humantime::format_duration(timeout),
+                        k.waiting_for.join(", ")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let k: KeyStatus = client
+                .post(
+                    paths::ADMIN_DISTRIBUTION_KEY_ACTIVATE,
+                    &api::KeyActivateRequest { force: false },
+                )
+                .await?;
+            print!("{}", key_status_text(&k));
+        }
+    }
+    Ok(())
 }
 
 pub async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<()> {

@@ -29,6 +29,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),
         Command::Demo { file, out_dir } => crate::demo::run(file, out_dir),
         Command::Workflow(c) => block_on(admin::workflow(c)),
+        Command::DistributionKey(c) => block_on(admin::distribution_key(c)),
         Command::Bench(BenchCommand::Study {
             file,
             samples,

@@ -25,7 +25,8 @@ use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::version::{SignedVersion, SigningKey, VersionPayload};
+use super::keys::{KeyError, KeyRing, KeyStatus};
+use super::version::{PublicKey, SignedVersion, VersionPayload};
 use super::wire::{self, ClientMsg, ServerMsg};
 use super::Transport;
 use crate::registry::{NodeName, Workload};
@@ -103,6 +104,9 @@ pub struct DistributionStatus {
     /// proxy, when it completed.
     pub rollout_seconds: Option<f64>,
     pub proxies: Vec<ProxyDistStatus>,
+    /// The distribution key and any rotation under way.
+    #[serde(default)]
+    pub keys: KeyStatus,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,7 +189,8 @@ struct Entry {
 }
 
 pub struct Hub {
-    key: SigningKey,
+    /// Locked only briefly, never across an await (rebuilds run on the blocking pool).
+    keys: Mutex<KeyRing>,
     trust_domain: String,
     latest: watch::Sender<Option<Arc<Published>>>,
     /// Serialises rebuilds so that two changes never make two versions with the same number.
@@ -221,7 +226,7 @@ impl std::fmt::Debug for Hub {
 impl Hub {
     /// Opens the hub with the newest stored version (if any); call [`rebuild`](Self::rebuild) next to pick
     /// up changes made while the control plane was down.
-    pub fn open(store: &Store, key: SigningKey, trust_domain: &str) -> anyhow::Result<Self> {
+    pub fn open(store: &Store, keys: KeyRing, trust_domain: &str) -> anyhow::Result<Self> {
         let metrics = HubMetrics::new();
         let latest = match store.mesh_version()? {
             Some(signed) => match serde_json::from_slice::<VersionPayload>(&signed.payload) {
@@ -236,8 +241,13 @@ impl Hub {
             },
             None => None,
         };
+        let mut keys = keys;
+        if let Some(l) = &latest {
+            // Restarted during a rotation: the newest version is at least as late as the announcement.
+            keys.announced(l.number);
+        }
         Ok(Self {
-            key,
+            keys: Mutex::new(keys),
             trust_domain: trust_domain.to_owned(),
             latest: watch::Sender::new(latest),
             build: Mutex::new(()),
@@ -268,8 +278,84 @@ impl Hub {
         }
     }
 
-    pub fn public_key(&self) -> super::version::PublicKey {
-        self.key.public()
+    fn with_keys<T>(&self, f: impl FnOnce(&mut KeyRing) -> T) -> T {
+        f(&mut self.keys.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The keys a node should trust now: the active one, and the next one while a rotation is prepared.
+    pub fn public_keys(&self) -> (PublicKey, Option<PublicKey>) {
+        self.with_keys(|k| k.trusted())
+    }
+
+    /// Where the distribution key stands; `nodes` are the registered nodes, of which those that have not
+    /// applied a version announcing the next key are listed as waited for.
+    pub fn key_status(&self, nodes: &[NodeName]) -> KeyStatus {
+        let (active, next, announced_in) = self.with_keys(|k| {
+            (
+                k.active().public().key_id(),
+                k.next_public().map(|p| p.key_id()),
+                k.announced_in(),
+            )
+        });
+        let waiting_for = match (&next, announced_in) {
+            (Some(_), Some(n)) => self.with_proxies(|m| {
+                nodes
+                    .iter()
+                    .filter(|node| {
+                        m.get(*node)
+                            .and_then(|e| e.status.applied)
+                            .is_none_or(|applied| applied < n)
+                    })
+                    .map(|node| node.to_string())
+                    .collect()
+            }),
+            (Some(_), None) => nodes.iter().map(|n| n.to_string()).collect(),
+            _ => Vec::new(),
+        };
+        KeyStatus {
+            active,
+            next,
+            announced_in,
+            waiting_for,
+        }
+    }
+
+    /// Rotation step 1: a new key, announced in a new version signed by the current one.
+    pub fn prepare_key_rotation(&self, store: &Store) -> anyhow::Result<KeyStatus> {
+        let next = self.with_keys(|k| k.prepare())?;
+        info!(next_key = %next.key_id(), "distribution key rotation prepared; announcing the next key");
+        let number = match self.rebuild(store)? {
+            Some(n) => n,
+            None => self.latest().map_or(0, |l| l.number),
+        };
+        self.with_keys(|k| k.announced(number));
+        Ok(self.key_status(&Self::node_names(store)?))
+    }
+
+    /// Rotation step 2: the announced key signs from now on. Refused while a registered node has not applied
+    /// a version announcing it, unless `force` (such a node asks for the keys when it meets the new
+    /// signature).
+    pub fn activate_key_rotation(&self, store: &Store, force: bool) -> Result<KeyStatus, KeyError> {
+        let before = self.key_status(&Self::node_names(store)?);
+        if before.next.is_none() {
+            return Err(KeyError::NothingPrepared);
+        }
+        if !before.waiting_for.is_empty() && !force {
+            return Err(KeyError::NotEveryNode {
+                announced_in: before.announced_in.unwrap_or_default(),
+                waiting_for: before.waiting_for,
+            });
+        }
+        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let active = self.with_keys(|k| k.activate())?;
+        drop(_guard);
+        info!(active_key = %active.key_id(), forced = force && !before.waiting_for.is_empty(), "distribution key rotated: the next key signs from now on");
+        self.rebuild(store)?;
+        Ok(self.key_status(&Self::node_names(store)?))
+    }
+
+    fn node_names(store: &Store) -> anyhow::Result<Vec<NodeName>> {
+        Ok(store.nodes()?.into_iter().map(|n| n.name).collect())
     }
 
     pub fn latest(&self) -> Option<Arc<Published>> {
@@ -314,7 +400,9 @@ impl Hub {
             return Ok(None);
         };
         let bundle = crate::workflows::mesh_bundle(&store.workflows()?)?;
-        let hash = VersionPayload::compute_hash(&directory, &bundle);
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let next_key = keys.next_public();
+        let hash = VersionPayload::compute_hash(&directory, &bundle, next_key.as_ref());
         let current = self.latest();
         if current.as_ref().is_some_and(|c| c.hash == hash) {
             return Ok(None);
@@ -326,8 +414,10 @@ impl Hub {
             content_hash: hash,
             directory,
             bundle,
+            next_key,
         };
-        let signed = self.key.sign(&payload);
+        let signed = keys.active().sign(&payload);
+        drop(keys);
         store.put_mesh_version(&signed)?;
         let published = Arc::new(Published::new(&signed, &payload)?);
         info!(
@@ -471,7 +561,8 @@ impl Hub {
         });
     }
 
-    pub fn status(&self) -> DistributionStatus {
+    /// The rollout of the newest version and the key status; `nodes` are the registered nodes.
+    pub fn status(&self, nodes: &[NodeName]) -> DistributionStatus {
         let latest = self.latest();
         let mut proxies: Vec<ProxyDistStatus> =
             self.with_proxies(|m| m.values().map(|e| e.status.clone()).collect());
@@ -490,6 +581,7 @@ impl Hub {
                 .filter(|(n, _)| latest.as_ref().is_some_and(|l| l.number == *n))
                 .map(|(_, s)| s),
             proxies,
+            keys: self.key_status(nodes),
         }
     }
 

@@ -2,6 +2,7 @@
 //! over QUIC, with TLS over TCP as the fallback where UDP is blocked, acknowledged by each proxy.
 //!
 //! - [`version`]: the signed version, the distribution key, and the checks a proxy makes (no I/O).
+//! - [`keys`]: the control plane's key ring and the two steps of a key rotation.
 //! - [`wire`]: messages and framing.
 //! - [`hub`]: the control plane's side: making versions, sessions with proxies, rollout status, metrics.
 //! - [`client`]: the proxy's side: connect (QUIC, then TCP), say what it has, apply, ACK or NACK, reconnect
@@ -9,6 +10,7 @@
 
 pub mod client;
 pub mod hub;
+pub mod keys;
 pub mod version;
 pub mod wire;
 

@@ -56,17 +56,33 @@ pub struct VersionPayload {
     pub content_hash: String,
     pub directory: Directory,
     pub bundle: Bundle,
+    /// The distribution key that will sign versions after this one, announced under the current key while
+    /// a rotation is prepared (docs/distributor.md, "Rotating the distribution key"). A proxy that applies
+    /// this version accepts versions signed by the key that signed it or by this one, and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<PublicKey>,
 }
 
 impl VersionPayload {
-    /// SHA-256 (hex) over the directory's workloads and nodes and the bundle's content hash.
-    pub fn compute_hash(directory: &Directory, bundle: &Bundle) -> String {
+    /// SHA-256 (hex) over the directory's workloads and nodes, the bundle's content hash and the announced
+    /// next key (when there is one, so announcing a key makes a new version; without one the hash is what
+    /// it was before rotation existed).
+    pub fn compute_hash(
+        directory: &Directory,
+        bundle: &Bundle,
+        next_key: Option<&PublicKey>,
+    ) -> String {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(&serde_json::to_vec(&directory.workloads).unwrap_or_default());
         ctx.update(&[0]);
         ctx.update(&serde_json::to_vec(&directory.nodes).unwrap_or_default());
         ctx.update(&[0]);
         ctx.update(bundle.content_hash().as_bytes());
+        if let Some(k) = next_key {
+            ctx.update(&[0]);
+            ctx.update(b"next-key:");
+            ctx.update(&k.0);
+        }
         crate::tokens::hex(ctx.finish().as_ref())
     }
 }
@@ -104,16 +120,20 @@ fn key_id(public: &[u8]) -> String {
 impl SigningKey {
     /// Loads the key from `dir`, creating it (0600) on first use.
     pub fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
+        Self::load_or_create_at(&dir.join(SIGNING_KEY_FILE))
+    }
+
+    /// Loads the key from the file `path`, creating it (0600) when there is none.
+    pub fn load_or_create_at(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let path = dir.join(SIGNING_KEY_FILE);
         let pkcs8 = if path.exists() {
-            strait_ca::files::read_secret(&path)
+            strait_ca::files::read_secret(path)
                 .with_context(|| format!("reading the distribution key {}", path.display()))?
         } else {
             let rng = ring::rand::SystemRandom::new();
             let doc = Ed25519KeyPair::generate_pkcs8(&rng)
                 .map_err(|_| anyhow::anyhow!("cannot generate the distribution key"))?;
-            strait_ca::files::write_atomic(&path, doc.as_ref(), 0o600)?;
+            strait_ca::files::write_atomic(path, doc.as_ref(), 0o600)?;
             doc.as_ref().to_vec()
         };
         let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
@@ -188,6 +208,19 @@ impl PublicKey {
     }
 }
 
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Why a proxy refused a version. Each is logged and sent back as the NACK's reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -195,6 +228,8 @@ pub enum Refusal {
     Unsigned,
     #[error("signature does not verify with the distribution key {expected_key}: tampered or signed by another key")]
     BadSignature { expected_key: String },
+    #[error("signed by distribution key {key_id}, which this proxy does not trust (it trusts {trusted})")]
+    UnknownKey { key_id: String, trusted: String },
     #[error("malformed version payload: {0}")]
     Malformed(String),
     #[error("version {got} is for trust domain {domain}, not ours")]
@@ -209,10 +244,16 @@ pub enum Refusal {
     BadPolicy { number: u64, reason: String },
 }
 
-/// What a proxy checks before applying: signature, trust domain, monotonic number, content hash.
+/// What a proxy checks before applying: signature (by one of the keys it trusts), trust domain, monotonic
+/// number, content hash.
+///
+/// The trusted keys are the key that signed the version in force plus the next key that version announced
+/// (or, before any version, what the control plane handed over at join or renewal). Applying a version
+/// replaces them ([`Verifier::after`]), so a key is dropped as soon as a version signed by its successor is
+/// applied, and versions signed by the retired key are refused from then on.
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    key: PublicKey,
+    keys: Vec<PublicKey>,
     trust_domain: String,
 }
 
@@ -225,10 +266,50 @@ pub enum Checked {
 
 impl Verifier {
     pub fn new(key: PublicKey, trust_domain: impl Into<String>) -> Self {
-        Self {
-            key,
+        Self::with_keys([key], trust_domain)
+    }
+
+    /// A verifier trusting each of `keys` (duplicates are kept once).
+    pub fn with_keys(
+        keys: impl IntoIterator<Item = PublicKey>,
+        trust_domain: impl Into<String>,
+    ) -> Self {
+        let mut v = Self {
+            keys: Vec::new(),
             trust_domain: trust_domain.into(),
+        };
+        v.trust(keys);
+        v
+    }
+
+    /// Adds keys the control plane handed over on an authenticated channel (join, renewal, or the node's
+    /// key query after a version signed by an unknown key).
+    pub fn trust(&mut self, keys: impl IntoIterator<Item = PublicKey>) {
+        for k in keys {
+            if !self.keys.contains(&k) {
+                self.keys.push(k);
+            }
         }
+    }
+
+    /// The keys trusted now, in order.
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.keys
+    }
+
+    /// The key ids trusted now, in order.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.iter().map(PublicKey::key_id).collect()
+    }
+
+    /// The verifier once `v` (which [`check`](Self::check) accepted) is in force: the key that signed it
+    /// and the next key it announces.
+    pub fn after(&self, v: &SignedVersion, payload: &VersionPayload) -> Self {
+        let signer = self.keys.iter().find(|k| k.key_id() == v.key_id).cloned();
+        Self::with_keys(
+            signer.into_iter().chain(payload.next_key.clone()),
+            self.trust_domain.clone(),
+        )
     }
 
     /// Checks `v` against the version currently applied (`have`: number and content hash).
@@ -236,12 +317,21 @@ impl Verifier {
         if v.signature.is_empty() {
             return Err(Refusal::Unsigned);
         }
+        // The envelope's key id only chooses which trusted key to try; the signature decides.
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.key_id() == v.key_id)
+            .ok_or_else(|| Refusal::UnknownKey {
+                key_id: v.key_id.chars().take(64).collect(),
+                trusted: self.key_ids().join(", "),
+            })?;
         let mut msg = CONTEXT.to_vec();
         msg.extend_from_slice(&v.payload);
-        UnparsedPublicKey::new(&ED25519, &self.key.0)
+        UnparsedPublicKey::new(&ED25519, &key.0)
             .verify(&msg, &v.signature)
             .map_err(|_| Refusal::BadSignature {
-                expected_key: self.key.key_id(),
+                expected_key: key.key_id(),
             })?;
         let p: VersionPayload =
             serde_json::from_slice(&v.payload).map_err(|e| Refusal::Malformed(e.to_string()))?;
@@ -269,7 +359,9 @@ impl Verifier {
                 };
             }
         }
-        if VersionPayload::compute_hash(&p.directory, &p.bundle) != p.content_hash {
+        if VersionPayload::compute_hash(&p.directory, &p.bundle, p.next_key.as_ref())
+            != p.content_hash
+        {
             return Err(Refusal::HashMismatch { number: p.number });
         }
         Ok(Checked::New(Box::new(p)))
@@ -294,9 +386,10 @@ mod tests {
             trust_domain: "td".into(),
             number,
             created_at_ms: 0,
-            content_hash: VersionPayload::compute_hash(&directory, &bundle),
+            content_hash: VersionPayload::compute_hash(&directory, &bundle, None),
             directory,
             bundle,
+            next_key: None,
         }
     }
 
@@ -326,8 +419,13 @@ mod tests {
             Err(Refusal::BadSignature { .. })
         ));
 
-        // Signed by another key.
-        let other = SigningKey::ephemeral().sign(&payload(6));
+        // Signed by another key, named as such or claiming the trusted key's id.
+        let mut other = SigningKey::ephemeral().sign(&payload(6));
+        assert!(matches!(
+            v.check(&other, None),
+            Err(Refusal::UnknownKey { .. })
+        ));
+        other.key_id = key.public().key_id();
         assert!(matches!(
             v.check(&other, None),
             Err(Refusal::BadSignature { .. })
@@ -370,6 +468,50 @@ mod tests {
         assert!(matches!(
             v.check(&key.sign_bytes(b"{not json".to_vec()), None),
             Err(Refusal::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_key_announced_under_the_current_one_takes_over_and_the_old_one_is_dropped() {
+        let old = SigningKey::ephemeral();
+        let new = SigningKey::ephemeral();
+        let v = Verifier::new(old.public(), "td");
+        // Before the announcement, the new key is not trusted.
+        assert!(matches!(
+            v.check(&new.sign(&payload(2)), None),
+            Err(Refusal::UnknownKey { .. })
+        ));
+        // An announcement signed by the current key.
+        let mut p = payload(2);
+        p.next_key = Some(new.public());
+        p.content_hash = VersionPayload::compute_hash(&p.directory, &p.bundle, p.next_key.as_ref());
+        assert_ne!(p.content_hash, payload(2).content_hash);
+        let announced = old.sign(&p);
+        let Ok(Checked::New(applied)) = v.check(&announced, None) else {
+            panic!("announcement refused")
+        };
+        let v = v.after(&announced, &applied);
+        assert_eq!(v.key_ids(), [old.public().key_id(), new.public().key_id()]);
+        // Both are accepted while the rotation is under way.
+        assert!(v.check(&old.sign(&payload(3)), Some((2, "h"))).is_ok());
+        let by_new = new.sign(&payload(3));
+        let Ok(Checked::New(applied)) = v.check(&by_new, Some((2, "h"))) else {
+            panic!("version signed by the announced key refused")
+        };
+        // Once a version signed by the new key is in force, the old key is no longer trusted.
+        let v = v.after(&by_new, &applied);
+        assert_eq!(v.key_ids(), [new.public().key_id()]);
+        assert!(matches!(
+            v.check(&old.sign(&payload(4)), Some((3, "h"))),
+            Err(Refusal::UnknownKey { .. })
+        ));
+        // An announced key whose hash does not cover it (announcement smuggled into a signed payload
+        // whose hash predates it) is refused.
+        let mut p = payload(5);
+        p.next_key = Some(SigningKey::ephemeral().public());
+        assert!(matches!(
+            v.check(&new.sign(&p), None),
+            Err(Refusal::HashMismatch { .. })
         ));
     }
 
