@@ -408,7 +408,47 @@ pub enum WorkloadCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum CaRotationCommand {
+    /// The authorities (active, prepared, retiring) and the nodes that have not renewed since the last step.
+    Status {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Step 1: a new root, added to the trust bundle; it signs nothing yet. Proxies fetch the bundle
+    /// within seconds (the next mesh version names it).
+    Prepare {
+        /// Lifetime of the new root.
+        #[arg(long, value_parser = parse_duration, default_value = "10y")]
+        validity: Duration,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Step 2: the new root signs every SVID from now on; proxies re-issue theirs at once. Refused while a
+    /// registered node has not renewed since `prepare` (it might not trust the new root), unless --force.
+    Activate {
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Step 3: the old root leaves the trust bundle. Refused until every SVID it signed has expired
+    /// (activation + the SVID lifetime), unless --force.
+    Withdraw {
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum CaCommand {
+    /// Rotate the running control plane's root CA without downtime: prepare, activate, withdraw
+    /// (docs/ca.md, "Rotating the root").
+    #[command(subcommand)]
+    Rotation(CaRotationCommand),
     /// Create a CA in DIR: a new ECDSA P-256 root, or your own CA certificate and key.
     ///
     /// The key is written with mode 0600 and never leaves DIR. To place Strait under a company PKI, pass

@@ -589,6 +589,177 @@ fn certificates_rotate_every_few_seconds_without_a_failed_request() {
     eprintln!("{ok} requests, 0 failed, during {:?}", start.elapsed());
 }
 
+fn config_dump(m: &Mesh, host: &str) -> serde_json::Value {
+    let out = m.net.run(
+        host,
+        None,
+        &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Issuers of a host's workload certificates.
+fn cert_issuers(m: &Mesh, host: &str) -> Vec<String> {
+    config_dump(m, host)["workload_certs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["issuer"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn anchors(m: &Mesh, host: &str) -> u64 {
+    config_dump(m, host)["trust_bundle"]["anchors"]
+        .as_u64()
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_root_ca_rotates_under_traffic_and_a_withdrawn_root_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    let url = m.vfx_url(false);
+    let old_issuer = cert_issuers(&m, "b");
+    assert_eq!(old_issuer.len(), 1, "{old_issuer:?}");
+    // A copy of the old root (key included) as an attacker who stole it would have it.
+    let stolen = m.p("stolen-ca");
+    let out = std::process::Command::new("cp")
+        .args(["-a", m.p("cp/ca"), stolen])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failed) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let code = m.curl("a", Some(OWNER_UID), &url, &["-d", "root rotation"]);
+                sent += 1;
+                if code != "201" {
+                    failed.push(code);
+                }
+            }
+            (sent, failed)
+        });
+        let step = |args: &[&str]| m.admin(&[&["ca", "rotation"], args].concat());
+
+        // 1. prepare: both proxies fetch the bundle with both roots; certificates are still the old root's.
+        let out = step(&["prepare"]);
+        assert!(
+            out.contains("prepared (trusted, signs nothing yet)"),
+            "{out}"
+        );
+        m.net.eventually(
+            Duration::from_secs(20),
+            "both proxies trust both roots",
+            || anchors(&m, "a") == 2 && anchors(&m, "b") == 2,
+        );
+        m.net
+            .eventually(Duration::from_secs(20), "every node renewed", || {
+                step(&["status"]).contains("every registered node renewed since the last step")
+            });
+        assert_eq!(cert_issuers(&m, "b"), old_issuer);
+
+        // 2. activate: the new root signs, and both proxies re-issue at once.
+        let out = step(&["activate"]);
+        assert!(out.contains("retiring (trusted until withdrawn)"), "{out}");
+        m.net.eventually(
+            Duration::from_secs(20),
+            "certificates re-issued by the new root",
+            || {
+                ["a", "b"].iter().all(|h| {
+                    let issuers = cert_issuers(&m, h);
+                    !issuers.is_empty() && issuers.iter().all(|i| !old_issuer.contains(i))
+                })
+            },
+        );
+        assert!(
+            !m.dir.join("cp/ca-retiring/ca-key.pem").exists(),
+            "the old key is deleted"
+        );
+        let table = m.admin(&["status"]);
+        assert!(table.contains("CA AUTHORITIES"), "{table}");
+        assert!(table.contains("retiring"), "{table}");
+
+        // 3. withdraw: refused while old SVIDs may be valid; forced, the old root leaves every bundle.
+        let out = m.admin_output(&["ca", "rotation", "withdraw"]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("may be valid until"), "{}", text(&out));
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    eprintln!(
+        "root rotation (prepare, activate) under traffic: {sent} requests, {} failed",
+        failed.len()
+    );
+    assert!(sent > 20, "the traffic loop ran ({sent} requests)");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the rotation: {failed:?}"
+    );
+
+    // A certificate the stolen old root signs: accepted by B's tunnel port while the old root retires,
+    // refused once it is withdrawn.
+    let b_tunnel = format!("{}:15008", m.net.v4("b"));
+    let sni = {
+        let d = sha256(id("vfx").as_bytes());
+        format!(
+            "{}.spiffe.strait",
+            d[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    };
+    let (crt, key) = cert_for(&m, "owner", stolen, "1h");
+    let probe = || {
+        m.net.run(
+            "a",
+            None,
+            &["bash", "-c", &format!(
+                "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | timeout 5 openssl s_client -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet 2>&1; true"
+            )],
+        );
+        metric(
+            &m.metrics("b"),
+            "strait_proxy_tls_handshake_errors_total",
+            "inbound",
+        )
+    };
+    let before = metric(
+        &m.metrics("b"),
+        "strait_proxy_tls_handshake_errors_total",
+        "inbound",
+    );
+    assert_eq!(probe(), before, "the retiring root is still trusted");
+    let out = m.admin(&["ca", "rotation", "withdraw", "--force"]);
+    assert!(!out.contains("retiring"), "{out}");
+    m.net.eventually(
+        Duration::from_secs(20),
+        "both proxies trust only the new root",
+        || anchors(&m, "a") == 1 && anchors(&m, "b") == 1,
+    );
+    m.net.eventually(
+        Duration::from_secs(5),
+        "the withdrawn root is refused",
+        || probe() > before,
+    );
+    assert!(m
+        .log("proxy-b.log")
+        .contains("not issued by a CA in the trust bundle"));
+    assert_eq!(m.curl("a", Some(OWNER_UID), &url, &["-d", "after"]), "201");
+    assert!(!m.dir.join("cp/ca-retiring").exists());
+}
+
 #[test]
 fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
     if !require_root() {

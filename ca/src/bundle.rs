@@ -17,6 +17,10 @@ pub enum BundleError {
     BadAnchor { index: usize, reason: String },
 }
 
+/// A trust bundle that can be replaced while verifiers hold it: during a CA rotation the anchors change
+/// (old + new, then new only) under live listeners; each handshake reads the bundle in force.
+pub type SharedBundle = arc_swap::ArcSwap<TrustBundle>;
+
 /// The trust anchors of one trust domain.
 ///
 /// The parsed webpki anchors are computed once here, because the verifiers use them on every handshake.
@@ -89,6 +93,21 @@ impl TrustBundle {
 
     pub fn to_pem(&self) -> String {
         certs_to_pem(&self.certs)
+    }
+
+    /// SHA-256 (hex) over the anchors' DER, in order: what control plane and proxies compare to know
+    /// whether a proxy holds the bundle in force.
+    pub fn fingerprint(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in &self.certs {
+            ctx.update(&(c.len() as u32).to_be_bytes());
+            ctx.update(c.as_ref());
+        }
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The SPIFFE bundle (JWKS) form. `sequence` lets consumers order updates of the same trust domain;

@@ -17,7 +17,7 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
 
-use crate::bundle::TrustBundle;
+use crate::bundle::{SharedBundle, TrustBundle};
 use crate::cert::{svid_id, SvidShapeError};
 use crate::spiffe::SpiffeId;
 use crate::tls::provider;
@@ -273,7 +273,7 @@ pub fn peer_id(conn: &rustls::CommonState) -> Option<SpiffeId> {
 /// Verifies client certificates on a server (the inbound side of a tunnel). Client authentication is
 /// mandatory: a client without a certificate is refused.
 pub struct SvidClientVerifier {
-    bundle: Arc<TrustBundle>,
+    bundle: Arc<SharedBundle>,
     expected: PeerIdMatcher,
     algs: WebPkiSupportedAlgorithms,
     root_hints: Vec<DistinguishedName>,
@@ -292,6 +292,19 @@ impl SvidClientVerifier {
         Self::build(bundle, expected, false)
     }
 
+    /// Client certificates are required, verified against whatever bundle `bundle` holds at each
+    /// handshake. No root hints are sent: they would go stale when the bundle changes, and SVID clients
+    /// have one certificate to offer anyway.
+    pub fn shared(bundle: Arc<SharedBundle>, expected: PeerIdMatcher, mandatory: bool) -> Self {
+        Self {
+            bundle,
+            expected,
+            algs: provider().signature_verification_algorithms,
+            root_hints: Vec::new(),
+            mandatory,
+        }
+    }
+
     fn build(bundle: Arc<TrustBundle>, expected: PeerIdMatcher, mandatory: bool) -> Self {
         let root_hints = bundle
             .anchors()
@@ -299,7 +312,7 @@ impl SvidClientVerifier {
             .map(|a| DistinguishedName::in_sequence(a.subject.as_ref()))
             .collect();
         Self {
-            bundle,
+            bundle: Arc::new(SharedBundle::new(bundle)),
             expected,
             algs: provider().signature_verification_algorithms,
             root_hints,
@@ -311,7 +324,7 @@ impl SvidClientVerifier {
 impl fmt::Debug for SvidClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidClientVerifier")
-            .field("trust_domain", self.bundle.trust_domain())
+            .field("trust_domain", self.bundle.load().trust_domain())
             .field("expected", &self.expected)
             .finish()
     }
@@ -333,7 +346,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         verify_peer(
-            &self.bundle,
+            &self.bundle.load(),
             &self.expected,
             end_entity,
             intermediates,
@@ -350,13 +363,18 @@ impl ClientCertVerifier for SvidClientVerifier {
 /// Verifies the server certificate on a client (the outbound side of a tunnel). The TLS server name is
 /// ignored: SVIDs carry no DNS names, and the identity to prove is the expected SPIFFE ID.
 pub struct SvidServerVerifier {
-    bundle: Arc<TrustBundle>,
+    bundle: Arc<SharedBundle>,
     expected: PeerIdMatcher,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl SvidServerVerifier {
     pub fn new(bundle: Arc<TrustBundle>, expected: PeerIdMatcher) -> Self {
+        Self::shared(Arc::new(SharedBundle::new(bundle)), expected)
+    }
+
+    /// Verified against whatever bundle `bundle` holds at each handshake.
+    pub fn shared(bundle: Arc<SharedBundle>, expected: PeerIdMatcher) -> Self {
         Self {
             bundle,
             expected,
@@ -368,7 +386,7 @@ impl SvidServerVerifier {
 impl fmt::Debug for SvidServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidServerVerifier")
-            .field("trust_domain", self.bundle.trust_domain())
+            .field("trust_domain", self.bundle.load().trust_domain())
             .field("expected", &self.expected)
             .finish()
     }
@@ -384,7 +402,7 @@ impl ServerCertVerifier for SvidServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         verify_peer(
-            &self.bundle,
+            &self.bundle.load(),
             &self.expected,
             end_entity,
             intermediates,

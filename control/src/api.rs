@@ -16,6 +16,8 @@
 //! | POST | `/v1/admin/apply` | admin | YAML or JSON [`crate::registry::ApplyDocument`] → [`crate::store::ApplyReport`] |
 //! | GET | `/v1/admin/status` | admin | → [`Status`] |
 //! | GET | `/v1/admin/workflows` | admin | → `[WorkflowSummary]` |
+//! | GET | `/v1/admin/ca` | admin | → [`CaStatus`] |
+//! | POST | `/v1/admin/ca/prepare`, `…/activate`, `…/withdraw` | admin | [`CaStepRequest`] → [`CaStatus`] |
 //! | GET | `/v1/admin/distribution-key` | admin | → [`crate::dist::keys::KeyStatus`] |
 //! | POST | `/v1/admin/distribution-key/prepare` | admin | → [`crate::dist::keys::KeyStatus`] |
 //! | POST | `/v1/admin/distribution-key/activate` | admin | [`KeyActivateRequest`] → [`crate::dist::keys::KeyStatus`] |
@@ -48,6 +50,10 @@ pub mod paths {
     pub const NODE_SVIDS: &str = "/v1/node/svids";
     pub const NODE_DIRECTORY: &str = "/v1/node/directory";
     pub const NODE_DISTRIBUTION_KEYS: &str = "/v1/node/distribution-keys";
+    pub const ADMIN_CA: &str = "/v1/admin/ca";
+    pub const ADMIN_CA_PREPARE: &str = "/v1/admin/ca/prepare";
+    pub const ADMIN_CA_ACTIVATE: &str = "/v1/admin/ca/activate";
+    pub const ADMIN_CA_WITHDRAW: &str = "/v1/admin/ca/withdraw";
     pub const ADMIN_DISTRIBUTION_KEY: &str = "/v1/admin/distribution-key";
     pub const ADMIN_DISTRIBUTION_KEY_PREPARE: &str = "/v1/admin/distribution-key/prepare";
     pub const ADMIN_DISTRIBUTION_KEY_ACTIVATE: &str = "/v1/admin/distribution-key/activate";
@@ -133,6 +139,30 @@ pub struct DistributionKeys {
     pub active: crate::dist::version::PublicKey,
     #[serde(default)]
     pub next: Option<crate::dist::version::PublicKey>,
+}
+
+/// A step of the CA root rotation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaStepRequest {
+    /// `activate`: even though some nodes have not renewed since `prepare`; `withdraw`: even though SVIDs
+    /// signed by the old root may still be valid.
+    #[serde(default)]
+    pub force: bool,
+    /// `prepare`: lifetime of the new root in seconds (default 10 years).
+    #[serde(default)]
+    pub validity_secs: Option<u64>,
+}
+
+/// Where a CA root rotation stands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CaStatus {
+    pub authorities: Vec<crate::authorities::AuthorityStatus>,
+    /// Unix seconds of the last step (0: no rotation under way).
+    pub last_step_at: u64,
+    /// Registered nodes that have not renewed their node certificate since the last step.
+    pub nodes_behind: Vec<String>,
+    pub bundle_fingerprint: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -226,6 +256,9 @@ pub struct Status {
     pub workflows: Vec<WorkflowSummary>,
     #[serde(default)]
     pub distribution: crate::dist::hub::DistributionStatus,
+    /// The CA's authorities and any root rotation under way.
+    #[serde(default)]
+    pub ca: CaStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod authorities;
 pub mod client;
 pub mod context;
 pub mod dist;

@@ -25,17 +25,18 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use strait_ca::verify::peer_id;
-use strait_ca::{CertificateAuthority, CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustBundle};
+use strait_ca::{CertificateAuthority, CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustDomain};
 use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
 use crate::api::{self, paths, ErrorBody, ErrorDetail};
+use crate::authorities::{Authorities, RotationError};
 use crate::dist::hub::Hub;
 use crate::dist::keys::{KeyError, KeyRing};
 use crate::dist::Transport;
 use crate::registry::{from_json, from_yaml, ApplyDocument, FieldError, NodeName, Workload};
 use crate::store::{NodeRecord, Store, StoreError, TokenRecord};
-use crate::tokens::{sha256, AdminToken, JoinToken};
+use crate::tokens::{AdminToken, JoinToken};
 
 /// Largest request body accepted (an apply document of a few thousand workloads fits).
 pub const MAX_BODY: usize = 1 << 20;
@@ -102,11 +103,12 @@ fn serving_cert(
 }
 
 pub struct State {
-    ca: CertificateAuthority,
+    /// The active CA, and during a root rotation the prepared or retiring one.
+    authorities: Authorities,
     store: Store,
-    bundle_pem: String,
     admin_hash: [u8; 32],
-    ca_pin: [u8; 32],
+    /// Wakes the serving-certificate loop when the signing root changed.
+    serving_renew: tokio::sync::Notify,
     svid_ttl: Duration,
     /// Last call per node since this process started (kept in memory: writing it on every call would cost
     /// an fsync per request).
@@ -131,8 +133,8 @@ impl State {
         kube: Option<crate::kube::KubeParts>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let ca = CertificateAuthority::load(&data_dir.join(layout::CA_DIR), SystemTime::now())
-            .context("loading the CA")?;
+        let authorities = Authorities::open(data_dir, svid_ttl, SystemTime::now())?;
+        let ca = authorities.active();
         let store = Store::open(&data_dir.join(layout::STORE)).context("opening the store")?;
         let admin_hash = store.admin_hash()?.with_context(|| {
             format!(
@@ -140,11 +142,6 @@ impl State {
                 data_dir.display()
             )
         })?;
-        let anchor = ca
-            .trust_bundle()
-            .certs()
-            .first()
-            .context("the CA has no trust anchor")?;
         let keys = KeyRing::open(data_dir)?;
         let hub = Arc::new(Hub::open(&store, keys, &ca.trust_domain().to_string())?);
         let kube = kube.map(|k| {
@@ -155,13 +152,13 @@ impl State {
                 ca.trust_domain().clone(),
             ))
         });
+        hub.set_trust(authorities.trust_state());
         // Changes made while the control plane was down (or an older store) become a version now.
         hub.rebuild(&store).context("making the mesh version")?;
         Ok(Self {
             hub,
-            bundle_pem: ca.trust_bundle().to_pem(),
-            ca_pin: sha256(anchor.as_ref()),
-            ca,
+            authorities,
+            serving_renew: tokio::sync::Notify::new(),
             store,
             admin_hash,
             svid_ttl,
@@ -181,7 +178,7 @@ impl State {
         tokio::spawn(reflect(kube.clone(), Resource::Pods));
         tokio::spawn(crate::kube::join::publish_bundle(
             kube.clone(),
-            self.bundle_pem.clone(),
+            self.bundle_pem(),
         ));
         tokio::spawn(crate::kube::feed(self.clone(), kube));
     }
@@ -194,13 +191,17 @@ impl State {
     fn control_id(&self) -> anyhow::Result<SpiffeId> {
         Ok(SpiffeId::parse(&format!(
             "{}{}",
-            self.ca.trust_domain().id_string(),
+            self.authorities.trust_domain().id_string(),
             api::CONTROL_ID_PATH
         ))?)
     }
 
-    fn bundle(&self) -> Arc<TrustBundle> {
-        Arc::new(self.ca.trust_bundle().clone())
+    fn bundle_pem(&self) -> String {
+        self.authorities.bundle().to_pem()
+    }
+
+    fn trust_domain(&self) -> &TrustDomain {
+        self.authorities.trust_domain()
     }
 
     fn touch(&self, node: &NodeName) {
@@ -217,7 +218,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let control_id = state.control_id()?;
-    let (cert, mut not_after) = serving_cert(&state.ca, &control_id, state.svid_ttl)?;
+    let (cert, mut not_after) =
+        serving_cert(&state.authorities.active(), &control_id, state.svid_ttl)?;
     let resolver = Arc::new(ServingCert(arc_swap::ArcSwap::from_pointee(cert)));
 
     // Only node SVIDs may be presented as client certificates here; workloads talk to their proxy, never
@@ -228,9 +230,10 @@ pub async fn serve(
         });
     let mut tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::optional(
-            state.bundle(),
+        .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::shared(
+            state.authorities.shared_bundle(),
             nodes_only.clone(),
+            false,
         )))
         .with_cert_resolver(resolver.clone());
     tls.alpn_protocols = vec![
@@ -245,9 +248,10 @@ pub async fn serve(
         let mut qtls =
             rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
                 .with_protocol_versions(&[&rustls::version::TLS13])?
-                .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::new(
-                    state.bundle(),
+                .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::shared(
+                    state.authorities.shared_bundle(),
                     nodes_only.clone(),
+                    true,
                 )))
                 .with_cert_resolver(resolver.clone());
         qtls.alpn_protocols = vec![crate::dist::wire::ALPN.to_vec()];
@@ -291,8 +295,13 @@ pub async fn serve(
                 quic.close(0u8.into(), b"control plane shutting down");
                 return Ok(());
             }
-            _ = tokio::time::sleep(half_life.max(Duration::from_secs(1))) => {
-                match serving_cert(&state.ca, &control_id, state.svid_ttl) {
+            _ = async {
+                tokio::select! {
+                    _ = tokio::time::sleep(half_life.max(Duration::from_secs(1))) => {}
+                    _ = state.serving_renew.notified() => {}
+                }
+            } => {
+                match serving_cert(&state.authorities.active(), &control_id, state.svid_ttl) {
                     Ok((cert, na)) => {
                         resolver.0.store(Arc::new(cert));
                         not_after = na;
@@ -477,7 +486,7 @@ async fn dispatch(
 ) -> Reply {
     match (method, path) {
         (&Method::GET, paths::READY) => Ok(text(StatusCode::OK, "ready\n")),
-        (&Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, state.bundle_pem.clone())),
+        (&Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, state.bundle_pem())),
         (&Method::POST, paths::JOIN) => join(state, caller, req).await,
         (&Method::POST, paths::JOIN_KUBERNETES) => join_kubernetes(state, caller, req).await,
         (_, p) if p.starts_with("/v1/node/") => {
@@ -520,6 +529,19 @@ async fn dispatch(
                 (&Method::GET, paths::ADMIN_WORKFLOWS) => list_workflows(state).await,
                 (&Method::POST, paths::ADMIN_WORKFLOWS) => apply_workflow(state, req).await,
                 (&Method::POST, paths::ADMIN_WORKFLOWS_DELETE) => delete_workflow(state, req).await,
+                (&Method::GET, paths::ADMIN_CA) => ca_rotation(state, CaStep::Status).await,
+                (&Method::POST, paths::ADMIN_CA_PREPARE) => {
+                    let r: api::CaStepRequest = json_body(req).await?;
+                    ca_rotation(state, CaStep::Prepare(r)).await
+                }
+                (&Method::POST, paths::ADMIN_CA_ACTIVATE) => {
+                    let r: api::CaStepRequest = json_body(req).await?;
+                    ca_rotation(state, CaStep::Activate(r)).await
+                }
+                (&Method::POST, paths::ADMIN_CA_WITHDRAW) => {
+                    let r: api::CaStepRequest = json_body(req).await?;
+                    ca_rotation(state, CaStep::Withdraw(r)).await
+                }
                 (&Method::GET, paths::ADMIN_DISTRIBUTION_KEY) => {
                     key_rotation(state, KeyStep::Status).await
                 }
@@ -763,9 +785,10 @@ fn issue_node_cert(
             "this node joined through Kubernetes and no pod of the proxy DaemonSet runs on it now",
         ));
     }
-    let id = SpiffeId::node(st.ca.trust_domain(), node.as_str()).map_err(ApiError::internal)?;
+    let id = SpiffeId::node(st.trust_domain(), node.as_str()).map_err(ApiError::internal)?;
     let svid = st
-        .ca
+        .authorities
+        .active()
         .issue(csr, &id, st.svid_ttl, now)
         .map_err(ApiError::internal)?;
     let rec = NodeRecord {
@@ -800,8 +823,8 @@ fn issue_node_cert(
     Ok(api::NodeCertResponse {
         id,
         chain_pem: svid.chain_pem(),
-        bundle_pem: st.bundle_pem.clone(),
-        trust_domain: st.ca.trust_domain().to_string(),
+        bundle_pem: st.bundle_pem(),
+        trust_domain: st.trust_domain().to_string(),
         not_after: secs(svid.not_after),
         distribution_key: Some(active_key.to_base64()),
         distribution_next_key: next_key.map(|k| k.to_base64()),
@@ -852,7 +875,8 @@ async fn workload_svid(state: &Arc<State>, node: NodeName, req: Request<Incoming
             }
         }
         let svid = st
-            .ca
+            .authorities
+            .active()
             .issue(&csr, &r.workload, st.svid_ttl, SystemTime::now())
             .map_err(ApiError::internal)?;
         debug!(node = %node, workload = %r.workload, "workload SVID issued");
@@ -899,7 +923,7 @@ async fn create_token(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     }
     let st = state.clone();
     let resp = blocking(move || {
-        let token = JoinToken::generate(st.ca_pin).map_err(ApiError::internal)?;
+        let token = JoinToken::generate(st.authorities.active_pin()).map_err(ApiError::internal)?;
         let now = unix_now();
         let rec = TokenRecord {
             node: r.node.clone(),
@@ -923,10 +947,10 @@ async fn create_token(state: &Arc<State>, req: Request<Incoming>) -> Reply {
 
 fn check_trust_domain(st: &State, workloads: &[Workload]) -> Result<(), ApiError> {
     for (i, w) in workloads.iter().enumerate() {
-        if !w.id.is_member_of(st.ca.trust_domain()) {
+        if !w.id.is_member_of(st.trust_domain()) {
             return Err(ApiError::bad_field(FieldError {
                 field: format!("workloads[{i}].id"),
-                message: format!("{} is outside trust domain {}", w.id, st.ca.trust_domain()),
+                message: format!("{} is outside trust domain {}", w.id, st.trust_domain()),
             }));
         }
         if !matches!(w.id.kind(), IdKind::Workload { .. }) {
@@ -935,7 +959,7 @@ fn check_trust_domain(st: &State, workloads: &[Workload]) -> Result<(), ApiError
                 message: format!(
                     "{} is not a workload ID (spiffe://{}/ns/<namespace>/sa/<service-account>)",
                     w.id,
-                    st.ca.trust_domain()
+                    st.trust_domain()
                 ),
             }));
         }
@@ -1013,6 +1037,83 @@ async fn apply(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     Ok(json(StatusCode::OK, &report))
 }
 
+enum CaStep {
+    Status,
+    Prepare(api::CaStepRequest),
+    Activate(api::CaStepRequest),
+    Withdraw(api::CaStepRequest),
+}
+
+/// The root rotation's status: the authorities, and the registered nodes that have not renewed their node
+/// certificate since the last step (so may lack the bundle or the new root's certificates).
+fn ca_status(st: &State) -> Result<api::CaStatus, ApiError> {
+    let last_step_at = st.authorities.last_step_at();
+    let nodes_behind = st
+        .store
+        .nodes()?
+        .into_iter()
+        .filter(|n| last_step_at > 0 && n.last_cert_at < last_step_at)
+        .map(|n| n.name.to_string())
+        .collect();
+    Ok(api::CaStatus {
+        authorities: st.authorities.status(),
+        last_step_at,
+        nodes_behind,
+        bundle_fingerprint: st.authorities.bundle().fingerprint(),
+    })
+}
+
+async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
+    let st = state.clone();
+    let status = blocking(move || {
+        let now = SystemTime::now();
+        let refused = |e: RotationError| match e {
+            RotationError::Refused(m) => {
+                ApiError::new(StatusCode::CONFLICT, "rotation_refused", m)
+            }
+            RotationError::Other(e) => ApiError::internal(format!("{e:#}")),
+        };
+        let changed = match step {
+            CaStep::Status => false,
+            CaStep::Prepare(r) => {
+                let validity = Duration::from_secs(r.validity_secs.unwrap_or(10 * 365 * 86400));
+                st.authorities.prepare(validity, now).map_err(refused)?;
+                info!("CA rotation: new root prepared; it is in the trust bundle and signs nothing yet");
+                true
+            }
+            CaStep::Activate(r) => {
+                let behind = ca_status(&st)?.nodes_behind;
+                if !behind.is_empty() && !r.force {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "rotation_refused",
+                        format!(
+                            "{} have not renewed since the new root was prepared, so may not trust it yet; wait (strait ca rotation status), or pass --force",
+                            behind.join(", ")
+                        ),
+                    ));
+                }
+                st.authorities.activate(now).map_err(refused)?;
+                st.serving_renew.notify_one();
+                info!(forced = r.force && !behind.is_empty(), "CA rotation: the new root signs from now on; proxies re-issue their certificates");
+                true
+            }
+            CaStep::Withdraw(r) => {
+                st.authorities.withdraw(r.force, now).map_err(refused)?;
+                info!(forced = r.force, "CA rotation: the old root left the trust bundle");
+                true
+            }
+        };
+        if changed {
+            st.hub.set_trust(st.authorities.trust_state());
+            st.hub.changed(&st.store);
+        }
+        ca_status(&st)
+    })
+    .await?;
+    Ok(json(StatusCode::OK, &status))
+}
+
 enum KeyStep {
     Status,
     Prepare,
@@ -1060,9 +1161,10 @@ async fn status(state: &Arc<State>) -> Reply {
             })
             .collect();
         Ok(api::Status {
-            trust_domain: st.ca.trust_domain().to_string(),
+            trust_domain: st.trust_domain().to_string(),
             revision: st.store.revision()?,
-            ca_not_after: secs(st.ca.not_after()),
+            ca_not_after: secs(st.authorities.active().not_after()),
+            ca: ca_status(&st)?,
             nodes,
             // What the proxies are given: the store's workloads and, in Kubernetes mode, the pods.
             workloads: match st.hub.directory(&st.store).map_err(ApiError::internal)? {
@@ -1125,7 +1227,7 @@ async fn apply_workflow(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             modules: r.modules,
             applied_at: unix_now(),
         };
-        let td = st.ca.trust_domain().to_string();
+        let td = st.trust_domain().to_string();
         rec.name = crate::workflows::check_candidate(&rec, &existing, &td).map_err(|e| {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_workflow", e.to_string())
         })?;

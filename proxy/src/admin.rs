@@ -127,6 +127,9 @@ fn handle(
                         "not_after": secs(c.not_after),
                         "renew_at": secs(c.renew_at()),
                         "generation": c.generation,
+                        "issuer": c.svid.chain.first()
+                            .and_then(|leaf| strait_ca::cert::CertSummary::of(leaf).ok())
+                            .map(|s| s.issuer),
                     })
                 })
                 .collect();
@@ -140,6 +143,10 @@ fn handle(
                 "capture": &**shared.capture.load(),
                 "nftables": crate::capture::list(),
                 "policy_revision": shared.ctx.authz.revision(),
+                "trust_bundle": {
+                    "fingerprint": shared.ctx.bundle.load().fingerprint(),
+                    "anchors": shared.ctx.bundle.load().certs().len(),
+                },
                 "mesh": shared.mesh.get().map(|m| m.status()),
                 "open_connections": shared.ctx.inflight.count(),
                 "pooled_tunnels": shared.ctx.pooled_tunnels(),

@@ -323,10 +323,11 @@ mod tests {
             trust_domain: "td".into(),
             number,
             created_at_ms: 0,
-            content_hash: VersionPayload::compute_hash(&directory, &bundle, None),
+            content_hash: VersionPayload::compute_hash(&directory, &bundle, None, None),
             directory,
             bundle,
             next_key: None,
+            trust: None,
         })
     }
 

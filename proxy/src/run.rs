@@ -106,6 +106,12 @@ pub struct Shared {
     pub(crate) draining: AtomicBool,
     /// The distributor subscription (set once it starts).
     pub mesh: std::sync::OnceLock<Arc<crate::mesh::ProxyApplier>>,
+    /// Renew the node certificate now (it brings the trust bundle): a mesh version named another bundle.
+    renew_node: tokio::sync::Notify,
+    /// Bumped when the CA's signing root changed: every workload certificate is re-issued now.
+    reissue: tokio::sync::watch::Sender<u64>,
+    /// The signing root the last installed mesh version named.
+    authority: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -363,11 +369,34 @@ impl Node {
     /// Swaps in a verified version: the policy (unless a local bundle pins it), then the directory, whose
     /// local workloads get certificate keepers and capture rules.
     pub fn install(self: &Arc<Self>, p: crate::mesh::Prepared) {
+        if let Some(trust) = &p.payload.trust {
+            self.follow_trust(trust);
+        }
         if self.opts.policy_bundle.is_none() {
             info!(revision = %p.policy.revision, "distributed policy in force");
             self.shared.ctx.authz.swap(p.policy);
         }
         self.apply_directory(p.payload.directory);
+    }
+
+    /// A CA root rotation step at the control plane: fetch the bundle it names (with a node-certificate
+    /// renewal, over the node's mTLS session), and re-issue every certificate when the signing root changed.
+    fn follow_trust(&self, trust: &strait_control::dist::version::TrustState) {
+        let shared = &self.shared;
+        if trust.bundle_fingerprint != shared.ctx.bundle.load().fingerprint() {
+            info!(
+                fingerprint = %trust.bundle_fingerprint,
+                "the control plane's trust bundle changed; renewing the node certificate to fetch it"
+            );
+            shared.renew_node.notify_one();
+        }
+        let mut last = shared.authority.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref().is_some_and(|a| a != &trust.authority) {
+            info!(authority = %trust.authority, "the CA's signing root changed; re-issuing the node and workload certificates");
+            shared.renew_node.notify_one();
+            shared.reissue.send_modify(|e| *e += 1);
+        }
+        *last = Some(trust.authority.clone());
     }
 
     pub fn shared_ready(&self) {
@@ -498,6 +527,8 @@ impl Node {
 /// forever; on failure it keeps the current certificate and retries with capped exponential backoff.
 async fn keep_cert(node: Arc<Node>, id: SpiffeId) {
     let mut backoff = Duration::from_millis(250);
+    let mut reissue = node.shared.reissue.subscribe();
+    reissue.mark_unchanged();
     loop {
         let wait = node
             .certs
@@ -508,7 +539,13 @@ async fn keep_cert(node: Arc<Node>, id: SpiffeId) {
                     .unwrap_or_default()
             })
             .unwrap_or_default();
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            Ok(()) = reissue.changed() => {
+                // Spread a node's re-issues over half a second rather than all at once.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..500))).await;
+            }
+        }
         match node.fetch_cert(&id).await {
             Ok(c) => {
                 node.metrics.cert_renewals.inc();
@@ -540,7 +577,10 @@ async fn keep_node_cert(
             .not_after
             .duration_since(now)
             .unwrap_or_default();
-        tokio::time::sleep(life / 2).await;
+        tokio::select! {
+            _ = tokio::time::sleep(life / 2) => {}
+            _ = shared.renew_node.notified() => {}
+        }
         let renewed = client.load().renew(advert(&opts)).await;
         match renewed.map_err(anyhow::Error::from).and_then(|id| {
             id.save(&opts.data_dir)?;
@@ -551,6 +591,11 @@ async fn keep_node_cert(
                 shared
                     .node_not_after
                     .store(unix(id.not_after), Ordering::Relaxed);
+                let fingerprint = id.bundle.fingerprint();
+                if fingerprint != shared.ctx.bundle.load().fingerprint() {
+                    info!(%fingerprint, anchors = id.bundle.certs().len(), "trust bundle updated: tunnels are verified against it from now on");
+                    shared.ctx.bundle.store(id.bundle.clone());
+                }
                 client.store(Arc::new(c));
                 identity.store(Arc::new(id));
                 backoff = Duration::from_millis(250);
@@ -674,7 +719,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx::new(
         certs.clone(),
         view,
-        identity.bundle.clone(),
+        Arc::new(strait_ca::SharedBundle::new(identity.bundle.clone())),
         metrics.clone(),
         tunnel::NodeSettings {
             addrs: opts.addresses.clone(),
@@ -743,6 +788,9 @@ pub async fn run(
         serving: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         mesh: std::sync::OnceLock::new(),
+        renew_node: tokio::sync::Notify::new(),
+        reissue: tokio::sync::watch::Sender::new(0),
+        authority: Mutex::new(None),
     });
     let node = Arc::new(Node {
         opts: opts.clone(),

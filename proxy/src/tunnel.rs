@@ -20,7 +20,7 @@ use h2::client::SendRequest;
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
 use strait_ca::verify::{explain_io, peer_id, SvidClientVerifier, SvidServerVerifier};
-use strait_ca::{PeerIdMatcher, SpiffeId, TrustBundle};
+use strait_ca::{PeerIdMatcher, SharedBundle, SpiffeId};
 use strait_control::registry::Workload;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -156,7 +156,8 @@ impl Drop for InflightGuard<'_> {
 pub struct Ctx {
     pub certs: Arc<CertStore>,
     pub dir: ArcSwap<DirectoryView>,
-    pub bundle: Arc<TrustBundle>,
+    /// Replaced when the node's renewal brings a new trust bundle (CA rotation); each handshake reads it.
+    pub bundle: Arc<SharedBundle>,
     pub metrics: Arc<Metrics>,
     /// This node's addresses: inbound streams may only target these (or loopback).
     pub node_addrs: Vec<IpAddr>,
@@ -248,7 +249,7 @@ impl Ctx {
     pub fn new(
         certs: Arc<CertStore>,
         dir: DirectoryView,
-        bundle: Arc<TrustBundle>,
+        bundle: Arc<SharedBundle>,
         metrics: Arc<Metrics>,
         node: NodeSettings,
         authz: Arc<crate::authz::Authz>,
@@ -481,7 +482,7 @@ async fn open_tunnel(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TunnelError::Tls(e.to_string()))?
         .dangerous() // the verifier checks the chain and that the server is exactly `dst`
-        .with_custom_certificate_verifier(Arc::new(SvidServerVerifier::new(
+        .with_custom_certificate_verifier(Arc::new(SvidServerVerifier::shared(
             ctx.bundle.clone(),
             PeerIdMatcher::Exact(dst.clone()),
         )))
@@ -640,9 +641,10 @@ pub fn inbound_tls(ctx: &Ctx) -> Result<Arc<rustls::ServerConfig>, rustls::Error
     // authorization layer to decide per stream.
     let mut cfg = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SvidClientVerifier::new(
+        .with_client_cert_verifier(Arc::new(SvidClientVerifier::shared(
             ctx.bundle.clone(),
             PeerIdMatcher::AnyInTrustDomain,
+            true,
         )))
         .with_cert_resolver(Arc::new(InboundResolver(ctx.certs.clone())));
     cfg.alpn_protocols = vec![b"h2".to_vec()];

@@ -18,8 +18,8 @@ use strait_control::store::ApplyReport;
 use super::conn::admin_client;
 use super::table;
 use crate::cli::{
-    ConnArgs, DistributionKeyCommand, NodeCommand, OutputFormat, TokenCommand, WorkflowCommand,
-    WorkloadCommand,
+    CaRotationCommand, ConnArgs, DistributionKeyCommand, NodeCommand, OutputFormat, TokenCommand,
+    WorkflowCommand, WorkloadCommand,
 };
 
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
@@ -214,6 +214,7 @@ pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> 
     }
     print!("{}", distribution_table(&st.distribution, st.nodes.len()));
     print!("\n{}", key_status_text(&st.distribution.keys));
+    print!("\n{}", ca_status_text(&st.ca));
     Ok(())
 }
 
@@ -260,6 +261,94 @@ fn distribution_table(d: &DistributionStatus, nodes: usize) -> String {
         &rows,
     ));
     out
+}
+
+fn ca_status_text(c: &api::CaStatus) -> String {
+    let rows: Vec<Vec<String>> = c
+        .authorities
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                match a.state.as_str() {
+                    "active" => "active (signs SVIDs)".to_owned(),
+                    "prepared" => "prepared (trusted, signs nothing yet)".to_owned(),
+                    "retiring" => "retiring (trusted until withdrawn)".to_owned(),
+                    other => other.to_owned(),
+                },
+                if a.since == 0 {
+                    "-".into()
+                } else {
+                    fmt_time(a.since)
+                },
+                fmt_time(a.not_after),
+                a.withdraw_after.map_or("-".into(), fmt_time),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "CA AUTHORITIES (bundle {})\n",
+        &c.bundle_fingerprint[..c.bundle_fingerprint.len().min(16)]
+    );
+    out.push_str(&table::render(
+        &["ROOT", "STATE", "SINCE", "VALID UNTIL", "WITHDRAW AFTER"],
+        &rows,
+    ));
+    if c.last_step_at > 0 {
+        if c.nodes_behind.is_empty() {
+            out.push_str("every registered node renewed since the last step\n");
+        } else {
+            out.push_str(&format!(
+                "not renewed since the last step: {}\n",
+                c.nodes_behind.join(", ")
+            ));
+        }
+    }
+    out
+}
+
+pub async fn ca_rotation(cmd: CaRotationCommand) -> anyhow::Result<()> {
+    let (path, body, conn, output) = match cmd {
+        CaRotationCommand::Status { output, conn } => (None, None, conn, output),
+        CaRotationCommand::Prepare { validity, conn } => (
+            Some(paths::ADMIN_CA_PREPARE),
+            Some(api::CaStepRequest {
+                force: false,
+                validity_secs: Some(validity.as_secs()),
+            }),
+            conn,
+            OutputFormat::Text,
+        ),
+        CaRotationCommand::Activate { force, conn } => (
+            Some(paths::ADMIN_CA_ACTIVATE),
+            Some(api::CaStepRequest {
+                force,
+                validity_secs: None,
+            }),
+            conn,
+            OutputFormat::Text,
+        ),
+        CaRotationCommand::Withdraw { force, conn } => (
+            Some(paths::ADMIN_CA_WITHDRAW),
+            Some(api::CaStepRequest {
+                force,
+                validity_secs: None,
+            }),
+            conn,
+            OutputFormat::Text,
+        ),
+    };
+    let client = admin_client(&conn)?;
+    let c: api::CaStatus = match (path, body) {
+        (Some(p), Some(b)) => client.post(p, &b).await?,
+        _ => client.get(paths::ADMIN_CA).await?,
+    };
+    if output == OutputFormat::Json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", ca_status_text(&c));
+    }
+    Ok(())
 }
 
 fn key_status_text(k: &KeyStatus) -> String {

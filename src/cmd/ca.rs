@@ -16,6 +16,8 @@ use crate::cli::{BundleFormat, CaCommand, OutputFormat};
 pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
     let now = SystemTime::now();
     match cmd {
+        // The running control plane's root: through its admin API.
+        CaCommand::Rotation(c) => super::block_on(super::admin::ca_rotation(c)),
         CaCommand::Init {
             dir,
             trust_domain,

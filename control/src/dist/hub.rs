@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::keys::{KeyError, KeyRing, KeyStatus};
-use super::version::{PublicKey, SignedVersion, VersionPayload};
+use super::version::{PublicKey, SignedVersion, TrustState, VersionPayload};
 use super::wire::{self, ClientMsg, ServerMsg};
 use super::Transport;
 use crate::registry::{NodeName, Workload};
@@ -191,6 +191,8 @@ struct Entry {
 pub struct Hub {
     /// Locked only briefly, never across an await (rebuilds run on the blocking pool).
     keys: Mutex<KeyRing>,
+    /// The trust bundle and authority every version names (set by the control plane's CA).
+    trust: Mutex<Option<TrustState>>,
     trust_domain: String,
     latest: watch::Sender<Option<Arc<Published>>>,
     /// Serialises rebuilds so that two changes never make two versions with the same number.
@@ -248,6 +250,7 @@ impl Hub {
         }
         Ok(Self {
             keys: Mutex::new(keys),
+            trust: Mutex::new(None),
             trust_domain: trust_domain.to_owned(),
             latest: watch::Sender::new(latest),
             build: Mutex::new(()),
@@ -276,6 +279,11 @@ impl Hub {
             External::Known(w) => w.clone(),
             _ => Arc::default(),
         }
+    }
+
+    /// Sets the trust state the next versions carry; the caller rebuilds.
+    pub fn set_trust(&self, trust: TrustState) {
+        *self.trust.lock().unwrap_or_else(|p| p.into_inner()) = Some(trust);
     }
 
     fn with_keys<T>(&self, f: impl FnOnce(&mut KeyRing) -> T) -> T {
@@ -400,9 +408,11 @@ impl Hub {
             return Ok(None);
         };
         let bundle = crate::workflows::mesh_bundle(&store.workflows()?)?;
+        let trust = self.trust.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let next_key = keys.next_public();
-        let hash = VersionPayload::compute_hash(&directory, &bundle, next_key.as_ref());
+        let hash =
+            VersionPayload::compute_hash(&directory, &bundle, next_key.as_ref(), trust.as_ref());
         let current = self.latest();
         if current.as_ref().is_some_and(|c| c.hash == hash) {
             return Ok(None);
@@ -415,6 +425,7 @@ impl Hub {
             directory,
             bundle,
             next_key,
+            trust,
         };
         let signed = keys.active().sign(&payload);
         drop(keys);

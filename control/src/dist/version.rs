@@ -61,6 +61,22 @@ pub struct VersionPayload {
     /// this version accepts versions signed by the key that signed it or by this one, and nothing else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_key: Option<PublicKey>,
+    /// The trust bundle and the signing authority in force (they change during a CA rotation). A proxy
+    /// whose bundle has another fingerprint renews its node certificate, which brings the bundle over the
+    /// node's mTLS session; when the authority changes it re-issues its SVIDs at once. The bundle itself is
+    /// never taken from a version: the distribution key can change policy, not whom the mesh trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustState>,
+}
+
+/// See [`VersionPayload::trust`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustState {
+    /// [`strait_ca::TrustBundle::fingerprint`] of the bundle in force.
+    pub bundle_fingerprint: String,
+    /// Id of the root that signs SVIDs now.
+    pub authority: String,
 }
 
 impl VersionPayload {
@@ -71,6 +87,7 @@ impl VersionPayload {
         directory: &Directory,
         bundle: &Bundle,
         next_key: Option<&PublicKey>,
+        trust: Option<&TrustState>,
     ) -> String {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(&serde_json::to_vec(&directory.workloads).unwrap_or_default());
@@ -82,6 +99,13 @@ impl VersionPayload {
             ctx.update(&[0]);
             ctx.update(b"next-key:");
             ctx.update(&k.0);
+        }
+        if let Some(t) = trust {
+            ctx.update(&[0]);
+            ctx.update(b"trust:");
+            ctx.update(t.bundle_fingerprint.as_bytes());
+            ctx.update(&[0]);
+            ctx.update(t.authority.as_bytes());
         }
         crate::tokens::hex(ctx.finish().as_ref())
     }
@@ -359,8 +383,12 @@ impl Verifier {
                 };
             }
         }
-        if VersionPayload::compute_hash(&p.directory, &p.bundle, p.next_key.as_ref())
-            != p.content_hash
+        if VersionPayload::compute_hash(
+            &p.directory,
+            &p.bundle,
+            p.next_key.as_ref(),
+            p.trust.as_ref(),
+        ) != p.content_hash
         {
             return Err(Refusal::HashMismatch { number: p.number });
         }
@@ -386,10 +414,11 @@ mod tests {
             trust_domain: "td".into(),
             number,
             created_at_ms: 0,
-            content_hash: VersionPayload::compute_hash(&directory, &bundle, None),
+            content_hash: VersionPayload::compute_hash(&directory, &bundle, None, None),
             directory,
             bundle,
             next_key: None,
+            trust: None,
         }
     }
 
@@ -484,7 +513,12 @@ mod tests {
         // An announcement signed by the current key.
         let mut p = payload(2);
         p.next_key = Some(new.public());
-        p.content_hash = VersionPayload::compute_hash(&p.directory, &p.bundle, p.next_key.as_ref());
+        p.content_hash = VersionPayload::compute_hash(
+            &p.directory,
+            &p.bundle,
+            p.next_key.as_ref(),
+            p.trust.as_ref(),
+        );
         assert_ne!(p.content_hash, payload(2).content_hash);
         let announced = old.sign(&p);
         let Ok(Checked::New(applied)) = v.check(&announced, None) else {
