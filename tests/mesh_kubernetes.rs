@@ -506,6 +506,19 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
         "{renewal:?}"
     );
 
+    // --- A CA rotation step reaches the ConfigMap the DaemonSet mounts, at once. ---
+    c.admin(&["ca", "rotation", "prepare"]);
+    c.net.eventually(
+        Duration::from_secs(10),
+        "the ConfigMap holds both roots",
+        || {
+            c.api
+                .configmap("strait-system", "strait-trust-bundle")
+                .and_then(|d| d.get("bundle.pem").cloned())
+                .is_some_and(|pem| pem.matches("BEGIN CERTIFICATE").count() == 2)
+        },
+    );
+
     // --- Shutdown removes every rule and route the proxy installed. ---
     let proxies = std::mem::take(&mut c.proxies);
     for (node, p) in proxies {

@@ -178,7 +178,7 @@ impl State {
         tokio::spawn(reflect(kube.clone(), Resource::Pods));
         tokio::spawn(crate::kube::join::publish_bundle(
             kube.clone(),
-            self.bundle_pem(),
+            self.authorities.shared_bundle(),
         ));
         tokio::spawn(crate::kube::feed(self.clone(), kube));
     }

@@ -12,6 +12,7 @@
 //! control plane in a ConfigMap ([`publish_bundle`]).
 
 use std::time::Duration;
+use strait_ca::SharedBundle;
 
 use tracing::{info, warn};
 
@@ -139,22 +140,31 @@ fn path_segment(s: &str) -> String {
         .collect()
 }
 
-/// Keeps the ConfigMap holding the trust bundle up to date (created if missing, replaced if different),
-/// checking again every few minutes in case it was deleted or edited.
-pub async fn publish_bundle(kube: std::sync::Arc<Kube>, bundle_pem: String) {
+/// Keeps the ConfigMap holding the trust bundle up to date (created if missing, replaced if different):
+/// at once when the bundle changes (a CA rotation step), and every few minutes in case it was deleted or
+/// edited.
+pub async fn publish_bundle(kube: std::sync::Arc<Kube>, bundle: std::sync::Arc<SharedBundle>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match ensure_bundle(&kube, &bundle_pem).await {
+        let current = bundle.load_full();
+        match ensure_bundle(&kube, &current.to_pem()).await {
             Ok(changed) => {
                 if changed {
                     info!(
                         namespace = %kube.settings.namespace,
                         configmap = BUNDLE_CONFIGMAP,
+                        anchors = current.certs().len(),
                         "trust bundle published for node proxies"
                     );
                 }
                 backoff = Duration::from_millis(200);
-                tokio::time::sleep(Duration::from_secs(300)).await;
+                let fingerprint = current.fingerprint();
+                let recheck = tokio::time::Instant::now() + Duration::from_secs(300);
+                while tokio::time::Instant::now() < recheck
+                    && bundle.load().fingerprint() == fingerprint
+                {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff, "cannot publish the trust bundle ConfigMap");
