@@ -761,6 +761,96 @@ fn the_root_ca_rotates_under_traffic_and_a_withdrawn_root_is_refused() {
 }
 
 #[test]
+fn a_declared_plaintext_udp_port_is_reachable_listed_and_nothing_else_is() {
+    if !require_root() {
+        return;
+    }
+    let m = Mesh::new("24h");
+    // vfx declares 5003/udp: plaintext UDP, outside the mesh.
+    let apply = m.dir.join("vfx-udp.yaml");
+    std::fs::write(
+        &apply,
+        format!(
+            "apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n- id: {}\n  node: host-b\n  uid: 1002\n  ports: [{{port: 5000, protocol: http}}, {{port: 5001, protocol: tcp}}, {{port: 5002, protocol: http, permissive: true}}, {{port: 5003, protocol: udp}}]\n",
+            id("vfx")
+        ),
+    )
+    .unwrap();
+    m.admin(&["apply", "-f", apply.to_str().unwrap()]);
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    // Echo servers of the workload: on the declared UDP port and on an undeclared one.
+    for port in [5003, 5999] {
+        m.net.spawn(
+            "b",
+            Some(VFX_UID),
+            &[
+                "socat",
+                &format!("UDP6-RECVFROM:{port},ipv6only=0,fork"),
+                "EXEC:cat",
+            ],
+            &m.dir.join(format!("udp-echo-{port}.log")),
+        );
+    }
+    // A listener outside the mesh, to see whether the workload can start a flow from its UDP port.
+    let outside = m.dir.join("udp-out.log");
+    m.net.spawn(
+        "out",
+        None,
+        &["socat", "-u", "UDP6-RECV:5003,ipv6only=0", "STDOUT"],
+        &outside,
+    );
+    m.net.eventually(
+        Duration::from_secs(10),
+        "B's rules follow the sockets",
+        || {
+            let out = m
+                .net
+                .run("b", None, &["nft", "list", "table", "inet", "strait"]);
+            String::from_utf8_lossy(&out.stdout).contains("5999")
+        },
+    );
+    let (b4, b6, out4) = (m.net.v4("b"), m.net.v6("b"), m.net.v4("out"));
+    let ask = |uid: Option<u32>, to: String, port: u16, tag: &str| {
+        let cmd = format!("echo {tag} | timeout 3 socat -t1 - UDP:{to}:{port}");
+        text(&m.net.run("a", uid, &["bash", "-c", &cmd]))
+    };
+    // The declared port answers: from outside the mesh (A's root) and from a meshed workload, v4 and v6.
+    assert!(ask(None, b4.to_string(), 5003, "ROOT-V4").contains("ROOT-V4"));
+    assert!(ask(None, format!("[{b6}]"), 5003, "ROOT-V6").contains("ROOT-V6"));
+    assert!(ask(Some(OWNER_UID), b4.to_string(), 5003, "WORKLOAD").contains("WORKLOAD"));
+    // Nothing else: the undeclared port, and the declared port number at a host that did not declare it.
+    assert!(!ask(None, b4.to_string(), 5999, "UNDECLARED").contains("UNDECLARED"));
+    assert!(!ask(Some(OWNER_UID), b4.to_string(), 5999, "W-UNDECLARED").contains("W-UNDECLARED"));
+    ask(Some(OWNER_UID), out4.to_string(), 5003, "TO-OUTSIDE");
+    // The workload cannot start a flow from its declared port either: only answers leave from it.
+    let cmd = format!("echo FROM-B-PORT | socat -u - UDP:{out4}:5003,sourceport=5003");
+    m.net.run("b", Some(VFX_UID), &["bash", "-c", &cmd]);
+    std::thread::sleep(Duration::from_millis(300));
+    let got = std::fs::read_to_string(&outside).unwrap_or_default();
+    assert!(
+        !got.contains("TO-OUTSIDE") && !got.contains("FROM-B-PORT"),
+        "{got:?}"
+    );
+    // Listed where operators look: strait status, and the counted rules.
+    let st = m.admin(&["status"]);
+    assert!(
+        st.contains("PLAINTEXT, OUTSIDE THE MESH'S GUARANTEES"),
+        "{st}"
+    );
+    assert!(
+        st.contains("5003/udp") && st.contains("5002/tcp (permissive)"),
+        "{st}"
+    );
+    // A TCP connection to the UDP port number is not a mesh route: refused at the source proxy.
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &format!("http://{b4}:5003/"), &[]),
+        "000"
+    );
+}
+
+#[test]
 fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
     if !require_root() {
         return;

@@ -70,6 +70,11 @@ pub enum Protocol {
     /// anything else → TCP). Client-first protocols only: see docs/proxy.md.
     #[default]
     Auto,
+    /// Plaintext UDP, **outside the mesh's guarantees**: datagrams to this port from anywhere, and the
+    /// workload's answers from it, pass the node's rules unencrypted and undecided (docs/security.md).
+    /// `strait status` lists every such port. Nothing else about the workload changes: its TCP ports stay
+    /// meshed, other UDP stays dropped.
+    Udp,
 }
 
 /// A port a workload serves on.
@@ -95,6 +100,11 @@ pub struct PortSpec {
 }
 
 impl PortSpec {
+    /// A plaintext UDP port (not carried by the mesh), as opposed to a TCP port the mesh carries.
+    pub fn is_udp(&self) -> bool {
+        self.protocol == Protocol::Udp
+    }
+
     /// A port with the protocol's defaults (no PERMISSIVE, no weakened HTTP handling).
     pub fn new(port: u16, protocol: Protocol) -> Self {
         Self {
@@ -144,7 +154,17 @@ pub struct Workload {
 impl Workload {
     /// True when mesh traffic to `port` is for this workload.
     pub fn serves(&self, port: u16) -> bool {
-        self.ports.is_empty() || self.ports.iter().any(|p| p.port == port)
+        self.ports.is_empty() || self.tcp_ports().any(|p| p.port == port)
+    }
+
+    /// The TCP ports the mesh carries (every declared port but plaintext UDP ones).
+    pub fn tcp_ports(&self) -> impl Iterator<Item = &PortSpec> {
+        self.ports.iter().filter(|p| !p.is_udp())
+    }
+
+    /// The plaintext UDP ports (outside the mesh).
+    pub fn udp_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports.iter().filter(|p| p.is_udp()).map(|p| p.port)
     }
 }
 
@@ -223,9 +243,26 @@ impl TryFrom<RawWorkload> for Workload {
         if ports.iter().any(|p| p.port == 0) {
             return Err("port 0 is not a port".into());
         }
-        ports.sort_by_key(|p| p.port);
-        if ports.windows(2).any(|w| w[0].port == w[1].port) {
+        // TCP and UDP port numbers are separate: 53/tcp and 53/udp may both be declared.
+        ports.sort_by_key(|p| (p.port, p.is_udp()));
+        if ports
+            .windows(2)
+            .any(|w| w[0].port == w[1].port && w[0].is_udp() == w[1].is_udp())
+        {
             return Err("a port is listed twice".into());
+        }
+        if let Some(p) = ports.iter().find(|p| {
+            p.is_udp() && (p.permissive || p.allow_escaped_slashes || p.allow_underscore_headers)
+        }) {
+            return Err(format!(
+                "port {}/udp: permissive and the HTTP options are for TCP ports (plaintext UDP is never meshed)",
+                p.port
+            ));
+        }
+        if ports.iter().any(PortSpec::is_udp) && !matches!(selector, Selector::Uid(_)) {
+            return Err(
+                "plaintext UDP ports (`protocol: udp`) are for VM workloads (`uid`) for now".into(),
+            );
         }
         let mut probe_ports = raw.probe_ports;
         probe_ports.sort_unstable();
@@ -360,6 +397,29 @@ workloads:
         let json = serde_json::to_vec(&doc.workloads).unwrap();
         let back: Vec<Workload> = from_json(&json).unwrap();
         assert_eq!(back, doc.workloads);
+    }
+
+    #[test]
+    fn plaintext_udp_ports_are_separate_from_tcp_and_take_no_tcp_options() {
+        let parse = |ports: &str, selector: &str| {
+            from_yaml::<ApplyDocument>(
+                format!("apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n  - id: spiffe://example.org/ns/a/sa/dns\n    node: n\n    {selector}\n    ports: {ports}\n").as_bytes(),
+            )
+            .map(|d| d.workloads[0].clone())
+            .map_err(|e| e.to_string())
+        };
+        let w = parse("[{port: 53, protocol: tcp}, {port: 53, protocol: udp}]", "uid: 1").unwrap();
+        assert_eq!(w.udp_ports().collect::<Vec<_>>(), [53]);
+        assert_eq!(w.tcp_ports().count(), 1);
+        assert!(w.serves(53));
+        let w = parse("[8080, {port: 5353, protocol: udp}]", "uid: 1").unwrap();
+        assert!(!w.serves(5353), "a UDP port is not a mesh (TCP) port");
+        let e = parse("[{port: 53, protocol: udp}, {port: 53, protocol: udp}]", "uid: 1").unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = parse("[{port: 53, protocol: udp, permissive: true}]", "uid: 1").unwrap_err();
+        assert!(e.contains("for TCP ports"), "{e}");
+        let e = parse("[{port: 53, protocol: udp}]", "ip: 10.0.0.1").unwrap_err();
+        assert!(e.contains("VM workloads"), "{e}");
     }
 
     #[test]

@@ -19,10 +19,14 @@
 //!     meta skuid { uids } udp dport 53 counter drop; … tcp dport 53   # DNS that escaped the redirect
 //!     meta skuid { uids } ip daddr 127.0.0.0/8 accept; … ::1 accept   # redirected (NAT already done)
 //!     meta skuid { uids } tcp sport { permissive ports } accept       # replies on PERMISSIVE ports
+//!     meta skuid { uids } udp sport { plaintext udp } ct direction reply accept   # declared UDP: answers
+//!     meta skuid { uids } ip daddr { nodes } udp dport P counter accept          # … and to declared UDP
 //!     meta skuid { uids } oifname != "lo" counter drop                # UDP, ICMP, raw: nothing leaves
 //!   }
 //!   chain filter_input  { type filter hook input priority 0
 //!     iifname "lo" accept
+//!     udp dport { plaintext udp } counter accept       # declared plaintext UDP (outside the mesh)
+//!     meta l4proto udp ct direction reply accept       # answers to datagrams to declared UDP ports
 //!     tcp dport { strict ports } counter drop          # plaintext from other hosts
 //!     udp dport { declared ports } counter drop        # UDP to workload ports from other hosts
 //!   }
@@ -96,6 +100,12 @@ pub struct CapturePlan {
     pub listening_udp: BTreeSet<u16>,
     /// Where captured TCP is redirected.
     pub outbound_port: u16,
+    /// VM mode: plaintext UDP ports local workloads declared (`protocol: udp`, outside the mesh): other
+    /// hosts' datagrams to them are accepted, and the workloads' answers from them leave.
+    pub plaintext_udp: BTreeSet<u16>,
+    /// VM mode: every declared plaintext UDP port in the mesh → the node addresses declaring it: where
+    /// local workloads may send datagrams (and get answers).
+    pub plaintext_udp_peers: BTreeMap<u16, BTreeSet<IpAddr>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +152,15 @@ fn m(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Sta
 
 fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
     m(left, Operator::EQ, right)
+}
+
+/// `ct direction`: `original` for the packet that created a conntrack entry, `reply` for its answers.
+fn ct_direction() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(nftables::expr::CT {
+        key: "direction".into(),
+        family: None,
+        dir: None,
+    }))
 }
 
 fn uid_set(plan: &CapturePlan) -> Expression<'static> {
@@ -362,6 +381,48 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
                 ],
             ));
         }
+        if !plan.plaintext_udp.is_empty() {
+            // Only answers: a workload cannot start a flow to anywhere from its declared port.
+            objs.push(rule(
+                "filter_output",
+                "answers from plaintext UDP ports (outside the mesh)",
+                vec![
+                    eq(meta(MetaKey::Skuid), uid_set(plan)),
+                    eq(meta(MetaKey::L4proto), s("udp")),
+                    eq(field("udp", "sport"), ports(&plan.plaintext_udp)),
+                    eq(ct_direction(), s("reply")),
+                    Statement::Accept(None),
+                ],
+            ));
+        }
+        for (port, addrs) in &plan.plaintext_udp_peers {
+            for (family, daddrs) in [
+                (
+                    "ip",
+                    addrs.iter().filter(|a| a.is_ipv4()).collect::<Vec<_>>(),
+                ),
+                ("ip6", addrs.iter().filter(|a| a.is_ipv6()).collect()),
+            ] {
+                if daddrs.is_empty() {
+                    continue;
+                }
+                objs.push(rule(
+                    "filter_output",
+                    "plaintext UDP to a declared UDP port (outside the mesh)",
+                    vec![
+                        eq(meta(MetaKey::Skuid), uid_set(plan)),
+                        eq(
+                            field(family, "daddr"),
+                            set(daddrs.iter().map(|a| s(&a.to_string()))),
+                        ),
+                        eq(meta(MetaKey::L4proto), s("udp")),
+                        eq(field("udp", "dport"), Expression::Number(u32::from(*port))),
+                        counter(),
+                        Statement::Accept(None),
+                    ],
+                ));
+            }
+        }
         objs.push(rule(
             "filter_output",
             "nothing else leaves the host from a workload",
@@ -380,6 +441,29 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         "loopback (the proxy forwarding to workloads)",
         vec![eq(meta(MetaKey::Iifname), s("lo")), Statement::Accept(None)],
     ));
+    if !plan.plaintext_udp.is_empty() {
+        objs.push(rule(
+            "filter_input",
+            "plaintext UDP to declared UDP ports (outside the mesh)",
+            vec![
+                eq(meta(MetaKey::L4proto), s("udp")),
+                eq(field("udp", "dport"), ports(&plan.plaintext_udp)),
+                counter(),
+                Statement::Accept(None),
+            ],
+        ));
+    }
+    if !plan.plaintext_udp_peers.is_empty() && !plan.workload_uids.is_empty() {
+        objs.push(rule(
+            "filter_input",
+            "answers to plaintext UDP sent to declared UDP ports",
+            vec![
+                eq(meta(MetaKey::L4proto), s("udp")),
+                eq(ct_direction(), s("reply")),
+                Statement::Accept(None),
+            ],
+        ));
+    }
     if !plan.strict_ports.is_empty() {
         objs.push(rule(
             "filter_input",
@@ -499,16 +583,7 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             dir: Some(nftables::expr::CTDir::Original),
         }))
     };
-    let direction = |dir: &str| {
-        eq(
-            Expression::Named(NamedExpression::CT(nftables::expr::CT {
-                key: "direction".into(),
-                family: None,
-                dir: None,
-            })),
-            s(dir),
-        )
-    };
+    let direction = |dir: &str| eq(ct_direction(), s(dir));
     // DNS exchanges of meshed pods with the resolver, the only plaintext a meshed pod keeps. The resolver
     // is matched on the connection's original tuple (before kube-proxy's DNAT of the DNS Service). Queries:
     // port 53 from a meshed pod. Answers: the reply direction of such a connection (its conntrack entry

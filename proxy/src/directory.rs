@@ -1,7 +1,7 @@
 //! The proxy's view of the mesh directory: which workload a destination address is, and which local
 //! workload a Unix user is.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -28,6 +28,8 @@ pub struct DirectoryView {
     local_by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Mesh DNS names (`<service account>.<namespace>`, relative to the DNS zone) → addresses.
     by_name: HashMap<String, Vec<IpAddr>>,
+    /// Declared plaintext UDP ports (`protocol: udp`) → the node addresses of the workloads declaring them.
+    pub plaintext_udp: BTreeMap<u16, BTreeSet<IpAddr>>,
     pub local: Vec<Arc<Workload>>,
 }
 
@@ -67,8 +69,13 @@ impl DirectoryView {
                 addrs.dedup();
             }
             let w = Arc::new(w.clone());
-            for p in &w.ports {
+            for p in w.tcp_ports() {
                 v.by_node_port.insert((w.node.clone(), p.port), w.clone());
+            }
+            for port in w.udp_ports() {
+                // Plaintext UDP (outside the mesh): where this node's workloads may send datagrams.
+                let at = v.plaintext_udp.entry(port).or_default();
+                at.extend(node_addrs.get(&w.node).into_iter().copied().flatten());
             }
             match &w.selector {
                 Selector::Ips(ips) => {

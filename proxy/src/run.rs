@@ -345,10 +345,12 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions, listening: &Listening
             plan.workload_uids.insert(u);
         }
         plan.strict_ports
-            .extend(w.ports.iter().filter(|p| !p.permissive).map(|p| p.port));
+            .extend(w.tcp_ports().filter(|p| !p.permissive).map(|p| p.port));
         plan.permissive_ports
-            .extend(w.ports.iter().filter(|p| p.permissive).map(|p| p.port));
+            .extend(w.tcp_ports().filter(|p| p.permissive).map(|p| p.port));
+        plan.plaintext_udp.extend(w.udp_ports());
     }
+    plan.plaintext_udp_peers = view.plaintext_udp.clone();
     plan
 }
 

@@ -61,8 +61,9 @@ fn parse_port(s: &str) -> anyhow::Result<PortSpec> {
         Some("http2") => Protocol::Http2,
         Some("grpc") => Protocol::Grpc,
         Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
         Some(other) => {
-            bail!("--port {s:?}: unknown protocol {other:?} (http, http2, grpc, tcp, auto)")
+            bail!("--port {s:?}: unknown protocol {other:?} (http, http2, grpc, tcp, auto; udp for plaintext UDP outside the mesh)")
         }
     };
     Ok(PortSpec::new(port, protocol))
@@ -208,6 +209,7 @@ pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> 
     );
     println!("\nWORKLOADS ({})", st.workloads.len());
     print!("{}", workload_table(&st.workloads));
+    print!("{}", plaintext_table(&st.workloads));
     println!("\nWORKFLOWS ({})", st.workflows.len());
     for w in &st.workflows {
         println!("  {}  (applied {})", w.name, fmt_time(w.applied_at));
@@ -579,6 +581,34 @@ pub async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What crosses the network outside the mesh's guarantees, declared by operators: plaintext UDP ports and
+/// PERMISSIVE ports. Printed so that nobody has to read every workload to know.
+fn plaintext_table(list: &[Workload]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .flat_map(|w| {
+            w.ports.iter().filter_map(move |p| {
+                let what = if p.is_udp() {
+                    format!("{}/udp", p.port)
+                } else if p.permissive {
+                    format!("{}/tcp (permissive)", p.port)
+                } else {
+                    return None;
+                };
+                Some(vec![w.id.to_string(), w.node.to_string(), what])
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nPLAINTEXT, OUTSIDE THE MESH'S GUARANTEES ({}): not encrypted, not authenticated, not decided by policy\n{}",
+        rows.len(),
+        table::render(&["WORKLOAD", "NODE", "PORT"], &rows)
+    )
 }
 
 fn workload_table(list: &[Workload]) -> String {

@@ -185,7 +185,7 @@ async fn serve_stream<T>(ctx: Arc<Ctx>, mut io: T, ends: Ends)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let port = ends.dst.ports.iter().find(|p| p.port == ends.target.port());
+    let port = ends.dst.tcp_ports().find(|p| p.port == ends.target.port());
     let protocol = port.map(|p| p.protocol).unwrap_or_default();
     let opts = normalize::Options {
         allow_escaped_slashes: port.is_some_and(|p| p.allow_escaped_slashes),
@@ -194,6 +194,8 @@ where
     let (is_http, prefix) = match protocol {
         Protocol::Http | Protocol::Http2 | Protocol::Grpc => (true, Bytes::new()),
         Protocol::Tcp => (false, Bytes::new()),
+        // Never a TCP port (tcp_ports() leaves these out): refuse rather than guess.
+        Protocol::Udp => return,
         Protocol::Auto => match sniff(&mut io, ctx.auto_detect_timeout, &ends).await {
             Some(s) => s,
             None => return,
