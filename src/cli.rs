@@ -66,7 +66,7 @@ pub enum Command {
         #[arg(long)]
         name: String,
     },
-    /// Node bootstrap: create one-time join tokens.
+    /// Node bootstrap (one-time join tokens) and taking a node out of the mesh (uninstall).
     #[command(subcommand)]
     Node(NodeCommand),
     /// Register, list and remove workloads.
@@ -257,6 +257,12 @@ pub enum ControlCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
+    /// Take this node out of the mesh: remove the capture rules its proxy left in place (the nftables
+    /// table `inet strait` and, in Kubernetes mode, the TPROXY policy route). Its workloads' traffic then
+    /// no longer goes through the mesh, and is no longer refused. A proxy restart does not need this: the
+    /// rules stay while the proxy is down (traffic fails closed) and the new proxy replaces them in one
+    /// transaction. Run as root on the node.
+    Uninstall,
     /// Join tokens: one-time, expiring secrets a proxy presents once to get its node certificate.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -540,6 +546,12 @@ pub struct ProxyArgs {
     /// Control plane URL.
     #[arg(long, env = "STRAIT_CONTROL")]
     pub control: String,
+    /// What SIGTERM does to the capture rules once connections are drained. `keep-rules` (default): they
+    /// stay, so the workloads' traffic fails closed (refused, never around the mesh) until the proxy is
+    /// back, which replaces them in one transaction; a restart never opens a gap. `remove-rules`: the
+    /// workloads are uncaptured once the proxy has exited (their traffic bypasses the mesh).
+    #[arg(long, value_enum, default_value = "keep-rules", env = "STRAIT_ON_EXIT")]
+    pub on_exit: OnExit,
     /// vm: workloads are local processes recognised by Unix user (systemd units). kubernetes: the proxy
     /// runs in the node's network namespace (DaemonSet, host network); workloads are the meshed pods on
     /// the node, recognised by address, their traffic diverted with TPROXY; the proxy joins with its
@@ -603,7 +615,7 @@ pub struct ProxyArgs {
     /// the resolver gives for the name, for the answer's lifetime); repeat.
     #[arg(long = "allow-egress")]
     pub egress: Vec<String>,
-    /// How long SIGTERM waits for open connections before removing the rules.
+    /// How long SIGTERM waits for open connections before the proxy exits.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
     /// Pin a local policy bundle (from `strait policy compile`, or any OPA-layout bundle: directory or
@@ -640,6 +652,13 @@ pub struct ProxyArgs {
 pub enum ProxyMode {
     Vm,
     Kubernetes,
+}
+
+/// See [`ProxyArgs::on_exit`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    KeepRules,
+    RemoveRules,
 }
 
 #[derive(Subcommand, Debug)]

@@ -519,7 +519,20 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
         },
     );
 
-    // --- Shutdown removes every rule and route the proxy installed. ---
+    // --- A restart finds the previous proxy's rules and route and replaces them without stacking. ---
+    let i = c.proxies.iter().position(|(n, _)| *n == "node2").unwrap();
+    let (_, p) = c.proxies.remove(i);
+    c.net.signal(p, libc::SIGTERM);
+    assert!(c.net.wait(p, Duration::from_secs(10)).is_some());
+    let p = c.start_proxy("node2");
+    c.proxies.push(("node2", p));
+    c.net
+        .eventually(Duration::from_secs(20), "node2 ready again", || {
+            c.ready("node2")
+        });
+
+    // --- Shutdown leaves the rules and routes (a DaemonSet update fails closed); --uninstall removes
+    // every rule and route the proxy installed. ---
     let proxies = std::mem::take(&mut c.proxies);
     for (node, p) in proxies {
         c.net.signal(p, libc::SIGTERM);
@@ -529,6 +542,16 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
             "{node} proxy exit: {st:?}\n{}",
             c.log(&format!("{node}.log"))
         );
+        let tables = text(&c.net.run(node, None, &["nft", "list", "tables"]));
+        assert!(tables.contains("strait"), "{tables}");
+        for family in ["-4", "-6"] {
+            let rules = text(&c.net.run(node, None, &["ip", family, "rule"]));
+            assert_eq!(rules.matches("0x5355").count(), 1, "{rules}");
+        }
+        let out = c
+            .net
+            .run(node, None, &[support::mesh::bin(), "node", "uninstall"]);
+        assert!(out.status.success(), "{}", text(&out));
         let tables = text(&c.net.run(node, None, &["nft", "list", "tables"]));
         assert!(!tables.contains("strait"), "{tables}");
         let rules = text(&c.net.run(node, None, &["ip", "rule"]));

@@ -523,8 +523,8 @@ fn identity_attacks_fail() {
         &m.dir.join("impostor.log"),
     );
     std::thread::sleep(Duration::from_millis(500));
-    // B's rules are gone with its proxy; root on B still cannot be reached in plaintext from A's
-    // workload, because A's proxy captures it and insists on vfx's identity.
+    // B's proxy is gone (its rules stay); A's workload still cannot reach the impostor, because A's proxy
+    // captures it and insists on vfx's identity.
     assert_eq!(
         m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
         "000"
@@ -851,7 +851,7 @@ fn a_declared_plaintext_udp_port_is_reachable_listed_and_nothing_else_is() {
 }
 
 #[test]
-fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
+fn sigkill_and_sigterm_leave_the_rules_so_traffic_fails_closed_until_the_proxy_is_back() {
     if !require_root() {
         return;
     }
@@ -890,7 +890,8 @@ fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
         "201"
     );
 
-    // SIGTERM: drains, removes the table, exits 0.
+    // SIGTERM (a restart, an upgrade): drains and exits 0, and the rules stay, so there is no moment in
+    // which the workload's traffic goes around the mesh; it is refused until the proxy is back.
     m.net.signal(pa, libc::SIGTERM);
     let status = m
         .net
@@ -898,10 +899,43 @@ fn sigterm_removes_the_rules_and_sigkill_fails_closed() {
         .expect("proxy exits on SIGTERM");
     assert!(status.success(), "{status:?}");
     let tables = m.net.run("a", None, &["nft", "list", "tables"]);
+    assert!(String::from_utf8_lossy(&tables.stdout).contains("inet strait"));
+    assert!(m.log("proxy-a.log").contains("capture rules left in place"));
+    for url in [
+        m.vfx_url(false),
+        format!("http://{}:8080/", m.net.v4("out")),
+    ] {
+        assert_eq!(
+            m.curl("a", Some(OWNER_UID), &url, &["-d", "x"]),
+            "000",
+            "{url}"
+        );
+    }
+    let pa = m.start_proxy_with("a", None, &[]);
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "201"
+    );
+
+    // Taking the node out of the mesh is explicit: --uninstall, or --on-exit remove-rules.
+    m.net.signal(pa, libc::SIGTERM);
+    m.net.wait(pa, Duration::from_secs(10)).expect("exits");
+    let out = m.net.run("a", None, &[bin(), "node", "uninstall"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tables = m.net.run("a", None, &["nft", "list", "tables"]);
     assert!(
         !String::from_utf8_lossy(&tables.stdout).contains("strait"),
-        "table left behind"
+        "table left behind by --uninstall"
     );
+    let pa = m.start_proxy_with("a", None, &["--on-exit", "remove-rules"]);
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "201"
+    );
+    m.net.signal(pa, libc::SIGTERM);
+    m.net.wait(pa, Duration::from_secs(10)).expect("exits");
+    let tables = m.net.run("a", None, &["nft", "list", "tables"]);
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("strait"));
     assert!(m.log("proxy-a.log").contains("capture rules removed"));
 }
 

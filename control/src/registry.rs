@@ -408,13 +408,21 @@ workloads:
             .map(|d| d.workloads[0].clone())
             .map_err(|e| e.to_string())
         };
-        let w = parse("[{port: 53, protocol: tcp}, {port: 53, protocol: udp}]", "uid: 1").unwrap();
+        let w = parse(
+            "[{port: 53, protocol: tcp}, {port: 53, protocol: udp}]",
+            "uid: 1",
+        )
+        .unwrap();
         assert_eq!(w.udp_ports().collect::<Vec<_>>(), [53]);
         assert_eq!(w.tcp_ports().count(), 1);
         assert!(w.serves(53));
         let w = parse("[8080, {port: 5353, protocol: udp}]", "uid: 1").unwrap();
         assert!(!w.serves(5353), "a UDP port is not a mesh (TCP) port");
-        let e = parse("[{port: 53, protocol: udp}, {port: 53, protocol: udp}]", "uid: 1").unwrap_err();
+        let e = parse(
+            "[{port: 53, protocol: udp}, {port: 53, protocol: udp}]",
+            "uid: 1",
+        )
+        .unwrap_err();
         assert!(e.contains("listed twice"), "{e}");
         let e = parse("[{port: 53, protocol: udp, permissive: true}]", "uid: 1").unwrap_err();
         assert!(e.contains("for TCP ports"), "{e}");

@@ -781,12 +781,17 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 
 /// Runs `ip ARGS`, returning its error text on failure.
 fn ip(args: &[&str]) -> Result<(), CaptureError> {
+    ip_output(args).map(drop)
+}
+
+/// Runs `ip ARGS`, returning what it printed, or its error text on failure.
+fn ip_output(args: &[&str]) -> Result<String, CaptureError> {
     let out = Command::new("ip")
         .args(args)
         .output()
         .map_err(CaptureError::Spawn)?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(CaptureError::Nft(format!(
             "ip {}: {}",
@@ -797,16 +802,24 @@ fn ip(args: &[&str]) -> Result<(), CaptureError> {
 }
 
 /// The policy routes TPROXY needs (IPv4 and IPv6): packets marked [`TPROXY_MARK`] are delivered locally,
-/// whatever their destination. Replaces any previous copy, so a restart does not stack rules.
+/// whatever their destination. Idempotent without a gap: a restart finds the previous proxy's route (the
+/// rules outlive it), adds its own copy first and only then removes extra copies, so marked packets are
+/// never routed onwards (past the mesh) in between.
 pub fn ensure_tproxy_route() -> Result<(), CaptureError> {
-    remove_tproxy_route();
     let mark = format!("{TPROXY_MARK:#x}");
     let table = TPROXY_TABLE.to_string();
     for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        ip(&[family, "rule", "add", "fwmark", &mark, "lookup", &table])?;
         ip(&[
             family, "route", "replace", "local", default, "dev", "lo", "table", &table,
         ])?;
+        ip(&[family, "rule", "add", "fwmark", &mark, "lookup", &table])?;
+        let copies = |out: String| out.lines().filter(|l| !l.trim().is_empty()).count();
+        while copies(ip_output(&[
+            family, "rule", "list", "fwmark", &mark, "lookup", &table,
+        ])?) > 1
+        {
+            ip(&[family, "rule", "del", "fwmark", &mark, "lookup", &table])?;
+        }
     }
     Ok(())
 }
@@ -851,6 +864,15 @@ pub fn apply(plan: &CapturePlan) -> Result<(), CaptureError> {
     let json =
         serde_json::to_string(&ruleset(plan)).map_err(|e| CaptureError::Nft(e.to_string()))?;
     nft_json(&json)
+}
+
+/// Takes the node out of the mesh: the table and, in Kubernetes mode, the TPROXY policy route.
+pub fn uninstall(kubernetes: bool) -> Result<(), CaptureError> {
+    remove()?;
+    if kubernetes {
+        remove_tproxy_route();
+    }
+    Ok(())
 }
 
 /// Removes the table and every rule in it; succeeds if it is already gone.

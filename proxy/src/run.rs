@@ -65,6 +65,8 @@ pub struct ProxyOptions {
     /// `--allow-egress` entries by DNS name.
     pub egress_hosts: Vec<crate::dns::HostRule>,
     pub drain_timeout: Duration,
+    /// Remove the capture rules at SIGTERM (after draining) instead of leaving them to fail closed.
+    pub remove_rules_on_exit: bool,
     /// A local policy bundle (OPA layout, directory or .tar.gz) that overrides the distributed policy,
     /// reloaded when it changes. None: the distributor's policy (and with no version yet, deny all).
     pub policy_bundle: Option<PathBuf>,
@@ -922,10 +924,12 @@ pub async fn run(
     if let Some(t) = health_task {
         t.abort();
     }
-    capture::remove().context("removing the nftables rules")?;
-    if opts.mode() == CaptureMode::Kubernetes {
-        capture::remove_tproxy_route();
+    if opts.remove_rules_on_exit {
+        capture::uninstall(opts.mode() == CaptureMode::Kubernetes)
+            .context("removing the nftables rules")?;
+        info!("capture rules removed (--on-exit remove-rules); bye");
+    } else {
+        info!("capture rules left in place: the workloads' traffic is refused, never around the mesh, until the proxy is back (`strait node uninstall` takes the node out of the mesh); bye");
     }
-    info!("capture rules removed; bye");
     Ok(())
 }

@@ -24,6 +24,7 @@ use crate::cli::{
 
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
+        NodeCommand::Uninstall => super::proxy::uninstall(),
         NodeCommand::Token(TokenCommand::Create { node, ttl, conn }) => {
             let node = NodeName::new(&node).map_err(|e| anyhow!("--node {node:?}: {e}"))?;
             let client = admin_client(&conn)?;

@@ -11,12 +11,26 @@ use strait_proxy::tunnel::EgressRule;
 
 use crate::cli::{ProxyArgs, ProxyMode};
 
+/// `strait node uninstall`.
+pub fn uninstall() -> anyhow::Result<()> {
+    if !has_net_admin() {
+        return Err(anyhow!(
+            "removing the capture rules needs CAP_NET_ADMIN: run it as root"
+        ));
+    }
+    // The TPROXY route exists only in Kubernetes mode; removing an absent one is a no-op.
+    strait_proxy::capture::uninstall(true).context("removing the capture rules")?;
+    println!("capture rules removed: this node's workloads are no longer captured by the mesh");
+    Ok(())
+}
+
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     if !has_net_admin() {
         return Err(anyhow!(
             "strait proxy needs CAP_NET_ADMIN (nftables rules, socket marks, conntrack): run it as root, or as the strait-proxy systemd unit (user strait with ambient CAP_NET_ADMIN and CAP_NET_RAW)"
         ));
     }
+    let control = args.control.clone();
     // regorus captures backtraces on internal errors under a global lock; never pay that in the proxy.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     raise_open_files_limit();
@@ -73,7 +87,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         }
     }
     let opts = ProxyOptions {
-        control: args.control,
+        control,
+        remove_rules_on_exit: args.on_exit == crate::cli::OnExit::RemoveRules,
         node: NodeName::new(&args.node).map_err(|e| anyhow!("--node {:?}: {e}", args.node))?,
         bootstrap,
         data_dir: args.data_dir,
