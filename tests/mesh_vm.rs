@@ -916,6 +916,19 @@ fn sigkill_and_sigterm_leave_the_rules_so_traffic_fails_closed_until_the_proxy_i
         m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
         "201"
     );
+    // The new proxy took over its predecessor's rules: it replaced them without a gap, and did not take
+    // the workload's connections for ones opened around the mesh.
+    assert!(m
+        .log("proxy-a.log")
+        .contains("the previous proxy's capture rules are in force"));
+    assert_eq!(
+        metric(
+            &m.metrics("a"),
+            "strait_proxy_refused_connections_total",
+            "opened_before_capture"
+        ),
+        0
+    );
 
     // Taking the node out of the mesh is explicit: --uninstall, or --on-exit remove-rules.
     m.net.signal(pa, libc::SIGTERM);

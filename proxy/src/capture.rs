@@ -866,6 +866,16 @@ pub fn apply(plan: &CapturePlan) -> Result<(), CaptureError> {
     nft_json(&json)
 }
 
+/// True when Strait's table is in place (a previous proxy's rules, kept across its restart).
+pub fn table_exists() -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", TABLE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Takes the node out of the mesh: the table and, in Kubernetes mode, the TPROXY policy route.
 pub fn uninstall(kubernetes: bool) -> Result<(), CaptureError> {
     remove()?;

@@ -231,7 +231,8 @@ impl Applier for ProxyApplier {
             // A rotation this proxy missed (it was away while the next key was announced): ask the control
             // plane, over the node's mTLS session, which keys sign now, and check again. A forged signature
             // under a made-up key id still fails: the control plane only names its own keys.
-            match self.node.client.load().distribution_keys().await {
+            let client = self.node.client.load_full();
+            match client.distribution_keys().await {
                 Ok(keys) => {
                     info!(key = %key_id, active = %keys.active.key_id(), next = ?keys.next.as_ref().map(|k| k.key_id()), "version signed by a distribution key not yet trusted; the control plane's keys are trusted now");
                     self.verifier

@@ -114,6 +114,8 @@ pub struct Shared {
     reissue: tokio::sync::watch::Sender<u64>,
     /// The signing root the last installed mesh version named.
     authority: Mutex<Option<String>>,
+    /// The rules in force are a previous proxy's (kept across its restart) until the first plan applies.
+    inherited_rules: AtomicBool,
 }
 
 impl Shared {
@@ -249,6 +251,36 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
     id.save(&opts.data_dir)?;
     info!(node = %id.id(), "joined the mesh");
     Ok(id)
+}
+
+/// The Unix users the rules in force capture, kept in the data directory so that a restarted proxy that
+/// finds its predecessor's rules knows whose connections already went through a proxy.
+mod captured_uids {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    const FILE: &str = "captured-uids";
+
+    pub fn load(dir: &Path) -> BTreeSet<u32> {
+        std::fs::read_to_string(dir.join(FILE))
+            .map(|t| {
+                t.split_whitespace()
+                    .filter_map(|u| u.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn save(dir: &Path, uids: &BTreeSet<u32>) {
+        let text: String = uids.iter().map(|u| format!("{u}\n")).collect();
+        if let Err(e) = strait_ca::files::write_atomic(
+            &dir.join(FILE),
+            text.as_bytes(),
+            strait_ca::files::SECRET_MODE,
+        ) {
+            tracing::warn!(error = %e, "cannot save the captured users");
+        }
+    }
 }
 
 /// Connections that newly captured workloads opened before their capture began went around the mesh and
@@ -469,7 +501,8 @@ impl Node {
     /// Applies `plan` unless it is already in force; closes what newly captured workloads opened before.
     /// Called with `self.capture` held.
     fn apply_plan(&self, plan: CapturePlan) {
-        if **self.shared.capture.load() == plan {
+        let inherited = self.shared.inherited_rules.load(Ordering::SeqCst);
+        if !inherited && **self.shared.capture.load() == plan {
             return;
         }
         // nft takes tens of milliseconds: tell the runtime, so other tasks move to other workers.
@@ -485,7 +518,9 @@ impl Node {
                 let before = self.shared.capture.load().workload_uids.clone();
                 let newly: std::collections::BTreeSet<u32> =
                     plan.workload_uids.difference(&before).copied().collect();
+                captured_uids::save(&self.opts.data_dir, &plan.workload_uids);
                 self.shared.capture.store(Arc::new(plan));
+                self.shared.inherited_rules.store(false, Ordering::SeqCst);
                 cut_uncaptured_sockets(&newly, &self.shared.ctx.metrics);
             }
             Err(e) => {
@@ -496,6 +531,10 @@ impl Node {
 
     /// Re-reads the ports the workloads listen on; when they changed, the inbound rules follow.
     fn refresh_listening(&self) {
+        if self.shared.inherited_rules.load(Ordering::SeqCst) {
+            // The predecessor's whole ruleset stays until a directory gives this proxy its own plan.
+            return;
+        }
         let uids = self.shared.capture.load().workload_uids.clone();
         let now = match crate::sockets::listening_ports(&uids) {
             Ok((tcp, udp)) => Listening { tcp, udp },
@@ -780,13 +819,28 @@ pub async fn run(
         })?),
         None => None,
     };
-    capture::apply(&plan).context("installing the nftables rules")?;
+    // A previous proxy's rules still in place (it was restarted, or died): they stay until this proxy's
+    // first plan replaces them in one transaction, so the workloads are never uncaptured in between; the
+    // users they captured are not "newly captured" (their connections went through a proxy, or failed).
+    let inherited = capture::table_exists();
+    let mut initial = plan.clone();
+    if inherited {
+        initial.workload_uids = captured_uids::load(&opts.data_dir);
+        info!(
+            workloads = initial.workload_uids.len(),
+            "the previous proxy's capture rules are in force; this proxy replaces them with its first plan"
+        );
+    } else {
+        capture::apply(&plan).context("installing the nftables rules")?;
+        captured_uids::save(&opts.data_dir, &plan.workload_uids);
+    }
 
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         registry: metrics.register(),
         node_id: identity.id().clone(),
-        capture: ArcSwap::from_pointee(plan),
+        capture: ArcSwap::from_pointee(initial),
+        inherited_rules: AtomicBool::new(inherited),
         node_not_after: AtomicU64::new(unix(identity.not_after)),
         ready: AtomicBool::new(false),
         serving: AtomicBool::new(false),
