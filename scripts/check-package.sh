@@ -47,8 +47,8 @@ dpkg -i "$DEB" >/dev/null
 check "package installed" dpkg-query -W strait
 check "binary runs" /usr/bin/strait --version
 check "binary mode 755 root" test "$(stat -c '%a %U' /usr/bin/strait)" = "755 root"
-for u in strait-control strait-proxy; do
-  check "$u.service installed 644" test "$(stat -c '%a' /lib/systemd/system/$u.service)" = 644
+for u in strait-control.service strait-proxy.service strait-proxy-outbound.socket strait-proxy-tunnel.socket; do
+  check "$u installed 644" test "$(stat -c '%a' /lib/systemd/system/$u)" = 644
 done
 for f in control.env proxy.env; do
   check "/etc/strait/$f is 0600 root:root" test "$(stat -c '%a %U %G' /etc/strait/$f)" = "600 root root"
@@ -61,7 +61,8 @@ check "group strait exists" getent group strait
 check "documentation installed" test -f /usr/share/doc/strait/install-vm.md
 
 step "systemd-analyze verify (installed units)"
-out=$(systemd-analyze verify /lib/systemd/system/strait-control.service /lib/systemd/system/strait-proxy.service 2>&1) \
+out=$(systemd-analyze verify /lib/systemd/system/strait-control.service /lib/systemd/system/strait-proxy.service \
+  /lib/systemd/system/strait-proxy-outbound.socket /lib/systemd/system/strait-proxy-tunnel.socket 2>&1) \
   || fail "systemd-analyze verify: $out"
 # Warnings about this machine's other units are not ours; ours must be silent.
 if echo "$out" | grep -q 'strait-'; then fail "systemd-analyze verify complained: $out"; fi
@@ -72,6 +73,7 @@ nft add table inet strait   # as a crashed proxy would have left it
 dpkg -r strait >/dev/null
 check "binary removed" test ! -e /usr/bin/strait
 check "units removed" test ! -e /lib/systemd/system/strait-proxy.service
+check "socket units removed" test ! -e /lib/systemd/system/strait-proxy-outbound.socket
 check "configuration kept on remove" test -f /etc/strait/proxy.env
 check "nftables table removed on remove" sh -c '! nft list table inet strait >/dev/null 2>&1'
 dpkg --purge strait >/dev/null

@@ -19,9 +19,10 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 # Debian packages the tests drive: openssl (independent certificate checks and TLS clients), nftables
 # and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
 # util-linux (setpriv: workloads as other users), socat (half-closes and raw requests), nghttp2-client
-# (nghttp: an HTTP/2 client that shows trailers). scripts/check-package.sh adds
-# systemd (systemd-analyze), adduser and binutils, and installs cargo-deb.
-ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++ dnsmasq-base bind9-dnsutils
+# (nghttp: an HTTP/2 client that shows trailers), systemd (systemd-socket-activate stands in for the
+# proxy's socket units in the restart test; installing it starts no service here). scripts/check-package.sh
+# adds adduser and binutils, and installs cargo-deb.
+ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++ dnsmasq-base bind9-dnsutils systemd
 
 # What runs now is not the suite's: everything started after this must be gone at the end.
 LEFTOVERS=$(mktemp)

@@ -953,6 +953,84 @@ fn sigkill_and_sigterm_leave_the_rules_so_traffic_fails_closed_until_the_proxy_i
 }
 
 #[test]
+fn with_socket_activation_a_restart_loses_no_request() {
+    if !require_root() {
+        return;
+    }
+    support::require_commands(&["systemd-socket-activate"]);
+    let m = Mesh::new("24h");
+    m.start_proxy("b", &[]);
+    // A's proxy under a service manager's stand-in: systemd-socket-activate holds the outbound listeners
+    // (as the strait-proxy-outbound.socket unit does) and a loop restarts the proxy whenever it exits,
+    // handing it the same sockets (LISTEN_PID names each new process, as systemd does).
+    // systemd-socket-activate starts its command at the first connection (as a socket unit would), so a
+    // throw-away connection starts it; then it execs the loop, which runs the proxy given as "$@".
+    let outer = "(sleep 0.3; : </dev/tcp/127.0.0.1/15001) 2>/dev/null & \
+                 exec systemd-socket-activate -l 127.0.0.1:15001 -l '[::1]:15001' --fdname=outbound:outbound \
+                 -- bash -c \"$0\" supervisor \"$@\"";
+    let restart_loop =
+        "while :; do sh -c 'export LISTEN_PID=$$; exec \"$@\"' proxy \"$@\"; sleep 0.05; done";
+    let supervisor = ["bash", "-c", outer, restart_loop];
+    let sup = m.start_proxy_behind("a", &supervisor, &[]);
+    m.converge();
+    assert!(m
+        .log("proxy-a.log")
+        .contains("listening on sockets handed over by the service manager"));
+    let url = m.vfx_url(false);
+    // systemd-socket-activate execs the loop's shell, whose child is the proxy (or, between runs, sleep).
+    let proxy_pid = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-P", &m.net.pid(sup).to_string(), "-x", "strait"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i32>()
+            .ok()
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failed) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A new connection per request, so every restart meets connection attempts.
+                let code = m.curl("a", Some(OWNER_UID), &url, &["-d", "restart"]);
+                sent += 1;
+                if code != "201" {
+                    failed.push(code);
+                }
+            }
+            (sent, failed)
+        });
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(700));
+            let pid = proxy_pid().expect("the proxy runs under the supervisor");
+            // SAFETY: kill(2) on a pid just read; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            m.net
+                .eventually(Duration::from_secs(20), "a new proxy ready", || {
+                    proxy_pid().is_some_and(|p| p != pid)
+                        && m.net
+                            .http_code("a", None, "http://127.0.0.1:15000/ready", &[], 2)
+                            == "200"
+                });
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    eprintln!(
+        "3 restarts under socket activation: {sent} requests, {} failed",
+        failed.len()
+    );
+    assert!(sent > 20, "the traffic loop ran ({sent} requests)");
+    assert!(
+        failed.is_empty(),
+        "requests failed across restarts: {failed:?}"
+    );
+}
+
+#[test]
 fn half_closes_and_large_transfers_pass_through() {
     if !require_root() {
         return;

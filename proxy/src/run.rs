@@ -781,7 +781,31 @@ pub async fn run(
     ));
 
     // Listeners before the rules, so no captured connection ever meets a closed port while we start.
-    let outbound = bind_pair(
+    // Handed over by socket activation when the service manager holds them across restarts.
+    let mut activated =
+        crate::sockets::activated_listeners().context("taking the activated sockets")?;
+    let mut take = |name: &str,
+                    v4: SocketAddr,
+                    v6: SocketAddr|
+     -> anyhow::Result<Vec<TcpListener>> {
+        match activated.remove(name) {
+            Some(ls) => {
+                let ls = ls
+                    .into_iter()
+                    .map(TcpListener::from_std)
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                let addrs: Vec<String> = ls
+                    .iter()
+                    .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
+                    .collect();
+                info!(socket = name, addrs = ?addrs, "listening on sockets handed over by the service manager (socket activation)");
+                Ok(ls)
+            }
+            None => bind_pair(v4, v6),
+        }
+    };
+    let outbound = take(
+        "outbound",
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), opts.outbound_port),
         SocketAddr::new(Ipv6Addr::LOCALHOST.into(), opts.outbound_port),
     )?;
@@ -806,10 +830,14 @@ pub async fn run(
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
         SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
     )?;
-    let inbound = bind_pair(
+    let inbound = take(
+        "tunnel",
         SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), opts.tunnel_port),
         SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), opts.tunnel_port),
     )?;
+    for name in activated.keys() {
+        warn!(socket = %name, "a socket handed over with a name the proxy does not use (outbound, tunnel); ignored");
+    }
     let admin = TcpListener::bind(opts.admin)
         .await
         .with_context(|| format!("cannot listen on {} for the admin endpoint", opts.admin))?;

@@ -13,6 +13,60 @@ use crate::capture::PROXY_MARK;
 const SO_ORIGINAL_DST: libc::c_int = 80;
 const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
 
+/// The first descriptor systemd passes (sd_listen_fds(3): `SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+/// More would not be Strait's listeners.
+const LISTEN_FDS_MAX: i32 = 64;
+
+/// Listening TCP sockets handed over by socket activation (systemd's protocol, sd_listen_fds(3)):
+/// `LISTEN_PID` names this process, `LISTEN_FDS` counts descriptors from 3 on, `LISTEN_FDNAMES` names them
+/// (`FileDescriptorName=` in the socket unit). Sockets that outlive the process let a restart lose no
+/// connection: the kernel queues new ones in the backlog until the next proxy accepts them. Returns the
+/// listeners by name (none without activation) and clears the variables, so children do not inherit them.
+pub fn activated_listeners(
+) -> io::Result<std::collections::HashMap<String, Vec<std::net::TcpListener>>> {
+    let mut out: std::collections::HashMap<String, Vec<std::net::TcpListener>> = Default::default();
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse::<i32>().ok());
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let Some(count) = count.filter(|_| for_us) else {
+        return Ok(out);
+    };
+    if !(0..=LISTEN_FDS_MAX).contains(&count) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("LISTEN_FDS={count}: not a plausible number of sockets"),
+        ));
+    }
+    let mut names = names.split(':');
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
+        let name = names.next().filter(|n| !n.is_empty()).unwrap_or("unknown");
+        // SAFETY: the activation protocol hands descriptors LISTEN_FDS_START.. to this process (LISTEN_PID
+        // was checked), open and owned by nobody else in it; each is taken exactly once here.
+        let sock = unsafe { socket2::Socket::from_raw_fd(fd) };
+        sock.set_cloexec(true)?;
+        if sock.r#type()? != socket2::Type::STREAM || !sock.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("descriptor {fd} ({name}) handed over is not a listening TCP socket"),
+            ));
+        }
+        sock.set_nonblocking(true)?;
+        out.entry(name.to_owned())
+            .or_default()
+            .push(std::net::TcpListener::from(sock));
+    }
+    Ok(out)
+}
+
 /// The destination a connection had before nftables redirected it to the proxy.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let fd = stream.as_raw_fd();
