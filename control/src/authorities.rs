@@ -47,6 +47,16 @@ pub fn authority_id(anchor: &CertificateDer<'_>) -> String {
     crate::tokens::hex(&ring::digest::digest(&ring::digest::SHA256, anchor.as_ref()).as_ref()[..8])
 }
 
+/// A CA's trust anchor: the certificate its SVIDs chain to.
+fn anchor(ca: &CertificateAuthority) -> Option<&CertificateDer<'static>> {
+    ca.trust_bundle().certs().first()
+}
+
+/// The id of a CA's root ([`authority_id`] of its anchor).
+fn root_id(ca: &CertificateAuthority) -> String {
+    anchor(ca).map(authority_id).unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RetiringMeta {
     /// Unix seconds after which no SVID signed by this root can still be valid.
@@ -185,39 +195,24 @@ impl Authorities {
 
     /// SHA-256 of the active root: what join tokens pin.
     pub fn active_pin(&self) -> [u8; 32] {
-        let active = self.active();
-        let anchor = active.trust_bundle().certs().first().cloned();
-        anchor.map_or([0; 32], |a| crate::tokens::sha256(a.as_ref()))
+        anchor(&self.active()).map_or([0; 32], |a| crate::tokens::sha256(a.as_ref()))
     }
 
     /// What mesh versions carry so that proxies know which bundle and authority are in force.
     pub fn trust_state(&self) -> TrustState {
-        let active = self.active();
         TrustState {
             bundle_fingerprint: self.bundle().fingerprint(),
-            authority: active
-                .trust_bundle()
-                .certs()
-                .first()
-                .map(authority_id)
-                .unwrap_or_default(),
+            authority: root_id(&self.active()),
         }
     }
 
     /// The authorities and their states, newest first.
     pub fn status(&self) -> Vec<AuthorityStatus> {
         let g = self.lock();
-        let anchor_of = |ca: &CertificateAuthority| {
-            ca.trust_bundle()
-                .certs()
-                .first()
-                .map(authority_id)
-                .unwrap_or_default()
-        };
         let mut out = Vec::new();
         if let Some((ca, since)) = &g.prepared {
             out.push(AuthorityStatus {
-                id: anchor_of(ca),
+                id: root_id(ca),
                 state: "prepared".into(),
                 not_after: secs(ca.not_after()),
                 since: *since,
@@ -225,7 +220,7 @@ impl Authorities {
             });
         }
         out.push(AuthorityStatus {
-            id: anchor_of(&g.active),
+            id: root_id(&g.active),
             state: "active".into(),
             not_after: secs(g.active.not_after()),
             since: g.retiring.as_ref().map_or(0, |r| r.meta.activated_at),
@@ -298,14 +293,14 @@ impl Authorities {
         // The old key signs nothing any more: delete it (its certificate stays in the bundle).
         let _ = std::fs::remove_file(retiring_dir.join(ca_layout::KEY));
         let old = std::mem::replace(&mut g.active, next);
-        let anchor = old
-            .trust_bundle()
-            .certs()
-            .first()
+        let old_anchor = anchor(&old)
             .cloned()
             .context("the old CA has no trust anchor")?;
         g.prepared = None;
-        g.retiring = Some(Retiring { anchor, meta });
+        g.retiring = Some(Retiring {
+            anchor: old_anchor,
+            meta,
+        });
         self.bundle.store(Arc::new(bundle_of(&g)?));
         Ok(())
     }

@@ -1046,21 +1046,19 @@ enum CaStep {
 
 /// The root rotation's status: the authorities, and the registered nodes that have not renewed their node
 /// certificate since the last step (so may lack the bundle or the new root's certificates).
-fn ca_status(st: &State) -> Result<api::CaStatus, ApiError> {
+fn ca_status(st: &State, nodes: &[NodeRecord]) -> api::CaStatus {
     let last_step_at = st.authorities.last_step_at();
-    let nodes_behind = st
-        .store
-        .nodes()?
-        .into_iter()
+    let nodes_behind = nodes
+        .iter()
         .filter(|n| last_step_at > 0 && n.last_cert_at < last_step_at)
         .map(|n| n.name.to_string())
         .collect();
-    Ok(api::CaStatus {
+    api::CaStatus {
         authorities: st.authorities.status(),
         last_step_at,
         nodes_behind,
         bundle_fingerprint: st.authorities.bundle().fingerprint(),
-    })
+    }
 }
 
 async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
@@ -1082,7 +1080,7 @@ async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
                 true
             }
             CaStep::Activate(r) => {
-                let behind = ca_status(&st)?.nodes_behind;
+                let behind = ca_status(&st, &st.store.nodes()?).nodes_behind;
                 if !behind.is_empty() && !r.force {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
@@ -1108,7 +1106,7 @@ async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
             st.hub.set_trust(st.authorities.trust_state());
             st.hub.changed(&st.store);
         }
-        ca_status(&st)
+        Ok(ca_status(&st, &st.store.nodes()?))
     })
     .await?;
     Ok(json(StatusCode::OK, &status))
@@ -1153,6 +1151,7 @@ async fn status(state: &Arc<State>) -> Reply {
         let seen = st.last_seen.lock().map(|m| m.clone()).unwrap_or_default();
         let records = st.store.nodes()?;
         let node_names: Vec<NodeName> = records.iter().map(|n| n.name.clone()).collect();
+        let ca = ca_status(&st, &records);
         let nodes = records
             .into_iter()
             .map(|record| api::NodeStatus {
@@ -1164,7 +1163,7 @@ async fn status(state: &Arc<State>) -> Reply {
             trust_domain: st.trust_domain().to_string(),
             revision: st.store.revision()?,
             ca_not_after: secs(st.authorities.active().not_after()),
-            ca: ca_status(&st)?,
+            ca,
             nodes,
             // What the proxies are given: the store's workloads and, in Kubernetes mode, the pods.
             workloads: match st.hub.directory(&st.store).map_err(ApiError::internal)? {

@@ -518,7 +518,9 @@ impl Node {
                 let before = self.shared.capture.load().workload_uids.clone();
                 let newly: std::collections::BTreeSet<u32> =
                     plan.workload_uids.difference(&before).copied().collect();
-                captured_uids::save(&self.opts.data_dir, &plan.workload_uids);
+                if before != plan.workload_uids || inherited {
+                    captured_uids::save(&self.opts.data_dir, &plan.workload_uids);
+                }
                 self.shared.capture.store(Arc::new(plan));
                 self.shared.inherited_rules.store(false, Ordering::SeqCst);
                 cut_uncaptured_sockets(&newly, &self.shared.ctx.metrics);

@@ -311,40 +311,29 @@ fn ca_status_text(c: &api::CaStatus) -> String {
 }
 
 pub async fn ca_rotation(cmd: CaRotationCommand) -> anyhow::Result<()> {
-    let (path, body, conn, output) = match cmd {
-        CaRotationCommand::Status { output, conn } => (None, None, conn, output),
-        CaRotationCommand::Prepare { validity, conn } => (
-            Some(paths::ADMIN_CA_PREPARE),
-            Some(api::CaStepRequest {
-                force: false,
-                validity_secs: Some(validity.as_secs()),
-            }),
-            conn,
-            OutputFormat::Text,
-        ),
-        CaRotationCommand::Activate { force, conn } => (
-            Some(paths::ADMIN_CA_ACTIVATE),
-            Some(api::CaStepRequest {
-                force,
-                validity_secs: None,
-            }),
-            conn,
-            OutputFormat::Text,
-        ),
-        CaRotationCommand::Withdraw { force, conn } => (
-            Some(paths::ADMIN_CA_WITHDRAW),
-            Some(api::CaStepRequest {
-                force,
-                validity_secs: None,
-            }),
-            conn,
-            OutputFormat::Text,
-        ),
+    let step = |path, force, validity: Option<Duration>| {
+        let request = api::CaStepRequest {
+            force,
+            validity_secs: validity.map(|v| v.as_secs()),
+        };
+        (Some((path, request)), OutputFormat::Text)
+    };
+    let ((path, output), conn) = match cmd {
+        CaRotationCommand::Status { output, conn } => ((None, output), conn),
+        CaRotationCommand::Prepare { validity, conn } => {
+            (step(paths::ADMIN_CA_PREPARE, false, Some(validity)), conn)
+        }
+        CaRotationCommand::Activate { force, conn } => {
+            (step(paths::ADMIN_CA_ACTIVATE, force, None), conn)
+        }
+        CaRotationCommand::Withdraw { force, conn } => {
+            (step(paths::ADMIN_CA_WITHDRAW, force, None), conn)
+        }
     };
     let client = admin_client(&conn)?;
-    let c: api::CaStatus = match (path, body) {
-        (Some(p), Some(b)) => client.post(p, &b).await?,
-        _ => client.get(paths::ADMIN_CA).await?,
+    let c: api::CaStatus = match path {
+        Some((p, request)) => client.post(p, &request).await?,
+        None => client.get(paths::ADMIN_CA).await?,
     };
     if output == OutputFormat::Json {
         println!("{}", serde_json::to_string_pretty(&c)?);

@@ -80,17 +80,7 @@ impl Mesh {
             "--port",
             "5000/http",
         ]);
-        // vfx: HTTP on 5000, a raw TCP service on 5001, and a PERMISSIVE HTTP port 5002.
-        let apply = m.dir.join("vfx.yaml");
-        std::fs::write(
-            &apply,
-            format!(
-                "apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n- id: {}\n  node: host-b\n  uid: 1002\n  ports: [{{port: 5000, protocol: http}}, {{port: 5001, protocol: tcp}}, {{port: 5002, protocol: http, permissive: true}}]\n",
-                id("vfx")
-            ),
-        )
-        .unwrap();
-        m.admin(&["apply", "-f", apply.to_str().unwrap()]);
+        m.register_vfx("");
         m.net.spawn(
             "b",
             Some(VFX_UID),
@@ -142,6 +132,32 @@ impl Mesh {
             &m.dir.join("out2.log"),
         );
         m
+    }
+
+    /// (Re-)registers vfx: HTTP on 5000, a raw TCP service on 5001, a PERMISSIVE HTTP port 5002, and
+    /// `extra_ports` (", {port: …}" entries of the YAML list).
+    pub fn register_vfx(&self, extra_ports: &str) {
+        let apply = self.dir.join("vfx.yaml");
+        std::fs::write(
+            &apply,
+            format!(
+                "apiVersion: strait.dev/v1\nkind: WorkloadList\nworkloads:\n- id: {}\n  node: host-b\n  uid: 1002\n  ports: [{{port: 5000, protocol: http}}, {{port: 5001, protocol: tcp}}, {{port: 5002, protocol: http, permissive: true}}{extra_ports}]\n",
+                id("vfx")
+            ),
+        )
+        .unwrap();
+        self.admin(&["apply", "-f", apply.to_str().unwrap()]);
+    }
+
+    /// A host's proxy `/config_dump` (as root), or `null` when it does not answer.
+    #[allow(dead_code)]
+    pub fn config_dump(&self, host: &str) -> serde_json::Value {
+        let out = self.net.run(
+            host,
+            None,
+            &["curl", "-s", "http://127.0.0.1:15000/config_dump"],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 
     /// Starts the control plane in "cp" and waits until it answers.
@@ -428,6 +444,39 @@ pub fn pcap_summary(file: &Path) -> String {
 
 pub fn id(name: &str) -> String {
     format!("spiffe://{TD}/ns/movie/sa/{name}")
+}
+
+/// Runs `during` while another thread repeats `request` (it returns an HTTP code) back to back, then
+/// checks that the loop ran (more than 20 requests) and that every answer was `expected`; `what` names
+/// the run in the printed count.
+#[allow(dead_code)]
+pub fn without_a_failed_request<T>(
+    what: &str,
+    request: impl Fn() -> String + Sync,
+    expected: &str,
+    during: impl FnOnce() -> T,
+) -> T {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (result, (sent, failed)) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let code = request();
+                sent += 1;
+                if code != expected {
+                    failed.push(code);
+                }
+            }
+            (sent, failed)
+        });
+        let result = during();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (result, traffic.join().unwrap())
+    });
+    eprintln!("{what}: {sent} requests, {} failed", failed.len());
+    assert!(sent > 20, "the traffic loop ran ({sent} requests)");
+    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    result
 }
 
 pub fn metric(text: &str, name: &str, label: &str) -> u64 {
