@@ -599,13 +599,21 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
     /// Resolver the DNS proxy asks for names an egress entry allows (port 53); repeat for several.
-    /// Default: the nameservers of /etc/resolv.conf. Workloads' DNS (UDP and TCP port 53, to any
-    /// address) goes to the proxy (127.0.0.1:15053), which answers mesh names itself, forwards only
-    /// queries for allowed names and answers every other name REFUSED. In Kubernetes mode meshed pods
-    /// query these resolvers directly (under the DaemonSet's dnsPolicy ClusterFirstWithHostNet the
-    /// default names the cluster DNS Service).
+    /// Default: the nameservers of /etc/resolv.conf (in Kubernetes mode, under the DaemonSet's dnsPolicy
+    /// ClusterFirstWithHostNet, the cluster DNS Service). Workloads' DNS (UDP and TCP port 53, to any
+    /// address; VM workloads by redirect, meshed pods by TPROXY) goes to the proxy (port 15053), which
+    /// answers mesh names itself, forwards only queries for allowed names and answers every other name
+    /// REFUSED.
     #[arg(long = "dns-resolver")]
     pub dns_resolvers: Vec<IpAddr>,
+    /// Names under this domain are forwarded to the resolver for every workload without an egress
+    /// entry, and their answers open nothing (the addresses are reached through the mesh, or by an
+    /// egress entry). Default in Kubernetes mode: cluster.local, the cluster's Services and pods
+    /// (db.shop.svc.cluster.local), which the cluster DNS answers itself; '' forwards none. Use it only
+    /// for a domain the resolver is authoritative for and never forwards, or names under it can carry
+    /// data to whoever the resolver asks. VM mode: none.
+    #[arg(long = "dns-cluster-domain")]
+    pub dns_cluster_domain: Option<String>,
     /// The DNS zone of mesh names: the workload spiffe://TD/ns/NS/sa/SA is SA.NS.ZONE (its node's
     /// addresses, or its pod addresses), answered by the proxy without any resolver.
     #[arg(long = "dns-zone", default_value = strait_proxy::dns::DEFAULT_ZONE)]

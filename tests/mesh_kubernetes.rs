@@ -105,11 +105,153 @@ fn packets(file: &Path, filter: &str) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+/// `dig` from a pod: what it printed.
+fn dig(c: &Cluster, from: &str, args: &[&str]) -> String {
+    let mut all = vec!["dig", "+time=3", "+tries=1"];
+    all.extend_from_slice(args);
+    text(&c.net.run(from, None, &all))
+}
+
+/// A meshed pod's DNS, whatever resolver it addresses, is answered by its node's proxy: mesh names from
+/// the directory, cluster names forwarded, names an egress entry allows forwarded (and only then is the
+/// entry's address reachable), everything else REFUSED without any resolver seeing it. The cluster DNS
+/// stand-in is dnsmasq on ctl, logging every query it sees.
+fn dns_goes_through_the_node_proxy(c: &Cluster) {
+    let resolver = c.net.v4("ctl").to_string();
+    let (db4, db6, oldb4) = (
+        pod("db").v4.to_string(),
+        pod("db").v6.to_string(),
+        pod("oldb").v4.to_string(),
+    );
+    let at_resolver = format!("@{resolver}");
+    let at_v6 = format!("@{}", c.net.v6("ctl"));
+    let queries = c.dir.join("dnsmasq-queries.log");
+    c.net.spawn(
+        "ctl",
+        None,
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={resolver}"),
+            "--user=root",
+            "--pid-file=",
+            &format!("--address=/db.shop.svc.cluster.local/{db4}"),
+            &format!("--address=/legacy.partner.example/{oldb4}"),
+            &format!("--address=/attacker.example/{resolver}"),
+            "--log-queries",
+            &format!("--log-facility={}", queries.display()),
+        ],
+        &c.dir.join("dnsmasq.log"),
+    );
+    c.net.eventually(
+        Duration::from_secs(5),
+        "dnsmasq answers an un-meshed pod",
+        || {
+            dig(
+                c,
+                "olda",
+                &[&at_resolver, "+short", "db.shop.svc.cluster.local"],
+            )
+            .trim()
+                == db4
+        },
+    );
+    // Cluster names: forwarded for any meshed pod, over UDP and TCP, over IPv4 and IPv6 (dnsmasq listens
+    // on IPv4 only: the proxy asked it, not the pod).
+    for args in [
+        vec![at_resolver.as_str(), "+short", "db.shop.svc.cluster.local"],
+        vec![
+            at_resolver.as_str(),
+            "+tcp",
+            "+short",
+            "db.shop.svc.cluster.local",
+        ],
+        vec![at_v6.as_str(), "+short", "db.shop.svc.cluster.local"],
+        vec!["@10.96.0.10", "+short", "db.shop.svc.cluster.local"],
+    ] {
+        assert_eq!(dig(c, "web", &args).trim(), db4, "dig {args:?}");
+    }
+    // Mesh names: from the directory, whatever resolver was addressed (10.96.0.10 does not exist).
+    assert_eq!(
+        dig(
+            c,
+            "web",
+            &["@10.96.0.10", "+short", "db.shop.strait.internal"]
+        )
+        .trim(),
+        db4
+    );
+    assert_eq!(
+        dig(
+            c,
+            "web",
+            &[&at_v6, "+tcp", "+short", "AAAA", "db.shop.strait.internal"]
+        )
+        .trim(),
+        db6
+    );
+    // A name no egress entry allows: REFUSED by the proxy, over UDP and TCP; dnsmasq never hears of it.
+    for args in [
+        vec![at_resolver.as_str(), "secret-data.attacker.example"],
+        vec![at_resolver.as_str(), "+tcp", "secret-tcp.attacker.example"],
+    ] {
+        let refused = dig(c, "web", &args);
+        assert!(refused.contains("status: REFUSED"), "{refused}");
+    }
+    // The entry's address is closed until web resolves the entry's name, then open on its port.
+    let legacy = url("oldb", false, "/");
+    assert_eq!(
+        c.curl("web", &legacy, &[]),
+        "000",
+        "an address nobody resolved"
+    );
+    assert_eq!(
+        dig(
+            c,
+            "web",
+            &[&at_resolver, "+short", "legacy.partner.example"]
+        )
+        .trim(),
+        oldb4
+    );
+    assert_eq!(
+        c.curl("web", &legacy, &[]),
+        "200",
+        "resolved for an egress entry"
+    );
+    assert_eq!(
+        c.curl("web", &url("olda", false, "/"), &[]),
+        "000",
+        "only the answer's address opened"
+    );
+    let seen = std::fs::read_to_string(&queries).unwrap_or_default();
+    for never in ["attacker", "strait.internal"] {
+        assert!(!seen.contains(never), "the resolver saw {never}:\n{seen}");
+    }
+    assert!(seen.contains("legacy.partner.example"), "{seen}");
+    let m = text(&c.net.run(
+        "node1",
+        None,
+        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+    ));
+    assert!(
+        metric(&m, "strait_proxy_dns_queries_total", r#"outcome="refused""#) >= 2,
+        "{m}"
+    );
+    let rules = c.nft("node1");
+    assert!(rules.contains("tproxy ip to 127.0.0.1:15053"), "{rules}");
+    assert!(rules.contains("tproxy ip6 to [::1]:15053"), "{rules}");
+}
+
 #[test]
 fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     if !require_root() {
         return;
     }
+    support::require_commands(&["dig", "dnsmasq", "socat", "tcpdump"]);
     let mut c = setup();
 
     // --- Joining with service-account tokens: every forgery is refused before any proxy starts. ---
@@ -221,7 +363,10 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     assert!(legacy.is_err(), "{legacy:?}");
 
     // --- A workflow: web may POST to db. ---
-    c.apply_workflow("- {from: web, to: db, methods: [POST], paths: [/api/db]}");
+    // The egress entry names a name: oldb's address opens for web only once a resolver said so.
+    c.apply_workflow(
+        "- {from: web, to: db, methods: [POST], paths: [/api/db]}\negress:\n- {from: web, host: legacy.partner.example, port: 8080}",
+    );
 
     // Pod to pod across nodes, IPv4 and IPv6, through mTLS; the policy is enforced per request.
     let wire = c.dir.join("node2.pcap");
@@ -283,29 +428,34 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
     assert_eq!(c.curl("oldb", &url("olda", true, "/"), &[]), "200");
     // A meshed pod cannot reach outside the mesh (no egress allowed), not even an un-meshed pod.
     assert_eq!(c.curl("web", &url("oldb", false, "/"), &[]), "000");
-    // DNS to the resolver is the one UDP a meshed pod may send; any other UDP is dropped at its node.
+    dns_goes_through_the_node_proxy(&c);
+    // No UDP but DNS leaves a meshed pod, and its DNS goes to the proxy, not to the port it addressed.
     for port in ["53", "54"] {
         c.net.spawn(
             "ctl",
             None,
             &[
                 "socat",
-                &format!("UDP-LISTEN:{port},fork,reuseaddr"),
+                &format!("UDP6-LISTEN:{port},fork,reuseaddr,bind=[{}]", c.net.v6("ctl")),
                 "EXEC:cat",
             ],
             &c.dir.join(format!("udp{port}.log")),
         );
     }
     let udp = |from: &str, port: &str| {
-        let cmd = format!("echo ping | socat -t1 - UDP:{}:{port}", c.net.v4("ctl"));
+        let cmd = format!("echo ping | socat -t1 - UDP:[{}]:{port}", c.net.v6("ctl"));
         text(&c.net.run(from, None, &["sh", "-c", &cmd])).contains("ping")
     };
     c.net
-        .eventually(Duration::from_secs(5), "DNS from a meshed pod", || {
-            udp("web", "53")
+        .eventually(Duration::from_secs(5), "an un-meshed pod's UDP", || {
+            udp("olda", "54")
         });
+    assert!(udp("olda", "53"), "an un-meshed pod's port 53 is untouched");
     assert!(!udp("web", "54"), "other UDP must not leave a meshed pod");
-    assert!(udp("olda", "54"), "an un-meshed pod's UDP is untouched");
+    assert!(
+        !udp("web", "53"),
+        "bytes that are not DNS never reach anything on port 53"
+    );
     // An un-meshed pod on the same node claiming web's address is dropped before the proxy sees it.
     let web4 = pod("web").v4.to_string();
     c.net.run(

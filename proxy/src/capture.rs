@@ -89,10 +89,8 @@ pub struct CapturePlan {
     /// PERMISSIVE workload ports: plaintext from other hosts is accepted, so the workload's replies from
     /// these ports must leave the host.
     pub permissive_ports: BTreeSet<u16>,
-    /// Kubernetes mode: the DNS resolvers meshed pods may query over UDP/TCP port 53. (VM mode
-    /// redirects every workload's DNS to the proxy's DNS port instead.)
-    pub dns_resolvers: Vec<IpAddr>,
-    /// VM mode: where workloads' DNS (UDP and TCP port 53, to any address) is redirected.
+    /// Where workloads' DNS (UDP and TCP port 53, to any address) goes: redirected (VM mode) or
+    /// diverted with TPROXY (Kubernetes mode) to the proxy's DNS sockets on loopback.
     pub dns_port: u16,
     /// VM mode: TCP ports workloads listen on and UDP ports they have unconnected sockets on, declared
     /// or not, as the kernel lists them (refreshed every few seconds): dropped from other hosts.
@@ -533,8 +531,8 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 /// table inet strait {
 ///   chain prerouting { type filter hook prerouting priority -90     # after kube-proxy's Service DNAT
 ///     ip saddr @meshed fib saddr . iif oif missing counter drop    # a pod's address from elsewhere
-///     ct direction original ip saddr @meshed ct original ip daddr RESOLVER th dport 53 accept  # DNS stays
-///     ct direction reply ct original ip saddr @meshed ct original ip daddr RESOLVER accept      # plain
+///     ip saddr @meshed4 meta l4proto { udp, tcp } th dport 53 tproxy ip to 127.0.0.1:15053
+///         meta mark set TPROXY_MARK accept                 # all DNS to the DNS proxy, any resolver
 ///     ip saddr @meshed4 meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set TPROXY_MARK accept
 ///     ip6 saddr @meshed6 meta l4proto tcp tproxy ip6 to [::1]:15001 meta mark set TPROXY_MARK accept
 ///   }
@@ -542,11 +540,9 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 ///     meta mark TPROXY_MARK accept                         # the diverted TCP, to the proxy
 ///     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
 ///     ct direction reply accept                            # answers to the proxy's deliveries
-///     <DNS as above> accept
 ///     ip saddr @meshed counter drop
 ///   }
 ///   chain forward { type filter hook forward priority 0
-///     <DNS as above> accept
 ///     ip saddr @meshed counter drop                    # UDP, ICMP… from meshed pods: nothing else leaves
 ///     ip daddr @meshed counter drop                    # plaintext into meshed pods (other pods, other hosts)
 ///   }
@@ -554,7 +550,6 @@ fn vm_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 ///     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept   # the node finds its pods
 ///     meta mark PROXY_MARK accept                      # the proxy delivering tunnelled streams
 ///     ct direction reply accept                        # the transparent sockets answering pods
-///     <DNS as above> accept
 ///     ip daddr POD tcp dport { PROBE PORTS } accept      # only with --allow-kubelet-probes
 ///     ip daddr @meshed counter drop                    # the node's other processes: no plaintext either
 ///   }
@@ -575,50 +570,7 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
     let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = plan.meshed_pods.iter().partition(|a| a.is_ipv4());
     let families = [("ip", v4), ("ip6", v6)];
     let addr_set = |ips: &[IpAddr]| set(ips.iter().map(|a| s(&a.to_string())));
-    // `ct original ip saddr`: nft 1.0.6 reads the family from the key ("ip saddr"), not from a field.
-    let ct_orig = |proto: &str, key: &str| {
-        Expression::Named(NamedExpression::CT(nftables::expr::CT {
-            key: format!("{proto} {key}").into(),
-            family: None,
-            dir: Some(nftables::expr::CTDir::Original),
-        }))
-    };
     let direction = |dir: &str| eq(ct_direction(), s(dir));
-    // DNS exchanges of meshed pods with the resolver, the only plaintext a meshed pod keeps. The resolver
-    // is matched on the connection's original tuple (before kube-proxy's DNAT of the DNS Service). Queries:
-    // port 53 from a meshed pod. Answers: the reply direction of such a connection (its conntrack entry
-    // exists only if the query was accepted: a dropped first packet leaves no entry).
-    let dns_rules = |chain_name: &str, objs: &mut Vec<NfObject<'static>>| {
-        for (proto, ips) in &families {
-            for r in &plan.dns_resolvers {
-                if ips.is_empty() || (r.is_ipv4() != (*proto == "ip")) {
-                    continue;
-                }
-                let resolver = eq(ct_orig(proto, "daddr"), s(&r.to_string()));
-                objs.push(rule(
-                    chain_name,
-                    "DNS queries of meshed pods to the resolver",
-                    vec![
-                        direction("original"),
-                        eq(field(proto, "saddr"), addr_set(ips)),
-                        resolver.clone(),
-                        eq(field("th", "dport"), Expression::Number(53)),
-                        Statement::Accept(None),
-                    ],
-                ));
-                objs.push(rule(
-                    chain_name,
-                    "DNS answers to meshed pods",
-                    vec![
-                        direction("reply"),
-                        eq(ct_orig(proto, "saddr"), addr_set(ips)),
-                        resolver,
-                        Statement::Accept(None),
-                    ],
-                ));
-            }
-        }
-    };
     // The node resolves its pods' IPv6 addresses with neighbour discovery and the pods resolve the node's
     // (ARP, the IPv4 equivalent, is not IP and never reaches this table).
     let neighbour_discovery = |chain_name: &str| {
@@ -678,29 +630,53 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
             ],
         ));
     }
-    dns_rules("prerouting", &mut objs);
+    let tproxy = |proto: &str, port: u16| -> [Statement<'static>; 3] {
+        let to = if proto == "ip" { "127.0.0.1" } else { "::1" };
+        [
+            Statement::TProxy(nftables::stmt::TProxy {
+                family: Some(proto.to_owned().into()),
+                port,
+                addr: Some(to.into()),
+            }),
+            Statement::Mangle(nftables::stmt::Mangle {
+                key: meta(MetaKey::Mark),
+                value: Expression::Number(TPROXY_MARK),
+            }),
+            Statement::Accept(None),
+        ]
+    };
+    // A meshed pod's DNS, UDP and TCP, to whatever address it asked (the cluster DNS Service, after
+    // kube-proxy's DNAT, or anything else), goes to the DNS proxy: nothing but DNS the proxy allowed
+    // reaches a resolver from a pod.
     for (proto, ips) in &families {
         if ips.is_empty() {
             continue;
         }
-        let to = if *proto == "ip" { "127.0.0.1" } else { "::1" };
+        let mut stmts = vec![
+            eq(field(proto, "saddr"), addr_set(ips)),
+            eq(meta(MetaKey::L4proto), set([s("udp"), s("tcp")])),
+            eq(field("th", "dport"), Expression::Number(53)),
+        ];
+        stmts.extend(tproxy(proto, plan.dns_port));
+        objs.push(rule(
+            "prerouting",
+            "meshed pods' DNS goes to the DNS proxy",
+            stmts,
+        ));
+    }
+    for (proto, ips) in &families {
+        if ips.is_empty() {
+            continue;
+        }
+        let mut stmts = vec![
+            eq(field(proto, "saddr"), addr_set(ips)),
+            eq(meta(MetaKey::L4proto), s("tcp")),
+        ];
+        stmts.extend(tproxy(proto, plan.outbound_port));
         objs.push(rule(
             "prerouting",
             "meshed pods' TCP goes to the proxy",
-            vec![
-                eq(field(proto, "saddr"), addr_set(ips)),
-                eq(meta(MetaKey::L4proto), s("tcp")),
-                Statement::TProxy(nftables::stmt::TProxy {
-                    family: Some((*proto).into()),
-                    port: plan.outbound_port,
-                    addr: Some(to.into()),
-                }),
-                Statement::Mangle(nftables::stmt::Mangle {
-                    key: meta(MetaKey::Mark),
-                    value: Expression::Number(TPROXY_MARK),
-                }),
-                Statement::Accept(None),
-            ],
+            stmts,
         ));
     }
 
@@ -719,7 +695,6 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         "answers to the node's connections (the proxy delivering streams)",
         vec![direction("reply"), Statement::Accept(None)],
     ));
-    dns_rules("input", &mut objs);
     drop_meshed(
         "input",
         "nothing else from a meshed pod to the node",
@@ -729,7 +704,6 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
 
     // Through the node. No blanket "established" accept: a connection that existed before its pod joined
     // the mesh is cut, not grandfathered.
-    dns_rules("forward", &mut objs);
     drop_meshed(
         "forward",
         "nothing else leaves a meshed pod",
@@ -753,7 +727,6 @@ fn kubernetes_ruleset(plan: &CapturePlan) -> Nftables<'static> {
         "answers to connections meshed pods opened (the proxy's transparent sockets)",
         vec![direction("reply"), Statement::Accept(None)],
     ));
-    dns_rules("output", &mut objs);
     for (addr, probe) in &plan.probe_ports {
         let proto = if addr.is_ipv4() { "ip" } else { "ip6" };
         objs.push(rule(
@@ -942,11 +915,17 @@ mod tests {
                 "fd00:244::2".parse().unwrap(),
             ]
             .into(),
-            dns_resolvers: vec!["10.96.0.10".parse().unwrap()],
             outbound_port: 15001,
+            dns_port: 15053,
             ..Default::default()
         };
         let json = serde_json::to_string(&ruleset(&plan)).unwrap();
+        // DNS is diverted to the DNS proxy before the TCP rule could take port 53 to the outbound port.
+        let dns = json
+            .find(r#""tproxy":{"family":"ip","port":15053,"addr":"127.0.0.1"}"#)
+            .expect("DNS diverted");
+        assert!(dns < json.find("meshed pods' TCP goes to the proxy").unwrap());
+        assert!(json.contains(r#""tproxy":{"family":"ip6","port":15053,"addr":"::1"}"#));
         assert!(
             json.contains(r#""tproxy":{"family":"ip","port":15001,"addr":"127.0.0.1"}"#),
             "{json}"

@@ -1,7 +1,8 @@
 //! `strait-proxy`: the node proxy.
 //!
 //! - [`capture`]: the nftables table that redirects workload traffic and drops plaintext around the mesh.
-//! - [`sockets`]: original destinations, source users, marked sockets.
+//! - [`sockets`]: original destinations, source users, marked sockets; [`tproxy_udp`]: datagrams TPROXY
+//!   diverted, answered from their original destination.
 //! - [`certs`]: workload SVIDs (keys made here), swapped on renewal; TLS certificate resolvers.
 //! - [`directory`]: routing from the mesh directory.
 //! - [`dns`]: the DNS proxy: mesh names from the directory, allowed names forwarded, the rest refused.
@@ -29,4 +30,7 @@ pub mod run;
 // The one module with `unsafe` (socket options and netlink syscalls, each with a SAFETY comment).
 #[allow(unsafe_code)]
 pub mod sockets;
+// recvmsg for diverted UDP (its control messages), with SAFETY comments.
+#[allow(unsafe_code)]
+pub mod tproxy_udp;
 pub mod tunnel;

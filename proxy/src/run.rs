@@ -56,9 +56,10 @@ pub struct ProxyOptions {
     pub tunnel_port: u16,
     pub outbound_port: u16,
     pub admin: SocketAddr,
-    /// Resolvers the DNS proxy asks for names an egress entry allows (and, in Kubernetes mode, that
-    /// meshed pods may query directly).
+    /// Resolvers the DNS proxy asks for names an egress entry allows (and for cluster names).
     pub dns_resolvers: Vec<IpAddr>,
+    /// Names forwarded for every workload, whose answers open nothing (Kubernetes: `cluster.local`).
+    pub dns_cluster_domain: Option<strait_policy::hostname::HostName>,
     /// The zone of mesh DNS names.
     pub dns_zone: strait_policy::hostname::HostName,
     pub egress: Vec<EgressRule>,
@@ -357,7 +358,6 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions, listening: &Listening
         listening_udp: listening.udp.clone(),
         mode: opts.mode(),
         outbound_port: opts.outbound_port,
-        dns_resolvers: opts.dns_resolvers.clone(),
         dns_port: crate::dns::DNS_PORT,
         ..Default::default()
     };
@@ -669,6 +669,16 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// Lets TPROXY hand this listener connections addressed elsewhere (accepted with their original
+/// addresses).
+fn set_transparent(l: &TcpListener) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(l);
+    match l.local_addr()? {
+        SocketAddr::V4(_) => sock.set_ip_transparent_v4(true),
+        SocketAddr::V6(_) => sock.set_ip_transparent_v6(true),
+    }
+}
+
 /// Binds the IPv4 address and, when the host has IPv6, the IPv6 one.
 fn bind_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = vec![bind(v4).with_context(|| format!("cannot listen on {v4} (in use?)"))?];
@@ -777,6 +787,7 @@ pub async fn run(
                 zone: opts.dns_zone.clone(),
                 upstreams: opts.dns_resolvers.clone(),
                 hosts: opts.egress_hosts.clone(),
+                cluster_domain: opts.dns_cluster_domain.clone(),
             },
         },
         authz.clone(),
@@ -815,12 +826,8 @@ pub async fn run(
         // TPROXY hands connections to a loopback listener only if it is transparent; it then accepts them
         // with their original (pod) addresses.
         for l in &outbound {
-            let sock = socket2::SockRef::from(l);
-            match l.local_addr()? {
-                SocketAddr::V4(_) => sock.set_ip_transparent_v4(true),
-                SocketAddr::V6(_) => sock.set_ip_transparent_v6(true),
-            }
-            .context("setting IP_TRANSPARENT on the outbound listener (needs CAP_NET_ADMIN)")?;
+            set_transparent(l)
+                .context("setting IP_TRANSPARENT on the outbound listener (needs CAP_NET_ADMIN)")?;
         }
         capture::ensure_tproxy_route().context("installing the TPROXY policy route")?;
     }
@@ -832,6 +839,18 @@ pub async fn run(
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
         SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
     )?;
+    // Kubernetes mode diverts pods' DNS with TPROXY, which delivers only to transparent sockets.
+    let diverted_dns = opts.mode() == CaptureMode::Kubernetes;
+    if diverted_dns {
+        for l in &dns_tcp {
+            set_transparent(l).context("setting IP_TRANSPARENT on the DNS listener")?;
+        }
+        for s in &dns_udp {
+            crate::tproxy_udp::accept_diverted(s).context(
+                "making the DNS socket receive diverted datagrams (needs CAP_NET_ADMIN)",
+            )?;
+        }
+    }
     let inbound = take(
         "tunnel",
         SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), opts.tunnel_port),
@@ -916,7 +935,11 @@ pub async fn run(
         listeners.push(tokio::spawn(crate::dns::serve_tcp(ctx.clone(), l)));
     }
     for s in dns_udp {
-        listeners.push(tokio::spawn(crate::dns::serve_udp(ctx.clone(), s)));
+        listeners.push(tokio::spawn(crate::dns::serve_udp(
+            ctx.clone(),
+            s,
+            diverted_dns,
+        )));
     }
     for l in inbound {
         listeners.push(tokio::spawn(tunnel::serve_inbound(

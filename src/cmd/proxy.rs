@@ -53,6 +53,18 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let dns_zone = HostName::parse(&args.dns_zone)
         .map_err(|e| anyhow!("--dns-zone {:?} is not a DNS name: {e}", args.dns_zone))?;
+    let dns_cluster_domain = match (&args.dns_cluster_domain, args.mode) {
+        (Some(d), _) if d.is_empty() => None,
+        (Some(d), _) => Some(
+            HostName::parse(d)
+                .map_err(|e| anyhow!("--dns-cluster-domain {d:?} is not a DNS name: {e}"))?,
+        ),
+        (None, ProxyMode::Kubernetes) => Some(
+            HostName::parse(strait_proxy::dns::DEFAULT_CLUSTER_DOMAIN)
+                .map_err(|e| anyhow!("the default cluster domain: {e}"))?,
+        ),
+        (None, ProxyMode::Vm) => None,
+    };
     if args.allow_kubelet_probes && args.mode != ProxyMode::Kubernetes {
         return Err(anyhow!(
             "--allow-kubelet-probes is for --mode kubernetes (VM workloads declare PERMISSIVE ports instead)"
@@ -97,6 +109,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         outbound_port: OUTBOUND_PORT,
         admin: args.admin,
         dns_resolvers,
+        dns_cluster_domain,
         dns_zone,
         egress,
         egress_hosts,

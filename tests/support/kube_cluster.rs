@@ -182,7 +182,7 @@ impl Cluster {
                 "--drain-timeout",
                 "2s",
                 "--allow-kubelet-probes",
-                // The cluster DNS stand-in (a UDP echo on ctl:53).
+                // The cluster DNS stand-in (dnsmasq on ctl:53, in the test that needs it).
                 "--dns-resolver",
                 &self.net.v4("ctl").to_string(),
             ],

@@ -11,9 +11,12 @@
 //!   is not a DNS query is dropped. Nothing but a well-formed query for an allowed name reaches a
 //!   resolver, so a name cannot carry data out (`secret.attacker.example`).
 //!
-//! Who asks is known the way captured TCP is: conntrack gives the datagram's addresses before the
-//! redirect, and `sock_diag` the Unix user owning the sending socket (VM mode); in Kubernetes mode the
-//! source address is the pod's.
+//! How queries get here and who asks:
+//! - VM mode: nftables redirects port 53 of workload users to [`DNS_PORT`]; conntrack gives the
+//!   datagram's addresses before the redirect, and `sock_diag` the Unix user owning the sending socket.
+//! - Kubernetes mode: nftables diverts port 53 from meshed pods with TPROXY to the same port (transparent
+//!   sockets, [`crate::tproxy_udp`]); the source address is the pod's, and UDP answers leave from the
+//!   address the pod asked.
 
 pub mod message;
 pub mod resolved;
@@ -37,6 +40,8 @@ use message::{Outcome, Plan, Scope, Transport};
 pub const DNS_PORT: u16 = 15053;
 /// The default zone of mesh names.
 pub const DEFAULT_ZONE: &str = "strait.internal";
+/// Kubernetes mode's default `--dns-cluster-domain` (kubelet's default `clusterDomain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 /// How long one resolver has to answer before the next is tried (then SERVFAIL).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// A DNS-over-TCP client that sends nothing for this long is closed (RFC 7766 suggests seconds).
@@ -83,6 +88,10 @@ pub struct DnsSettings {
     pub upstreams: Vec<IpAddr>,
     /// `--allow-egress` entries that name DNS names.
     pub hosts: Vec<HostRule>,
+    /// Names under this domain are forwarded for every workload of the node, and their answers open
+    /// nothing (`--dns-cluster-domain`; Kubernetes mode: `cluster.local`, the Services and pods of the
+    /// cluster, which its DNS answers itself).
+    pub cluster_domain: Option<HostName>,
 }
 
 impl Default for DnsSettings {
@@ -91,6 +100,7 @@ impl Default for DnsSettings {
             zone: HostName::parse(DEFAULT_ZONE).unwrap_or_else(|_| unreachable!("a valid name")),
             upstreams: Vec::new(),
             hosts: Vec::new(),
+            cluster_domain: None,
         }
     }
 }
@@ -102,6 +112,8 @@ pub struct Dns {
     pub upstreams: Vec<SocketAddr>,
     /// `--allow-egress` entries that name DNS names (for every workload of the node).
     pub hosts: Vec<HostRule>,
+    /// Names forwarded for any workload, whose answers open nothing (see [`DnsSettings`]).
+    pub cluster_domain: Option<HostName>,
     pub resolved: resolved::Resolved,
     inflight: Arc<Semaphore>,
 }
@@ -112,9 +124,11 @@ impl Dns {
             zone,
             upstreams,
             hosts,
+            cluster_domain,
         } = settings;
         Self {
             zone,
+            cluster_domain,
             upstreams: upstreams
                 .into_iter()
                 .map(|ip| SocketAddr::new(ip, 53))
@@ -142,9 +156,18 @@ impl Dns {
             })
     }
 
-    fn may_resolve(&self, authz: &crate::authz::Authz, source: &str, name: &HostName) -> bool {
+    /// Whether an egress entry for `source` names `name` (its answer then opens the entry's port).
+    fn egress_name(&self, authz: &crate::authz::Authz, source: &str, name: &HostName) -> bool {
         self.hosts.iter().any(|r| r.pattern.matches(name))
             || authz.egress_host_allowed(source, name, None)
+    }
+
+    fn in_cluster_domain(&self, name: &HostName) -> bool {
+        self.cluster_domain.as_ref().is_some_and(|d| name.is_in(d))
+    }
+
+    fn may_resolve(&self, authz: &crate::authz::Authz, source: &str, name: &HostName) -> bool {
+        self.in_cluster_domain(name) || self.egress_name(authz, source, name)
     }
 }
 
@@ -155,6 +178,11 @@ fn source(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> Option<Arc<Workload>> {
+    if ctx.mode == CaptureMode::Kubernetes {
+        // TPROXY keeps the pod's address as the source (and spoofed pod addresses were dropped before
+        // the divert).
+        return ctx.dir.load().local_by_ip(peer.ip()).cloned();
+    }
     let protocol = match transport {
         Transport::Udp => libc::IPPROTO_UDP,
         Transport::Tcp => libc::IPPROTO_TCP,
@@ -167,22 +195,16 @@ fn source(
             return None;
         }
     };
-    let dir = ctx.dir.load();
-    match ctx.mode {
-        CaptureMode::Kubernetes => dir.local_by_ip(client.ip()).cloned(),
-        CaptureMode::Vm => {
-            let uid = match transport {
-                Transport::Udp => crate::sockets::udp_sender_uid(client, dst),
-                Transport::Tcp => crate::sockets::local_peer_uid(client, dst),
-            };
-            match uid {
-                Ok(Some(uid)) => dir.local_by_uid(uid).cloned(),
-                Ok(None) => None,
-                Err(e) => {
-                    warn!(error = %e, %peer, "socket lookup for a DNS query failed");
-                    None
-                }
-            }
+    let uid = match transport {
+        Transport::Udp => crate::sockets::udp_sender_uid(client, dst),
+        Transport::Tcp => crate::sockets::local_peer_uid(client, dst),
+    };
+    match uid {
+        Ok(Some(uid)) => ctx.dir.load().local_by_uid(uid).cloned(),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(error = %e, %peer, "socket lookup for a DNS query failed");
+            None
         }
     }
 }
@@ -246,6 +268,12 @@ async fn answer(
             match reply.as_deref().map(|r| message::finish(&pending, r)) {
                 Some(Ok((bytes, addrs))) => {
                     counted("forwarded");
+                    if !dns.egress_name(&ctx.authz, src.id.as_str(), &pending.name) {
+                        // A cluster name: answered, and the answer opens nothing (pods and Services
+                        // are reached through the mesh, or by an egress entry of their own).
+                        debug!(src = %src.id, name = %pending.name, "cluster DNS name resolved");
+                        return Some(bytes);
+                    }
                     if !dns
                         .resolved
                         .record(src.id.as_str(), &pending.name, &addrs, Instant::now())
@@ -337,15 +365,25 @@ async fn read_framed(tcp: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(msg))
 }
 
-/// Serves redirected DNS over UDP on one socket.
-pub async fn serve_udp(ctx: Arc<Ctx>, socket: UdpSocket) {
+/// Serves DNS over UDP on one socket: redirected to it (VM mode: answered from the socket itself, and
+/// the kernel undoes the redirect), or diverted to it by TPROXY (`diverted`, Kubernetes mode: answered
+/// from the address the pod asked, [`crate::tproxy_udp`]).
+pub async fn serve_udp(ctx: Arc<Ctx>, socket: UdpSocket, diverted: bool) {
     let socket = Arc::new(socket);
     let Ok(local) = socket.local_addr() else {
         return;
     };
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
+        let received = if diverted {
+            crate::tproxy_udp::recv(&socket, &mut buf).await
+        } else {
+            socket
+                .recv_from(&mut buf)
+                .await
+                .map(|(n, peer)| (n, peer, None))
+        };
+        let (n, peer, original) = match received {
             Ok(r) => r,
             Err(e) => {
                 // ICMP errors from earlier sends surface here; the socket itself is fine.
@@ -353,6 +391,11 @@ pub async fn serve_udp(ctx: Arc<Ctx>, socket: UdpSocket) {
                 continue;
             }
         };
+        if diverted && original.is_none() {
+            // Sent to the proxy's own port, not diverted from a pod: no one to answer as.
+            ctx.metrics.refuse("dns", "not_redirected");
+            continue;
+        }
         let Ok(permit) = ctx.dns.inflight.clone().try_acquire_owned() else {
             ctx.metrics.refuse("dns", "over_capacity");
             continue;
@@ -361,11 +404,16 @@ pub async fn serve_udp(ctx: Arc<Ctx>, socket: UdpSocket) {
         let (ctx, socket) = (ctx.clone(), socket.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let src = source(&ctx, Transport::Udp, local, peer);
-            if let Some(reply) = answer(&ctx, &query, Transport::Udp, src.as_deref()).await {
-                if let Err(e) = socket.send_to(&reply, peer).await {
-                    debug!(error = %e, %peer, "DNS answer not sent");
-                }
+            let src = source(&ctx, Transport::Udp, original.unwrap_or(local), peer);
+            let Some(reply) = answer(&ctx, &query, Transport::Udp, src.as_deref()).await else {
+                return;
+            };
+            let sent = match original {
+                Some(from) => crate::tproxy_udp::send_from(from, peer, &reply),
+                None => socket.send_to(&reply, peer).await.map(drop),
+            };
+            if let Err(e) = sent {
+                debug!(error = %e, %peer, "DNS answer not sent");
             }
         });
     }
