@@ -159,8 +159,45 @@ fn dns_goes_through_the_node_proxy(c: &Cluster) {
                 == db4
         },
     );
+    // kube-proxy's cluster DNS Service: 10.96.0.10 is DNATed to the resolver before Strait's prerouting
+    // chain, so the proxy sees the resolver's address and its answer must be un-NATed on the way back.
+    let dnat = format!("dnat to {resolver}");
+    for cmd in [
+        vec!["add", "table", "ip", "kube-proxy-dns"],
+        vec![
+            "add",
+            "chain",
+            "ip",
+            "kube-proxy-dns",
+            "pre",
+            "{ type nat hook prerouting priority -100; }",
+        ],
+        vec![
+            "add",
+            "rule",
+            "ip",
+            "kube-proxy-dns",
+            "pre",
+            "ip",
+            "daddr",
+            "10.96.0.10",
+            "meta",
+            "l4proto",
+            "{ udp, tcp }",
+            "th",
+            "dport",
+            "53",
+            "counter",
+            &dnat,
+        ],
+    ] {
+        let out = c
+            .net
+            .run("node1", None, &[&["nft"], cmd.as_slice()].concat());
+        assert!(out.status.success(), "nft {cmd:?}: {}", text(&out));
+    }
     // Cluster names: forwarded for any meshed pod, over UDP and TCP, over IPv4 and IPv6 (dnsmasq listens
-    // on IPv4 only: the proxy asked it, not the pod).
+    // on IPv4 only: the proxy asked it, not the pod), through the Service.
     for args in [
         vec![at_resolver.as_str(), "+short", "db.shop.svc.cluster.local"],
         vec![
@@ -171,6 +208,7 @@ fn dns_goes_through_the_node_proxy(c: &Cluster) {
         ],
         vec![at_v6.as_str(), "+short", "db.shop.svc.cluster.local"],
         vec!["@10.96.0.10", "+short", "db.shop.svc.cluster.local"],
+        vec!["@10.96.0.10", "+tcp", "+short", "db.shop.svc.cluster.local"],
     ] {
         assert_eq!(dig(c, "web", &args).trim(), db4, "dig {args:?}");
     }
@@ -436,7 +474,10 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
             None,
             &[
                 "socat",
-                &format!("UDP6-LISTEN:{port},fork,reuseaddr,bind=[{}]", c.net.v6("ctl")),
+                &format!(
+                    "UDP6-LISTEN:{port},fork,reuseaddr,bind=[{}]",
+                    c.net.v6("ctl")
+                ),
                 "EXEC:cat",
             ],
             &c.dir.join(format!("udp{port}.log")),
