@@ -714,6 +714,21 @@ fn the_root_ca_rotates_under_traffic_and_a_withdrawn_root_is_refused() {
         "inbound",
     );
     assert_eq!(probe(), before, "the retiring root is still trusted");
+    // A tunnel that the stolen root's certificate opened while it was trusted, kept open (-ign_eof):
+    // withdrawing the root must close it, not wait for it to go idle.
+    let held = m.net.spawn(
+        "a",
+        None,
+        &["timeout", "60", "bash", "-c", &format!(
+            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | openssl s_client -ign_eof -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet"
+        )],
+        &m.dir.join("held-tunnel.log"),
+    );
+    assert!(
+        m.net.wait(held, Duration::from_millis(1500)).is_none(),
+        "the tunnel is up while the old root retires: {}",
+        m.log("held-tunnel.log")
+    );
     let out = m.admin(&["ca", "rotation", "withdraw", "--force"]);
     assert!(!out.contains("retiring"), "{out}");
     m.net.eventually(
@@ -729,6 +744,24 @@ fn the_root_ca_rotates_under_traffic_and_a_withdrawn_root_is_refused() {
     assert!(m
         .log("proxy-b.log")
         .contains("not issued by a CA in the trust bundle"));
+    assert!(
+        m.net.wait(held, Duration::from_secs(10)).is_some(),
+        "the tunnel the withdrawn root authenticated is closed"
+    );
+    assert!(
+        m.log("proxy-b.log")
+            .contains("tunnel closed: its peer's certificate no longer verifies"),
+        "{}",
+        m.log("proxy-b.log")
+    );
+    assert!(
+        metric(
+            &m.metrics("b"),
+            "strait_proxy_refused_connections_total",
+            "peer_no_longer_trusted"
+        ) >= 1
+    );
+    // The proxies' own tunnels (the new root's certificates) are untouched.
     assert_eq!(m.curl("a", Some(OWNER_UID), &url, &["-d", "after"]), "201");
     assert!(!m.dir.join("cp/ca-retiring").exists());
 }

@@ -8,6 +8,7 @@
 //! - [`dns`]: the DNS proxy: mesh names from the directory, allowed names forwarded, the rest refused.
 //! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload; [`h2stream`]: one
 //!   CONNECT stream as a byte stream.
+//! - [`trust`]: open tunnels follow the trust bundle (a peer whose root was withdrawn is cut off).
 //! - [`authz`]: the policy bundle (hot reload), decisions, decision log; [`l7`]: HTTP/TCP enforcement.
 //! - [`admin`], [`metrics`]: `/live`, `/ready`, `/metrics`, `/config_dump`.
 //! - [`mesh`]: the policy distributor subscription: verify, compile, persist, swap, ACK/NACK.
@@ -33,4 +34,5 @@ pub mod sockets;
 // recvmsg for diverted UDP (its control messages), with SAFETY comments.
 #[allow(unsafe_code)]
 pub mod tproxy_udp;
+pub mod trust;
 pub mod tunnel;

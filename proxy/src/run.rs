@@ -639,7 +639,7 @@ async fn keep_node_cert(
                 let fingerprint = id.bundle.fingerprint();
                 if fingerprint != shared.ctx.bundle.load().fingerprint() {
                     info!(%fingerprint, anchors = id.bundle.certs().len(), "trust bundle updated: tunnels are verified against it from now on");
-                    shared.ctx.bundle.store(id.bundle.clone());
+                    crate::trust::replace_bundle(&shared.ctx, id.bundle.clone());
                 }
                 client.store(Arc::new(c));
                 identity.store(Arc::new(id));

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
-use strait_ca::verify::{explain_io, peer_id, SvidClientVerifier, SvidServerVerifier};
+use strait_ca::verify::{explain_io, peer_id, PeerRole, SvidClientVerifier, SvidServerVerifier};
 use strait_ca::{PeerIdMatcher, SharedBundle, SpiffeId};
 use strait_control::registry::Workload;
 use tokio::io::AsyncWriteExt;
@@ -157,7 +157,10 @@ pub struct Ctx {
     pub certs: Arc<CertStore>,
     pub dir: ArcSwap<DirectoryView>,
     /// Replaced when the node's renewal brings a new trust bundle (CA rotation); each handshake reads it.
+    /// Replace it with [`crate::trust::replace_bundle`], so open tunnels check their peers again.
     pub bundle: Arc<SharedBundle>,
+    /// Bumped when `bundle` changes ([`crate::trust`]).
+    pub trust_epoch: crate::trust::Epoch,
     pub metrics: Arc<Metrics>,
     /// This node's addresses: inbound streams may only target these (or loopback).
     pub node_addrs: Vec<IpAddr>,
@@ -267,6 +270,7 @@ impl Ctx {
             certs,
             dir: ArcSwap::from_pointee(dir),
             bundle,
+            trust_epoch: tokio::sync::watch::channel(0).0,
             metrics,
             node_addrs,
             egress,
@@ -502,6 +506,8 @@ async fn open_tunnel(
     .await
     .map_err(|_| TunnelError::Tls("handshake timed out".into()))?
     .map_err(|e| TunnelError::Tls(handshake_failed(ctx, "outbound", &e)))?;
+    let chain = crate::trust::PeerChain::of(tls.get_ref().1);
+    let trust = crate::trust::watch(ctx);
     let (sender, conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
@@ -512,9 +518,22 @@ async fn open_tunnel(
         .map_err(|e| TunnelError::Http(e.to_string()))?;
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = closed.clone();
+    let (metrics, peer) = (ctx.metrics.clone(), dst.clone());
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(error = %e, "tunnel connection ended");
+        let distrusted = async {
+            match chain {
+                Some(chain) => trust.distrusted(chain, PeerRole::Server).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = conn => if let Err(e) = ended {
+                debug!(error = %e, "tunnel connection ended");
+            },
+            why = distrusted => {
+                metrics.refuse("outbound", "peer_no_longer_trusted");
+                warn!(%peer, reason = %why, "tunnel closed: its peer's certificate no longer verifies against the trust bundle");
+            }
         }
         done.store(true, Ordering::Relaxed);
     });
@@ -694,6 +713,7 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
                 ctx.metrics.refuse("inbound", "unknown_destination");
                 return;
             }
+            let (chain, trust) = (crate::trust::PeerChain::of(conn), crate::trust::watch(&ctx));
             let mut conn = match h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
@@ -710,15 +730,32 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
                 }
             };
             // Polling accept drives the connection: every stream's frames go through here.
-            while let Some(next) = conn.accept().await {
+            let distrusted = async {
+                match chain {
+                    Some(chain) => trust.distrusted(chain, PeerRole::Client).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(distrusted);
+            loop {
+                let next = tokio::select! {
+                    next = conn.accept() => next,
+                    why = &mut distrusted => {
+                        // Dropping the connection ends its streams: nothing more passes on that trust.
+                        ctx.metrics.refuse("inbound", "peer_no_longer_trusted");
+                        warn!(%peer, %src, reason = %why, "tunnel closed: its peer's certificate no longer verifies against the trust bundle");
+                        return;
+                    }
+                };
                 match next {
-                    Ok((req, respond)) => {
+                    Some(Ok((req, respond))) => {
                         inbound_stream(ctx.clone(), src.clone(), dst.clone(), peer, req, respond)
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         debug!(%peer, error = %e, "tunnel connection ended with an error");
                         return;
                     }
+                    None => return,
                 }
             }
         });
