@@ -7,8 +7,14 @@ die() { echo "error: $*" >&2; exit 1; }
 for c in wrk nft ip curl setpriv; do
   command -v $c >/dev/null || { apt-get install -y -qq wrk nftables iproute2 curl util-linux >/dev/null || die "install $c"; break; }
 done
-cargo build --release -q
-BIN=$PWD/target/release/strait
+# STRAIT_BIN: a copy of the binary to measure, so a long run is not disturbed by a rebuild of target/.
+if [ -n "${STRAIT_BIN:-}" ]; then
+  BIN=$STRAIT_BIN
+  [ -x "$BIN" ] || die "STRAIT_BIN=$BIN is not an executable"
+else
+  cargo build --release -q
+  BIN=$PWD/target/release/strait
+fi
 P=sb$$
 W=$(mktemp -d)
 PIDS=()

@@ -2,12 +2,15 @@
 # Soak, as root (not in CI):
 #
 #     sudo bash bench/soak.sh [MINUTES] [RESTART_EVERY_S]     # default 30 minutes, a restart every 300 s
+#     SOCKET_ACTIVATION=1 sudo bash bench/soak.sh 30 300       # A's proxy behind socket activation
 #
 # Continuous allowed traffic from host A to the docstore on B (hey, 4 connections × 25 req/s, keep-alive)
 # through both proxies, while: SVIDs live 10 s (proxies renew at half life), a workflow change is applied
 # every 10 s (the allowed step stays, another one comes and goes), and A's proxy is restarted (SIGTERM,
 # then started again on its data directory) every RESTART_EVERY_S. Every 10 s the proxies' RSS and open
-# descriptors are sampled. Prints failed requests (hey's non-2xx and errors), the samples' first and last
+# descriptors are sampled. With SOCKET_ACTIVATION=1, A's proxy takes its outbound listeners from
+# systemd-socket-activate (as from deploy/systemd/strait-proxy-outbound.socket) and a supervisor loop starts
+# it again whenever it exits, so a restart should lose no connection at all. Prints failed requests (hey's non-2xx and errors), the samples' first and last
 # rows, and writes bench/results/soak.csv and bench/results/soak-rss.svg (one group per minute).
 MIN=${1:-30}
 RESTART_EVERY=${2:-300}
@@ -23,6 +26,28 @@ workflow 3 $W/b-3
 cp $W/wf-3.yaml $W/wf-b.yaml
 adm workflow apply -f $W/wf-a.yaml >/dev/null
 start_proxies_distributed
+if [ "${SOCKET_ACTIVATION:-0}" = 1 ]; then
+  command -v systemd-socket-activate >/dev/null || { echo "error: SOCKET_ACTIVATION=1 needs systemd-socket-activate (apt-get install systemd)" >&2; exit 1; }
+  kill -TERM $PA; while kill -0 $PA 2>/dev/null; do sleep 0.05; done
+  # The supervisor holds the listeners for good and starts the proxy again whenever it exits, handing it
+  # the same sockets (LISTEN_PID names each new process, as systemd does).
+  cat > $W/supervise-a.sh <<EOS
+while :; do
+  sh -c 'export LISTEN_PID=\$\$; exec "\$@"' proxy $BIN proxy --control https://10.77.0.1:15012 --node host-a --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level info
+  sleep 0.05
+done
+EOS
+  # systemd-socket-activate runs its command at the first connection (as a socket unit would): the
+  # subshell makes one; then it execs the loop (same pid), whose child is the proxy.
+  bg pa-supervisor.log ip netns exec $P-a bash -c "(sleep 0.3; : </dev/tcp/127.0.0.1/15001) 2>/dev/null & exec systemd-socket-activate -l 127.0.0.1:15001 -l '[::1]:15001' --fdname=outbound:outbound -- bash $W/supervise-a.sh"
+  SUP=${PIDS[-1]}
+  # The proxy is the supervisor's child, not in PIDS: stop the loop first, then its proxy.
+  trap 'kill -STOP $SUP 2>/dev/null; pkill -9 -P $SUP 2>/dev/null; kill -9 $SUP 2>/dev/null; cleanup' EXIT INT TERM
+  proxy_a() { pgrep -P "$SUP" -x strait || true; }
+  until [ -n "$(proxy_a)" ] && ip netns exec $P-a curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done
+  PA=$(proxy_a)
+  grep -q "handed over by the service manager" $W/pa-supervisor.log || { echo "error: the proxy did not take the activated sockets (log: $W/pa-supervisor.log)" >&2; exit 1; }
+fi
 
 chmod 755 $W; : > $W/hey.txt; chmod 666 $W/hey.txt   # written by the client's user
 bg hey.log ip netns exec $P-a setpriv --reuid=1001 --regid=1001 --clear-groups sh -c "hey -z ${DUR}s -c 4 -q 25 -disable-compression $URL > $W/hey.txt 2>&1"
@@ -40,8 +65,13 @@ while kill -0 $HEY 2>/dev/null; do
   adm workflow apply -f $W/wf-$([ $flip = 1 ] && echo b || echo a).yaml >/dev/null 2>&1 || echo "# warning: workflow apply failed at ${t}s" >&2
   if [ $t -ge $next_restart ] && [ $t -lt $((DUR - 20)) ]; then
     kill -TERM $PA; while kill -0 $PA 2>/dev/null; do sleep 0.05; done
-    bg pa-restart.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
-    PA=${PIDS[-1]}
+    if [ "${SOCKET_ACTIVATION:-0}" = 1 ]; then
+      until [ -n "$(proxy_a)" ] && [ "$(proxy_a)" != "$PA" ]; do sleep 0.05; done   # the supervisor's next one
+      PA=$(proxy_a)
+    else
+      bg pa-restart.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
+      PA=${PIDS[-1]}
+    fi
     until ip netns exec $P-a curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done
     restarts=$((restarts + 1)); next_restart=$((next_restart + RESTART_EVERY))
   fi
@@ -54,7 +84,7 @@ ok=$(awk '/\[200\]/ {print $2}' $W/hey.txt)
 other=$(awk '/Status code distribution/ {f=1; next} f && /\[[0-9]+\]/ && $1 != "[200]" {n += $2} /Error distribution/ {f=0} END {print n+0}' $W/hey.txt)
 errors=$(awk '/Error distribution/ {f=1; next} f && /\[[0-9]+\]/ {gsub(/[\[\]]/,"",$1); n += $1} END {print n+0}' $W/hey.txt)
 echo
-echo "soak: ${MIN} min, SVID lifetime 10 s, a workflow change every 10 s, $restarts restarts of A's proxy"
+echo "soak: ${MIN} min, SVID lifetime 10 s, a workflow change every 10 s, $restarts restarts of A's proxy$([ "${SOCKET_ACTIVATION:-0}" = 1 ] && echo ' (socket activation)')"
 echo "requests: ${ok:-0} answered 200, $other other statuses, $errors errors (hey: $total req/s)"
 grep -E "Slowest|Average|99% in" $W/hey.txt | sed 's/^ */  /'
 sed -n '/Error distribution/,$p' $W/hey.txt | head -12
