@@ -102,6 +102,17 @@ pub enum Command {
     /// waits in between.
     #[command(subcommand)]
     DistributionKey(DistributionKeyCommand),
+    /// Federate with other organisations' trust domains (SPIFFE Federation, docs/federation.md).
+    ///
+    /// Each organisation keeps its own trust domain, CA and control plane. Its control plane serves its
+    /// trust bundle at its bundle endpoint (the API port, path /v1/federation/bundle, authenticated by the
+    /// control plane's SVID: profile https_spiffe). To federate with a partner: the partner's operator
+    /// runs `strait federation bundle > partner.json` and reads you the fingerprint it prints; you run
+    /// `strait federation add --trust-domain partner.example --endpoint HOST:15012 --bootstrap-bundle
+    /// partner.json --fingerprint FINGERPRINT`. From then on the partner's bundle is fetched at its refresh
+    /// hint, the last good one kept when a fetch fails.
+    #[command(subcommand)]
+    Federation(FederationCommand),
     /// The main job: a whole mesh on this machine, in network namespaces, running the reference workflow.
     ///
     /// Builds a control plane host and one host per service of the film-production workflow (seven
@@ -334,6 +345,60 @@ pub enum WorkflowCommand {
     /// Delete a workflow; its steps stop being allowed everywhere with the next version.
     Delete {
         name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FederationCommand {
+    /// This trust domain's bundle as its endpoint serves it (SPIFFE JSON on standard output) and its
+    /// fingerprint (on standard error): hand the file to a partner, read them the fingerprint.
+    Bundle {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Federate with a partner trust domain: checks the bootstrap bundle's fingerprint, fetches the
+    /// partner's bundle from its endpoint with it, and keeps it fresh from then on.
+    Add {
+        /// The partner's trust domain (a DNS name the partner owns).
+        #[arg(long)]
+        trust_domain: String,
+        /// The partner's control plane, HOST:PORT (its API port, 15012 by default).
+        #[arg(long)]
+        endpoint: String,
+        /// The SPIFFE ID the endpoint must present. Default: spiffe://TRUST_DOMAIN/strait/control.
+        #[arg(long)]
+        endpoint_id: Option<String>,
+        /// The partner's bundle, obtained out of band (`strait federation bundle` on their side; SPIFFE JSON
+        /// or PEM). It authenticates the first fetch only.
+        #[arg(long)]
+        bootstrap_bundle: PathBuf,
+        /// The bootstrap bundle's fingerprint as the partner read it to you. Without it nothing is added:
+        /// the command prints the file's fingerprint for you to compare.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// The partners: bundle sequence, roots and their expiry, last refresh and its age, the last error.
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Fetch partners' bundles now (one trust domain, or all).
+    Refresh {
+        #[arg(long)]
+        trust_domain: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// End a federation: the partner's bundle is forgotten.
+    Remove {
+        #[arg(long)]
+        trust_domain: String,
         #[command(flatten)]
         conn: ConnArgs,
     },

@@ -15,7 +15,24 @@ pub enum BundleError {
     Pem(#[from] PemError),
     #[error("certificate {index} of the bundle cannot be a trust anchor: {reason}")]
     BadAnchor { index: usize, reason: String },
+    #[error("not a SPIFFE bundle: {0}")]
+    Spiffe(String),
 }
+
+/// A SPIFFE bundle as a bundle endpoint serves it: the X.509 anchors and the two SPIFFE members.
+#[derive(Debug, Clone)]
+pub struct SpiffeBundle {
+    pub bundle: TrustBundle,
+    /// Orders updates of one trust domain (absent: 0).
+    pub sequence: u64,
+    /// How often the publisher asks to be polled, in seconds (absent: `None`, the consumer's default).
+    pub refresh_hint_secs: Option<u64>,
+}
+
+/// Larger SPIFFE bundles are refused: a trust domain has a handful of roots, not thousands.
+pub const MAX_SPIFFE_BUNDLE_BYTES: usize = 1 << 20;
+/// The most keys a SPIFFE bundle may hold.
+pub const MAX_SPIFFE_BUNDLE_KEYS: usize = 64;
 
 /// A trust bundle that can be replaced while verifiers hold it: during a CA rotation the anchors change
 /// (old + new, then new only) under live listeners; each handshake reads the bundle in force.
@@ -118,6 +135,92 @@ impl TrustBundle {
             "keys": keys,
             "spiffe_sequence": sequence,
             "spiffe_refresh_hint": refresh_hint_secs,
+        })
+    }
+}
+
+impl SpiffeBundle {
+    /// Parses a SPIFFE bundle (SPIFFE Trust Domain and Bundle §4) for `trust_domain`, which the bundle
+    /// itself does not name: the relationship configured for it does. Only `x509-svid` keys are taken
+    /// (JWT keys and unknown uses are skipped, as §4.2.1 says); each must carry exactly one certificate in
+    /// `x5c`, a CA certificate whose public key is the one the JWK states. A bundle without any X.509 key
+    /// is refused: it would silently mean "trust nothing of that domain".
+    pub fn parse(trust_domain: TrustDomain, bytes: &[u8]) -> Result<Self, BundleError> {
+        let bad = |m: String| BundleError::Spiffe(m);
+        if bytes.len() > MAX_SPIFFE_BUNDLE_BYTES {
+            return Err(bad(format!(
+                "{} bytes, more than the {MAX_SPIFFE_BUNDLE_BYTES} allowed",
+                bytes.len()
+            )));
+        }
+        let doc: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let obj = doc
+            .as_object()
+            .ok_or_else(|| bad("not a JSON object".into()))?;
+        let keys = obj
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or_else(|| bad("no \"keys\" array".into()))?;
+        if keys.len() > MAX_SPIFFE_BUNDLE_KEYS {
+            return Err(bad(format!(
+                "{} keys, more than the {MAX_SPIFFE_BUNDLE_KEYS} allowed",
+                keys.len()
+            )));
+        }
+        let number = |name: &str| -> Result<Option<u64>, BundleError> {
+            match obj.get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("\"{name}\" is not a non-negative integer"))),
+            }
+        };
+        let sequence = number("spiffe_sequence")?.unwrap_or(0);
+        let refresh_hint_secs = number("spiffe_refresh_hint")?;
+        let mut certs = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if key.get("use").and_then(|u| u.as_str()) != Some("x509-svid") {
+                continue;
+            }
+            let x5c = key
+                .get("x5c")
+                .and_then(|x| x.as_array())
+                .ok_or_else(|| bad(format!("key {i}: an x509-svid key without \"x5c\"")))?;
+            let [only] = x5c.as_slice() else {
+                return Err(bad(format!(
+                    "key {i}: \"x5c\" must hold exactly one certificate, not {}",
+                    x5c.len()
+                )));
+            };
+            let der = only
+                .as_str()
+                .and_then(|b| STANDARD.decode(b).ok())
+                .ok_or_else(|| bad(format!("key {i}: \"x5c\" is not base64 DER")))?;
+            let der = CertificateDer::from(der);
+            let stated = jwk_for(&der)
+                .ok_or_else(|| bad(format!("key {i}: a certificate with an unsupported key")))?;
+            for member in ["kty", "crv", "x", "y", "n", "e"] {
+                if key.get(member) != stated.get(member) {
+                    return Err(bad(format!(
+                        "key {i}: \"{member}\" does not match the certificate in \"x5c\""
+                    )));
+                }
+            }
+            let cert = parse_cert(&der).map_err(|e| bad(format!("key {i}: {e}")))?;
+            if !cert.is_ca() {
+                return Err(bad(format!("key {i}: the certificate is not a CA")));
+            }
+            certs.push(der);
+        }
+        if certs.is_empty() {
+            return Err(bad("no x509-svid key: the bundle has no X.509 root".into()));
+        }
+        Ok(Self {
+            bundle: TrustBundle::new(trust_domain, certs)?,
+            sequence,
+            refresh_hint_secs,
         })
     }
 }

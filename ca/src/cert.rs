@@ -121,7 +121,7 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
 }
 
 /// Parses one DER certificate, refusing trailing bytes.
-pub(crate) fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+pub fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     match X509Certificate::from_der(der) {
         Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".into()),

@@ -22,7 +22,7 @@ pub mod tls;
 pub mod verify;
 
 pub use authority::{CaError, CertificateAuthority, IssuedSvid, DEFAULT_SVID_TTL};
-pub use bundle::{SharedBundle, TrustBundle};
+pub use bundle::{SharedBundle, SpiffeBundle, TrustBundle};
 pub use csr::CheckedCsr;
 pub use spiffe::{IdKind, SpiffeId, SpiffeIdError, TrustDomain};
 pub use tls::Svid;

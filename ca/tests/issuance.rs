@@ -466,6 +466,55 @@ fn spiffe_bundle_has_one_x509_svid_key_per_anchor() {
 }
 
 #[test]
+fn a_spiffe_bundle_parses_back_and_forgeries_are_refused() {
+    use strait_ca::SpiffeBundle;
+    let ca = TestCa::new();
+    let jwks = ca.ca.trust_bundle().to_spiffe_json(7, 300);
+    let bytes = serde_json::to_vec(&jwks).unwrap();
+    let parsed = SpiffeBundle::parse(td(), &bytes).unwrap();
+    assert_eq!(parsed.sequence, 7);
+    assert_eq!(parsed.refresh_hint_secs, Some(300));
+    assert_eq!(
+        parsed.bundle.fingerprint(),
+        ca.ca.trust_bundle().fingerprint()
+    );
+    assert_eq!(parsed.bundle.trust_domain(), &td());
+
+    let refused = |v: serde_json::Value, why: &str| {
+        let err = SpiffeBundle::parse(td(), &serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    };
+    // A JWK whose stated key is not the certificate's.
+    let mut other = jwks.clone();
+    other["keys"][0]["x"] =
+        TestCa::new().ca.trust_bundle().to_spiffe_json(1, 1)["keys"][0]["x"].clone();
+    refused(other, "does not match the certificate");
+    // A leaf certificate offered as a root.
+    let leaf = ca.svid("/ns/a/sa/b");
+    let as_root = strait_ca::TrustBundle::new(td(), vec![leaf.chain[0].clone()]).unwrap();
+    refused(as_root.to_spiffe_json(1, 1), "not a CA");
+    let mut two = jwks.clone();
+    let c = two["keys"][0]["x5c"][0].clone();
+    two["keys"][0]["x5c"] = serde_json::json!([c.clone(), c]);
+    refused(two, "exactly one certificate");
+    refused(serde_json::json!({"keys": []}), "no x509-svid key");
+    refused(
+        serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC"}]}),
+        "no x509-svid key",
+    );
+    refused(serde_json::json!([]), "not a JSON object");
+    let mut seq = jwks.clone();
+    seq["spiffe_sequence"] = serde_json::json!(-1);
+    refused(seq, "spiffe_sequence");
+    let huge = vec![b' '; strait_ca::bundle::MAX_SPIFFE_BUNDLE_BYTES + 1];
+    assert!(SpiffeBundle::parse(td(), &huge).is_err());
+    // Garbage never panics.
+    for cut in 0..bytes.len() {
+        let _ = SpiffeBundle::parse(td(), &bytes[..cut]);
+    }
+}
+
+#[test]
 fn trust_domain_parsing_accepts_the_scheme_form() {
     assert_eq!(TrustDomain::new("spiffe://a.b").unwrap().as_str(), "a.b");
     assert!(TrustDomain::new("A.b").is_err());

@@ -66,6 +66,74 @@ pub mod paths {
     /// `GET /v1/admin/workflows/<name>`.
     pub const ADMIN_WORKFLOW_PREFIX: &str = "/v1/admin/workflows/";
     pub const ADMIN_WORKFLOWS_DELETE: &str = "/v1/admin/workflows/delete";
+    /// The SPIFFE bundle endpoint (profile `https_spiffe`): this trust domain's bundle as a JWK set,
+    /// served to anyone over TLS authenticated by the control plane's SVID.
+    pub const FEDERATION_BUNDLE: &str = "/v1/federation/bundle";
+    pub const ADMIN_FEDERATION: &str = "/v1/admin/federation";
+    pub const ADMIN_FEDERATION_REFRESH: &str = "/v1/admin/federation/refresh";
+    pub const ADMIN_FEDERATION_REMOVE: &str = "/v1/admin/federation/remove";
+}
+
+/// `strait federation add`: a relationship with another trust domain's bundle endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationAdd {
+    pub trust_domain: String,
+    /// `HOST:PORT` of the partner's control plane.
+    pub endpoint: String,
+    /// The SPIFFE ID the endpoint must present (`spiffe://<td>/strait/control` for a Strait partner).
+    pub endpoint_id: String,
+    /// The partner's bundle obtained out of band (SPIFFE JSON or PEM): it authenticates the first fetch.
+    pub bootstrap_bundle: String,
+    /// The bootstrap bundle's fingerprint as the partner read it to the operator; required.
+    pub fingerprint: Option<String>,
+}
+
+/// `strait federation refresh|remove`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationTarget {
+    /// One trust domain; `None` (refresh only): every relationship.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+}
+
+/// One root of a federated bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederatedRoot {
+    pub subject: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// SHA-256 of the certificate (hex).
+    pub sha256: String,
+}
+
+/// A federation relationship as `strait federation list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Federation {
+    pub trust_domain: String,
+    pub endpoint: String,
+    pub endpoint_id: String,
+    /// The bundle in force (last good fetch): its `spiffe_sequence`, fingerprint and roots.
+    pub sequence: u64,
+    pub fingerprint: String,
+    pub roots: Vec<FederatedRoot>,
+    /// The partner's refresh hint in seconds (what the next fetch waits for; at least 60).
+    pub refresh_hint_secs: u64,
+    /// Unix seconds of the last good fetch, and of the last attempt.
+    pub fetched_at: u64,
+    pub attempted_at: u64,
+    /// Why the last attempt failed, if it did (the bundle in force is then the last good one).
+    pub last_error: Option<String>,
+}
+
+/// This trust domain's own bundle as its endpoint serves it, and the relationships.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationList {
+    pub trust_domain: String,
+    pub sequence: u64,
+    pub fingerprint: String,
+    pub partners: Vec<Federation>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

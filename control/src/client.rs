@@ -60,6 +60,12 @@ pub enum ServerTrust {
     Bundle(Arc<TrustBundle>),
     /// A first join: only the SHA-256 of the trust anchor is known (from the join token).
     Pin([u8; 32]),
+    /// Another trust domain's bundle endpoint: it must chain to `bundle` (that domain's roots) and prove
+    /// exactly `id` (SPIFFE Federation, profile `https_spiffe`).
+    Endpoint {
+        bundle: Arc<TrustBundle>,
+        id: strait_ca::SpiffeId,
+    },
 }
 
 pub struct ApiClient {
@@ -149,6 +155,9 @@ pub fn control_tls(
             ))
         }
         ServerTrust::Pin(pin) => Arc::new(PinnedServerVerifier::new(pin, CONTROL_ID_PATH)),
+        ServerTrust::Endpoint { bundle, id } => {
+            Arc::new(SvidServerVerifier::new(bundle, PeerIdMatcher::Exact(id)))
+        }
     };
     let builder = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

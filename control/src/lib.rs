@@ -17,6 +17,7 @@ pub mod authorities;
 pub mod client;
 pub mod context;
 pub mod dist;
+pub mod federation;
 pub mod init;
 pub mod kube;
 pub mod node;

@@ -25,7 +25,9 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use strait_ca::verify::peer_id;
-use strait_ca::{CertificateAuthority, CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustDomain};
+use strait_ca::{
+    CertificateAuthority, CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustBundle, TrustDomain,
+};
 use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
@@ -105,7 +107,7 @@ fn serving_cert(
 pub struct State {
     /// The active CA, and during a root rotation the prepared or retiring one.
     authorities: Authorities,
-    store: Store,
+    store: Arc<Store>,
     admin_hash: [u8; 32],
     /// Wakes the serving-certificate loop when the signing root changed.
     serving_renew: tokio::sync::Notify,
@@ -159,7 +161,7 @@ impl State {
             hub,
             authorities,
             serving_renew: tokio::sync::Notify::new(),
-            store,
+            store: Arc::new(store),
             admin_hash,
             svid_ttl,
             last_seen: Mutex::new(HashMap::new()),
@@ -267,6 +269,7 @@ pub async fn serve(
             state.hub.clone(),
             endpoint.clone(),
         ));
+        tokio::spawn(crate::federation::refresh_loop(state.store.clone()));
         endpoint
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -487,6 +490,7 @@ async fn dispatch(
     match (method, path) {
         (&Method::GET, paths::READY) => Ok(text(StatusCode::OK, "ready\n")),
         (&Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, state.bundle_pem())),
+        (&Method::GET, paths::FEDERATION_BUNDLE) => federation_bundle(state).await,
         (&Method::POST, paths::JOIN) => join(state, caller, req).await,
         (&Method::POST, paths::JOIN_KUBERNETES) => join_kubernetes(state, caller, req).await,
         (_, p) if p.starts_with("/v1/node/") => {
@@ -551,6 +555,55 @@ async fn dispatch(
                 (&Method::POST, paths::ADMIN_DISTRIBUTION_KEY_ACTIVATE) => {
                     let r: api::KeyActivateRequest = json_body(req).await?;
                     key_rotation(state, KeyStep::Activate { force: r.force }).await
+                }
+                (&Method::GET, paths::ADMIN_FEDERATION) => list_federations(state).await,
+                (&Method::POST, paths::ADMIN_FEDERATION) => {
+                    let r: api::FederationAdd = json_body(req).await?;
+                    let own = state.trust_domain().clone();
+                    let f = crate::federation::add(state.store.clone(), &own, r)
+                        .await
+                        .map_err(federation_refused)?;
+                    Ok(json(StatusCode::CREATED, &f))
+                }
+                (&Method::POST, paths::ADMIN_FEDERATION_REFRESH) => {
+                    let r: api::FederationTarget = json_body(req).await?;
+                    let tds = match r.trust_domain {
+                        Some(td) => vec![td],
+                        None => {
+                            let st = state.clone();
+                            blocking(move || Ok(st.store.federations()?))
+                                .await?
+                                .into_iter()
+                                .map(|f| f.trust_domain)
+                                .collect()
+                        }
+                    };
+                    let mut out = Vec::new();
+                    for td in tds {
+                        out.push(
+                            crate::federation::refresh(state.store.clone(), &td)
+                                .await
+                                .map_err(federation_refused)?,
+                        );
+                    }
+                    Ok(json(StatusCode::OK, &out))
+                }
+                (&Method::POST, paths::ADMIN_FEDERATION_REMOVE) => {
+                    let r: api::FederationTarget = json_body(req).await?;
+                    let td = r.trust_domain.ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid",
+                            "name the trust domain to remove",
+                        )
+                    })?;
+                    let st = state.clone();
+                    let key = td.clone();
+                    if !blocking(move || Ok(st.store.remove_federation(&key)?)).await? {
+                        return Err(federation_refused(crate::federation::Refusal::Unknown(td)));
+                    }
+                    info!(trust_domain = %td, "federation removed");
+                    Ok(json(StatusCode::OK, &serde_json::json!({"removed": td})))
                 }
                 (&Method::GET, p) if p.starts_with(paths::ADMIN_WORKFLOW_PREFIX) => {
                     show_workflow(state, &p[paths::ADMIN_WORKFLOW_PREFIX.len()..]).await
@@ -1059,6 +1112,43 @@ fn ca_status(st: &State, nodes: &[NodeRecord]) -> api::CaStatus {
         nodes_behind,
         bundle_fingerprint: st.authorities.bundle().fingerprint(),
     }
+}
+
+fn federation_refused(e: crate::federation::Refusal) -> ApiError {
+    ApiError::new(e.status(), e.code(), e.to_string())
+}
+
+/// This trust domain's bundle and its `spiffe_sequence` (bumped whenever the bundle changes).
+async fn local_bundle(state: &Arc<State>) -> Result<(Arc<TrustBundle>, u64), ApiError> {
+    let bundle = state.authorities.bundle();
+    let st = state.clone();
+    let fingerprint = bundle.fingerprint();
+    let sequence = blocking(move || Ok(st.store.bundle_sequence(&fingerprint)?)).await?;
+    Ok((bundle, sequence))
+}
+
+/// The bundle endpoint: the SPIFFE bundle (JWK set) of this trust domain.
+async fn federation_bundle(state: &Arc<State>) -> Reply {
+    let (bundle, sequence) = local_bundle(state).await?;
+    Ok(json(
+        StatusCode::OK,
+        &bundle.to_spiffe_json(sequence, crate::federation::REFRESH_HINT_SECS),
+    ))
+}
+
+async fn list_federations(state: &Arc<State>) -> Reply {
+    let (bundle, sequence) = local_bundle(state).await?;
+    let st = state.clone();
+    let partners = blocking(move || Ok(st.store.federations()?)).await?;
+    Ok(json(
+        StatusCode::OK,
+        &api::FederationList {
+            trust_domain: state.trust_domain().to_string(),
+            sequence,
+            fingerprint: bundle.fingerprint(),
+            partners: partners.iter().map(crate::federation::describe).collect(),
+        },
+    ))
 }
 
 async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {

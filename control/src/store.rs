@@ -23,8 +23,12 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens")
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const WORKLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("workloads");
 const WORKFLOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("workflows");
+/// Federation relationships by partner trust domain.
+const FEDERATION: TableDefinition<&str, &[u8]> = TableDefinition::new("federation");
 
 const KEY_ADMIN_HASH: &str = "admin_token_sha256";
+/// The local bundle's `spiffe_sequence` and the fingerprint it was given for.
+const KEY_BUNDLE_SEQUENCE: &str = "bundle_sequence";
 /// Bumped by every change to the directory (workloads, node addresses): the version proxies compare.
 const KEY_REVISION: &str = "registry_revision";
 /// The newest signed mesh version (directory + policy), as the distributor pushes it.
@@ -152,7 +156,7 @@ impl Store {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         let txn = db.begin_write()?;
-        for t in [META, TOKENS, NODES, WORKLOADS, WORKFLOWS] {
+        for t in [META, TOKENS, NODES, WORKLOADS, WORKFLOWS, FEDERATION] {
             txn.open_table(t)?;
         }
         txn.commit()?;
@@ -277,6 +281,64 @@ impl Store {
         let t = txn.open_table(WORKLOADS)?;
         let v = t.get(id.as_str())?;
         v.map(|v| decode(id.as_str(), v.value())).transpose()
+    }
+
+    /// The `spiffe_sequence` of the bundle with this fingerprint: the stored one if the bundle is the one
+    /// it was given for, the next one (stored) if the bundle changed. Monotonic across restarts.
+    pub fn bundle_sequence(&self, fingerprint: &str) -> Result<u64, StoreError> {
+        #[derive(Serialize, Deserialize)]
+        struct Seq {
+            fingerprint: String,
+            sequence: u64,
+        }
+        let txn = self.db.begin_write()?;
+        let sequence = {
+            let mut meta = txn.open_table(META)?;
+            let old: Option<Seq> = meta
+                .get(KEY_BUNDLE_SEQUENCE)?
+                .map(|v| decode(KEY_BUNDLE_SEQUENCE, v.value()))
+                .transpose()?;
+            match old {
+                Some(o) if o.fingerprint == fingerprint => return Ok(o.sequence),
+                o => {
+                    let sequence = o.map_or(1, |o| o.sequence + 1);
+                    let rec = Seq {
+                        fingerprint: fingerprint.to_owned(),
+                        sequence,
+                    };
+                    meta.insert(KEY_BUNDLE_SEQUENCE, encode(&rec).as_slice())?;
+                    sequence
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(sequence)
+    }
+
+    pub fn put_federation(&self, rec: &crate::federation::Record) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(FEDERATION)?
+            .insert(rec.trust_domain.as_str(), encode(rec).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn federation(&self, td: &str) -> Result<Option<crate::federation::Record>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FEDERATION)?;
+        let v = t.get(td)?;
+        v.map(|v| decode(td, v.value())).transpose()
+    }
+
+    pub fn federations(&self) -> Result<Vec<crate::federation::Record>, StoreError> {
+        self.all(FEDERATION)
+    }
+
+    pub fn remove_federation(&self, td: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(FEDERATION)?.remove(td)?.is_some();
+        txn.commit()?;
+        Ok(existed)
     }
 
     fn all<T: DeserializeOwned>(

@@ -5,6 +5,7 @@ mod ca;
 mod conn;
 mod control;
 mod docstore;
+mod federation;
 mod policy;
 mod proxy;
 pub mod table;
@@ -30,6 +31,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo { file, out_dir } => crate::demo::run(file, out_dir),
         Command::Workflow(c) => block_on(admin::workflow(c)),
         Command::DistributionKey(c) => block_on(admin::distribution_key(c)),
+        Command::Federation(c) => block_on(federation::run(c)),
         Command::Bench(BenchCommand::Study {
             file,
             samples,

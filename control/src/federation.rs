@@ -1,0 +1,345 @@
+//! Federation with other trust domains (SPIFFE Federation): this control plane serves its own bundle at
+//! its bundle endpoint and keeps, for each partner it was told about, that partner's bundle, fetched from
+//! the partner's endpoint and refreshed at the partner's hint.
+//!
+//! A relationship is `<trust domain, endpoint, endpoint SPIFFE ID>`, set by an operator and never
+//! inferred (Federation §7.2). The profile is `https_spiffe`: the endpoint must present exactly the
+//! configured SVID, chained to the partner's roots. The first fetch is authenticated by a bootstrap bundle
+//! handed over out of band, accepted only with the fingerprint the partner read out; every later fetch by
+//! the bundle fetched before. A failed fetch keeps the last good bundle (and says how stale it is); a
+//! bundle with an older sequence than the one in force is refused (a replay); a root the partner stops
+//! publishing is gone with the next fetch: bundles are replaced, never merged.
+//!
+//! What the proxies do with the partners' roots comes next (issue 16): this module is the control-plane
+//! side of the exchange.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use strait_ca::{SpiffeBundle, SpiffeId, TrustBundle, TrustDomain};
+use tracing::{info, warn};
+
+use crate::api::{paths, FederatedRoot, Federation, FederationAdd};
+use crate::client::{ApiClient, ServerTrust};
+use crate::store::{Store, StoreError};
+
+/// The refresh hint this control plane publishes (SPIFFE's customary 5 minutes).
+pub const REFRESH_HINT_SECS: u64 = 300;
+/// Partners are polled at their hint, but never more often than this (as SPIRE) nor less often than
+/// once a day.
+const MIN_REFRESH_SECS: u64 = 60;
+const MAX_REFRESH_SECS: u64 = 86_400;
+/// A failed fetch is tried again after this, whatever the hint.
+const RETRY_SECS: u64 = 30;
+
+/// A relationship and the partner's bundle in force, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub trust_domain: String,
+    pub endpoint: String,
+    pub endpoint_id: String,
+    /// The roots in force (PEM).
+    pub bundle_pem: String,
+    pub sequence: u64,
+    pub refresh_hint_secs: u64,
+    pub fetched_at: u64,
+    pub attempted_at: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unconfirmed(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("no federation with {0}")]
+    Unknown(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Invalid(_) | Refusal::Unconfirmed(_) => StatusCode::BAD_REQUEST,
+            Refusal::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            Refusal::Unknown(_) => StatusCode::NOT_FOUND,
+            Refusal::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Invalid(_) => "invalid",
+            Refusal::Unconfirmed(_) => "fingerprint",
+            Refusal::Unreachable(_) => "fetch_failed",
+            Refusal::Unknown(_) => "not_found",
+            Refusal::Store(_) => "store",
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// A fingerprint as people write it: hex, any case, with or without `sha256:` and colons.
+fn normalize_fingerprint(s: &str) -> String {
+    s.trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// A bundle handed over out of band: SPIFFE JSON (what `strait federation bundle` prints) or PEM.
+pub fn parse_bootstrap(td: &TrustDomain, text: &str) -> Result<TrustBundle, Refusal> {
+    let parsed = if text.trim_start().starts_with('{') {
+        SpiffeBundle::parse(td.clone(), text.as_bytes()).map(|b| b.bundle)
+    } else {
+        TrustBundle::from_pem(td.clone(), text)
+    };
+    parsed.map_err(|e| Refusal::Invalid(format!("the bootstrap bundle: {e}")))
+}
+
+/// Fetches `endpoint`'s bundle of `td`, authenticating the endpoint as `endpoint_id` by `trust`.
+async fn fetch(
+    td: &TrustDomain,
+    endpoint: &str,
+    endpoint_id: &SpiffeId,
+    trust: TrustBundle,
+) -> Result<SpiffeBundle, String> {
+    let client = ApiClient::new(
+        endpoint,
+        ServerTrust::Endpoint {
+            bundle: Arc::new(trust),
+            id: endpoint_id.clone(),
+        },
+        None,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let (status, body) = client
+        .raw(
+            Method::GET,
+            paths::FEDERATION_BUNDLE,
+            None,
+            bytes::Bytes::new(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != StatusCode::OK {
+        return Err(format!("the bundle endpoint answered {status}"));
+    }
+    SpiffeBundle::parse(td.clone(), &body).map_err(|e| e.to_string())
+}
+
+/// What `list` shows of a record.
+pub fn describe(rec: &Record) -> Federation {
+    let roots = strait_ca::cert::certs_from_pem(&rec.bundle_pem)
+        .unwrap_or_default()
+        .iter()
+        .map(|der| {
+            let (subject, not_after) = strait_ca::cert::parse_cert(der)
+                .map(|c| {
+                    (
+                        c.subject().to_string(),
+                        c.validity().not_after.timestamp().max(0) as u64,
+                    )
+                })
+                .unwrap_or_else(|e| (format!("unparseable: {e}"), 0));
+            FederatedRoot {
+                subject,
+                not_after,
+                sha256: ring::digest::digest(&ring::digest::SHA256, der.as_ref())
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            }
+        })
+        .collect();
+    let fingerprint = TrustDomain::new(&rec.trust_domain)
+        .ok()
+        .and_then(|td| TrustBundle::from_pem(td, &rec.bundle_pem).ok())
+        .map(|b| b.fingerprint())
+        .unwrap_or_default();
+    Federation {
+        trust_domain: rec.trust_domain.clone(),
+        endpoint: rec.endpoint.clone(),
+        endpoint_id: rec.endpoint_id.clone(),
+        sequence: rec.sequence,
+        fingerprint,
+        roots,
+        refresh_hint_secs: rec.refresh_hint_secs,
+        fetched_at: rec.fetched_at,
+        attempted_at: rec.attempted_at,
+        last_error: rec.last_error.clone(),
+    }
+}
+
+fn hint(fetched: &SpiffeBundle) -> u64 {
+    fetched
+        .refresh_hint_secs
+        .unwrap_or(REFRESH_HINT_SECS)
+        .clamp(MIN_REFRESH_SECS, MAX_REFRESH_SECS)
+}
+
+/// `strait federation add`: checks the request and the bootstrap bundle's fingerprint, fetches the
+/// partner's bundle with it and stores the relationship. Nothing is stored if any step fails.
+pub async fn add(
+    store: Arc<Store>,
+    own: &TrustDomain,
+    req: FederationAdd,
+) -> Result<Federation, Refusal> {
+    let td = TrustDomain::new(&req.trust_domain)
+        .map_err(|e| Refusal::Invalid(format!("trust domain {:?}: {e}", req.trust_domain)))?;
+    if &td == own {
+        return Err(Refusal::Invalid(format!(
+            "{td} is this control plane's own trust domain"
+        )));
+    }
+    let endpoint_id = SpiffeId::parse(&req.endpoint_id)
+        .map_err(|e| Refusal::Invalid(format!("endpoint ID {:?}: {e}", req.endpoint_id)))?;
+    if !endpoint_id.is_member_of(&td) {
+        return Err(Refusal::Invalid(format!(
+            "the endpoint ID {endpoint_id} is not in the trust domain {td}"
+        )));
+    }
+    crate::client::parse_server(&req.endpoint)
+        .map_err(|e| Refusal::Invalid(format!("endpoint {:?}: {e}", req.endpoint)))?;
+    let bootstrap = parse_bootstrap(&td, &req.bootstrap_bundle)?;
+    let actual = bootstrap.fingerprint();
+    match req.fingerprint.as_deref().map(normalize_fingerprint) {
+        None => {
+            return Err(Refusal::Unconfirmed(format!(
+                "the bootstrap bundle's fingerprint is {actual}: compare it with what {td}'s operator reads from `strait federation bundle`, then run this again with --fingerprint {actual}"
+            )))
+        }
+        Some(given) if given != actual => {
+            return Err(Refusal::Unconfirmed(format!(
+                "the bootstrap bundle's fingerprint is {actual}, not {given}: this is not the bundle {td}'s operator read out; nothing was added"
+            )))
+        }
+        Some(_) => {}
+    }
+    let fetched = fetch(&td, &req.endpoint, &endpoint_id, bootstrap)
+        .await
+        .map_err(|e| {
+            Refusal::Unreachable(format!(
+                "fetching {td}'s bundle from {} failed: {e}; nothing was added",
+                req.endpoint
+            ))
+        })?;
+    let t = now();
+    let rec = Record {
+        trust_domain: td.to_string(),
+        endpoint: req.endpoint,
+        endpoint_id: endpoint_id.to_string(),
+        bundle_pem: fetched.bundle.to_pem(),
+        sequence: fetched.sequence,
+        refresh_hint_secs: hint(&fetched),
+        fetched_at: t,
+        attempted_at: t,
+        last_error: None,
+    };
+    let stored = rec.clone();
+    tokio::task::spawn_blocking(move || store.put_federation(&stored))
+        .await
+        .map_err(|e| Refusal::Invalid(e.to_string()))??;
+    info!(trust_domain = %td, endpoint = %rec.endpoint, sequence = rec.sequence, fingerprint = %fetched.bundle.fingerprint(), "federation added");
+    Ok(describe(&rec))
+}
+
+/// Fetches one partner's bundle now with the bundle in force, and stores what came of it.
+pub async fn refresh(store: Arc<Store>, td: &str) -> Result<Federation, Refusal> {
+    let s = store.clone();
+    let key = td.to_owned();
+    let Some(mut rec) = tokio::task::spawn_blocking(move || s.federation(&key))
+        .await
+        .map_err(|e| Refusal::Invalid(e.to_string()))??
+    else {
+        return Err(Refusal::Unknown(td.to_owned()));
+    };
+    let outcome = async {
+        let domain = TrustDomain::new(&rec.trust_domain).map_err(|e| e.to_string())?;
+        let id = SpiffeId::parse(&rec.endpoint_id).map_err(|e| e.to_string())?;
+        let trust = TrustBundle::from_pem(domain.clone(), &rec.bundle_pem).map_err(|e| e.to_string())?;
+        let fetched = fetch(&domain, &rec.endpoint, &id, trust).await?;
+        if fetched.sequence < rec.sequence {
+            return Err(format!(
+                "the endpoint served sequence {}, older than the {} in force (a replayed bundle?); kept the bundle in force",
+                fetched.sequence, rec.sequence
+            ));
+        }
+        Ok(fetched)
+    }
+    .await;
+    rec.attempted_at = now();
+    match outcome {
+        Ok(fetched) => {
+            let pem = fetched.bundle.to_pem();
+            if pem != rec.bundle_pem {
+                info!(trust_domain = %rec.trust_domain, sequence = fetched.sequence, fingerprint = %fetched.bundle.fingerprint(), roots = fetched.bundle.certs().len(), "federated bundle changed");
+            }
+            rec.bundle_pem = pem;
+            rec.sequence = fetched.sequence;
+            rec.refresh_hint_secs = hint(&fetched);
+            rec.fetched_at = rec.attempted_at;
+            rec.last_error = None;
+        }
+        Err(e) => {
+            warn!(trust_domain = %rec.trust_domain, endpoint = %rec.endpoint, error = %e, stale_secs = rec.attempted_at.saturating_sub(rec.fetched_at), "federated bundle refresh failed; the last good bundle stays in force");
+            rec.last_error = Some(e);
+        }
+    }
+    let stored = rec.clone();
+    tokio::task::spawn_blocking(move || store.put_federation(&stored))
+        .await
+        .map_err(|e| Refusal::Invalid(e.to_string()))??;
+    Ok(describe(&rec))
+}
+
+/// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), forever.
+pub async fn refresh_loop(store: Arc<Store>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.federations()).await else {
+            continue;
+        };
+        let t = now();
+        for rec in records {
+            let due = if rec.last_error.is_some() {
+                rec.attempted_at + RETRY_SECS.min(rec.refresh_hint_secs)
+            } else {
+                rec.fetched_at + rec.refresh_hint_secs
+            };
+            if t >= due {
+                let _ = refresh(store.clone(), &rec.trust_domain).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_compare_as_people_write_them() {
+        assert_eq!(normalize_fingerprint(" sha256:AB:cd:01 "), "abcd01");
+        assert_eq!(normalize_fingerprint("abcd01"), "abcd01");
+    }
+}

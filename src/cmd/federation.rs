@@ -1,0 +1,195 @@
+//! `strait federation`: relationships with other organisations' trust domains.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use strait_control::api::{self, paths, Federation, FederationList, FederationTarget};
+
+use super::conn::admin_client;
+use super::table;
+use crate::cli::{FederationCommand, OutputFormat};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// `120` → "2m ago"; 0 → "never".
+fn ago(t: u64) -> String {
+    if t == 0 {
+        return "never".into();
+    }
+    let secs = now().saturating_sub(t);
+    format!(
+        "{} ago",
+        humantime::format_duration(std::time::Duration::from_secs(secs))
+    )
+}
+
+fn date(t: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+}
+
+fn describe(f: &Federation) -> String {
+    let mut out = format!(
+        "{}  endpoint {} ({})\n  bundle sequence {}, fingerprint {}\n  refreshed {} (every {} s), last attempt {}\n",
+        f.trust_domain,
+        f.endpoint,
+        f.endpoint_id,
+        f.sequence,
+        f.fingerprint,
+        ago(f.fetched_at),
+        f.refresh_hint_secs,
+        ago(f.attempted_at),
+    );
+    if let Some(e) = &f.last_error {
+        out.push_str(&format!(
+            "  LAST REFRESH FAILED: {e}\n  (the bundle in force is {} old)\n",
+            ago(f.fetched_at).trim_end_matches(" ago")
+        ));
+    }
+    for r in &f.roots {
+        out.push_str(&format!(
+            "  root {}  expires {}  sha256 {}\n",
+            r.subject,
+            date(r.not_after),
+            r.sha256
+        ));
+    }
+    out
+}
+
+pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
+    match cmd {
+        FederationCommand::Bundle { conn } => {
+            let client = admin_client(&conn)?;
+            let list: FederationList = client.get(paths::ADMIN_FEDERATION).await?;
+            let bundle: serde_json::Value = client.get(paths::FEDERATION_BUNDLE).await?;
+            println!("{}", serde_json::to_string_pretty(&bundle)?);
+            eprintln!(
+                "trust domain {}, bundle sequence {}\nfingerprint: {}",
+                list.trust_domain, list.sequence, list.fingerprint
+            );
+        }
+        FederationCommand::Add {
+            trust_domain,
+            endpoint,
+            endpoint_id,
+            bootstrap_bundle,
+            fingerprint,
+            conn,
+        } => {
+            let text = std::fs::read_to_string(&bootstrap_bundle).with_context(|| {
+                format!(
+                    "reading the bootstrap bundle {}",
+                    bootstrap_bundle.display()
+                )
+            })?;
+            let endpoint_id = endpoint_id.unwrap_or_else(|| {
+                format!(
+                    "spiffe://{}{}",
+                    trust_domain.trim_start_matches("spiffe://"),
+                    api::CONTROL_ID_PATH
+                )
+            });
+            let f: Federation = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_FEDERATION,
+                    &api::FederationAdd {
+                        trust_domain,
+                        endpoint,
+                        endpoint_id,
+                        bootstrap_bundle: text,
+                        fingerprint,
+                    },
+                )
+                .await?;
+            print!("federation added\n{}", describe(&f));
+        }
+        FederationCommand::List { output, conn } => {
+            let list: FederationList = admin_client(&conn)?.get(paths::ADMIN_FEDERATION).await?;
+            if output == OutputFormat::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!(
+                "this trust domain: {} (bundle sequence {}, fingerprint {})\n",
+                list.trust_domain, list.sequence, list.fingerprint
+            );
+            if list.partners.is_empty() {
+                println!("no federation: add one with `strait federation add`");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .partners
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.trust_domain.clone(),
+                        f.endpoint.clone(),
+                        f.sequence.to_string(),
+                        f.roots.len().to_string(),
+                        ago(f.fetched_at),
+                        match &f.last_error {
+                            None => "ok".into(),
+                            Some(_) => "REFRESH FAILING (last good bundle in force)".into(),
+                        },
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table::render(
+                    &[
+                        "TRUST DOMAIN",
+                        "ENDPOINT",
+                        "SEQUENCE",
+                        "ROOTS",
+                        "REFRESHED",
+                        "STATUS"
+                    ],
+                    &rows
+                )
+            );
+            println!();
+            for f in &list.partners {
+                print!("{}", describe(f));
+            }
+        }
+        FederationCommand::Refresh { trust_domain, conn } => {
+            let out: Vec<Federation> = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_FEDERATION_REFRESH,
+                    &FederationTarget { trust_domain },
+                )
+                .await?;
+            let mut failed = Vec::new();
+            for f in &out {
+                print!("{}", describe(f));
+                if f.last_error.is_some() {
+                    failed.push(f.trust_domain.clone());
+                }
+            }
+            if !failed.is_empty() {
+                anyhow::bail!(
+                    "refreshing {} failed; the last good bundle stays in force",
+                    failed.join(", ")
+                );
+            }
+        }
+        FederationCommand::Remove { trust_domain, conn } => {
+            let _: serde_json::Value = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_FEDERATION_REMOVE,
+                    &FederationTarget {
+                        trust_domain: Some(trust_domain.clone()),
+                    },
+                )
+                .await?;
+            println!("federation with {trust_domain} removed");
+        }
+    }
+    Ok(())
+}
