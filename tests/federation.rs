@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use support::mesh::{bin, text};
+use support::mesh::{bin, forge_cert, id, issue_cert, text, tunnel_sni, Mesh, OWNER_UID};
 use support::{require_root, Netns, Proc};
 
 struct Orgs {
@@ -316,4 +316,239 @@ fn organisations_exchange_bundles_through_their_endpoints() {
         &["federation", "refresh", "--trust-domain", "vfx.example"],
     );
     assert!(out.contains("no federation with vfx.example"), "{out}");
+}
+
+/// A partner organisation's control plane on the mesh's outside host (its own trust domain and CA).
+fn partner(m: &Mesh, td: &str, port: u16) -> (String, String) {
+    let data = m.p(&format!("{td}-cp"));
+    let addr = format!("{}:{port}", m.net.v4("out"));
+    let out = std::process::Command::new(bin())
+        .args([
+            "control",
+            "init",
+            "--data-dir",
+            data,
+            "--trust-domain",
+            td,
+            "--server",
+            &addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    m.net.spawn(
+        "out",
+        None,
+        &[
+            bin(),
+            "control",
+            "--data-dir",
+            data,
+            "--listen",
+            &addr,
+            "--monitoring",
+            "off",
+        ],
+        &m.dir.join(format!("{td}-cp.log")),
+    );
+    let log = m.dir.join(format!("{td}-cp.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = text(&m.net.run(
+            "out",
+            None,
+            &["curl", "-sk", &format!("https://{addr}/v1/ready")],
+        ));
+        if ready.contains("ready") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {td} control plane is not ready:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = format!("STRAIT_CONFIG={data}/admin.yaml");
+    let out = m.net.run(
+        "out",
+        None,
+        &["env", &config, bin(), "federation", "bundle"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let file = m.dir.join(format!("{td}.json"));
+    std::fs::write(&file, &out.stdout).unwrap();
+    let fingerprint = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint: ").map(str::to_owned))
+        .unwrap();
+    (addr, fingerprint)
+}
+
+fn federated(m: &Mesh, host: &str) -> Vec<String> {
+    m.config_dump(host)["trust_bundle"]["federated"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f["trust_domain"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn proxies_verify_each_partner_against_its_own_roots_only() {
+    if !require_root() {
+        return;
+    }
+    support::require_commands(&["openssl"]);
+    let m = Mesh::new("24h");
+    m.start_proxy("a", &[]);
+    m.start_proxy("b", &[]);
+    m.converge();
+    let (vfx_addr, vfx_fp) = partner(&m, "vfx.example", 15012);
+    let (color_addr, color_fp) = partner(&m, "color.example", 15013);
+    let vfx_ca = m.p("vfx.example-cp/ca").to_owned();
+    let color_ca = m.p("color.example-cp/ca").to_owned();
+
+    // Certificates as each partner's CA (or someone holding its key) could issue them.
+    let vfx_own = issue_cert(
+        &m,
+        "vfx-own",
+        &vfx_ca,
+        "spiffe://vfx.example/ns/render/sa/vfx",
+        "1h",
+    );
+    let vfx_as_ours = forge_cert(&m, "vfx-as-ours", &vfx_ca, &id("owner"));
+    let vfx_as_color = forge_cert(
+        &m,
+        "vfx-as-color",
+        &vfx_ca,
+        "spiffe://color.example/ns/x/sa/y",
+    );
+    let color_own = issue_cert(
+        &m,
+        "color-own",
+        &color_ca,
+        "spiffe://color.example/ns/grade/sa/color",
+        "1h",
+    );
+
+    // Presents a certificate to B's tunnel port as vfx's destination: whether the handshake passed (B counts
+    // a refusal by its kind).
+    let b_tunnel = format!("{}:15008", m.net.v4("b"));
+    let sni = tunnel_sni(&id("vfx"));
+    let errors = |kind: &str| {
+        let all = m.metrics("b");
+        all.lines()
+            .filter(|l| {
+                l.starts_with("strait_proxy_tls_handshake_errors_total") && l.contains(kind)
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let probe = |(crt, key): &(String, String), refused_as: Option<&str>| {
+        let before = refused_as.map(errors);
+        let total_before = errors("inbound");
+        m.net.run("a", None, &["bash", "-c", &format!(
+            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | timeout 5 openssl s_client -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet 2>&1; true"
+        )]);
+        match (refused_as, before) {
+            (Some(kind), Some(before)) => assert!(
+                errors(kind) > before,
+                "{crt} must be refused as {kind}:\n{}",
+                m.metrics("b")
+            ),
+            _ => assert_eq!(
+                errors("inbound"),
+                total_before,
+                "{crt} must be accepted:\n{}",
+                m.log("proxy-b.log")
+            ),
+        }
+    };
+
+    // Not federated yet: vfx's own identity is refused like any stranger's.
+    probe(&vfx_own, Some("NotFederated"));
+
+    // The owner federates with vfx: its proxies get vfx's roots with their next renewal.
+    let added = m.admin(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        "vfx.example",
+        "--endpoint",
+        &vfx_addr,
+        "--bootstrap-bundle",
+        m.p("vfx.example.json"),
+        "--fingerprint",
+        &vfx_fp,
+    ]);
+    assert!(added.contains("federation added"), "{added}");
+    m.net.eventually(
+        Duration::from_secs(20),
+        "both proxies hold vfx's roots",
+        || federated(&m, "a") == ["vfx.example"] && federated(&m, "b") == ["vfx.example"],
+    );
+    assert!(m
+        .log("proxy-b.log")
+        .contains("the federated trust domains' bundles changed"));
+    probe(&vfx_own, None);
+    // vfx's CA cannot vouch for our identities, nor for a third organisation's.
+    probe(&vfx_as_ours, Some("UnknownIssuer"));
+    probe(&vfx_as_color, Some("NotFederated"));
+    probe(&color_own, Some("NotFederated"));
+
+    // With color federated too, color's identities pass on color's roots, and vfx's CA still cannot issue them.
+    m.admin(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        "color.example",
+        "--endpoint",
+        &color_addr,
+        "--bootstrap-bundle",
+        m.p("color.example.json"),
+        "--fingerprint",
+        &color_fp,
+    ]);
+    m.net
+        .eventually(Duration::from_secs(20), "B holds color's roots", || {
+            federated(&m, "b").len() == 2
+        });
+    probe(&color_own, None);
+    probe(&vfx_as_color, Some("UnknownIssuer"));
+
+    // A tunnel vfx's identity holds open; ending the federation closes it, and vfx is refused again.
+    let (crt, key) = &vfx_own;
+    let held = m.net.spawn(
+        "a",
+        None,
+        &["timeout", "60", "bash", "-c", &format!(
+            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | openssl s_client -ign_eof -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet"
+        )],
+        &m.dir.join("held.log"),
+    );
+    assert!(
+        m.net.wait(held, Duration::from_millis(1500)).is_none(),
+        "the tunnel is up"
+    );
+    m.admin(&["federation", "remove", "--trust-domain", "vfx.example"]);
+    m.net
+        .eventually(Duration::from_secs(20), "vfx's roots gone from B", || {
+            federated(&m, "b") == ["color.example"]
+        });
+    assert!(
+        m.net.wait(held, Duration::from_secs(10)).is_some(),
+        "the tunnel vfx's roots verified is closed"
+    );
+    assert!(m
+        .log("proxy-b.log")
+        .contains("tunnel closed: its peer's certificate no longer verifies"));
+    probe(&vfx_own, Some("NotFederated"));
+    // The mesh's own traffic never noticed.
+    assert_eq!(
+        m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
+        "201"
+    );
 }

@@ -406,49 +406,7 @@ fn every_way_around_the_mesh_fails() {
 }
 
 fn cert_for(m: &Mesh, name: &str, ca_dir: &str, ttl: &str) -> (String, String) {
-    let key = m.p(&format!("{name}.key"));
-    let csr = m.p(&format!("{name}.csr"));
-    let crt = m.p(&format!("{name}.pem"));
-    for args in [
-        vec![
-            "openssl",
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            key,
-        ],
-        vec![
-            "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
-        ],
-    ] {
-        assert!(std::process::Command::new(args[0])
-            .args(&args[1..])
-            .status()
-            .unwrap()
-            .success());
-    }
-    let out = std::process::Command::new(bin())
-        .args([
-            "ca",
-            "issue",
-            "--dir",
-            ca_dir,
-            "--csr",
-            csr,
-            "--id",
-            &id(name),
-            "--ttl",
-            ttl,
-            "--out",
-            crt,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    (crt.to_owned(), key.to_owned())
+    issue_cert(m, name, ca_dir, &id(name), ttl)
 }
 
 #[test]
@@ -461,17 +419,7 @@ fn identity_attacks_fail() {
     let proxy_b = m.start_proxy("b", &[]);
     m.converge();
     let b_tunnel = format!("{}:15008", m.net.v4("b"));
-    let sni = {
-        // The SNI that asks B for vfx's certificate.
-        let d = sha256(id("vfx").as_bytes());
-        format!(
-            "{}.spiffe.strait",
-            d[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
-    };
+    let sni = tunnel_sni(&id("vfx"));
     let client = |crt: &str, key: &str| {
         // A real TLS client speaking to B's tunnel port with the given client certificate; it writes a
         // request so that a refusal after the handshake is observed.
@@ -535,19 +483,6 @@ fn identity_attacks_fail() {
 }
 
 /// SHA-256 by OpenSSL (an independent implementation of the proxy's SNI derivation).
-fn sha256(data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut c = std::process::Command::new("openssl")
-        .args(["dgst", "-sha256", "-binary"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(data).unwrap();
-    c.wait_with_output().unwrap().stdout
-}
-
 #[test]
 fn certificates_rotate_every_few_seconds_without_a_failed_request() {
     if !require_root() {
@@ -683,16 +618,7 @@ fn the_root_ca_rotates_under_traffic_and_a_withdrawn_root_is_refused() {
     // A certificate the stolen old root signs: accepted by B's tunnel port while the old root retires,
     // refused once it is withdrawn.
     let b_tunnel = format!("{}:15008", m.net.v4("b"));
-    let sni = {
-        let d = sha256(id("vfx").as_bytes());
-        format!(
-            "{}.spiffe.strait",
-            d[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
-    };
+    let sni = tunnel_sni(&id("vfx"));
     let (crt, key) = cert_for(&m, "owner", stolen, "1h");
     let probe = || {
         m.net.run(

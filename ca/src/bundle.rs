@@ -1,6 +1,9 @@
 //! Trust bundles: the CA certificates that peers of one trust domain are validated against, as PEM and as
 //! a SPIFFE bundle (a JWK set whose keys have `use: x509-svid`, SPIFFE Trust Domain and Bundle §4).
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use rustls::pki_types::{CertificateDer, TrustAnchor};
@@ -41,11 +44,16 @@ pub type SharedBundle = arc_swap::ArcSwap<TrustBundle>;
 /// The trust anchors of one trust domain.
 ///
 /// The parsed webpki anchors are computed once here, because the verifiers use them on every handshake.
+///
+/// A bundle may carry the bundles of federated trust domains beside its own ([`TrustBundle::federate`]):
+/// a peer is then verified against the roots of the trust domain its URI SAN names, and only those (never
+/// merged: a partner's CA cannot vouch for our IDs, nor for a third domain's).
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
     trust_domain: TrustDomain,
     certs: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    federated: Arc<BTreeMap<TrustDomain, TrustBundle>>,
 }
 
 impl TrustBundle {
@@ -70,7 +78,65 @@ impl TrustBundle {
             trust_domain,
             certs,
             anchors,
+            federated: Arc::default(),
         })
+    }
+
+    /// This bundle with `partners` as the federated trust domains (replacing any it had). A partner of this
+    /// bundle's own trust domain, and a partner's own partners, are left out.
+    pub fn federate(&self, partners: impl IntoIterator<Item = TrustBundle>) -> Self {
+        let federated = partners
+            .into_iter()
+            .filter(|p| p.trust_domain != self.trust_domain)
+            .map(|p| {
+                let bare = TrustBundle {
+                    federated: Arc::default(),
+                    ..p
+                };
+                (bare.trust_domain.clone(), bare)
+            })
+            .collect();
+        TrustBundle {
+            federated: Arc::new(federated),
+            ..self.clone()
+        }
+    }
+
+    /// The federated trust domains' bundles.
+    pub fn federated(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.federated.values()
+    }
+
+    /// The bundle that vouches for IDs of `td`: this one for its own trust domain, a federated one, or
+    /// `None` (not federated).
+    pub fn for_domain(&self, td: &str) -> Option<&TrustBundle> {
+        if self.trust_domain.as_str() == td {
+            return Some(self);
+        }
+        self.federated
+            .iter()
+            .find(|(k, _)| k.as_str() == td)
+            .map(|(_, b)| b)
+    }
+
+    /// SHA-256 (hex) over the federated trust domains and their bundles' fingerprints, in order; empty
+    /// without federation. What the control plane announces and proxies compare.
+    pub fn federation_fingerprint(&self) -> String {
+        if self.federated.is_empty() {
+            return String::new();
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for (td, b) in self.federated.iter() {
+            ctx.update(td.as_str().as_bytes());
+            ctx.update(b"\0");
+            ctx.update(b.fingerprint().as_bytes());
+            ctx.update(b"\0");
+        }
+        ctx.finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     pub fn from_pem(trust_domain: TrustDomain, pem: &str) -> Result<Self, BundleError> {

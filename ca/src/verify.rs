@@ -121,6 +121,8 @@ pub enum PeerRejection {
     Shape(SvidShapeError),
     #[error("peer {got} is outside trust domain {expected}")]
     WrongTrustDomain { expected: String, got: SpiffeId },
+    #[error("peer {got} is of trust domain {trust_domain}, which is not federated")]
+    NotFederated { trust_domain: String, got: SpiffeId },
     #[error("peer is {got}, expected {expected}")]
     WrongId { expected: String, got: SpiffeId },
     #[error("peer certificate chain is invalid: {0}")]
@@ -137,6 +139,7 @@ pub enum RejectionKind {
     WrongUsage,
     NotSvid,
     WrongTrustDomain,
+    NotFederated,
     WrongId,
     Invalid,
 }
@@ -152,6 +155,7 @@ impl PeerRejection {
             PeerRejection::Shape(SvidShapeError::CaAsLeaf) => RejectionKind::CaAsLeaf,
             PeerRejection::Shape(_) => RejectionKind::NotSvid,
             PeerRejection::WrongTrustDomain { .. } => RejectionKind::WrongTrustDomain,
+            PeerRejection::NotFederated { .. } => RejectionKind::NotFederated,
             PeerRejection::WrongId { .. } => RejectionKind::WrongId,
             PeerRejection::Invalid(_) => RejectionKind::Invalid,
         }
@@ -234,6 +238,22 @@ pub fn verify_peer(
     role: PeerRole,
 ) -> Result<SpiffeId, PeerRejection> {
     let algs = provider().signature_verification_algorithms.all;
+    // The roots that may vouch for the leaf are those of the trust domain its URI SAN claims: our own, or
+    // a federated one's (never merged). The claim only picks the roots; the identity is read again, and
+    // checked, once the chain to those roots is valid. A leaf that names no SPIFFE ID is checked against
+    // our roots and then refused for its shape.
+    let bundle = match svid_id(end_entity) {
+        Ok(claimed) => match bundle.for_domain(claimed.trust_domain_str()) {
+            Some(b) => b,
+            None => {
+                return Err(PeerRejection::NotFederated {
+                    trust_domain: claimed.trust_domain_str().to_owned(),
+                    got: claimed,
+                })
+            }
+        },
+        Err(_) => bundle,
+    };
     let ee = webpki::EndEntityCert::try_from(end_entity)
         .map_err(|e| PeerRejection::Invalid(format!("unparseable leaf: {e:?}")))?;
     let usage = match role {

@@ -229,16 +229,73 @@ async fn certificates_from_another_ca_are_refused_both_ways() {
 #[tokio::test]
 async fn ids_outside_the_trust_domain_are_refused_both_ways() {
     let ca = TestCa::new();
-    // Signed by the right CA key, but naming another trust domain.
+    // Signed by the right CA key, but naming another trust domain, which is not federated.
     let foreign = ca.forge(&["spiffe://other.org/ns/a/sa/client"], |_| {});
     assert_server_refused(
         against_server(&ca, &foreign).await,
-        RejectionKind::WrongTrustDomain,
+        RejectionKind::NotFederated,
     );
     let foreign = ca.forge(&["spiffe://other.org/ns/b/sa/server"], |_| {});
     assert_client_refused(
         against_client(&ca, &foreign).await,
-        RejectionKind::WrongTrustDomain,
+        RejectionKind::NotFederated,
+    );
+}
+
+#[tokio::test]
+async fn a_federated_domain_is_verified_against_its_own_roots_only() {
+    let ca = TestCa::new();
+    let other = TestCa::for_domain(TrustDomain::new("other.org").unwrap());
+    let third = TestCa::for_domain(TrustDomain::new("third.org").unwrap());
+    let federated = Arc::new(ca.bundle.federate([(*other.bundle).clone()]));
+    let server = ca.svid("/ns/b/sa/server");
+    // The client side trusts the partner's roots and ours (for the server it talks to).
+    let client_trust = Arc::new(other.bundle.federate([(*ca.bundle).clone()]));
+    let try_client = |client: Svid| {
+        let (server, federated, client_trust) =
+            (server.clone(), federated.clone(), client_trust.clone());
+        async move {
+            handshake(
+                &server,
+                federated,
+                PeerIdMatcher::AnyInTrustDomain,
+                &client,
+                client_trust,
+                PeerIdMatcher::AnyInTrustDomain,
+            )
+            .await
+        }
+    };
+    let issue = |by: &TestCa, id: &str| {
+        by.ca
+            .issue_with_new_key(
+                &SpiffeId::parse(id).unwrap(),
+                Duration::from_secs(600),
+                now(),
+            )
+            .unwrap()
+    };
+    // The partner's own identity, on the partner's roots: accepted by the server.
+    let o = try_client(issue(&other, "spiffe://other.org/ns/a/sa/client")).await;
+    assert!(o.server.is_ok(), "{:?}", o.server.err());
+    // The partner's CA vouching for one of ours, or for a third domain's: refused.
+    let ours = other.forge(&[&format!("spiffe://{TD}/ns/a/sa/client")], |_| {});
+    assert_server_refused(try_client(ours).await, RejectionKind::UnknownIssuer);
+    let thirds = other.forge(&["spiffe://third.org/ns/a/sa/client"], |_| {});
+    assert_server_refused(try_client(thirds).await, RejectionKind::NotFederated);
+    // Our CA vouching for the partner's identities: refused (never merged).
+    let theirs = ca.forge(&["spiffe://other.org/ns/a/sa/client"], |_| {});
+    assert_server_refused(try_client(theirs).await, RejectionKind::UnknownIssuer);
+    // A third domain's own identity: not federated.
+    let stranger = issue(&third, "spiffe://third.org/ns/a/sa/client");
+    assert_server_refused(try_client(stranger).await, RejectionKind::NotFederated);
+    // The fingerprint of the federation moves with the partner's roots, and is empty without any.
+    assert_eq!(ca.bundle.federation_fingerprint(), "");
+    assert_ne!(
+        federated.federation_fingerprint(),
+        ca.bundle
+            .federate([(*third.bundle).clone()])
+            .federation_fingerprint()
     );
 }
 
@@ -369,7 +426,7 @@ async fn a_client_without_any_certificate_is_refused() {
 
 #[tokio::test]
 async fn trust_domain_bundles_are_not_interchangeable() {
-    // A peer from another trust domain with its own CA: refused as unknown issuer by our bundle.
+    // A peer from another trust domain with its own CA: refused (not federated) by our bundle.
     let ca = TestCa::new();
     let other = TestCa::for_domain(TrustDomain::new("other.org").unwrap());
     let stranger = other
@@ -382,6 +439,6 @@ async fn trust_domain_bundles_are_not_interchangeable() {
         .unwrap();
     assert_server_refused(
         against_server(&ca, &stranger).await,
-        RejectionKind::UnknownIssuer,
+        RejectionKind::NotFederated,
     );
 }

@@ -186,11 +186,21 @@ pub struct RenewRequest {
     pub addresses: Vec<std::net::IpAddr>,
 }
 
+/// A federated trust domain's roots, as a node receives them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederatedBundle {
+    pub trust_domain: String,
+    pub bundle_pem: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeCertResponse {
     pub id: SpiffeId,
     pub chain_pem: String,
     pub bundle_pem: String,
+    /// The bundles of the federated trust domains (docs/federation.md); older control planes send none.
+    #[serde(default)]
+    pub federated: Vec<FederatedBundle>,
     pub trust_domain: String,
     pub not_after: u64,
     /// The policy distributor's public key (Ed25519, base64): mesh versions must be signed by it.

@@ -203,6 +203,7 @@ impl Authorities {
         TrustState {
             bundle_fingerprint: self.bundle().fingerprint(),
             authority: root_id(&self.active()),
+            federation_fingerprint: String::new(),
         }
     }
 

@@ -10,8 +10,9 @@
 //! bundle with an older sequence than the one in force is refused (a replay); a root the partner stops
 //! publishing is gone with the next fetch: bundles are replaced, never merged.
 //!
-//! What the proxies do with the partners' roots comes next (issue 16): this module is the control-plane
-//! side of the exchange.
+//! Proxies get the partners' roots with their node-certificate renewal (over their mTLS session); each
+//! mesh version names the federated bundles' fingerprint, so a change reaches every proxy within a
+//! version's push.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -260,8 +261,25 @@ pub async fn add(
     Ok(describe(&rec))
 }
 
-/// Fetches one partner's bundle now with the bundle in force, and stores what came of it.
-pub async fn refresh(store: Arc<Store>, td: &str) -> Result<Federation, Refusal> {
+/// The federated trust domains' bundles in force (a record that does not parse is left out, logged).
+pub fn bundles(store: &Store) -> Result<Vec<TrustBundle>, StoreError> {
+    Ok(store
+        .federations()?
+        .into_iter()
+        .filter_map(|rec| {
+            let parsed = TrustDomain::new(&rec.trust_domain)
+                .map_err(|e| e.to_string())
+                .and_then(|td| TrustBundle::from_pem(td, &rec.bundle_pem).map_err(|e| e.to_string()));
+            parsed
+                .inspect_err(|e| warn!(trust_domain = %rec.trust_domain, error = %e, "a stored federated bundle does not parse; left out"))
+                .ok()
+        })
+        .collect())
+}
+
+/// Fetches one partner's bundle now with the bundle in force, and stores what came of it. The flag says
+/// whether the roots in force changed.
+pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), Refusal> {
     let s = store.clone();
     let key = td.to_owned();
     let Some(mut rec) = tokio::task::spawn_blocking(move || s.federation(&key))
@@ -285,10 +303,12 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<Federation, Refusal>
     }
     .await;
     rec.attempted_at = now();
+    let mut changed = false;
     match outcome {
         Ok(fetched) => {
             let pem = fetched.bundle.to_pem();
             if pem != rec.bundle_pem {
+                changed = true;
                 info!(trust_domain = %rec.trust_domain, sequence = fetched.sequence, fingerprint = %fetched.bundle.fingerprint(), roots = fetched.bundle.certs().len(), "federated bundle changed");
             }
             rec.bundle_pem = pem;
@@ -306,11 +326,12 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<Federation, Refusal>
     tokio::task::spawn_blocking(move || store.put_federation(&stored))
         .await
         .map_err(|e| Refusal::Invalid(e.to_string()))??;
-    Ok(describe(&rec))
+    Ok((describe(&rec), changed))
 }
 
-/// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), forever.
-pub async fn refresh_loop(store: Arc<Store>) {
+/// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), forever;
+/// `changed` runs when a partner's roots changed.
+pub async fn refresh_loop(store: Arc<Store>, changed: impl Fn()) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -327,7 +348,9 @@ pub async fn refresh_loop(store: Arc<Store>) {
                 rec.fetched_at + rec.refresh_hint_secs
             };
             if t >= due {
-                let _ = refresh(store.clone(), &rec.trust_domain).await;
+                if let Ok((_, true)) = refresh(store.clone(), &rec.trust_domain).await {
+                    changed();
+                }
             }
         }
     }

@@ -59,6 +59,8 @@ pub mod layout {
     pub const NODE_CERT: &str = "node-cert.pem";
     pub const NODE_KEY: &str = "node-key.pem";
     pub const BUNDLE: &str = "bundle.pem";
+    /// The federated trust domains' bundles (JSON: trust domain → PEM), when there are any.
+    pub const FEDERATED: &str = "federated-bundles.json";
     pub const DISTRIBUTION_KEY: &str = "distribution-key.pub";
 }
 
@@ -76,7 +78,9 @@ fn identity_from(
 ) -> Result<NodeIdentity, NodeError> {
     let bad = |e: &dyn std::fmt::Display| NodeError::BadAnswer(e.to_string());
     let td = TrustDomain::new(&resp.trust_domain).map_err(|e| bad(&e))?;
-    let bundle = TrustBundle::from_pem(td, &resp.bundle_pem).map_err(|e| bad(&e))?;
+    let bundle = TrustBundle::from_pem(td, &resp.bundle_pem)
+        .map_err(|e| bad(&e))?
+        .federate(federated_bundles(&resp.federated).map_err(|e| bad(&e))?);
     let chain = certs_from_pem(&resp.chain_pem).map_err(|e| bad(&e))?;
     let id = strait_ca::cert::svid_id(&chain[0]).map_err(|e| bad(&e))?;
     if id != resp.id {
@@ -100,6 +104,18 @@ fn identity_from(
         distribution_key,
         distribution_next_key,
     })
+}
+
+/// Parses the federated bundles a node was handed (or saved).
+fn federated_bundles(list: &[api::FederatedBundle]) -> Result<Vec<TrustBundle>, String> {
+    list.iter()
+        .map(|f| {
+            let td = TrustDomain::new(&f.trust_domain)
+                .map_err(|e| format!("federated trust domain {:?}: {e}", f.trust_domain))?;
+            TrustBundle::from_pem(td, &f.bundle_pem)
+                .map_err(|e| format!("the bundle of {}: {e}", f.trust_domain))
+        })
+        .collect()
 }
 
 /// Where a node can be reached, as it tells the control plane on join and renewal.
@@ -204,6 +220,26 @@ impl NodeIdentity {
             self.bundle.to_pem().as_bytes(),
             PUBLIC_MODE,
         )?;
+        let federated: Vec<api::FederatedBundle> = self
+            .bundle
+            .federated()
+            .map(|b| api::FederatedBundle {
+                trust_domain: b.trust_domain().to_string(),
+                bundle_pem: b.to_pem(),
+            })
+            .collect();
+        let federated_file = dir.join(layout::FEDERATED);
+        if federated.is_empty() {
+            if federated_file.exists() {
+                std::fs::remove_file(&federated_file).map_err(|e| {
+                    NodeError::BadAnswer(format!("removing {}: {e}", federated_file.display()))
+                })?;
+            }
+        } else {
+            let json = serde_json::to_vec_pretty(&federated)
+                .map_err(|e| NodeError::BadAnswer(e.to_string()))?;
+            files::write_atomic(&federated_file, &json, PUBLIC_MODE)?;
+        }
         if self.distribution_key.is_some() {
             save_distribution_keys(dir, &self.distribution_keys())?;
         }
@@ -224,6 +260,14 @@ impl NodeIdentity {
             &files::read_pem(&dir.join(layout::BUNDLE))?,
         )
         .map_err(|e| bad(&e))?;
+        let federated_file = dir.join(layout::FEDERATED);
+        let bundle = if federated_file.exists() {
+            let list: Vec<api::FederatedBundle> =
+                serde_json::from_str(&files::read_pem(&federated_file)?).map_err(|e| bad(&e))?;
+            bundle.federate(federated_bundles(&list).map_err(|e| bad(&e))?)
+        } else {
+            bundle
+        };
         let key_file = dir.join(layout::DISTRIBUTION_KEY);
         let mut keys = if key_file.exists() {
             files::read_pem(&key_file)?

@@ -154,7 +154,7 @@ impl State {
                 ca.trust_domain().clone(),
             ))
         });
-        hub.set_trust(authorities.trust_state());
+        hub.set_trust(trust_state(&authorities, &store));
         // Changes made while the control plane was down (or an older store) become a version now.
         hub.rebuild(&store).context("making the mesh version")?;
         Ok(Self {
@@ -269,7 +269,14 @@ pub async fn serve(
             state.hub.clone(),
             endpoint.clone(),
         ));
-        tokio::spawn(crate::federation::refresh_loop(state.store.clone()));
+        let st = state.clone();
+        tokio::spawn(crate::federation::refresh_loop(
+            state.store.clone(),
+            move || {
+                let st = st.clone();
+                tokio::task::spawn_blocking(move || federation_changed(&st));
+            },
+        ));
         endpoint
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -563,6 +570,12 @@ async fn dispatch(
                     let f = crate::federation::add(state.store.clone(), &own, r)
                         .await
                         .map_err(federation_refused)?;
+                    let st = state.clone();
+                    blocking(move || {
+                        federation_changed(&st);
+                        Ok(())
+                    })
+                    .await?;
                     Ok(json(StatusCode::CREATED, &f))
                 }
                 (&Method::POST, paths::ADMIN_FEDERATION_REFRESH) => {
@@ -578,13 +591,21 @@ async fn dispatch(
                                 .collect()
                         }
                     };
-                    let mut out = Vec::new();
+                    let (mut out, mut changed) = (Vec::new(), false);
                     for td in tds {
-                        out.push(
-                            crate::federation::refresh(state.store.clone(), &td)
-                                .await
-                                .map_err(federation_refused)?,
-                        );
+                        let (f, c) = crate::federation::refresh(state.store.clone(), &td)
+                            .await
+                            .map_err(federation_refused)?;
+                        out.push(f);
+                        changed |= c;
+                    }
+                    if changed {
+                        let st = state.clone();
+                        blocking(move || {
+                            federation_changed(&st);
+                            Ok(())
+                        })
+                        .await?;
                     }
                     Ok(json(StatusCode::OK, &out))
                 }
@@ -599,7 +620,15 @@ async fn dispatch(
                     })?;
                     let st = state.clone();
                     let key = td.clone();
-                    if !blocking(move || Ok(st.store.remove_federation(&key)?)).await? {
+                    let removed = blocking(move || {
+                        let removed = st.store.remove_federation(&key)?;
+                        if removed {
+                            federation_changed(&st);
+                        }
+                        Ok(removed)
+                    })
+                    .await?;
+                    if !removed {
                         return Err(federation_refused(crate::federation::Refusal::Unknown(td)));
                     }
                     info!(trust_domain = %td, "federation removed");
@@ -877,6 +906,15 @@ fn issue_node_cert(
         id,
         chain_pem: svid.chain_pem(),
         bundle_pem: st.bundle_pem(),
+        federated: st
+            .store
+            .federations()?
+            .into_iter()
+            .map(|f| api::FederatedBundle {
+                trust_domain: f.trust_domain,
+                bundle_pem: f.bundle_pem,
+            })
+            .collect(),
         trust_domain: st.trust_domain().to_string(),
         not_after: secs(svid.not_after),
         distribution_key: Some(active_key.to_base64()),
@@ -1114,6 +1152,30 @@ fn ca_status(st: &State, nodes: &[NodeRecord]) -> api::CaStatus {
     }
 }
 
+/// What every mesh version says of trust: the CA's state, and the federated bundles' fingerprint.
+fn trust_state(
+    authorities: &crate::authorities::Authorities,
+    store: &Store,
+) -> crate::dist::version::TrustState {
+    let mut t = authorities.trust_state();
+    let partners = crate::federation::bundles(store).unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the federated bundles; versions announce none");
+        Vec::new()
+    });
+    t.federation_fingerprint = authorities
+        .bundle()
+        .federate(partners)
+        .federation_fingerprint();
+    t
+}
+
+/// A federated bundle changed (added, refreshed to other roots, removed): a new version announces it, and
+/// proxies fetch the bundles with their next renewal. Blocking.
+fn federation_changed(st: &State) {
+    st.hub.set_trust(trust_state(&st.authorities, &st.store));
+    st.hub.changed(&st.store);
+}
+
 fn federation_refused(e: crate::federation::Refusal) -> ApiError {
     ApiError::new(e.status(), e.code(), e.to_string())
 }
@@ -1193,7 +1255,7 @@ async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
             }
         };
         if changed {
-            st.hub.set_trust(st.authorities.trust_state());
+            st.hub.set_trust(trust_state(&st.authorities, &st.store));
             st.hub.changed(&st.store);
         }
         Ok(ca_status(&st, &st.store.nodes()?))

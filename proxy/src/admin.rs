@@ -146,6 +146,11 @@ fn handle(
                 "trust_bundle": {
                     "fingerprint": shared.ctx.bundle.load().fingerprint(),
                     "anchors": shared.ctx.bundle.load().certs().len(),
+                    "federated": shared.ctx.bundle.load().federated().map(|b| serde_json::json!({
+                        "trust_domain": b.trust_domain().as_str(),
+                        "fingerprint": b.fingerprint(),
+                        "anchors": b.certs().len(),
+                    })).collect::<Vec<_>>(),
                 },
                 "mesh": shared.mesh.get().map(|m| m.status()),
                 "open_connections": shared.ctx.inflight.count(),

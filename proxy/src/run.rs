@@ -419,10 +419,17 @@ impl Node {
     /// renewal, over the node's mTLS session), and re-issue every certificate when the signing root changed.
     fn follow_trust(&self, trust: &strait_control::dist::version::TrustState) {
         let shared = &self.shared;
-        if trust.bundle_fingerprint != shared.ctx.bundle.load().fingerprint() {
+        let held = shared.ctx.bundle.load();
+        if trust.bundle_fingerprint != held.fingerprint() {
             info!(
                 fingerprint = %trust.bundle_fingerprint,
                 "the control plane's trust bundle changed; renewing the node certificate to fetch it"
+            );
+            shared.renew_node.notify_one();
+        } else if trust.federation_fingerprint != held.federation_fingerprint() {
+            info!(
+                fingerprint = %trust.federation_fingerprint,
+                "the federated trust domains' bundles changed; renewing the node certificate to fetch them"
             );
             shared.renew_node.notify_one();
         }
@@ -637,8 +644,16 @@ async fn keep_node_cert(
                     .node_not_after
                     .store(unix(id.not_after), Ordering::Relaxed);
                 let fingerprint = id.bundle.fingerprint();
-                if fingerprint != shared.ctx.bundle.load().fingerprint() {
-                    info!(%fingerprint, anchors = id.bundle.certs().len(), "trust bundle updated: tunnels are verified against it from now on");
+                let held = shared.ctx.bundle.load();
+                if fingerprint != held.fingerprint()
+                    || id.bundle.federation_fingerprint() != held.federation_fingerprint()
+                {
+                    let federated: Vec<String> = id
+                        .bundle
+                        .federated()
+                        .map(|b| b.trust_domain().to_string())
+                        .collect();
+                    info!(%fingerprint, anchors = id.bundle.certs().len(), federated = ?federated, "trust bundle updated: tunnels are verified against it from now on");
                     crate::trust::replace_bundle(&shared.ctx, id.bundle.clone());
                 }
                 client.store(Arc::new(c));

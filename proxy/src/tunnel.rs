@@ -630,11 +630,21 @@ async fn tunnel(
 /// Counts a failed handshake under a bounded reason label and returns the readable reason.
 fn handshake_failed(ctx: &Ctx, direction: &'static str, err: &std::io::Error) -> String {
     let reason = explain_io(err);
+    // The verifiers' own refusals are labelled by their kind: their messages name peer IDs, which
+    // would make the label set unbounded.
+    let kind = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(strait_ca::verify::rejection_kind);
+    let label = match kind {
+        Some(k) => format!("{k:?}"),
+        None => reason_label(&reason),
+    };
     ctx.metrics
         .handshake_errors
         .get_or_create(&crate::metrics::Reason {
             direction,
-            reason: reason_label(&reason),
+            reason: label,
         })
         .inc();
     reason

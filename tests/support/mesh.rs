@@ -496,3 +496,119 @@ pub fn capture(m: &Mesh, host: &str, file: &Path) -> Proc {
     );
     m.net.capture(host, file)
 }
+
+/// An SVID for `spiffe_id` from the CA in `ca_dir` (a key made with OpenSSL, issued by `strait ca issue`),
+/// written as `<name>.pem` and `<name>.key` in the test directory: (certificate, key) paths.
+pub fn issue_cert(
+    m: &Mesh,
+    name: &str,
+    ca_dir: &str,
+    spiffe_id: &str,
+    ttl: &str,
+) -> (String, String) {
+    let key = m.p(&format!("{name}.key"));
+    let csr = m.p(&format!("{name}.csr"));
+    let crt = m.p(&format!("{name}.pem"));
+    for args in [
+        vec![
+            "openssl",
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key,
+        ],
+        vec![
+            "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
+        ],
+    ] {
+        assert!(std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let out = std::process::Command::new(bin())
+        .args([
+            "ca", "issue", "--dir", ca_dir, "--csr", csr, "--id", spiffe_id, "--ttl", ttl, "--out",
+            crt,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    (crt.to_owned(), key.to_owned())
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut c = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-binary"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(data).unwrap();
+    c.wait_with_output().unwrap().stdout
+}
+
+/// The TLS server name a tunnel to `spiffe_id` asks for (the destination proxy picks the workload's
+/// certificate by it).
+pub fn tunnel_sni(spiffe_id: &str) -> String {
+    let d = sha256(spiffe_id.as_bytes());
+    format!(
+        "{}.spiffe.strait",
+        d[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+/// What a partner's CA key could sign whatever Strait's own CA refuses: an SVID-shaped certificate for any
+/// `spiffe_id`, made with OpenSSL from the CA files in `ca_dir` ((certificate, key) paths).
+pub fn forge_cert(m: &Mesh, name: &str, ca_dir: &str, spiffe_id: &str) -> (String, String) {
+    let key = m.p(&format!("{name}.key"));
+    let csr = m.p(&format!("{name}.csr"));
+    let crt = m.p(&format!("{name}.pem"));
+    let ext = m.p(&format!("{name}.ext"));
+    std::fs::write(
+        ext,
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nsubjectAltName=critical,URI:{spiffe_id}\n"
+        ),
+    )
+    .unwrap();
+    let (ca_cert, ca_key) = (
+        format!("{ca_dir}/ca-cert.pem"),
+        format!("{ca_dir}/ca-key.pem"),
+    );
+    for args in [
+        vec![
+            "openssl",
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key,
+        ],
+        vec![
+            "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
+        ],
+        vec![
+            "openssl", "x509", "-req", "-in", csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-days",
+            "1", "-extfile", ext, "-out", crt,
+        ],
+    ] {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    (crt.to_owned(), key.to_owned())
+}

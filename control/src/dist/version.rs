@@ -77,6 +77,11 @@ pub struct TrustState {
     pub bundle_fingerprint: String,
     /// Id of the root that signs SVIDs now.
     pub authority: String,
+    /// [`strait_ca::TrustBundle::federation_fingerprint`] of the federated trust domains' bundles in force;
+    /// empty (and absent on the wire, as before federation existed) without federation. A proxy holding
+    /// another renews its node certificate, whose answer carries the bundles.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub federation_fingerprint: String,
 }
 
 impl VersionPayload {
@@ -106,6 +111,11 @@ impl VersionPayload {
             ctx.update(t.bundle_fingerprint.as_bytes());
             ctx.update(&[0]);
             ctx.update(t.authority.as_bytes());
+            if !t.federation_fingerprint.is_empty() {
+                ctx.update(&[0]);
+                ctx.update(b"federation:");
+                ctx.update(t.federation_fingerprint.as_bytes());
+            }
         }
         crate::tokens::hex(ctx.finish().as_ref())
     }
