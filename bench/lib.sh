@@ -23,7 +23,9 @@ cleanup() {
   for n in sw cp a b; do ip netns del $P-$n 2>/dev/null || true; done
   rm -rf "$W"
 }
-trap cleanup EXIT INT TERM
+# INT/TERM end the script (a trap alone would let it run on); EXIT then cleans up.
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 for n in sw cp a b; do ip netns add $P-$n; ip -n $P-$n link set lo up; done
 ip -n $P-sw link add br0 type bridge && ip -n $P-sw link set br0 up

@@ -42,9 +42,14 @@ EOS
   bg pa-supervisor.log ip netns exec $P-a bash -c "(sleep 0.3; : </dev/tcp/127.0.0.1/15001) 2>/dev/null & exec systemd-socket-activate -l 127.0.0.1:15001 -l '[::1]:15001' --fdname=outbound:outbound -- bash $W/supervise-a.sh"
   SUP=${PIDS[-1]}
   # The proxy is the supervisor's child, not in PIDS: stop the loop first, then its proxy.
-  trap 'kill -STOP $SUP 2>/dev/null; pkill -9 -P $SUP 2>/dev/null; kill -9 $SUP 2>/dev/null; cleanup' EXIT INT TERM
-  proxy_a() { pgrep -P "$SUP" -x strait || true; }
-  until [ -n "$(proxy_a)" ] && ip netns exec $P-a curl -sf -o /dev/null http://127.0.0.1:15000/ready; do sleep 0.05; done
+  trap 'kill -STOP $SUP 2>/dev/null; pkill -9 -P $SUP 2>/dev/null; kill -9 $SUP 2>/dev/null; cleanup' EXIT
+  # By command line, not process name: STRAIT_BIN may be a copy under another name.
+  proxy_a() { pgrep -P "$SUP" -f "$BIN proxy" || true; }
+  deadline=$(( $(date +%s) + 60 ))
+  until [ -n "$(proxy_a)" ] && ip netns exec $P-a curl -sf -o /dev/null http://127.0.0.1:15000/ready; do
+    [ "$(date +%s)" -lt $deadline ] || die "the supervised proxy did not become ready in 60 s (log: $W/pa-supervisor.log)"
+    sleep 0.05
+  done
   PA=$(proxy_a)
   grep -q "handed over by the service manager" $W/pa-supervisor.log || { echo "error: the proxy did not take the activated sockets (log: $W/pa-supervisor.log)" >&2; exit 1; }
 fi
@@ -66,7 +71,11 @@ while kill -0 $HEY 2>/dev/null; do
   if [ $t -ge $next_restart ] && [ $t -lt $((DUR - 20)) ]; then
     kill -TERM $PA; while kill -0 $PA 2>/dev/null; do sleep 0.05; done
     if [ "${SOCKET_ACTIVATION:-0}" = 1 ]; then
-      until [ -n "$(proxy_a)" ] && [ "$(proxy_a)" != "$PA" ]; do sleep 0.05; done   # the supervisor's next one
+      deadline=$(( $(date +%s) + 60 ))
+      until [ -n "$(proxy_a)" ] && [ "$(proxy_a)" != "$PA" ]; do   # the supervisor's next one
+        [ "$(date +%s)" -lt $deadline ] || die "the supervisor started no new proxy in 60 s"
+        sleep 0.05
+      done
       PA=$(proxy_a)
     else
       bg pa-restart.log ip netns exec $P-a $BIN proxy --control https://10.77.0.1:15012 --node host-a --data-dir $W/pa --address 10.77.0.2 --address fd77::2 --log-level warn
