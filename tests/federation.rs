@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use support::mesh::{bin, forge_cert, id, issue_cert, text, tunnel_sni, Mesh, OWNER_UID};
+use support::mesh::{
+    bin, forge_cert, hold_tunnel, id, issue_cert, text, tunnel_sni, Mesh, OWNER_UID,
+};
 use support::{require_root, Netns, Proc};
 
 struct Orgs {
@@ -520,15 +522,7 @@ fn proxies_verify_each_partner_against_its_own_roots_only() {
     probe(&vfx_as_color, Some("UnknownIssuer"));
 
     // A tunnel vfx's identity holds open; ending the federation closes it, and vfx is refused again.
-    let (crt, key) = &vfx_own;
-    let held = m.net.spawn(
-        "a",
-        None,
-        &["timeout", "60", "bash", "-c", &format!(
-            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | openssl s_client -ign_eof -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet"
-        )],
-        &m.dir.join("held.log"),
-    );
+    let held = hold_tunnel(&m, "a", &b_tunnel, &sni, &vfx_own, "held.log");
     assert!(
         m.net.wait(held, Duration::from_millis(1500)).is_none(),
         "the tunnel is up"

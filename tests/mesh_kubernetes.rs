@@ -107,9 +107,7 @@ fn packets(file: &Path, filter: &str) -> usize {
 
 /// `dig` from a pod: what it printed.
 fn dig(c: &Cluster, from: &str, args: &[&str]) -> String {
-    let mut all = vec!["dig", "+time=3", "+tries=1"];
-    all.extend_from_slice(args);
-    text(&c.net.run(from, None, &all))
+    c.net.dig(from, None, args)
 }
 
 /// A meshed pod's DNS, whatever resolver it addresses, is answered by its node's proxy: mesh names from
@@ -126,24 +124,15 @@ fn dns_goes_through_the_node_proxy(c: &Cluster) {
     let at_resolver = format!("@{resolver}");
     let at_v6 = format!("@{}", c.net.v6("ctl"));
     let queries = c.dir.join("dnsmasq-queries.log");
-    c.net.spawn(
+    c.net.dnsmasq(
         "ctl",
-        None,
+        &resolver,
         &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={resolver}"),
-            "--user=root",
-            "--pid-file=",
-            &format!("--address=/db.shop.svc.cluster.local/{db4}"),
-            &format!("--address=/legacy.partner.example/{oldb4}"),
-            &format!("--address=/attacker.example/{resolver}"),
-            "--log-queries",
-            &format!("--log-facility={}", queries.display()),
+            format!("--address=/db.shop.svc.cluster.local/{db4}"),
+            format!("--address=/legacy.partner.example/{oldb4}"),
+            format!("--address=/attacker.example/{resolver}"),
         ],
+        &queries,
         &c.dir.join("dnsmasq.log"),
     );
     c.net.eventually(

@@ -642,13 +642,13 @@ fn the_root_ca_rotates_under_traffic_and_a_withdrawn_root_is_refused() {
     assert_eq!(probe(), before, "the retiring root is still trusted");
     // A tunnel that the stolen root's certificate opened while it was trusted, kept open (-ign_eof):
     // withdrawing the root must close it, not wait for it to go idle.
-    let held = m.net.spawn(
+    let held = hold_tunnel(
+        &m,
         "a",
-        None,
-        &["timeout", "60", "bash", "-c", &format!(
-            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | openssl s_client -ign_eof -connect {b_tunnel} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet"
-        )],
-        &m.dir.join("held-tunnel.log"),
+        &b_tunnel,
+        &sni,
+        &(crt.clone(), key.clone()),
+        "held-tunnel.log",
     );
     assert!(
         m.net.wait(held, Duration::from_millis(1500)).is_none(),
@@ -1471,10 +1471,7 @@ fn connections_opened_before_capture_are_cut() {
 
 /// Runs `dig` on a host as a user; its whole output.
 fn dig(m: &Mesh, host: &str, uid: u32, args: &[&str]) -> String {
-    let mut all = vec!["dig", "+time=3", "+tries=1"];
-    all.extend_from_slice(args);
-    let out = m.net.run(host, (uid != 0).then_some(uid), &all);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    m.net.dig(host, (uid != 0).then_some(uid), args)
 }
 
 #[test]
@@ -1488,26 +1485,17 @@ fn dns_goes_through_the_proxy_and_only_allowed_names_leave() {
     // A real resolver outside the mesh that knows every name of the test and logs each query it sees.
     let queries = m.dir.join("dnsmasq-queries.log");
     let big = "x".repeat(200);
-    m.net.spawn(
+    m.net.dnsmasq(
         "out",
-        None,
+        &out4,
         &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={out4}"),
-            "--user=root",
-            "--pid-file=",
-            &format!("--address=/allowed.example/{out4}"),
-            &format!("--address=/unlisted.example/{out4}"),
-            &format!("--address=/partner.example/{out4}"),
+            format!("--address=/allowed.example/{out4}"),
+            format!("--address=/unlisted.example/{out4}"),
+            format!("--address=/partner.example/{out4}"),
             // Four 200-byte strings: more than a 512-byte UDP answer holds, so the client retries over TCP.
-            &format!("--txt-record=big.partner.example,{big},{big},{big},{big}"),
-            "--log-queries",
-            &format!("--log-facility={}", queries.display()),
+            format!("--txt-record=big.partner.example,{big},{big},{big},{big}"),
         ],
+        &queries,
         &m.dir.join("dnsmasq.log"),
     );
     let bundle = compile_workflow(

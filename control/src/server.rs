@@ -564,75 +564,12 @@ async fn dispatch(
                     key_rotation(state, KeyStep::Activate { force: r.force }).await
                 }
                 (&Method::GET, paths::ADMIN_FEDERATION) => list_federations(state).await,
-                (&Method::POST, paths::ADMIN_FEDERATION) => {
-                    let r: api::FederationAdd = json_body(req).await?;
-                    let own = state.trust_domain().clone();
-                    let f = crate::federation::add(state.store.clone(), &own, r)
-                        .await
-                        .map_err(federation_refused)?;
-                    let st = state.clone();
-                    blocking(move || {
-                        federation_changed(&st);
-                        Ok(())
-                    })
-                    .await?;
-                    Ok(json(StatusCode::CREATED, &f))
-                }
+                (&Method::POST, paths::ADMIN_FEDERATION) => add_federation(state, req).await,
                 (&Method::POST, paths::ADMIN_FEDERATION_REFRESH) => {
-                    let r: api::FederationTarget = json_body(req).await?;
-                    let tds = match r.trust_domain {
-                        Some(td) => vec![td],
-                        None => {
-                            let st = state.clone();
-                            blocking(move || Ok(st.store.federations()?))
-                                .await?
-                                .into_iter()
-                                .map(|f| f.trust_domain)
-                                .collect()
-                        }
-                    };
-                    let (mut out, mut changed) = (Vec::new(), false);
-                    for td in tds {
-                        let (f, c) = crate::federation::refresh(state.store.clone(), &td)
-                            .await
-                            .map_err(federation_refused)?;
-                        out.push(f);
-                        changed |= c;
-                    }
-                    if changed {
-                        let st = state.clone();
-                        blocking(move || {
-                            federation_changed(&st);
-                            Ok(())
-                        })
-                        .await?;
-                    }
-                    Ok(json(StatusCode::OK, &out))
+                    refresh_federations(state, req).await
                 }
                 (&Method::POST, paths::ADMIN_FEDERATION_REMOVE) => {
-                    let r: api::FederationTarget = json_body(req).await?;
-                    let td = r.trust_domain.ok_or_else(|| {
-                        ApiError::new(
-                            StatusCode::BAD_REQUEST,
-                            "invalid",
-                            "name the trust domain to remove",
-                        )
-                    })?;
-                    let st = state.clone();
-                    let key = td.clone();
-                    let removed = blocking(move || {
-                        let removed = st.store.remove_federation(&key)?;
-                        if removed {
-                            federation_changed(&st);
-                        }
-                        Ok(removed)
-                    })
-                    .await?;
-                    if !removed {
-                        return Err(federation_refused(crate::federation::Refusal::Unknown(td)));
-                    }
-                    info!(trust_domain = %td, "federation removed");
-                    Ok(json(StatusCode::OK, &serde_json::json!({"removed": td})))
+                    remove_federation(state, req).await
                 }
                 (&Method::GET, p) if p.starts_with(paths::ADMIN_WORKFLOW_PREFIX) => {
                     show_workflow(state, &p[paths::ADMIN_WORKFLOW_PREFIX.len()..]).await
@@ -1174,6 +1111,73 @@ fn trust_state(
 fn federation_changed(st: &State) {
     st.hub.set_trust(trust_state(&st.authorities, &st.store));
     st.hub.changed(&st.store);
+}
+
+/// [`federation_changed`] from an async handler.
+async fn announce_federation(state: &Arc<State>) -> Result<(), ApiError> {
+    let st = state.clone();
+    blocking(move || {
+        federation_changed(&st);
+        Ok(())
+    })
+    .await
+}
+
+async fn add_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::FederationAdd = json_body(req).await?;
+    let own = state.trust_domain().clone();
+    let f = crate::federation::add(state.store.clone(), &own, r)
+        .await
+        .map_err(federation_refused)?;
+    announce_federation(state).await?;
+    Ok(json(StatusCode::CREATED, &f))
+}
+
+/// Refreshes one partner, or all; a new version announces changed roots.
+async fn refresh_federations(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::FederationTarget = json_body(req).await?;
+    let tds = match r.trust_domain {
+        Some(td) => vec![td],
+        None => {
+            let st = state.clone();
+            blocking(move || Ok(st.store.federations()?))
+                .await?
+                .into_iter()
+                .map(|f| f.trust_domain)
+                .collect()
+        }
+    };
+    let (mut out, mut changed) = (Vec::new(), false);
+    for td in tds {
+        let (f, c) = crate::federation::refresh(state.store.clone(), &td)
+            .await
+            .map_err(federation_refused)?;
+        out.push(f);
+        changed |= c;
+    }
+    if changed {
+        announce_federation(state).await?;
+    }
+    Ok(json(StatusCode::OK, &out))
+}
+
+async fn remove_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::FederationTarget = json_body(req).await?;
+    let td = r.trust_domain.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "name the trust domain to remove",
+        )
+    })?;
+    let st = state.clone();
+    let key = td.clone();
+    if !blocking(move || Ok(st.store.remove_federation(&key)?)).await? {
+        return Err(federation_refused(crate::federation::Refusal::Unknown(td)));
+    }
+    announce_federation(state).await?;
+    info!(trust_domain = %td, "federation removed");
+    Ok(json(StatusCode::OK, &serde_json::json!({ "removed": td })))
 }
 
 fn federation_refused(e: crate::federation::Refusal) -> ApiError {

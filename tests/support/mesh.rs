@@ -506,9 +506,23 @@ pub fn issue_cert(
     spiffe_id: &str,
     ttl: &str,
 ) -> (String, String) {
+    let (key, csr) = key_and_csr(m, name);
+    let crt = m.p(&format!("{name}.pem"));
+    let out = std::process::Command::new(bin())
+        .args([
+            "ca", "issue", "--dir", ca_dir, "--csr", csr, "--id", spiffe_id, "--ttl", ttl, "--out",
+            crt,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    (crt.to_owned(), key.to_owned())
+}
+
+/// A new P-256 key and a CSR for it (OpenSSL), as `<name>.key` and `<name>.csr` in the test directory.
+fn key_and_csr<'a>(m: &'a Mesh, name: &str) -> (&'a str, &'a str) {
     let key = m.p(&format!("{name}.key"));
     let csr = m.p(&format!("{name}.csr"));
-    let crt = m.p(&format!("{name}.pem"));
     for args in [
         vec![
             "openssl",
@@ -524,21 +538,13 @@ pub fn issue_cert(
             "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
         ],
     ] {
-        assert!(std::process::Command::new(args[0])
+        let out = std::process::Command::new(args[0])
             .args(&args[1..])
-            .status()
-            .unwrap()
-            .success());
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
     }
-    let out = std::process::Command::new(bin())
-        .args([
-            "ca", "issue", "--dir", ca_dir, "--csr", csr, "--id", spiffe_id, "--ttl", ttl, "--out",
-            crt,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    (crt.to_owned(), key.to_owned())
+    (key, csr)
 }
 
 pub fn sha256(data: &[u8]) -> Vec<u8> {
@@ -570,8 +576,7 @@ pub fn tunnel_sni(spiffe_id: &str) -> String {
 /// What a partner's CA key could sign whatever Strait's own CA refuses: an SVID-shaped certificate for any
 /// `spiffe_id`, made with OpenSSL from the CA files in `ca_dir` ((certificate, key) paths).
 pub fn forge_cert(m: &Mesh, name: &str, ca_dir: &str, spiffe_id: &str) -> (String, String) {
-    let key = m.p(&format!("{name}.key"));
-    let csr = m.p(&format!("{name}.csr"));
+    let (key, csr) = key_and_csr(m, name);
     let crt = m.p(&format!("{name}.pem"));
     let ext = m.p(&format!("{name}.ext"));
     std::fs::write(
@@ -585,30 +590,35 @@ pub fn forge_cert(m: &Mesh, name: &str, ca_dir: &str, spiffe_id: &str) -> (Strin
         format!("{ca_dir}/ca-cert.pem"),
         format!("{ca_dir}/ca-key.pem"),
     );
-    for args in [
-        vec![
-            "openssl",
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            key,
-        ],
-        vec![
-            "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
-        ],
-        vec![
-            "openssl", "x509", "-req", "-in", csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-days",
-            "1", "-extfile", ext, "-out", crt,
-        ],
-    ] {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", text(&out));
-    }
+    let out = std::process::Command::new("openssl")
+        .args([
+            "x509", "-req", "-in", csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-days", "1",
+            "-extfile", ext, "-out", crt,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
     (crt.to_owned(), key.to_owned())
+}
+
+/// Opens a tunnel to `target` (a proxy's 15008) as the holder of `cert` would, asking for the workload
+/// `sni` names, and keeps it open (`-ign_eof`) for up to a minute: the process ends when the proxy
+/// closes the connection.
+pub fn hold_tunnel(
+    m: &Mesh,
+    from: &str,
+    target: &str,
+    sni: &str,
+    cert: &(String, String),
+    log: &str,
+) -> Proc {
+    let (crt, key) = cert;
+    m.net.spawn(
+        from,
+        None,
+        &["timeout", "60", "bash", "-c", &format!(
+            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | openssl s_client -ign_eof -connect {target} -servername {sni} -alpn h2 -cert {crt} -key {key} -tls1_3 -quiet"
+        )],
+        &m.dir.join(log),
+    )
 }

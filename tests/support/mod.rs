@@ -375,6 +375,42 @@ impl Netns {
         }
     }
 
+    /// A real resolver on `host`: dnsmasq listening on `addr` only, answering from `records` (dnsmasq
+    /// options: `--address=/NAME/IP`, `--txt-record=…`), upstream of nothing, logging every query it sees
+    /// to `queries` (so a test can show what never reached it). Its own output goes to `log`.
+    pub fn dnsmasq(
+        &self,
+        host: &str,
+        addr: &str,
+        records: &[String],
+        queries: &Path,
+        log: &Path,
+    ) -> Proc {
+        let listen = format!("--listen-address={addr}");
+        let facility = format!("--log-facility={}", queries.display());
+        let mut args = vec![
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &listen,
+            "--user=root",
+            "--pid-file=",
+            "--log-queries",
+            &facility,
+        ];
+        args.extend(records.iter().map(String::as_str));
+        self.spawn(host, None, &args, log)
+    }
+
+    /// `dig` on `host` (as `uid`), one try of 3 s: what it printed.
+    pub fn dig(&self, host: &str, uid: Option<u32>, args: &[&str]) -> String {
+        let mut all = vec!["dig", "+time=3", "+tries=1"];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&self.run(host, uid, &all).stdout).into_owned()
+    }
+
     /// Waits for a process to exit, up to `timeout`; returns its exit status if it did.
     pub fn wait(&self, p: Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
