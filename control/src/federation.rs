@@ -218,6 +218,16 @@ pub async fn add(
     }
     crate::client::parse_server(&req.endpoint)
         .map_err(|e| Refusal::Invalid(format!("endpoint {:?}: {e}", req.endpoint)))?;
+    let (s, key) = (store.clone(), td.to_string());
+    if tokio::task::spawn_blocking(move || s.federation(&key))
+        .await
+        .map_err(|e| Refusal::Invalid(e.to_string()))??
+        .is_some()
+    {
+        return Err(Refusal::Invalid(format!(
+            "{td} is federated already: remove it first to change its endpoint"
+        )));
+    }
     let bootstrap = parse_bootstrap(&td, &req.bootstrap_bundle)?;
     let actual = bootstrap.fingerprint();
     match req.fingerprint.as_deref().map(normalize_fingerprint) {
@@ -254,9 +264,18 @@ pub async fn add(
         last_error: None,
     };
     let stored = rec.clone();
-    tokio::task::spawn_blocking(move || store.put_federation(&stored))
-        .await
-        .map_err(|e| Refusal::Invalid(e.to_string()))??;
+    let key = td.to_string();
+    // Stored only if no relationship with that trust domain appeared meanwhile.
+    let added = tokio::task::spawn_blocking(move || {
+        store.update_federation(&key, |old| old.is_none().then_some(stored))
+    })
+    .await
+    .map_err(|e| Refusal::Invalid(e.to_string()))??;
+    if added.is_none() {
+        return Err(Refusal::Invalid(format!(
+            "{td} is federated already: remove it first to change its endpoint"
+        )));
+    }
     info!(trust_domain = %td, endpoint = %rec.endpoint, sequence = rec.sequence, fingerprint = %fetched.bundle.fingerprint(), "federation added");
     Ok(describe(&rec))
 }
@@ -288,6 +307,7 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
     else {
         return Err(Refusal::Unknown(td.to_owned()));
     };
+    let before = rec.clone();
     let outcome = async {
         let domain = TrustDomain::new(&rec.trust_domain).map_err(|e| e.to_string())?;
         let id = SpiffeId::parse(&rec.endpoint_id).map_err(|e| e.to_string())?;
@@ -322,11 +342,36 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
             rec.last_error = Some(e);
         }
     }
-    let stored = rec.clone();
-    tokio::task::spawn_blocking(move || store.put_federation(&stored))
+    // Written only over the record this refresh started from: a relationship removed or replaced
+    // meanwhile stays removed or replaced, and a newer bundle stored by an overlapping refresh is not
+    // rolled back.
+    let (fetched_from, stored, s) = (before, rec.clone(), store.clone());
+    let key = rec.trust_domain.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        s.update_federation(&key, |current| {
+            let current = current?;
+            (current.endpoint == fetched_from.endpoint
+                && current.endpoint_id == fetched_from.endpoint_id
+                && current.sequence == fetched_from.sequence
+                && current.fetched_at == fetched_from.fetched_at
+                && current.bundle_pem == fetched_from.bundle_pem)
+                .then_some(stored)
+        })
+    })
+    .await
+    .map_err(|e| Refusal::Invalid(e.to_string()))??;
+    if written.is_some() {
+        return Ok((describe(&rec), changed));
+    }
+    // Someone else changed the relationship while this fetch ran: what is stored stands.
+    let key = rec.trust_domain.clone();
+    match tokio::task::spawn_blocking(move || store.federation(&key))
         .await
-        .map_err(|e| Refusal::Invalid(e.to_string()))??;
-    Ok((describe(&rec), changed))
+        .map_err(|e| Refusal::Invalid(e.to_string()))??
+    {
+        Some(current) => Ok((describe(&current), false)),
+        None => Err(Refusal::Unknown(rec.trust_domain)),
+    }
 }
 
 /// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), forever;

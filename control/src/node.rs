@@ -261,12 +261,22 @@ impl NodeIdentity {
         )
         .map_err(|e| bad(&e))?;
         let federated_file = dir.join(layout::FEDERATED);
-        let bundle = if federated_file.exists() {
-            let list: Vec<api::FederatedBundle> =
-                serde_json::from_str(&files::read_pem(&federated_file)?).map_err(|e| bad(&e))?;
-            bundle.federate(federated_bundles(&list).map_err(|e| bad(&e))?)
-        } else {
-            bundle
+        // A damaged copy is not a reason to refuse to start: the node then trusts no partner until its
+        // next renewal brings the bundles again (fail closed for partners only).
+        let bundle = match federated_file.exists().then(|| {
+            files::read_pem(&federated_file)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    serde_json::from_str::<Vec<api::FederatedBundle>>(&text).map_err(|e| e.to_string())
+                })
+                .and_then(|list| federated_bundles(&list))
+        }) {
+            Some(Ok(partners)) => bundle.federate(partners),
+            Some(Err(e)) => {
+                tracing::warn!(file = %federated_file.display(), error = %e, "the saved federated bundles are unreadable; no partner is trusted until the next renewal");
+                bundle
+            }
+            None => bundle,
         };
         let key_file = dir.join(layout::DISTRIBUTION_KEY);
         let mut keys = if key_file.exists() {

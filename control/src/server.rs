@@ -108,6 +108,10 @@ pub struct State {
     /// The active CA, and during a root rotation the prepared or retiring one.
     authorities: Authorities,
     store: Arc<Store>,
+    /// Serialises trust-state announcements ([`announce_trust`]).
+    trust_update: Mutex<()>,
+    /// The local bundle's fingerprint and its `spiffe_sequence`, as last served.
+    bundle_sequence: Mutex<Option<(String, u64)>>,
     admin_hash: [u8; 32],
     /// Wakes the serving-certificate loop when the signing root changed.
     serving_renew: tokio::sync::Notify,
@@ -162,6 +166,8 @@ impl State {
             authorities,
             serving_renew: tokio::sync::Notify::new(),
             store: Arc::new(store),
+            trust_update: Mutex::new(()),
+            bundle_sequence: Mutex::new(None),
             admin_hash,
             svid_ttl,
             last_seen: Mutex::new(HashMap::new()),
@@ -843,13 +849,12 @@ fn issue_node_cert(
         id,
         chain_pem: svid.chain_pem(),
         bundle_pem: st.bundle_pem(),
-        federated: st
-            .store
-            .federations()?
-            .into_iter()
-            .map(|f| api::FederatedBundle {
-                trust_domain: f.trust_domain,
-                bundle_pem: f.bundle_pem,
+        // The same list the versions' federation fingerprint is made of.
+        federated: crate::federation::bundles(&st.store)?
+            .iter()
+            .map(|b| api::FederatedBundle {
+                trust_domain: b.trust_domain().to_string(),
+                bundle_pem: b.to_pem(),
             })
             .collect(),
         trust_domain: st.trust_domain().to_string(),
@@ -1109,6 +1114,13 @@ fn trust_state(
 /// A federated bundle changed (added, refreshed to other roots, removed): a new version announces it, and
 /// proxies fetch the bundles with their next renewal. Blocking.
 fn federation_changed(st: &State) {
+    announce_trust(st);
+}
+
+/// Makes the next version carry the trust state as it is now. One at a time: a state computed earlier
+/// must not overwrite a later one between `set_trust` and the rebuild. Blocking.
+fn announce_trust(st: &State) {
+    let _one = st.trust_update.lock().unwrap_or_else(|p| p.into_inner());
     st.hub.set_trust(trust_state(&st.authorities, &st.store));
     st.hub.changed(&st.store);
 }
@@ -1187,9 +1199,22 @@ fn federation_refused(e: crate::federation::Refusal) -> ApiError {
 /// This trust domain's bundle and its `spiffe_sequence` (bumped whenever the bundle changes).
 async fn local_bundle(state: &Arc<State>) -> Result<(Arc<TrustBundle>, u64), ApiError> {
     let bundle = state.authorities.bundle();
-    let st = state.clone();
     let fingerprint = bundle.fingerprint();
-    let sequence = blocking(move || Ok(st.store.bundle_sequence(&fingerprint)?)).await?;
+    // Anyone may ask: the store is written only when the bundle changed since the last answer.
+    let cached = state
+        .bundle_sequence
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().filter(|(f, _)| *f == fingerprint).map(|(_, n)| *n));
+    if let Some(sequence) = cached {
+        return Ok((bundle, sequence));
+    }
+    let st = state.clone();
+    let f = fingerprint.clone();
+    let sequence = blocking(move || Ok(st.store.bundle_sequence(&f)?)).await?;
+    if let Ok(mut c) = state.bundle_sequence.lock() {
+        *c = Some((fingerprint, sequence));
+    }
     Ok((bundle, sequence))
 }
 
@@ -1259,8 +1284,7 @@ async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
             }
         };
         if changed {
-            st.hub.set_trust(trust_state(&st.authorities, &st.store));
-            st.hub.changed(&st.store);
+            announce_trust(&st);
         }
         Ok(ca_status(&st, &st.store.nodes()?))
     })

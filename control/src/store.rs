@@ -315,12 +315,26 @@ impl Store {
         Ok(sequence)
     }
 
-    pub fn put_federation(&self, rec: &crate::federation::Record) -> Result<(), StoreError> {
+    /// Changes one relationship in one transaction: `f` gets the stored record (if any) and returns what
+    /// to store (`None`: leave it as it is). Returns what `f` returned. Adds, refreshes and removals that
+    /// overlap (a fetch takes seconds) never undo one another this way.
+    pub fn update_federation(
+        &self,
+        td: &str,
+        f: impl FnOnce(Option<crate::federation::Record>) -> Option<crate::federation::Record>,
+    ) -> Result<Option<crate::federation::Record>, StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(FEDERATION)?
-            .insert(rec.trust_domain.as_str(), encode(rec).as_slice())?;
+        let out = {
+            let mut t = txn.open_table(FEDERATION)?;
+            let old = t.get(td)?.map(|v| decode(td, v.value())).transpose()?;
+            let new = f(old);
+            if let Some(rec) = &new {
+                t.insert(td, encode(rec).as_slice())?;
+            }
+            new
+        };
         txn.commit()?;
-        Ok(())
+        Ok(out)
     }
 
     pub fn federation(&self, td: &str) -> Result<Option<crate::federation::Record>, StoreError> {

@@ -15,10 +15,11 @@
 //! | `parsed_query` | query parameters, each an array of values |
 //! | `parsed_body` | JSON or form body (bounded); `truncated_body: true` when cut |
 //! | `source_principal` | same as `attributes.source.principal` (OPA-Istio convenience) |
+//! | `source_trust_domain`, `destination_trust_domain` | the trust domains of the two principals (`vfx.example`): which organisation calls which, with federation |
 //! | `version` | `{"encoding": "protojson", "ext_authz": "v3"}` |
 //!
 //! For TCP ports (one decision per connection) only `attributes.source`, `attributes.destination`,
-//! `source_principal` and `version` are present.
+//! `source_principal`, the trust domains and `version` are present.
 
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -81,6 +82,8 @@ struct Keys {
     parsed_body: Value,
     truncated_body: Value,
     source_principal: Value,
+    source_trust_domain: Value,
+    destination_trust_domain: Value,
     version: Value,
     authority: Value,
     method_pseudo: Value,
@@ -112,6 +115,8 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     parsed_body: "parsed_body".into(),
     truncated_body: "truncated_body".into(),
     source_principal: "source_principal".into(),
+    source_trust_domain: "source_trust_domain".into(),
+    destination_trust_domain: "destination_trust_domain".into(),
     version: "version".into(),
     authority: ":authority".into(),
     method_pseudo: ":method".into(),
@@ -153,6 +158,15 @@ pub struct Peers {
     source_value: Value,
     destination_value: Value,
     source_principal: Option<Value>,
+    source_trust_domain: Option<Value>,
+    destination_trust_domain: Option<Value>,
+}
+
+/// The trust domain of a SPIFFE ID (`spiffe://TD/...`), if it is one.
+fn trust_domain_of(principal: Option<&str>) -> Option<Value> {
+    let rest = principal?.strip_prefix("spiffe://")?;
+    let td = rest.split('/').next().filter(|td| !td.is_empty())?;
+    Some(Value::from(td))
 }
 
 impl Peers {
@@ -161,6 +175,8 @@ impl Peers {
             source_value: peer_value(&source),
             destination_value: peer_value(&destination),
             source_principal: source.principal.as_deref().map(Value::from),
+            source_trust_domain: trust_domain_of(source.principal.as_deref()),
+            destination_trust_domain: trust_domain_of(destination.principal.as_deref()),
             source,
             destination,
         }
@@ -182,6 +198,12 @@ impl Peers {
         ]);
         if let Some(p) = &self.source_principal {
             doc.insert(k.source_principal.clone(), p.clone());
+        }
+        if let Some(td) = &self.source_trust_domain {
+            doc.insert(k.source_trust_domain.clone(), td.clone());
+        }
+        if let Some(td) = &self.destination_trust_domain {
+            doc.insert(k.destination_trust_domain.clone(), td.clone());
         }
         doc
     }
@@ -404,6 +426,7 @@ mod tests {
         assert_eq!(doc["parsed_query"], json!({"a": ["1", "2"], "b": ["x y"]}));
         assert_eq!(doc["parsed_body"], json!({"k": "v"}));
         assert_eq!(doc["source_principal"], "spiffe://td/ns/a/sa/x");
+        assert_eq!(doc["source_trust_domain"], "td");
         assert_eq!(
             doc["attributes"]["source"]["address"]["socketAddress"]["portValue"],
             4444
@@ -421,6 +444,7 @@ mod tests {
             doc,
             json!({"attributes": {"source": {"principal": "spiffe://td/a"}, "destination": {}},
                    "source_principal": "spiffe://td/a",
+                   "source_trust_domain": "td",
                    "version": {"encoding": "protojson", "ext_authz": "v3"}})
         );
     }

@@ -78,9 +78,10 @@ fn recvmsg(
     msg.msg_name = name.as_mut_ptr().cast();
     msg.msg_namelen = std::mem::size_of_val(&name) as libc::socklen_t;
     msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    msg.msg_iovlen = 1 as _;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    // `as _`: size_t on glibc, socklen_t on musl (the container image's target).
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: see above; recvmsg writes only within the lengths given.
     let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
     if n < 0 {
@@ -95,7 +96,8 @@ fn recvmsg(
     };
     let peer = sockaddr(&as_bytes(&name, msg.msg_namelen as usize))
         .ok_or_else(|| io::Error::other("a datagram from an address that is not IPv4 or IPv6"))?;
-    let control = as_bytes(&control, msg.msg_controllen);
+    #[allow(clippy::unnecessary_cast)] // a u32 on musl
+    let control = as_bytes(&control, msg.msg_controllen as usize);
     Ok((n as usize, peer, original_destination(&control)))
 }
 

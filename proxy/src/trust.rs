@@ -13,14 +13,23 @@ use tokio::sync::watch;
 
 use crate::tunnel::Ctx;
 
-/// The peer chain a tunnel was authenticated with (leaf first), kept to be checked again.
-pub struct PeerChain(Vec<CertificateDer<'static>>);
+/// The peer chain a tunnel was authenticated with (leaf first) and when, kept to be checked again.
+pub struct PeerChain {
+    certs: Vec<CertificateDer<'static>>,
+    /// Checks again ask whether the new bundle would have accepted the chain at the handshake: a change
+    /// of trust ends a tunnel, the leaf's expiry since then does not (the pool stops reusing tunnels of
+    /// older certificates; their streams end on their own).
+    verified_at: UnixTime,
+}
 
 impl PeerChain {
     /// The chain of an established TLS connection; `None` if it has none (never past the verifiers).
     pub fn of(conn: &rustls::CommonState) -> Option<Self> {
         let certs = conn.peer_certificates()?;
-        (!certs.is_empty()).then(|| Self(certs.iter().map(|c| c.clone().into_owned()).collect()))
+        (!certs.is_empty()).then(|| Self {
+            certs: certs.iter().map(|c| c.clone().into_owned()).collect(),
+            verified_at: UnixTime::now(),
+        })
     }
 }
 
@@ -39,6 +48,8 @@ pub struct Watch {
     epoch: watch::Receiver<u64>,
 }
 
+/// Take it before the handshake: a bundle change between the handshake's verification and the watch
+/// would otherwise go unseen by this tunnel.
 pub fn watch(ctx: &Ctx) -> Watch {
     Watch {
         bundle: ctx.bundle.clone(),
@@ -51,7 +62,9 @@ impl Watch {
     /// never otherwise. `role` is the peer's (the tunnel's client on the inbound side, its server on the
     /// outbound side).
     pub async fn distrusted(mut self, chain: PeerChain, role: PeerRole) -> PeerRejection {
-        let [leaf, intermediates @ ..] = chain.0.as_slice() else {
+        // Changes since the watch was taken (before the handshake) count: check once at the start.
+        self.epoch.mark_changed();
+        let [leaf, intermediates @ ..] = chain.certs.as_slice() else {
             return std::future::pending().await;
         };
         loop {
@@ -65,7 +78,7 @@ impl Watch {
                 &PeerIdMatcher::AnyInTrustDomain,
                 leaf,
                 intermediates,
-                UnixTime::now(),
+                chain.verified_at,
                 role,
             ) {
                 return e;

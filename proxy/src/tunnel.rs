@@ -495,6 +495,7 @@ async fn open_tunnel(
             id: src.clone(),
         }));
     tls.alpn_protocols = vec![b"h2".to_vec()];
+    let trust = crate::trust::watch(ctx);
     let tcp = connect_marked(tunnel, CONNECT_TIMEOUT)
         .await
         .map_err(TunnelError::Connect)?;
@@ -507,7 +508,6 @@ async fn open_tunnel(
     .map_err(|_| TunnelError::Tls("handshake timed out".into()))?
     .map_err(|e| TunnelError::Tls(handshake_failed(ctx, "outbound", &e)))?;
     let chain = crate::trust::PeerChain::of(tls.get_ref().1);
-    let trust = crate::trust::watch(ctx);
     let (sender, conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
@@ -697,6 +697,7 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
         // streams are.
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
+            let trust = crate::trust::watch(&ctx);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -723,7 +724,7 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
                 ctx.metrics.refuse("inbound", "unknown_destination");
                 return;
             }
-            let (chain, trust) = (crate::trust::PeerChain::of(conn), crate::trust::watch(&ctx));
+            let chain = crate::trust::PeerChain::of(conn);
             let mut conn = match h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)

@@ -67,10 +67,16 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let client = admin_client(&conn)?;
             let list: FederationList = client.get(paths::ADMIN_FEDERATION).await?;
             let bundle: serde_json::Value = client.get(paths::FEDERATION_BUNDLE).await?;
-            println!("{}", serde_json::to_string_pretty(&bundle)?);
+            let text = serde_json::to_string_pretty(&bundle)?;
+            // The fingerprint of exactly what is printed, as the partner's `add` will compute it.
+            let td = strait_ca::TrustDomain::new(&list.trust_domain)?;
+            let parsed = strait_ca::SpiffeBundle::parse(td, text.as_bytes())?;
+            println!("{text}");
             eprintln!(
                 "trust domain {}, bundle sequence {}\nfingerprint: {}",
-                list.trust_domain, list.sequence, list.fingerprint
+                list.trust_domain,
+                parsed.sequence,
+                parsed.bundle.fingerprint()
             );
         }
         FederationCommand::Add {

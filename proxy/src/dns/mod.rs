@@ -384,7 +384,9 @@ pub async fn serve_udp(ctx: Arc<Ctx>, socket: UdpSocket, diverted: bool) {
                 .map(|(n, peer)| (n, peer, None))
         };
         let (n, peer, original) = match received {
-            Ok(r) => r,
+            // With IP_RECVORIGDSTADDR every datagram says where it went: to the socket itself is not a
+            // diverted one.
+            Ok((n, peer, original)) => (n, peer, original.filter(|o| *o != local)),
             Err(e) => {
                 // ICMP errors from earlier sends surface here; the socket itself is fine.
                 debug!(error = %e, "DNS socket receive error");
