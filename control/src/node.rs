@@ -267,7 +267,8 @@ impl NodeIdentity {
             files::read_pem(&federated_file)
                 .map_err(|e| e.to_string())
                 .and_then(|text| {
-                    serde_json::from_str::<Vec<api::FederatedBundle>>(&text).map_err(|e| e.to_string())
+                    serde_json::from_str::<Vec<api::FederatedBundle>>(&text)
+                        .map_err(|e| e.to_string())
                 })
                 .and_then(|list| federated_bundles(&list))
         }) {

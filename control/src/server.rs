@@ -1201,11 +1201,11 @@ async fn local_bundle(state: &Arc<State>) -> Result<(Arc<TrustBundle>, u64), Api
     let bundle = state.authorities.bundle();
     let fingerprint = bundle.fingerprint();
     // Anyone may ask: the store is written only when the bundle changed since the last answer.
-    let cached = state
-        .bundle_sequence
-        .lock()
-        .ok()
-        .and_then(|c| c.as_ref().filter(|(f, _)| *f == fingerprint).map(|(_, n)| *n));
+    let cached = state.bundle_sequence.lock().ok().and_then(|c| {
+        c.as_ref()
+            .filter(|(f, _)| *f == fingerprint)
+            .map(|(_, n)| *n)
+    });
     if let Some(sequence) = cached {
         return Ok((bundle, sequence));
     }
