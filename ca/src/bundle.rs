@@ -132,11 +132,7 @@ impl TrustBundle {
             ctx.update(b.fingerprint().as_bytes());
             ctx.update(b"\0");
         }
-        ctx.finish()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(ctx.finish().as_ref())
     }
 
     pub fn from_pem(trust_domain: TrustDomain, pem: &str) -> Result<Self, BundleError> {
@@ -186,11 +182,7 @@ impl TrustBundle {
             ctx.update(&(c.len() as u32).to_be_bytes());
             ctx.update(c.as_ref());
         }
-        ctx.finish()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(ctx.finish().as_ref())
     }
 
     /// The SPIFFE bundle (JWKS) form. `sequence` lets consumers order updates of the same trust domain;
@@ -329,6 +321,10 @@ fn jwk_for(der: &CertificateDer<'_>) -> Option<serde_json::Value> {
     jwk["use"] = "x509-svid".into();
     jwk["x5c"] = serde_json::json!(x5c);
     Some(jwk)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn strip_leading_zeros(b: &[u8]) -> &[u8] {

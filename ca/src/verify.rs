@@ -239,16 +239,17 @@ pub fn verify_peer(
 ) -> Result<SpiffeId, PeerRejection> {
     let algs = provider().signature_verification_algorithms.all;
     // The roots that may vouch for the leaf are those of the trust domain its URI SAN claims: our own, or
-    // a federated one's (never merged). The claim only picks the roots; the identity is read again, and
+    // a federated one's (never merged). The claim only picks the roots; the identity is trusted, and
     // checked, once the chain to those roots is valid. A leaf that names no SPIFFE ID is checked against
     // our roots and then refused for its shape.
-    let bundle = match svid_id(end_entity) {
-        Ok(claimed) => match bundle.for_domain(claimed.trust_domain_str()) {
+    let claimed = svid_id(end_entity);
+    let bundle = match &claimed {
+        Ok(id) => match bundle.for_domain(id.trust_domain_str()) {
             Some(b) => b,
             None => {
                 return Err(PeerRejection::NotFederated {
-                    trust_domain: claimed.trust_domain_str().to_owned(),
-                    got: claimed,
+                    trust_domain: id.trust_domain_str().to_owned(),
+                    got: id.clone(),
                 })
             }
         },
@@ -270,7 +271,7 @@ pub fn verify_peer(
         None,
     )
     .map_err(PeerRejection::from_webpki)?;
-    let id = svid_id(end_entity).map_err(|e| match e {
+    let id = claimed.map_err(|e| match e {
         SvidShapeError::CaAsLeaf => PeerRejection::CaAsLeaf,
         other => PeerRejection::Shape(other),
     })?;

@@ -193,6 +193,17 @@ pub struct FederatedBundle {
     pub bundle_pem: String,
 }
 
+impl FederatedBundle {
+    /// The roots as a bundle of their trust domain: the one parse of a partner's stored or received roots
+    /// (control plane store, node renewal answer, node's saved copy).
+    pub fn parse(&self) -> Result<strait_ca::TrustBundle, String> {
+        let td = strait_ca::TrustDomain::new(&self.trust_domain)
+            .map_err(|e| format!("federated trust domain {:?}: {e}", self.trust_domain))?;
+        strait_ca::TrustBundle::from_pem(td, &self.bundle_pem)
+            .map_err(|e| format!("the bundle of {}: {e}", self.trust_domain))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeCertResponse {
     pub id: SpiffeId,

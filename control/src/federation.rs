@@ -15,7 +15,7 @@
 //! version's push.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,17 @@ const MIN_REFRESH_SECS: u64 = 60;
 const MAX_REFRESH_SECS: u64 = 86_400;
 /// A failed fetch is tried again after this, whatever the hint.
 const RETRY_SECS: u64 = 30;
+
+impl Record {
+    /// The partner's roots in force, parsed.
+    pub fn bundle(&self) -> Result<TrustBundle, String> {
+        crate::api::FederatedBundle {
+            trust_domain: self.trust_domain.clone(),
+            bundle_pem: self.bundle_pem.clone(),
+        }
+        .parse()
+    }
+}
 
 /// A relationship and the partner's bundle in force, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,13 +94,6 @@ impl Refusal {
             Refusal::Store(_) => "store",
         }
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// A fingerprint as people write it: hex, any case, with or without `sha256:` and colons.
@@ -146,8 +150,10 @@ async fn fetch(
 
 /// What `list` shows of a record.
 pub fn describe(rec: &Record) -> Federation {
-    let roots = strait_ca::cert::certs_from_pem(&rec.bundle_pem)
-        .unwrap_or_default()
+    let bundle = rec.bundle().ok();
+    let roots = bundle
+        .as_ref()
+        .map_or(&[][..], |b| b.certs())
         .iter()
         .map(|der| {
             let (subject, not_after) = strait_ca::cert::parse_cert(der)
@@ -161,25 +167,18 @@ pub fn describe(rec: &Record) -> Federation {
             FederatedRoot {
                 subject,
                 not_after,
-                sha256: ring::digest::digest(&ring::digest::SHA256, der.as_ref())
-                    .as_ref()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
+                sha256: crate::tokens::hex(
+                    ring::digest::digest(&ring::digest::SHA256, der.as_ref()).as_ref(),
+                ),
             }
         })
         .collect();
-    let fingerprint = TrustDomain::new(&rec.trust_domain)
-        .ok()
-        .and_then(|td| TrustBundle::from_pem(td, &rec.bundle_pem).ok())
-        .map(|b| b.fingerprint())
-        .unwrap_or_default();
     Federation {
         trust_domain: rec.trust_domain.clone(),
         endpoint: rec.endpoint.clone(),
         endpoint_id: rec.endpoint_id.clone(),
         sequence: rec.sequence,
-        fingerprint,
+        fingerprint: bundle.as_ref().map(|b| b.fingerprint()).unwrap_or_default(),
         roots,
         refresh_hint_secs: rec.refresh_hint_secs,
         fetched_at: rec.fetched_at,
@@ -251,7 +250,7 @@ pub async fn add(
                 req.endpoint
             ))
         })?;
-    let t = now();
+    let t = crate::server::unix_now();
     let rec = Record {
         trust_domain: td.to_string(),
         endpoint: req.endpoint,
@@ -286,10 +285,7 @@ pub fn bundles(store: &Store) -> Result<Vec<TrustBundle>, StoreError> {
         .federations()?
         .into_iter()
         .filter_map(|rec| {
-            let parsed = TrustDomain::new(&rec.trust_domain)
-                .map_err(|e| e.to_string())
-                .and_then(|td| TrustBundle::from_pem(td, &rec.bundle_pem).map_err(|e| e.to_string()));
-            parsed
+            rec.bundle()
                 .inspect_err(|e| warn!(trust_domain = %rec.trust_domain, error = %e, "a stored federated bundle does not parse; left out"))
                 .ok()
         })
@@ -309,9 +305,9 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
     };
     let before = rec.clone();
     let outcome = async {
-        let domain = TrustDomain::new(&rec.trust_domain).map_err(|e| e.to_string())?;
         let id = SpiffeId::parse(&rec.endpoint_id).map_err(|e| e.to_string())?;
-        let trust = TrustBundle::from_pem(domain.clone(), &rec.bundle_pem).map_err(|e| e.to_string())?;
+        let trust = rec.bundle()?;
+        let domain = trust.trust_domain().clone();
         let fetched = fetch(&domain, &rec.endpoint, &id, trust).await?;
         if fetched.sequence < rec.sequence {
             return Err(format!(
@@ -322,7 +318,7 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
         Ok(fetched)
     }
     .await;
-    rec.attempted_at = now();
+    rec.attempted_at = crate::server::unix_now();
     let mut changed = false;
     match outcome {
         Ok(fetched) => {
@@ -385,7 +381,7 @@ pub async fn refresh_loop(store: Arc<Store>, changed: impl Fn()) {
         let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.federations()).await else {
             continue;
         };
-        let t = now();
+        let t = crate::server::unix_now();
         for rec in records {
             let due = if rec.last_error.is_some() {
                 rec.attempted_at + RETRY_SECS.min(rec.refresh_hint_secs)

@@ -108,14 +108,7 @@ fn identity_from(
 
 /// Parses the federated bundles a node was handed (or saved).
 fn federated_bundles(list: &[api::FederatedBundle]) -> Result<Vec<TrustBundle>, String> {
-    list.iter()
-        .map(|f| {
-            let td = TrustDomain::new(&f.trust_domain)
-                .map_err(|e| format!("federated trust domain {:?}: {e}", f.trust_domain))?;
-            TrustBundle::from_pem(td, &f.bundle_pem)
-                .map_err(|e| format!("the bundle of {}: {e}", f.trust_domain))
-        })
-        .collect()
+    list.iter().map(api::FederatedBundle::parse).collect()
 }
 
 /// Where a node can be reached, as it tells the control plane on join and renewal.

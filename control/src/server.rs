@@ -64,7 +64,7 @@ pub struct ServeOptions {
     pub svid_ttl: Duration,
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -280,7 +280,7 @@ pub async fn serve(
             state.store.clone(),
             move || {
                 let st = st.clone();
-                tokio::task::spawn_blocking(move || federation_changed(&st));
+                tokio::task::spawn_blocking(move || announce_trust(&st));
             },
         ));
         endpoint
@@ -1111,13 +1111,9 @@ fn trust_state(
     t
 }
 
-/// A federated bundle changed (added, refreshed to other roots, removed): a new version announces it, and
-/// proxies fetch the bundles with their next renewal. Blocking.
-fn federation_changed(st: &State) {
-    announce_trust(st);
-}
-
-/// Makes the next version carry the trust state as it is now. One at a time: a state computed earlier
+/// Makes the next version carry the trust state as it is now (after a CA rotation step, or a federated
+/// bundle added, refreshed to other roots or removed: proxies then fetch the bundles with their next
+/// renewal). One at a time: a state computed earlier
 /// must not overwrite a later one between `set_trust` and the rebuild. Blocking.
 fn announce_trust(st: &State) {
     let _one = st.trust_update.lock().unwrap_or_else(|p| p.into_inner());
@@ -1125,11 +1121,11 @@ fn announce_trust(st: &State) {
     st.hub.changed(&st.store);
 }
 
-/// [`federation_changed`] from an async handler.
+/// [`announce_trust`] from an async handler.
 async fn announce_federation(state: &Arc<State>) -> Result<(), ApiError> {
     let st = state.clone();
     blocking(move || {
-        federation_changed(&st);
+        announce_trust(&st);
         Ok(())
     })
     .await

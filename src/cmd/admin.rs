@@ -638,6 +638,6 @@ fn workload_table(list: &[Workload]) -> String {
     table::render(&["ID", "NODE", "SELECTOR", "PORTS"], &rows)
 }
 
-fn fmt_time(unix: u64) -> String {
+pub(super) fn fmt_time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }

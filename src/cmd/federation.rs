@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use strait_control::api::{self, paths, Federation, FederationList, FederationTarget};
 
+use super::admin::fmt_time;
 use super::conn::admin_client;
 use super::table;
 use crate::cli::{FederationCommand, OutputFormat};
@@ -26,10 +27,6 @@ fn ago(t: u64) -> String {
         "{} ago",
         humantime::format_duration(std::time::Duration::from_secs(secs))
     )
-}
-
-fn date(t: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
 }
 
 fn describe(f: &Federation) -> String {
@@ -54,7 +51,7 @@ fn describe(f: &Federation) -> String {
         out.push_str(&format!(
             "  root {}  expires {}  sha256 {}\n",
             r.subject,
-            date(r.not_after),
+            fmt_time(r.not_after),
             r.sha256
         ));
     }
