@@ -13,6 +13,9 @@ mod plot;
 #[allow(unsafe_code)]
 mod sys;
 
+// `--features system-allocator` builds with the C library's malloc, which heap profilers (heaptrack,
+// valgrind's massif) can follow; mimalloc maps its own memory and hides every allocation from them.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
