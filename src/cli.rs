@@ -402,6 +402,32 @@ pub enum FederationCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Let a federated partner reach one of this organisation's workloads. The partner's control plane
+    /// fetches what is exported to it (and nothing else of the registry); its callers still need a step of
+    /// a workflow here that names them, checked per request at the destination proxy.
+    Export {
+        /// The partner's trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// The workload's SPIFFE ID (of this trust domain).
+        #[arg(long)]
+        workload: String,
+        /// Only these TCP ports of the workload (repeat); default every TCP port it declares.
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Withdraw an export: this mesh's proxies refuse the partner's next requests to the workload (and its
+    /// next connections) as soon as they apply the change.
+    Unexport {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        workload: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]

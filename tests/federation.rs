@@ -15,7 +15,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::mesh::{
-    bin, forge_cert, hold_tunnel, id, issue_cert, text, tunnel_sni, Mesh, OWNER_UID,
+    bin, capture, forge_cert, hold_tunnel, id, issue_cert, metric, pcap_summary, text, tunnel_sni,
+    Mesh, OWNER_UID, VFX_UID,
 };
 use support::{require_root, Netns, Proc};
 
@@ -545,4 +546,381 @@ fn proxies_verify_each_partner_against_its_own_roots_only() {
         m.curl("a", Some(OWNER_UID), &m.vfx_url(false), &["-d", "x"]),
         "201"
     );
+}
+
+/// `strait ARGS` as the administrator of the partner `td` (whose control plane [`partner`] started on the
+/// outside host); must succeed.
+fn partner_admin(m: &Mesh, td: &str, args: &[&str]) -> String {
+    let config = format!("STRAIT_CONFIG={}/admin.yaml", m.p(&format!("{td}-cp")));
+    let mut all = vec!["env", config.as_str(), bin()];
+    all.extend(args);
+    let out = m.net.run("out", None, &all);
+    assert!(
+        out.status.success(),
+        "{td}: strait {}: {}",
+        args.join(" "),
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A node proxy of the partner `td` on the outside host, joined to the partner's control plane at
+/// `cp` and taking its policy from it.
+fn partner_proxy(m: &Mesh, td: &str, cp: &str) -> Proc {
+    let token = partner_admin(m, td, &["node", "token", "create", "--node", "out-1"]);
+    let (v4, v6) = (m.net.v4("out").to_string(), m.net.v6("out").to_string());
+    let control = format!("https://{cp}");
+    let p = m.net.spawn(
+        "out",
+        None,
+        &[
+            bin(),
+            "proxy",
+            "--control",
+            &control,
+            "--node",
+            "out-1",
+            "--token",
+            token.trim(),
+            "--data-dir",
+            m.p(&format!("{td}-proxy")),
+            "--address",
+            &v4,
+            "--address",
+            &v6,
+            "--drain-timeout",
+            "3s",
+        ],
+        &m.dir.join(format!("{td}-proxy.log")),
+    );
+    m.net
+        .eventually(Duration::from_secs(20), "the partner's proxy ready", || {
+            text(
+                &m.net
+                    .run("out", None, &["curl", "-s", "http://127.0.0.1:15000/ready"]),
+            )
+            .starts_with("ready")
+        });
+    p
+}
+
+/// A workflow of `td` between `owner` (example.org's) and `render` (vfx.example's), each side naming
+/// the other by full SPIFFE ID; `methods` of the one step (`None`: no step).
+fn cross_workflow(td: &str, methods: Option<&str>) -> String {
+    let (owner, render) = (id("owner"), "spiffe://vfx.example/ns/render/sa/render");
+    let steps = match methods {
+        Some(m) => format!(
+            "steps:\n  - {{from: owner, to: render, methods: [{m}], paths: [\"/api/**\"]}}\n"
+        ),
+        None => "steps: []\n".into(),
+    };
+    format!(
+        "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {{name: film}}\ntrustDomain: {td}\nactors:\n  - {{name: owner, services: [{{name: owner, id: \"{owner}\"}}]}}\n  - {{name: vfx, services: [{{name: render, id: \"{render}\"}}]}}\n{steps}"
+    )
+}
+
+#[test]
+fn a_cross_organisation_step_needs_both_sides() {
+    if !require_root() {
+        return;
+    }
+    // example.org (the owner: control plane on cp, proxies on a and b) and vfx.example (control plane and
+    // one node on the outside host). Both proxies of example.org take their policy from its control plane.
+    let m = Mesh::new("24h");
+    let distributed = ["--decision-log-allow-sample", "0"];
+    m.start_proxy("a", &distributed);
+    m.start_proxy("b", &distributed);
+    m.converge();
+    let (vfx_addr, vfx_fp) = partner(&m, "vfx.example", 15012);
+    let render = "spiffe://vfx.example/ns/render/sa/render";
+    partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "workload",
+            "add",
+            "--id",
+            render,
+            "--node",
+            "out-1",
+            "--uid",
+            "1002",
+            "--port",
+            "6000/http",
+        ],
+    );
+    m.net.spawn(
+        "out",
+        Some(VFX_UID),
+        &[
+            bin(),
+            "docstore",
+            "--listen",
+            "[::]:6000",
+            "--name",
+            "render",
+        ],
+        &m.dir.join("render.log"),
+    );
+    let _vfx_proxy = partner_proxy(&m, "vfx.example", &vfx_addr);
+    let url = format!("http://{}:6000/api/render", m.net.v4("out"));
+    let call = |data: &str| m.curl("a", Some(OWNER_UID), &url, &["-d", data]);
+
+    // Federated both ways (each side adds the other), nothing exported yet: the owner's proxy does not
+    // know the address, and refuses it as outside the mesh.
+    m.admin(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        "vfx.example",
+        "--endpoint",
+        &vfx_addr,
+        "--bootstrap-bundle",
+        m.p("vfx.example.json"),
+        "--fingerprint",
+        &vfx_fp,
+    ]);
+    let own = m.admin_output(&["federation", "bundle"]);
+    assert!(own.status.success(), "{}", text(&own));
+    std::fs::write(m.dir.join("example.org.json"), &own.stdout).unwrap();
+    let own_fp = String::from_utf8_lossy(&own.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint: ").map(str::to_owned))
+        .unwrap();
+    let cp_addr = format!("{}:15012", m.net.v4("cp"));
+    partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "federation",
+            "add",
+            "--trust-domain",
+            "example.org",
+            "--endpoint",
+            &cp_addr,
+            "--bootstrap-bundle",
+            m.p("example.org.json"),
+            "--fingerprint",
+            &own_fp,
+        ],
+    );
+    // A workflow may name a partner's service only once the partner is federated; both sides apply one.
+    let wf = |name: &str, td: &str, methods: Option<&str>| {
+        let f = m.dir.join(name);
+        std::fs::write(&f, cross_workflow(td, methods)).unwrap();
+        f.to_string_lossy().into_owned()
+    };
+    m.admin(&[
+        "workflow",
+        "apply",
+        "-f",
+        &wf("owner-wf.yaml", "example.org", Some("POST")),
+        "--wait",
+        "20s",
+    ]);
+    partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "workflow",
+            "apply",
+            "-f",
+            &wf("vfx-wf.yaml", "vfx.example", Some("POST")),
+        ],
+    );
+    assert_eq!(call("before the export"), "000");
+    assert!(m
+        .log("proxy-a.log")
+        .contains("destination outside the mesh"));
+
+    // vfx exports render to example.org; the owner's control plane fetches it (with its own SVID).
+    let exported = partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "federation",
+            "export",
+            "--trust-domain",
+            "example.org",
+            "--workload",
+            render,
+        ],
+    );
+    assert!(
+        exported.contains("exported to them: spiffe://vfx.example/ns/render/sa/render"),
+        "{exported}"
+    );
+    let refreshed = m.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
+    assert!(
+        refreshed.contains(&format!(
+            "imported from them: {render} at {}",
+            m.net.v4("out")
+        )),
+        "{refreshed}"
+    );
+    // Both consents: the request crosses, encrypted between the organisations.
+    let pcap = m.dir.join("cross.pcap");
+    let dump = capture(&m, "a", &pcap);
+    let marker = "CROSS-ORG-SECRET-5d1e";
+    m.net
+        .eventually(Duration::from_secs(10), "owner → render allowed", || {
+            call(marker) == "201"
+        });
+    // Positive control: plaintext around the mesh (root on A) is visible in the same capture.
+    let control_marker = "PLAINTEXT-CONTROL-MARKER-3b7e";
+    let out = m.curl(
+        "a",
+        None,
+        &format!("http://{}:8080/api/outside", m.net.v4("out")),
+        &["-d", control_marker],
+    );
+    assert_eq!(out, "201");
+    std::thread::sleep(Duration::from_millis(300));
+    m.net.signal(dump, libc::SIGINT);
+    m.net.wait(dump, Duration::from_secs(5));
+    let bytes = std::fs::read(&pcap).unwrap();
+    let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        contains(control_marker),
+        "the capture sees plaintext: {}",
+        pcap_summary(&pcap)
+    );
+    assert!(
+        !contains(marker),
+        "the cross-organisation request left in plaintext: {}",
+        pcap_summary(&pcap)
+    );
+
+    // The destination's organisation withdraws its consent (its workflow allows only GET now): refused
+    // there, per request, with the decision's status.
+    partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "workflow",
+            "apply",
+            "-f",
+            &wf("vfx-wf.yaml", "vfx.example", Some("GET")),
+        ],
+    );
+    m.net.eventually(
+        Duration::from_secs(10),
+        "refused at the destination",
+        || call("x") == "403",
+    );
+    let metrics = text(&m.net.run(
+        "out",
+        None,
+        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+    ));
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_refused_connections_total",
+            "policy_denied"
+        ) > 0,
+        "{metrics}"
+    );
+    partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "workflow",
+            "apply",
+            "-f",
+            &wf("vfx-wf.yaml", "vfx.example", Some("POST")),
+        ],
+    );
+    m.net
+        .eventually(Duration::from_secs(10), "allowed again", || {
+            call("x") == "201"
+        });
+
+    // The source's organisation withdraws its step: refused at the source, before anything leaves.
+    m.admin(&[
+        "workflow",
+        "apply",
+        "-f",
+        &wf("owner-wf.yaml", "example.org", None),
+        "--wait",
+        "20s",
+    ]);
+    assert_eq!(call("x"), "000");
+    assert!(m
+        .log("proxy-a.log")
+        .contains("no step of the policy lets this source reach that destination"));
+    m.admin(&[
+        "workflow",
+        "apply",
+        "-f",
+        &wf("owner-wf.yaml", "example.org", Some("POST")),
+        "--wait",
+        "20s",
+    ]);
+    m.net
+        .eventually(Duration::from_secs(10), "allowed again", || {
+            call("x") == "201"
+        });
+
+    // vfx withdraws the export: its proxy refuses the owner's next connection within a second, although
+    // the owner's side still imports it (until its next fetch), and counts it.
+    let t = std::time::Instant::now();
+    partner_admin(
+        &m,
+        "vfx.example",
+        &[
+            "federation",
+            "unexport",
+            "--trust-domain",
+            "example.org",
+            "--workload",
+            render,
+        ],
+    );
+    m.net
+        .eventually(Duration::from_secs(5), "refused once unexported", || {
+            // The destination proxy refuses the tunnel stream: the caller's connection is closed.
+            call("x") == "000"
+        });
+    eprintln!("export withdrawn → refused: {:?}", t.elapsed());
+    assert!(m
+        .log("vfx.example-proxy.log")
+        .contains("the workload is not exported to the caller's trust domain"));
+    let metrics = text(&m.net.run(
+        "out",
+        None,
+        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+    ));
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_refused_connections_total",
+            "not_exported"
+        ) > 0,
+        "{metrics}"
+    );
+    // With the next fetch the owner's side forgets the import: refused before anything leaves.
+    let refreshed = m.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
+    assert!(!refreshed.contains("imported from them"), "{refreshed}");
+    m.net
+        .eventually(Duration::from_secs(10), "the import gone at A", || {
+            call("x") == "000"
+                && m.log("proxy-a.log")
+                    .matches("destination outside the mesh")
+                    .count()
+                    > 1
+        });
+
+    // The owner's control plane never sees more of vfx's registry than the export, and a caller that is
+    // not a partner's control plane gets nothing from the exports endpoint.
+    let anon = text(&m.net.run(
+        "a",
+        None,
+        &[
+            "curl",
+            "-sk",
+            &format!("https://{vfx_addr}/v1/federation/exports"),
+        ],
+    ));
+    assert!(anon.contains("unauthenticated"), "{anon}");
 }

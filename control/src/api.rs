@@ -72,6 +72,10 @@ pub mod paths {
     pub const ADMIN_FEDERATION: &str = "/v1/admin/federation";
     pub const ADMIN_FEDERATION_REFRESH: &str = "/v1/admin/federation/refresh";
     pub const ADMIN_FEDERATION_REMOVE: &str = "/v1/admin/federation/remove";
+    pub const ADMIN_FEDERATION_EXPORT: &str = "/v1/admin/federation/export";
+    /// What this organisation exports to the calling partner (the partner's control plane SVID as
+    /// TLS client certificate; nobody else).
+    pub const FEDERATION_EXPORTS: &str = "/v1/federation/exports";
 }
 
 /// `strait federation add`: a relationship with another trust domain's bundle endpoint.
@@ -125,6 +129,58 @@ pub struct Federation {
     pub attempted_at: u64,
     /// Why the last attempt failed, if it did (the bundle in force is then the last good one).
     pub last_error: Option<String>,
+    /// What this organisation exports to the partner.
+    #[serde(default)]
+    pub exports: Vec<ExportRule>,
+    /// What the partner exports to this organisation (its last good answer), and why the last fetch of
+    /// it failed, if it did.
+    #[serde(default)]
+    pub imports: Vec<ExportedWorkload>,
+    #[serde(default)]
+    pub imports_error: Option<String>,
+}
+
+/// One workload this organisation exports to a partner: its identity and which of its TCP ports (empty:
+/// every TCP port it declares).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRule {
+    pub workload: SpiffeId,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// `strait federation export|unexport`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationExport {
+    pub trust_domain: String,
+    pub workload: String,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Withdraw the export instead.
+    #[serde(default)]
+    pub remove: bool,
+}
+
+/// One exported workload as the partner's control plane receives it (and passes it to its proxies):
+/// the identity, where it is reached, its ports and its node's tunnel listener. Nothing else of the
+/// exporter's registry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedWorkload {
+    pub id: SpiffeId,
+    pub addresses: Vec<std::net::IpAddr>,
+    pub ports: Vec<crate::registry::PortSpec>,
+    pub tunnel: std::net::SocketAddr,
+}
+
+/// The answer of [`paths::FEDERATION_EXPORTS`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportList {
+    pub trust_domain: String,
+    pub workloads: Vec<ExportedWorkload>,
 }
 
 /// This trust domain's own bundle as its endpoint serves it, and the relationships.
@@ -283,6 +339,23 @@ pub struct Directory {
     pub revision: u64,
     pub workloads: Vec<Workload>,
     pub nodes: Vec<DirectoryNode>,
+    /// Federation (docs/federation.md): the local workloads exported to each partner (the destination
+    /// proxies admit a partner's callers only to these), and the partners' workloads imported here (the
+    /// source proxies route to these). Absent without federation, so such directories are unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<DirectoryExport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<ExportedWorkload>,
+}
+
+/// A local workload exported to a partner trust domain, as proxies receive it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectoryExport {
+    pub partner: String,
+    pub workload: SpiffeId,
+    /// Empty: every TCP port the workload declares.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use strait_ca::{SpiffeBundle, SpiffeId, TrustBundle, TrustDomain};
 use tracing::{info, warn};
 
-use crate::api::{paths, FederatedRoot, Federation, FederationAdd};
+use crate::api::{
+    paths, ExportList, ExportRule, ExportedWorkload, FederatedRoot, Federation, FederationAdd,
+    FederationExport,
+};
 use crate::client::{ApiClient, ServerTrust};
 use crate::store::{Store, StoreError};
 
@@ -34,6 +37,12 @@ const MIN_REFRESH_SECS: u64 = 60;
 const MAX_REFRESH_SECS: u64 = 86_400;
 /// A failed fetch is tried again after this, whatever the hint.
 const RETRY_SECS: u64 = 30;
+/// A partner's exports are fetched this often (they change more often than its roots, and a new export
+/// should be usable without waiting for the bundle's hint). Withdrawals need no fetch: the exporter's own
+/// proxies stop admitting the partner's callers at once.
+pub const IMPORTS_REFRESH_SECS: u64 = 15;
+/// At most this many workloads are imported from one partner, and its answer is at most this big.
+const MAX_IMPORTS: usize = 4096;
 
 impl Record {
     /// The partner's roots in force, parsed.
@@ -59,6 +68,17 @@ pub struct Record {
     pub fetched_at: u64,
     pub attempted_at: u64,
     pub last_error: Option<String>,
+    /// What this organisation exports to the partner (set by `strait federation export`).
+    #[serde(default)]
+    pub exports: Vec<ExportRule>,
+    /// What the partner exports to this organisation: its last good answer, when it was fetched and why
+    /// the last fetch failed.
+    #[serde(default)]
+    pub imports: Vec<ExportedWorkload>,
+    #[serde(default)]
+    pub imports_at: u64,
+    #[serde(default)]
+    pub imports_error: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +204,9 @@ pub fn describe(rec: &Record) -> Federation {
         fetched_at: rec.fetched_at,
         attempted_at: rec.attempted_at,
         last_error: rec.last_error.clone(),
+        exports: rec.exports.clone(),
+        imports: rec.imports.clone(),
+        imports_error: rec.imports_error.clone(),
     }
 }
 
@@ -261,6 +284,10 @@ pub async fn add(
         fetched_at: t,
         attempted_at: t,
         last_error: None,
+        exports: Vec::new(),
+        imports: Vec::new(),
+        imports_at: 0,
+        imports_error: None,
     };
     let stored = rec.clone();
     let key = td.to_string();
@@ -346,18 +373,28 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
     let written = tokio::task::spawn_blocking(move || {
         s.update_federation(&key, |current| {
             let current = current?;
-            (current.endpoint == fetched_from.endpoint
+            let unchanged = current.endpoint == fetched_from.endpoint
                 && current.endpoint_id == fetched_from.endpoint_id
                 && current.sequence == fetched_from.sequence
                 && current.fetched_at == fetched_from.fetched_at
-                && current.bundle_pem == fetched_from.bundle_pem)
-                .then_some(stored)
+                && current.bundle_pem == fetched_from.bundle_pem;
+            if !unchanged {
+                return None;
+            }
+            // Exports and imports are changed by their own updates: keep what is stored.
+            Some(Record {
+                exports: current.exports,
+                imports: current.imports,
+                imports_at: current.imports_at,
+                imports_error: current.imports_error,
+                ..stored
+            })
         })
     })
     .await
     .map_err(|e| Refusal::Invalid(e.to_string()))??;
-    if written.is_some() {
-        return Ok((describe(&rec), changed));
+    if let Some(w) = written {
+        return Ok((describe(&w), changed));
     }
     // Someone else changed the relationship while this fetch ran: what is stored stands.
     let key = rec.trust_domain.clone();
@@ -370,9 +407,14 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
     }
 }
 
-/// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), forever;
-/// `changed` runs when a partner's roots changed.
-pub async fn refresh_loop(store: Arc<Store>, changed: impl Fn()) {
+/// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), and every
+/// partner's imports every [`IMPORTS_REFRESH_SECS`], forever; `changed` runs when a partner's roots or
+/// imports changed. `identity` is this control plane's SVID, presented to partners for their exports.
+pub async fn refresh_loop(
+    store: Arc<Store>,
+    identity: impl Fn() -> Option<strait_ca::Svid>,
+    changed: impl Fn(),
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -388,13 +430,264 @@ pub async fn refresh_loop(store: Arc<Store>, changed: impl Fn()) {
             } else {
                 rec.fetched_at + rec.refresh_hint_secs
             };
+            let mut any = false;
             if t >= due {
-                if let Ok((_, true)) = refresh(store.clone(), &rec.trust_domain).await {
-                    changed();
+                any |= matches!(
+                    refresh(store.clone(), &rec.trust_domain).await,
+                    Ok((_, true))
+                );
+            }
+            if t >= rec.imports_at + IMPORTS_REFRESH_SECS {
+                if let Some(id) = identity() {
+                    any |= matches!(
+                        refresh_imports(store.clone(), &rec.trust_domain, &id).await,
+                        Ok(true)
+                    );
                 }
+            }
+            if any {
+                changed();
             }
         }
     }
+}
+
+/// `strait federation export|unexport`: what this organisation lets `req.trust_domain` reach. The
+/// workload must be of this trust domain (it need not be registered yet: the export applies to whatever
+/// registers with that identity). Returns the record and whether the exports changed.
+pub fn set_export(
+    store: &Store,
+    own: &TrustDomain,
+    req: FederationExport,
+) -> Result<(Federation, bool), Refusal> {
+    let workload = SpiffeId::parse(&req.workload)
+        .map_err(|e| Refusal::Invalid(format!("workload {:?}: {e}", req.workload)))?;
+    if !workload.is_member_of(own) {
+        return Err(Refusal::Invalid(format!(
+            "{workload} is not of this trust domain ({own}): only own workloads can be exported"
+        )));
+    }
+    if req.ports.contains(&0) {
+        return Err(Refusal::Invalid("port 0 is not a port".into()));
+    }
+    let mut ports = req.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let rule = ExportRule { workload, ports };
+    let mut changed = false;
+    let stored = store.update_federation(&req.trust_domain, |cur| {
+        let mut rec = cur?;
+        let before = rec.exports.clone();
+        rec.exports.retain(|r| r.workload != rule.workload);
+        if !req.remove {
+            rec.exports.push(rule.clone());
+        }
+        rec.exports
+            .sort_by(|a, b| a.workload.as_str().cmp(b.workload.as_str()));
+        changed = rec.exports != before;
+        Some(rec)
+    })?;
+    let rec = stored.ok_or_else(|| Refusal::Unknown(req.trust_domain.clone()))?;
+    if changed {
+        store.bump_revision()?;
+    }
+    Ok((describe(&rec), changed))
+}
+
+/// What this organisation exports to `partner`, resolved against the registry: each exported workload's
+/// addresses, the exported ports it declares and its node's tunnel listener. Workloads not registered (or
+/// whose node has no tunnel yet) are left out until they are.
+pub fn exports_for(store: &Store, own: &TrustDomain, partner: &str) -> Result<ExportList, Refusal> {
+    let rec = store
+        .federation(partner)?
+        .ok_or_else(|| Refusal::Unknown(partner.to_owned()))?;
+    let dir = store.directory()?;
+    let mut workloads = Vec::new();
+    for rule in &rec.exports {
+        for w in dir.workloads.iter().filter(|w| w.id == rule.workload) {
+            let Some(node) = dir.nodes.iter().find(|n| n.name == w.node) else {
+                continue;
+            };
+            let Some(tunnel) = node
+                .tunnel_address
+                .as_deref()
+                .and_then(|t| t.parse::<std::net::SocketAddr>().ok())
+            else {
+                continue;
+            };
+            let addresses = match &w.selector {
+                crate::registry::Selector::Ips(ips) => ips.clone(),
+                crate::registry::Selector::Uid(_) => node.addresses.clone(),
+            };
+            let ports: Vec<_> = w
+                .tcp_ports()
+                .filter(|p| rule.ports.is_empty() || rule.ports.contains(&p.port))
+                // Only what the partner's proxies need: the port and how it is spoken.
+                .map(|p| crate::registry::PortSpec::new(p.port, p.protocol))
+                .collect();
+            if !ports.is_empty() && !addresses.is_empty() {
+                workloads.push(ExportedWorkload {
+                    id: w.id.clone(),
+                    addresses,
+                    ports,
+                    tunnel,
+                });
+            }
+        }
+    }
+    Ok(ExportList {
+        trust_domain: own.to_string(),
+        workloads,
+    })
+}
+
+/// The partner's exports that may be imported: identities of the partner's trust domain only, TCP
+/// ports, and no address or tunnel that is one of this mesh's own (a partner must not be able to draw
+/// traffic meant for a local workload). What is refused is said in the returned errors.
+fn check_imports(
+    partner: &TrustDomain,
+    list: ExportList,
+    own: &crate::api::Directory,
+) -> (Vec<ExportedWorkload>, Vec<String>) {
+    let mut ours: std::collections::HashSet<std::net::IpAddr> = std::collections::HashSet::new();
+    for n in &own.nodes {
+        ours.extend(&n.addresses);
+        if let Some(t) = n
+            .tunnel_address
+            .as_deref()
+            .and_then(|t| t.parse::<std::net::SocketAddr>().ok())
+        {
+            ours.insert(t.ip());
+        }
+    }
+    for w in &own.workloads {
+        ours.extend(w.selector.ips());
+    }
+    let (mut ok, mut refused) = (Vec::new(), Vec::new());
+    if list.trust_domain != partner.as_str() {
+        refused.push(format!(
+            "the answer names trust domain {}, not {partner}",
+            list.trust_domain
+        ));
+        return (ok, refused);
+    }
+    for w in list.workloads {
+        let why = if !w.id.is_member_of(partner) {
+            Some(format!("{} is not of {partner}", w.id))
+        } else if !matches!(w.id.kind(), strait_ca::spiffe::IdKind::Workload { .. }) {
+            Some(format!("{} is not a workload identity", w.id))
+        } else if w.addresses.is_empty() || w.ports.is_empty() {
+            Some(format!("{} has no address or no port", w.id))
+        } else if w.ports.iter().any(|p| p.port == 0 || p.is_udp()) {
+            Some(format!("{}: only TCP ports are carried", w.id))
+        } else if let Some(a) = w
+            .addresses
+            .iter()
+            .chain(std::iter::once(&w.tunnel.ip()))
+            .find(|a| ours.contains(a) || a.is_loopback() || a.is_unspecified())
+        {
+            Some(format!("{}: {a} is an address of this mesh", w.id))
+        } else if ok.len() >= MAX_IMPORTS {
+            Some(format!("more than {MAX_IMPORTS} workloads"))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => refused.push(why),
+            None => ok.push(w),
+        }
+    }
+    (ok, refused)
+}
+
+/// Fetches what `td` exports to this organisation, presenting `identity` (this control plane's SVID),
+/// and stores it. Returns whether the imports changed. A failed fetch keeps the last good imports.
+pub async fn refresh_imports(
+    store: Arc<Store>,
+    td: &str,
+    identity: &strait_ca::Svid,
+) -> Result<bool, Refusal> {
+    let s = store.clone();
+    let key = td.to_owned();
+    let Some(rec) = tokio::task::spawn_blocking(move || s.federation(&key))
+        .await
+        .map_err(|e| Refusal::Invalid(e.to_string()))??
+    else {
+        return Err(Refusal::Unknown(td.to_owned()));
+    };
+    let outcome = async {
+        let id = SpiffeId::parse(&rec.endpoint_id).map_err(|e| e.to_string())?;
+        let trust = rec.bundle()?;
+        let client = ApiClient::new(
+            &rec.endpoint,
+            ServerTrust::Endpoint {
+                bundle: Arc::new(trust),
+                id,
+            },
+            Some(identity),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let (status, body) = client
+            .raw(
+                Method::GET,
+                paths::FEDERATION_EXPORTS,
+                None,
+                bytes::Bytes::new(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if status != StatusCode::OK {
+            let detail = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Err(format!("the partner answered {status}: {detail}"));
+        }
+        serde_json::from_slice::<ExportList>(&body)
+            .map_err(|e| format!("the partner's exports do not parse: {e}"))
+    }
+    .await;
+    let (domain, s) = (
+        TrustDomain::new(td).map_err(|e| Refusal::Invalid(e.to_string()))?,
+        store.clone(),
+    );
+    let endpoint = rec.endpoint.clone();
+    let written = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let own = s.directory()?;
+        let (imports, error) = match outcome {
+            Ok(list) => {
+                let (ok, refused) = check_imports(&domain, list, &own);
+                for why in &refused {
+                    warn!(trust_domain = %domain, reason = %why, "a partner's export was refused");
+                }
+                (Some(ok), (!refused.is_empty()).then(|| refused.join("; ")))
+            }
+            Err(e) => {
+                warn!(trust_domain = %domain, error = %e, "fetching the partner's exports failed; the last good imports stay");
+                (None, Some(e))
+            }
+        };
+        let mut changed = false;
+        s.update_federation(domain.as_str(), |cur| {
+            let mut cur = cur?;
+            if cur.endpoint != endpoint {
+                return None;
+            }
+            if let Some(imports) = imports {
+                changed = cur.imports != imports;
+                cur.imports = imports;
+            }
+            cur.imports_error = error;
+            cur.imports_at = crate::server::unix_now();
+            Some(cur)
+        })?;
+        if changed {
+            info!(trust_domain = %domain, "the partner's exports changed");
+            s.bump_revision()?;
+        }
+        Ok(changed)
+    })
+    .await
+    .map_err(|e| Refusal::Invalid(e.to_string()))??;
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -123,6 +123,10 @@ pub struct State {
     pub hub: Arc<Hub>,
     /// Kubernetes mode: the API server client and the pods it reports.
     kube: Option<Arc<crate::kube::Kube>>,
+    /// What the API's TLS port verifies client certificates against: this trust domain's roots and,
+    /// apart, each federated partner's (a partner's control plane asks for its exports). Kept in step by
+    /// [`announce_trust`].
+    api_trust: Arc<strait_ca::SharedBundle>,
 }
 
 impl State {
@@ -159,6 +163,10 @@ impl State {
             ))
         });
         hub.set_trust(trust_state(&authorities, &store));
+        let api_trust = Arc::new(strait_ca::SharedBundle::from_pointee(api_trust(
+            &authorities,
+            &store,
+        )));
         // Changes made while the control plane was down (or an older store) become a version now.
         hub.rebuild(&store).context("making the mesh version")?;
         Ok(Self {
@@ -172,7 +180,21 @@ impl State {
             svid_ttl,
             last_seen: Mutex::new(HashMap::new()),
             kube,
+            api_trust,
         })
+    }
+
+    /// A fresh SVID of this control plane (`spiffe://<td>/strait/control`), presented as client
+    /// certificate to federated partners' control planes.
+    fn client_identity(&self) -> Option<strait_ca::Svid> {
+        let id = self.control_id().ok()?;
+        self.authorities
+            .active()
+            .issue_with_new_key(&id, Duration::from_secs(600), SystemTime::now())
+            .inspect_err(
+                |e| warn!(error = %e, "cannot issue the control plane's client certificate"),
+            )
+            .ok()
     }
 
     /// Kubernetes mode: follows pods and namespaces, feeds them into mesh versions and publishes the trust
@@ -230,17 +252,29 @@ pub async fn serve(
         serving_cert(&state.authorities.active(), &control_id, state.svid_ttl)?;
     let resolver = Arc::new(ServingCert(arc_swap::ArcSwap::from_pointee(cert)));
 
-    // Only node SVIDs may be presented as client certificates here; workloads talk to their proxy, never
-    // to the control plane.
+    // Only node SVIDs may be presented as client certificates to the distributor; workloads talk to their
+    // proxy, never to the control plane. On the API port a federated partner's control plane may present
+    // its own SVID too (to fetch what is exported to it), verified against that partner's roots only.
     let nodes_only =
         PeerIdMatcher::predicate("a node identity (spiffe://<td>/node/<name>)", |id| {
             matches!(id.kind(), IdKind::Node { .. })
         });
+    let own_td = state.trust_domain().clone();
+    let nodes_or_partners = PeerIdMatcher::predicate(
+        "a node identity of this trust domain, or a federated partner's control plane",
+        move |id| {
+            if id.is_member_of(&own_td) {
+                matches!(id.kind(), IdKind::Node { .. })
+            } else {
+                id.path() == api::CONTROL_ID_PATH
+            }
+        },
+    );
     let mut tls = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(strait_ca::verify::SvidClientVerifier::shared(
-            state.authorities.shared_bundle(),
-            nodes_only.clone(),
+            state.api_trust.clone(),
+            nodes_or_partners,
             false,
         )))
         .with_cert_resolver(resolver.clone());
@@ -276,8 +310,10 @@ pub async fn serve(
             endpoint.clone(),
         ));
         let st = state.clone();
+        let me = state.clone();
         tokio::spawn(crate::federation::refresh_loop(
             state.store.clone(),
+            move || me.client_identity(),
             move || {
                 let st = st.clone();
                 tokio::task::spawn_blocking(move || announce_trust(&st));
@@ -350,10 +386,17 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let node = peer_id(tls.get_ref().1).and_then(|id| match id.kind() {
+                    let peer = peer_id(tls.get_ref().1);
+                    let own = state.trust_domain();
+                    let node = peer.as_ref().filter(|id| id.is_member_of(own)).and_then(|id| match id.kind() {
                         IdKind::Node { name } => NodeName::new(name).ok(),
                         _ => None,
                     });
+                    // The verifier admitted only a partner's control plane SVID from another trust domain.
+                    let partner = peer
+                        .as_ref()
+                        .filter(|id| !id.is_member_of(own))
+                        .map(|id| id.trust_domain_str().to_owned());
                     if tls.get_ref().1.alpn_protocol() == Some(crate::dist::wire::ALPN) {
                         // The distribution protocol over TLS/TCP: the fallback for nodes whose UDP is blocked.
                         let Some(node) = node else {
@@ -368,7 +411,7 @@ pub async fn serve(
                             .await;
                         return;
                     }
-                    let ctx = Arc::new(Caller { remote, node });
+                    let ctx = Arc::new(Caller { remote, node, partner });
                     let svc = hyper::service::service_fn(move |req| {
                         let (state, ctx) = (state.clone(), ctx.clone());
                         async move { Ok::<_, Infallible>(route(state, ctx, req).await) }
@@ -387,6 +430,8 @@ struct Caller {
     remote: SocketAddr,
     /// The verified node, when the caller presented a node SVID.
     node: Option<NodeName>,
+    /// The federated partner's trust domain, when the caller presented its control plane's SVID.
+    partner: Option<String>,
 }
 
 /// An error answer: status, stable code, message, and the offending field when there is one.
@@ -504,6 +549,7 @@ async fn dispatch(
         (&Method::GET, paths::READY) => Ok(text(StatusCode::OK, "ready\n")),
         (&Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, state.bundle_pem())),
         (&Method::GET, paths::FEDERATION_BUNDLE) => federation_bundle(state).await,
+        (&Method::GET, paths::FEDERATION_EXPORTS) => federation_exports(state, caller).await,
         (&Method::POST, paths::JOIN) => join(state, caller, req).await,
         (&Method::POST, paths::JOIN_KUBERNETES) => join_kubernetes(state, caller, req).await,
         (_, p) if p.starts_with("/v1/node/") => {
@@ -576,6 +622,9 @@ async fn dispatch(
                 }
                 (&Method::POST, paths::ADMIN_FEDERATION_REMOVE) => {
                     remove_federation(state, req).await
+                }
+                (&Method::POST, paths::ADMIN_FEDERATION_EXPORT) => {
+                    export_federation(state, req).await
                 }
                 (&Method::GET, p) if p.starts_with(paths::ADMIN_WORKFLOW_PREFIX) => {
                     show_workflow(state, &p[paths::ADMIN_WORKFLOW_PREFIX.len()..]).await
@@ -1111,12 +1160,24 @@ fn trust_state(
     t
 }
 
+/// This trust domain's roots with each federated partner's beside them (never merged: a peer is
+/// verified against its own trust domain's roots only).
+fn api_trust(authorities: &crate::authorities::Authorities, store: &Store) -> TrustBundle {
+    let partners = crate::federation::bundles(store).unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the federated bundles; partners cannot fetch their exports");
+        Vec::new()
+    });
+    authorities.bundle().federate(partners)
+}
+
 /// Makes the next version carry the trust state as it is now (after a CA rotation step, or a federated
 /// bundle added, refreshed to other roots or removed: proxies then fetch the bundles with their next
 /// renewal). One at a time: a state computed earlier
 /// must not overwrite a later one between `set_trust` and the rebuild. Blocking.
 fn announce_trust(st: &State) {
     let _one = st.trust_update.lock().unwrap_or_else(|p| p.into_inner());
+    st.api_trust
+        .store(Arc::new(api_trust(&st.authorities, &st.store)));
     st.hub.set_trust(trust_state(&st.authorities, &st.store));
     st.hub.changed(&st.store);
 }
@@ -1156,12 +1217,22 @@ async fn refresh_federations(state: &Arc<State>, req: Request<Incoming>) -> Repl
         }
     };
     let (mut out, mut changed) = (Vec::new(), false);
+    let identity = state.client_identity();
     for td in tds {
-        let (f, c) = crate::federation::refresh(state.store.clone(), &td)
+        let (mut f, c) = crate::federation::refresh(state.store.clone(), &td)
             .await
             .map_err(federation_refused)?;
-        out.push(f);
         changed |= c;
+        if let Some(id) = &identity {
+            changed |= crate::federation::refresh_imports(state.store.clone(), &td, id)
+                .await
+                .map_err(federation_refused)?;
+            let (st, key) = (state.clone(), td.clone());
+            if let Some(rec) = blocking(move || Ok(st.store.federation(&key)?)).await? {
+                f = crate::federation::describe(&rec);
+            }
+        }
+        out.push(f);
     }
     if changed {
         announce_federation(state).await?;
@@ -1186,6 +1257,48 @@ async fn remove_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply 
     announce_federation(state).await?;
     info!(trust_domain = %td, "federation removed");
     Ok(json(StatusCode::OK, &serde_json::json!({ "removed": td })))
+}
+
+/// `strait federation export|unexport`: a withdrawn export reaches this mesh's proxies with the next
+/// version (they stop admitting the partner's callers to it); a new one reaches the partner with its next
+/// fetch of our exports.
+async fn export_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::FederationExport = json_body(req).await?;
+    let st = state.clone();
+    let (td, workload, remove) = (r.trust_domain.clone(), r.workload.clone(), r.remove);
+    let f = blocking(move || {
+        let own = st.trust_domain().clone();
+        let (f, changed) =
+            crate::federation::set_export(&st.store, &own, r).map_err(federation_refused)?;
+        if changed {
+            st.hub.changed(&st.store);
+        }
+        Ok(f)
+    })
+    .await?;
+    info!(trust_domain = %td, %workload, withdrawn = remove, "federation export changed");
+    Ok(json(StatusCode::OK, &f))
+}
+
+/// What this organisation exports to the calling partner: only to a federated partner's control plane
+/// (its SVID verified against its roots in the TLS handshake), only its own exports.
+async fn federation_exports(state: &Arc<State>, caller: &Caller) -> Reply {
+    let Some(partner) = caller.partner.clone() else {
+        warn!(remote = %caller.remote, "exports asked for without a partner's control plane certificate");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "exports are served to a federated partner's control plane only (its SVID as TLS client certificate)",
+        ));
+    };
+    let st = state.clone();
+    let list = blocking(move || {
+        let own = st.trust_domain().clone();
+        crate::federation::exports_for(&st.store, &own, &partner).map_err(federation_refused)
+    })
+    .await?;
+    debug!(remote = %caller.remote, partner = %list.trust_domain, workloads = list.workloads.len(), "exports served");
+    Ok(json(StatusCode::OK, &list))
 }
 
 fn federation_refused(e: crate::federation::Refusal) -> ApiError {
@@ -1403,9 +1516,16 @@ async fn apply_workflow(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             applied_at: unix_now(),
         };
         let td = st.trust_domain().to_string();
-        rec.name = crate::workflows::check_candidate(&rec, &existing, &td).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_workflow", e.to_string())
-        })?;
+        let federated: Vec<String> = st
+            .store
+            .federations()?
+            .into_iter()
+            .map(|f| f.trust_domain)
+            .collect();
+        rec.name =
+            crate::workflows::check_candidate(&rec, &existing, &td, &federated).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_workflow", e.to_string())
+            })?;
         let change = st.store.put_workflow(&rec)?;
         let version = match change {
             crate::store::Change::Unchanged => None,

@@ -351,8 +351,20 @@ impl Store {
     pub fn remove_federation(&self, td: &str) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
         let existed = txn.open_table(FEDERATION)?.remove(td)?.is_some();
+        if existed {
+            // Its exports and imports leave the directory.
+            bump_revision(&txn)?;
+        }
         txn.commit()?;
         Ok(existed)
+    }
+
+    /// Moves the directory's revision on (federation exports or imports changed).
+    pub fn bump_revision(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        bump_revision(&txn)?;
+        txn.commit()?;
+        Ok(())
     }
 
     fn all<T: DeserializeOwned>(
@@ -433,10 +445,24 @@ impl Store {
                 addresses: n.addresses,
             });
         }
+        // Federation: what each partner may reach here, and what it exports to us.
+        let (mut exports, mut imports) = (Vec::new(), Vec::new());
+        for entry in txn.open_table(FEDERATION)?.iter()? {
+            let (k, v) = entry?;
+            let rec: crate::federation::Record = decode(k.value(), v.value())?;
+            exports.extend(rec.exports.iter().map(|r| crate::api::DirectoryExport {
+                partner: rec.trust_domain.clone(),
+                workload: r.workload.clone(),
+                ports: r.ports.clone(),
+            }));
+            imports.extend(rec.imports);
+        }
         Ok(crate::api::Directory {
             revision,
             workloads,
             nodes,
+            exports,
+            imports,
         })
     }
 

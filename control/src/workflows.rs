@@ -44,6 +44,7 @@ pub fn check_candidate(
     candidate: &WorkflowRecord,
     others: &[WorkflowRecord],
     trust_domain: &str,
+    federated: &[String],
 ) -> Result<String, Invalid> {
     let wf = parse(candidate)?;
     if wf.trust_domain != trust_domain {
@@ -51,6 +52,16 @@ pub fn check_candidate(
             "trustDomain: {} is not this mesh's trust domain ({trust_domain})",
             wf.trust_domain
         )));
+    }
+    for td in wf
+        .foreign_trust_domains()
+        .map_err(|e| Invalid(e.to_string()))?
+    {
+        if !federated.contains(&td) {
+            return Err(Invalid(format!(
+                "the workflow names services of {td}, which is not federated: `strait federation add --trust-domain {td} …` first"
+            )));
+        }
     }
     let mut all: Vec<WorkflowRecord> = others
         .iter()
@@ -87,14 +98,14 @@ mod tests {
     #[test]
     fn apply_checks_trust_domain_yaml_and_rego_with_line() {
         assert_eq!(
-            check_candidate(&rec("w", "td", None), &[], "td").unwrap(),
+            check_candidate(&rec("w", "td", None), &[], "td", &[]).unwrap(),
             "w"
         );
-        let e = check_candidate(&rec("w", "other", None), &[], "td").unwrap_err();
+        let e = check_candidate(&rec("w", "other", None), &[], "td", &[]).unwrap_err();
         assert!(e.0.contains("trust domain"), "{e}");
         let mut bad = rec("w", "td", None);
         bad.yaml = bad.yaml.replace("methods:", "methodz:");
-        let e = check_candidate(&bad, &[], "td").unwrap_err();
+        let e = check_candidate(&bad, &[], "td", &[]).unwrap_err();
         assert!(e.0.contains("methodz"), "{e}");
         let e = check_candidate(
             &rec(
@@ -104,8 +115,34 @@ mod tests {
             ),
             &[],
             "td",
+            &[],
         )
         .unwrap_err();
         assert!(e.0.contains("does not compile") && e.0.contains('5'), "{e}");
+    }
+
+    #[test]
+    fn foreign_services_need_their_trust_domain_federated_and_a_local_end() {
+        let mut r = rec("w", "td", None);
+        r.yaml = r.yaml.replace(
+            "{name: b, services: [{name: b}]}",
+            "{name: b, services: [{name: b, id: \"spiffe://partner.example/ns/x/sa/b\"}]}",
+        );
+        let e = check_candidate(&r, &[], "td", &[]).unwrap_err();
+        assert!(
+            e.0.contains("partner.example, which is not federated"),
+            "{e}"
+        );
+        assert_eq!(
+            check_candidate(&r, &[], "td", &["partner.example".into()]).unwrap(),
+            "w"
+        );
+        // Both ends of a step in other organisations: not ours to allow.
+        r.yaml = r.yaml.replace(
+            "{name: a, services: [{name: a}]}",
+            "{name: a, services: [{name: a, id: \"spiffe://partner.example/ns/x/sa/a\"}]}",
+        );
+        let e = check_candidate(&r, &[], "td", &["partner.example".into()]).unwrap_err();
+        assert!(e.0.contains("theirs to allow"), "{e}");
     }
 }

@@ -245,6 +245,25 @@ impl Workflow {
         Ok(wf)
     }
 
+    /// Whether `id` (a service's SPIFFE ID) is of this workflow's trust domain.
+    fn is_local(&self, id: &str) -> bool {
+        strait_ca::SpiffeId::parse(id).is_ok_and(|i| i.trust_domain_str() == self.trust_domain)
+    }
+
+    /// The trust domains of other organisations that this workflow's services name (federation).
+    pub fn foreign_trust_domains(&self) -> Result<Vec<String>, WorkflowError> {
+        let mut tds: Vec<String> = self
+            .service_ids()?
+            .values()
+            .filter_map(|id| strait_ca::SpiffeId::parse(id).ok())
+            .map(|id| id.trust_domain_str().to_owned())
+            .filter(|td| td != &self.trust_domain)
+            .collect();
+        tds.sort();
+        tds.dedup();
+        Ok(tds)
+    }
+
     /// Every service's SPIFFE ID, by service name.
     pub fn service_ids(&self) -> Result<BTreeMap<String, String>, WorkflowError> {
         let mut ids = BTreeMap::new();
@@ -266,14 +285,10 @@ impl Workflow {
                         ))
                     }
                 };
-                let parsed = strait_ca::SpiffeId::parse(&id)
+                // A full ID may name another organisation's service (federation): the steps that
+                // involve it are checked in `validate` to have a local end.
+                strait_ca::SpiffeId::parse(&id)
                     .map_err(|e| err(format!("{at}.id"), format!("{id}: {e}")))?;
-                if parsed.trust_domain_str() != self.trust_domain {
-                    return Err(err(
-                        format!("{at}.id"),
-                        format!("{id} is outside trust domain {}", self.trust_domain),
-                    ));
-                }
                 if ids.insert(s.name.clone(), id).is_some() {
                     return Err(err(at, format!("service name {:?} is used twice", s.name)));
                 }
@@ -298,6 +313,15 @@ impl Workflow {
                         format!("no service named {name:?}"),
                     ));
                 }
+            }
+            if !self.is_local(&ids[&s.from]) && !self.is_local(&ids[&s.to]) {
+                return Err(err(
+                    format!("steps[{i}]"),
+                    format!(
+                        "neither {} nor {} is of trust domain {}: a step between other organisations' services is theirs to allow",
+                        ids[&s.from], ids[&s.to], self.trust_domain
+                    ),
+                ));
             }
             for (j, m) in s.methods.iter().enumerate() {
                 if canonical_method(m).is_none() {

@@ -31,6 +31,10 @@ pub struct DirectoryView {
     /// Declared plaintext UDP ports (`protocol: udp`) → the node addresses of the workloads declaring them.
     pub plaintext_udp: BTreeMap<u16, BTreeSet<IpAddr>>,
     pub local: Vec<Arc<Workload>>,
+    /// Federation: partners' workloads imported here, by (address, port), with their node's tunnel.
+    imported: HashMap<(IpAddr, u16), Route>,
+    /// Federation: (local workload, partner trust domain) → the exported ports (empty: all).
+    exported: HashMap<(strait_ca::SpiffeId, String), Vec<u16>>,
 }
 
 impl DirectoryView {
@@ -95,8 +99,49 @@ impl DirectoryView {
                 v.local.push(w);
             }
         }
+        for imp in &dir.imports {
+            let Ok(node) = NodeName::new(imp.id.trust_domain_str()) else {
+                continue;
+            };
+            let mut ports = imp.ports.clone();
+            ports.sort_by_key(|p| p.port);
+            ports.dedup_by_key(|p| p.port);
+            let route = Route {
+                workload: Arc::new(Workload {
+                    id: imp.id.clone(),
+                    node,
+                    selector: Selector::Ips(imp.addresses.clone()),
+                    ports,
+                    probe_ports: Vec::new(),
+                }),
+                tunnel: imp.tunnel,
+            };
+            for ip in &imp.addresses {
+                for p in route.workload.tcp_ports() {
+                    // The control plane refused imports of this mesh's own addresses; of two partners
+                    // claiming one address and port, the first (by trust domain) keeps it.
+                    v.imported
+                        .entry((*ip, p.port))
+                        .or_insert_with(|| route.clone());
+                }
+            }
+        }
+        for e in &dir.exports {
+            v.exported
+                .entry((e.workload.clone(), e.partner.clone()))
+                .or_default()
+                .extend(&e.ports);
+        }
         v.raw = dir;
         v
+    }
+
+    /// Whether the local workload `dst` is exported to trust domain `partner` on `port` (federation:
+    /// a partner's callers reach only what was exported to them).
+    pub fn exported_to(&self, dst: &strait_ca::SpiffeId, partner: &str, port: u16) -> bool {
+        self.exported
+            .get(&(dst.clone(), partner.to_owned()))
+            .is_some_and(|ports| ports.is_empty() || ports.contains(&port))
     }
 
     /// The mesh workload serving at `dst`, if any: a pod address (Kubernetes mode) or a node address and a
@@ -105,10 +150,11 @@ impl DirectoryView {
         let workload = match self.by_ip.get(&dst.ip()) {
             Some(w) if w.serves(dst.port()) => w.clone(),
             Some(_) => return None,
-            None => {
-                let node = self.node_by_addr.get(&dst.ip())?;
-                self.by_node_port.get(&(node.clone(), dst.port()))?.clone()
-            }
+            None => match self.node_by_addr.get(&dst.ip()) {
+                Some(node) => self.by_node_port.get(&(node.clone(), dst.port()))?.clone(),
+                // A partner's workload (federation), through its own node's tunnel.
+                None => return self.imported.get(&(dst.ip(), dst.port())).cloned(),
+            },
         };
         let tunnel = *self.tunnels.get(&workload.node)?;
         Some(Route { workload, tunnel })

@@ -773,6 +773,21 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
     }
 }
 
+/// Federation: a caller of another trust domain reaches only a workload (and port) exported to its
+/// trust domain; withdrawing the export refuses its next stream and its next request (refused, logged
+/// and counted here). Callers of this trust domain pass.
+pub fn exported(ctx: &Ctx, src: &SpiffeId, dst: &SpiffeId, port: u16) -> bool {
+    let partner = src.trust_domain_str();
+    if partner == ctx.bundle.load().trust_domain().as_str()
+        || ctx.dir.load().exported_to(dst, partner, port)
+    {
+        return true;
+    }
+    ctx.metrics.refuse("inbound", "not_exported");
+    warn!(%src, %dst, port, "the workload is not exported to the caller's trust domain; refused (strait federation export)");
+    false
+}
+
 fn refuse_stream(mut respond: h2::server::SendResponse<Bytes>, code: StatusCode) {
     let mut r = Response::new(());
     *r.status_mut() = code;
@@ -810,6 +825,9 @@ fn inbound_stream(
         warn!(%src, dst = %dst_id, %target, "stream to an address or port the workload does not serve; refused");
         return refuse_stream(respond, StatusCode::FORBIDDEN);
     };
+    if !exported(&ctx, &src, &dst.id, target.port()) {
+        return refuse_stream(respond, StatusCode::FORBIDDEN);
+    }
     if !ctx.inflight.try_reserve(ctx.max_connections) {
         ctx.metrics.refuse("inbound", "over_capacity");
         return refuse_stream(respond, StatusCode::SERVICE_UNAVAILABLE);

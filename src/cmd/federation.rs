@@ -55,6 +55,33 @@ fn describe(f: &Federation) -> String {
             r.sha256
         ));
     }
+    for e in &f.exports {
+        let ports = if e.ports.is_empty() {
+            "every TCP port".to_owned()
+        } else {
+            let p: Vec<String> = e.ports.iter().map(u16::to_string).collect();
+            format!("ports {}", p.join(","))
+        };
+        out.push_str(&format!("  exported to them: {} ({ports})\n", e.workload));
+    }
+    for w in &f.imports {
+        let p: Vec<String> = w
+            .ports
+            .iter()
+            .map(|p| format!("{}/{:?}", p.port, p.protocol).to_lowercase())
+            .collect();
+        let a: Vec<String> = w.addresses.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "  imported from them: {} at {} ports {} via {}\n",
+            w.id,
+            a.join(","),
+            p.join(","),
+            w.tunnel
+        ));
+    }
+    if let Some(e) = &f.imports_error {
+        out.push_str(&format!("  IMPORTS: {e}\n"));
+    }
     out
 }
 
@@ -192,6 +219,43 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("federation with {trust_domain} removed");
+        }
+        FederationCommand::Export {
+            trust_domain,
+            workload,
+            ports,
+            conn,
+        } => {
+            let f: Federation = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_FEDERATION_EXPORT,
+                    &api::FederationExport {
+                        trust_domain,
+                        workload: workload.clone(),
+                        ports,
+                        remove: false,
+                    },
+                )
+                .await?;
+            print!("{workload} exported\n{}", describe(&f));
+        }
+        FederationCommand::Unexport {
+            trust_domain,
+            workload,
+            conn,
+        } => {
+            let f: Federation = admin_client(&conn)?
+                .post(
+                    paths::ADMIN_FEDERATION_EXPORT,
+                    &api::FederationExport {
+                        trust_domain,
+                        workload: workload.clone(),
+                        ports: Vec::new(),
+                        remove: true,
+                    },
+                )
+                .await?;
+            print!("{workload} no longer exported\n{}", describe(&f));
         }
     }
     Ok(())

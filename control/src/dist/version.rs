@@ -85,7 +85,7 @@ pub struct TrustState {
 }
 
 impl VersionPayload {
-    /// SHA-256 (hex) over the directory's workloads and nodes, the bundle's content hash and the announced
+    /// SHA-256 (hex) over the directory's workloads, nodes, federation exports and imports, the bundle's content hash and the announced
     /// next key (when there is one, so announcing a key makes a new version; without one the hash is what
     /// it was before rotation existed).
     pub fn compute_hash(
@@ -99,6 +99,15 @@ impl VersionPayload {
         ctx.update(&[0]);
         ctx.update(&serde_json::to_vec(&directory.nodes).unwrap_or_default());
         ctx.update(&[0]);
+        // Federation's exports and imports, only when there are any (versions without federation hash as
+        // they always did).
+        if !directory.exports.is_empty() || !directory.imports.is_empty() {
+            ctx.update(b"federation-directory:");
+            ctx.update(&serde_json::to_vec(&directory.exports).unwrap_or_default());
+            ctx.update(&[0]);
+            ctx.update(&serde_json::to_vec(&directory.imports).unwrap_or_default());
+            ctx.update(&[0]);
+        }
         ctx.update(bundle.content_hash().as_bytes());
         if let Some(k) = next_key {
             ctx.update(&[0]);

@@ -37,6 +37,9 @@ pub struct Stream {
     /// The identity header the workload receives, made once per stream.
     xfcc: Option<HeaderValue>,
     upstream: Upstream,
+    /// The caller is of another trust domain (federation): each request checks that the workload is
+    /// still exported to it.
+    foreign: bool,
 }
 
 impl Stream {
@@ -49,7 +52,9 @@ impl Stream {
         } = ends;
         // Tell the workload who called, as Istio does (the peer's verified identity, never a client header).
         let xfcc = HeaderValue::try_from(format!("By={};URI={}", dst.id, src)).ok();
+        let foreign = src.trust_domain_str() != ctx.bundle.load().trust_domain().as_str();
         Self {
+            foreign,
             peers: Peers::new(
                 peer(Some(peer_addr), src.as_str()),
                 peer(Some(target), dst.id.as_str()),
@@ -119,6 +124,15 @@ impl Stream {
             }
             _ => Either::Left(body),
         };
+        if self.foreign
+            && !crate::tunnel::exported(&self.ctx, &self.src, &self.dst.id, self.target.port())
+        {
+            return respond::refuse(
+                StatusCode::FORBIDDEN,
+                "this workload is not exported to your organisation",
+                grpc_call,
+            );
+        }
         let verdict = self.ctx.authz.http(&self.peers, &mut input);
         if !verdict.allowed() {
             self.ctx.metrics.refuse("inbound", "policy_denied");
