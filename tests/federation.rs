@@ -604,18 +604,23 @@ fn partner_proxy(m: &Mesh, td: &str, cp: &str) -> Proc {
     p
 }
 
-/// A workflow of `td` between `owner` (example.org's) and `render` (vfx.example's), each side naming
-/// the other by full SPIFFE ID; `methods` of the one step (`None`: no step).
+/// A workflow of `td` between example.org's `owner` and `ours` (the vfx workload on B) and
+/// vfx.example's `render`, each side naming the other's by full SPIFFE ID: owner → render with `methods`
+/// and render → ours with POST (`None`: no step).
 fn cross_workflow(td: &str, methods: Option<&str>) -> String {
-    let (owner, render) = (id("owner"), "spiffe://vfx.example/ns/render/sa/render");
+    let (owner, ours, render) = (
+        id("owner"),
+        id("vfx"),
+        "spiffe://vfx.example/ns/render/sa/render",
+    );
     let steps = match methods {
         Some(m) => format!(
-            "steps:\n  - {{from: owner, to: render, methods: [{m}], paths: [\"/api/**\"]}}\n"
+            "steps:\n  - {{from: owner, to: render, methods: [{m}], paths: [\"/api/**\"]}}\n  - {{from: render, to: ours, methods: [POST], paths: [\"/api/**\"]}}\n"
         ),
         None => "steps: []\n".into(),
     };
     format!(
-        "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {{name: film}}\ntrustDomain: {td}\nactors:\n  - {{name: owner, services: [{{name: owner, id: \"{owner}\"}}]}}\n  - {{name: vfx, services: [{{name: render, id: \"{render}\"}}]}}\n{steps}"
+        "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {{name: film}}\ntrustDomain: {td}\nactors:\n  - {{name: owner, services: [{{name: owner, id: \"{owner}\"}}, {{name: ours, id: \"{ours}\"}}]}}\n  - {{name: vfx, services: [{{name: render, id: \"{render}\"}}]}}\n{steps}"
     )
 }
 
@@ -791,6 +796,42 @@ fn a_cross_organisation_step_needs_both_sides() {
         pcap_summary(&pcap)
     );
 
+    // The other way: example.org exports its workload on B to vfx.example; render calls it through
+    // vfx's proxy and B's, decided by both workflows.
+    m.admin(&[
+        "federation",
+        "export",
+        "--trust-domain",
+        "vfx.example",
+        "--workload",
+        &id("vfx"),
+        "--port",
+        "5000",
+    ]);
+    let imported = partner_admin(
+        &m,
+        "vfx.example",
+        &["federation", "refresh", "--trust-domain", "example.org"],
+    );
+    assert!(
+        imported.contains(&format!("imported from them: {}", id("vfx"))),
+        "{imported}"
+    );
+    let back = |port: u16| {
+        m.curl(
+            "out",
+            Some(VFX_UID),
+            &format!("http://{}:{port}/api/vfx", m.net.v4("b")),
+            &["-d", "from render"],
+        )
+    };
+    m.net
+        .eventually(Duration::from_secs(10), "render → ours allowed", || {
+            back(5000) == "201"
+        });
+    // Port 5002 of the same workload was not exported: vfx's proxy has no route to it.
+    assert_eq!(back(5002), "000");
+
     // The destination's organisation withdraws its consent (its workflow allows only GET now): refused
     // there, per request, with the decision's status.
     partner_admin(
@@ -899,11 +940,15 @@ fn a_cross_organisation_step_needs_both_sides() {
         ) > 0,
         "{metrics}"
     );
-    // With the next fetch the owner's side forgets the import: refused before anything leaves.
-    let refreshed = m.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
-    assert!(!refreshed.contains("imported from them"), "{refreshed}");
+    // With its next periodic fetch of vfx's exports (every 15 s) the owner's side forgets the import:
+    // refused before anything leaves.
     m.net
-        .eventually(Duration::from_secs(10), "the import gone at A", || {
+        .eventually(Duration::from_secs(40), "the import gone at A", || {
+            !m.admin(&["federation", "list"])
+                .contains("imported from them")
+        });
+    m.net
+        .eventually(Duration::from_secs(10), "refused at A", || {
             call("x") == "000"
                 && m.log("proxy-a.log")
                     .matches("destination outside the mesh")
