@@ -831,9 +831,25 @@ fn a_cross_organisation_step_needs_both_sides() {
         });
     // Port 5002 of the same workload was not exported: vfx's proxy has no route to it.
     assert_eq!(back(5002), "000");
+    // Each side's status says where its cross-organisation steps stand.
+    let status = m.admin(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "step {} → {render} (film): accepted by the partner",
+            id("owner")
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!(
+            "step {render} → {} (film): exported here",
+            id("vfx")
+        )),
+        "{status}"
+    );
 
-    // The destination's organisation withdraws its consent (its workflow allows only GET now): refused
-    // there, per request, with the decision's status.
+    // The destination's organisation withdraws its consent (its workflow has no step now): refused
+    // there, per request, with the decision's status; the source's status sees it as pending.
     partner_admin(
         &m,
         "vfx.example",
@@ -841,7 +857,7 @@ fn a_cross_organisation_step_needs_both_sides() {
             "workflow",
             "apply",
             "-f",
-            &wf("vfx-wf.yaml", "vfx.example", Some("GET")),
+            &wf("vfx-wf.yaml", "vfx.example", None),
         ],
     );
     m.net.eventually(
@@ -861,6 +877,12 @@ fn a_cross_organisation_step_needs_both_sides() {
             "policy_denied"
         ) > 0,
         "{metrics}"
+    );
+    m.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
+    let status = m.admin(&["status"]);
+    assert!(
+        status.contains("pending: the partner's workflows lack this step"),
+        "{status}"
     );
     partner_admin(
         &m,

@@ -173,6 +173,10 @@ pub struct ExportedWorkload {
     pub addresses: Vec<std::net::IpAddr>,
     pub ports: Vec<crate::registry::PortSpec>,
     pub tunnel: std::net::SocketAddr,
+    /// The importer's identities that a step of the exporter's workflows lets call this workload: what
+    /// the importer's `strait status` shows as accepted (anything else it asks for is pending there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepts: Vec<SpiffeId>,
 }
 
 /// The answer of [`paths::FEDERATION_EXPORTS`].
@@ -421,6 +425,64 @@ pub struct Status {
     /// The CA's authorities and any root rotation under way.
     #[serde(default)]
     pub ca: CaStatus,
+    /// Each federated partner: its bundle, what is exported and imported, and the cross-organisation
+    /// steps of this organisation's workflows with where each stands.
+    #[serde(default)]
+    pub federation: Vec<PartnerStatus>,
+}
+
+/// One federated partner in `strait status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartnerStatus {
+    pub trust_domain: String,
+    pub sequence: u64,
+    /// Unix seconds of the last good bundle fetch, and why the last attempt failed.
+    pub fetched_at: u64,
+    pub last_error: Option<String>,
+    pub exports: Vec<ExportRule>,
+    pub imports: Vec<SpiffeId>,
+    pub imports_at: u64,
+    pub imports_error: Option<String>,
+    pub steps: Vec<CrossStep>,
+}
+
+/// A step of one of this organisation's workflows with one end at a partner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CrossStep {
+    pub workflow: String,
+    pub from: SpiffeId,
+    pub to: SpiffeId,
+    pub state: CrossStepState,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CrossStepState {
+    /// Outgoing: the partner exports the destination and its workflows have the step too.
+    Accepted,
+    /// Outgoing: the partner exports the destination, but none of its workflows has the step (yet):
+    /// refused at the partner's proxy.
+    Pending,
+    /// Outgoing: the partner does not export the destination to us: refused at our proxy.
+    NotExported,
+    /// Incoming: we export the destination to the partner (the partner's own workflow decides its side).
+    Exported,
+    /// Incoming: we do not export the destination to the partner: refused at our proxy.
+    NotExportedHere,
+}
+
+impl CrossStepState {
+    pub fn describe(self) -> &'static str {
+        match self {
+            CrossStepState::Accepted => "accepted by the partner",
+            CrossStepState::Pending => "pending: the partner's workflows lack this step",
+            CrossStepState::NotExported => "refused: the partner does not export the destination",
+            CrossStepState::Exported => "exported here (the partner's workflow decides its side)",
+            CrossStepState::NotExportedHere => {
+                "refused here: the destination is not exported to them"
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -502,6 +502,7 @@ pub fn exports_for(store: &Store, own: &TrustDomain, partner: &str) -> Result<Ex
         .federation(partner)?
         .ok_or_else(|| Refusal::Unknown(partner.to_owned()))?;
     let dir = store.directory()?;
+    let steps = workflow_steps(&store.workflows()?);
     let mut workloads = Vec::new();
     for rule in &rec.exports {
         for w in dir.workloads.iter().filter(|w| w.id == rule.workload) {
@@ -526,11 +527,19 @@ pub fn exports_for(store: &Store, own: &TrustDomain, partner: &str) -> Result<Ex
                 .map(|p| crate::registry::PortSpec::new(p.port, p.protocol))
                 .collect();
             if !ports.is_empty() && !addresses.is_empty() {
+                let mut accepts: Vec<SpiffeId> = steps
+                    .iter()
+                    .filter(|s| s.to == w.id && s.from.trust_domain_str() == partner)
+                    .map(|s| s.from.clone())
+                    .collect();
+                accepts.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                accepts.dedup();
                 workloads.push(ExportedWorkload {
                     id: w.id.clone(),
                     addresses,
                     ports,
                     tunnel,
+                    accepts,
                 });
             }
         }
@@ -539,6 +548,87 @@ pub fn exports_for(store: &Store, own: &TrustDomain, partner: &str) -> Result<Ex
         trust_domain: own.to_string(),
         workloads,
     })
+}
+
+/// A step of a stored workflow, by its ends' SPIFFE IDs.
+struct StepEnds {
+    workflow: String,
+    from: SpiffeId,
+    to: SpiffeId,
+}
+
+/// Every step of the stored workflows (a workflow that no longer parses is left out: it was checked
+/// when applied).
+fn workflow_steps(workflows: &[crate::store::WorkflowRecord]) -> Vec<StepEnds> {
+    let mut out = Vec::new();
+    for rec in workflows {
+        let Ok(wf) = strait_policy::workflow::Workflow::from_yaml(&rec.yaml) else {
+            continue;
+        };
+        let Ok(ids) = wf.service_ids() else { continue };
+        for step in &wf.steps {
+            let (Some(from), Some(to)) = (ids.get(&step.from), ids.get(&step.to)) else {
+                continue;
+            };
+            if let (Ok(from), Ok(to)) = (SpiffeId::parse(from), SpiffeId::parse(to)) {
+                out.push(StepEnds {
+                    workflow: rec.name.clone(),
+                    from,
+                    to,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Each partner as `strait status` shows it: bundle, exports, imports, and where every
+/// cross-organisation step of this organisation's workflows stands.
+pub fn partner_status(store: &Store) -> Result<Vec<crate::api::PartnerStatus>, StoreError> {
+    use crate::api::{CrossStep, CrossStepState};
+    let steps = workflow_steps(&store.workflows()?);
+    let mut out = Vec::new();
+    for rec in store.federations()? {
+        let td = rec.trust_domain.as_str();
+        let mut cross = Vec::new();
+        for s in &steps {
+            let state = if s.to.trust_domain_str() == td {
+                match rec.imports.iter().find(|i| i.id == s.to) {
+                    None => CrossStepState::NotExported,
+                    Some(i) if i.accepts.contains(&s.from) => CrossStepState::Accepted,
+                    Some(_) => CrossStepState::Pending,
+                }
+            } else if s.from.trust_domain_str() == td {
+                if rec.exports.iter().any(|e| e.workload == s.to) {
+                    CrossStepState::Exported
+                } else {
+                    CrossStepState::NotExportedHere
+                }
+            } else {
+                continue;
+            };
+            cross.push(CrossStep {
+                workflow: s.workflow.clone(),
+                from: s.from.clone(),
+                to: s.to.clone(),
+                state,
+            });
+        }
+        let mut imports: Vec<SpiffeId> = rec.imports.iter().map(|i| i.id.clone()).collect();
+        imports.dedup();
+        out.push(crate::api::PartnerStatus {
+            trust_domain: rec.trust_domain.clone(),
+            sequence: rec.sequence,
+            fetched_at: rec.fetched_at,
+            last_error: rec.last_error.clone(),
+            exports: rec.exports.clone(),
+            imports,
+            imports_at: rec.imports_at,
+            imports_error: rec.imports_error.clone(),
+            steps: cross,
+        });
+    }
+    Ok(out)
 }
 
 /// The partner's exports that may be imported: identities of the partner's trust domain only, TCP

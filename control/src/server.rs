@@ -1461,6 +1461,7 @@ async fn status(state: &Arc<State>) -> Reply {
             },
             workflows: st.store.workflows()?.iter().map(summary).collect(),
             distribution: st.hub.status(&node_names),
+            federation: crate::federation::partner_status(&st.store)?,
         })
     })
     .await?;

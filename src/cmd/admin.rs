@@ -218,7 +218,47 @@ pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> 
     print!("{}", distribution_table(&st.distribution, st.nodes.len()));
     print!("\n{}", key_status_text(&st.distribution.keys));
     print!("\n{}", ca_status_text(&st.ca));
+    print!("{}", federation_text(&st.federation, now));
     Ok(())
+}
+
+/// The partners: bundle age, exports, imports and each cross-organisation step's state.
+fn federation_text(partners: &[api::PartnerStatus], now: u64) -> String {
+    if partners.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("\nFEDERATION ({} partners)\n", partners.len());
+    for p in partners {
+        out.push_str(&format!(
+            "  {}  bundle sequence {}, fetched {}s ago{}\n",
+            p.trust_domain,
+            p.sequence,
+            now.saturating_sub(p.fetched_at),
+            p.last_error
+                .as_ref()
+                .map(|e| format!(" (LAST REFRESH FAILED: {e})"))
+                .unwrap_or_default()
+        ));
+        for e in &p.exports {
+            out.push_str(&format!("    exported to them: {}\n", e.workload));
+        }
+        for i in &p.imports {
+            out.push_str(&format!("    imported from them: {i}\n"));
+        }
+        if let Some(e) = &p.imports_error {
+            out.push_str(&format!("    IMPORTS: {e}\n"));
+        }
+        for s in &p.steps {
+            out.push_str(&format!(
+                "    step {} → {} ({}): {}\n",
+                s.from,
+                s.to,
+                s.workflow,
+                s.state.describe()
+            ));
+        }
+    }
+    out
 }
 
 fn distribution_table(d: &DistributionStatus, nodes: usize) -> String {
