@@ -978,6 +978,65 @@ fn a_cross_organisation_step_needs_both_sides() {
                     > 1
         });
 
+    // vfx's control plane cannot steer the owner's proxies: A restarted with vfx's genuinely signed
+    // mesh version on its disk and vfx's control plane as its control address refuses both (the version
+    // is not signed by example.org's distribution key; the server is not spiffe://example.org/strait/control)
+    // and lets nothing through.
+    let pa = m
+        .proxies
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(h, _)| h == "a")
+        .map(|(_, p)| *p)
+        .unwrap();
+    m.net.signal(pa, libc::SIGTERM);
+    assert!(m.net.wait(pa, Duration::from_secs(10)).is_some());
+    std::fs::copy(
+        m.dir.join("vfx.example-proxy/mesh-version.json"),
+        m.dir.join("proxy-a/mesh-version.json"),
+    )
+    .unwrap();
+    let (v4, v6) = (m.net.v4("a").to_string(), m.net.v6("a").to_string());
+    let steered = m.net.spawn(
+        "a",
+        None,
+        &[
+            bin(),
+            "proxy",
+            "--control",
+            &format!("https://{vfx_addr}"),
+            "--node",
+            "host-a",
+            "--data-dir",
+            m.p("proxy-a"),
+            "--address",
+            &v4,
+            "--address",
+            &v6,
+            "--decision-log-allow-sample",
+            "0",
+        ],
+        &m.dir.join("proxy-a-steered.log"),
+    );
+    m.net.eventually(
+        Duration::from_secs(15),
+        "A refuses vfx's control plane",
+        || {
+            let log = m.log("proxy-a-steered.log");
+            log.contains("persisted mesh version is refused")
+                && log.contains("spiffe://vfx.example/strait/control")
+        },
+    );
+    let ready = text(
+        &m.net
+            .run("a", None, &["curl", "-s", "http://127.0.0.1:15000/ready"]),
+    );
+    assert!(ready.contains("not ready: no mesh version"), "{ready}");
+    assert_eq!(call("x"), "000");
+    m.net.signal(steered, libc::SIGTERM);
+    m.net.wait(steered, Duration::from_secs(10));
+
     // The owner's control plane never sees more of vfx's registry than the export, and a caller that is
     // not a partner's control plane gets nothing from the exports endpoint.
     let anon = text(&m.net.run(

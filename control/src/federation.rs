@@ -41,8 +41,12 @@ const RETRY_SECS: u64 = 30;
 /// should be usable without waiting for the bundle's hint). Withdrawals need no fetch: the exporter's own
 /// proxies stop admitting the partner's callers at once.
 pub const IMPORTS_REFRESH_SECS: u64 = 15;
-/// At most this many workloads are imported from one partner, and its answer is at most this big.
+/// At most this many workloads are imported from one partner.
 const MAX_IMPORTS: usize = 4096;
+/// Per imported workload: addresses (replicas), ports and accepted callers.
+const MAX_ADDRESSES: usize = 64;
+const MAX_PORTS: usize = 64;
+const MAX_ACCEPTS: usize = 1024;
 
 impl Record {
     /// The partner's roots in force, parsed.
@@ -412,6 +416,7 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
 /// imports changed. `identity` is this control plane's SVID, presented to partners for their exports.
 pub async fn refresh_loop(
     store: Arc<Store>,
+    hub: Arc<crate::dist::hub::Hub>,
     identity: impl Fn() -> Option<strait_ca::Svid>,
     changed: impl Fn(),
 ) {
@@ -440,7 +445,7 @@ pub async fn refresh_loop(
             if t >= rec.imports_at + IMPORTS_REFRESH_SECS {
                 if let Some(id) = identity() {
                     any |= matches!(
-                        refresh_imports(store.clone(), &rec.trust_domain, &id).await,
+                        refresh_imports(store.clone(), hub.clone(), &rec.trust_domain, &id).await,
                         Ok(true)
                     );
                 }
@@ -488,20 +493,22 @@ pub fn set_export(
         Some(rec)
     })?;
     let rec = stored.ok_or_else(|| Refusal::Unknown(req.trust_domain.clone()))?;
-    if changed {
-        store.bump_revision()?;
-    }
     Ok((describe(&rec), changed))
 }
 
 /// What this organisation exports to `partner`, resolved against the registry: each exported workload's
 /// addresses, the exported ports it declares and its node's tunnel listener. Workloads not registered (or
 /// whose node has no tunnel yet) are left out until they are.
-pub fn exports_for(store: &Store, own: &TrustDomain, partner: &str) -> Result<ExportList, Refusal> {
+pub fn exports_for(
+    store: &Store,
+    hub: &crate::dist::hub::Hub,
+    own: &TrustDomain,
+    partner: &str,
+) -> Result<ExportList, Refusal> {
     let rec = store
         .federation(partner)?
         .ok_or_else(|| Refusal::Unknown(partner.to_owned()))?;
-    let dir = store.directory()?;
+    let dir = mesh_directory(store, hub)?;
     let steps = workflow_steps(&store.workflows()?);
     let mut workloads = Vec::new();
     for rule in &rec.exports {
@@ -548,6 +555,22 @@ pub fn exports_for(store: &Store, own: &TrustDomain, partner: &str) -> Result<Ex
         trust_domain: own.to_string(),
         workloads,
     })
+}
+
+/// The directory proxies are given (in Kubernetes mode with the pods), or the store's alone while the
+/// pods are not known yet.
+fn mesh_directory(
+    store: &Store,
+    hub: &crate::dist::hub::Hub,
+) -> Result<crate::api::Directory, StoreError> {
+    match hub.directory(store) {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => store.directory(),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot build the mesh directory; using the store's");
+            store.directory()
+        }
+    }
 }
 
 /// A step of a stored workflow, by its ends' SPIFFE IDs.
@@ -615,6 +638,7 @@ pub fn partner_status(store: &Store) -> Result<Vec<crate::api::PartnerStatus>, S
             });
         }
         let mut imports: Vec<SpiffeId> = rec.imports.iter().map(|i| i.id.clone()).collect();
+        imports.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         imports.dedup();
         out.push(crate::api::PartnerStatus {
             trust_domain: rec.trust_domain.clone(),
@@ -629,6 +653,28 @@ pub fn partner_status(store: &Store) -> Result<Vec<crate::api::PartnerStatus>, S
         });
     }
     Ok(out)
+}
+
+/// An address a partner's workload may be reached at: unicast, not loopback, link-local (where cloud
+/// metadata services live), multicast, broadcast or unspecified.
+fn routable(a: &std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_unspecified())
+        }
+        std::net::IpAddr::V6(v6) => {
+            let mapped = v6.to_ipv4_mapped();
+            !(v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unspecified()
+                || v6.is_unicast_link_local()
+                || mapped.is_some())
+        }
+    }
 }
 
 /// The partner's exports that may be imported: identities of the partner's trust domain only, TCP
@@ -670,13 +716,31 @@ fn check_imports(
             Some(format!("{} has no address or no port", w.id))
         } else if w.ports.iter().any(|p| p.port == 0 || p.is_udp()) {
             Some(format!("{}: only TCP ports are carried", w.id))
+        } else if w.addresses.len() > MAX_ADDRESSES
+            || w.ports.len() > MAX_PORTS
+            || w.accepts.len() > MAX_ACCEPTS
+        {
+            Some(format!(
+                "{}: more than {MAX_ADDRESSES} addresses, {MAX_PORTS} ports or {MAX_ACCEPTS} accepted callers",
+                w.id
+            ))
         } else if let Some(a) = w
             .addresses
             .iter()
             .chain(std::iter::once(&w.tunnel.ip()))
-            .find(|a| ours.contains(a) || a.is_loopback() || a.is_unspecified())
+            .find(|a| ours.contains(a))
         {
             Some(format!("{}: {a} is an address of this mesh", w.id))
+        } else if let Some(a) = w
+            .addresses
+            .iter()
+            .chain(std::iter::once(&w.tunnel.ip()))
+            .find(|a| !routable(a))
+        {
+            Some(format!(
+                "{}: {a} is not a unicast address a workload can have (loopback, link-local, multicast, broadcast or unspecified)",
+                w.id
+            ))
         } else if ok.len() >= MAX_IMPORTS {
             Some(format!("more than {MAX_IMPORTS} workloads"))
         } else {
@@ -694,6 +758,7 @@ fn check_imports(
 /// and stores it. Returns whether the imports changed. A failed fetch keeps the last good imports.
 pub async fn refresh_imports(
     store: Arc<Store>,
+    hub: Arc<crate::dist::hub::Hub>,
     td: &str,
     identity: &strait_ca::Svid,
 ) -> Result<bool, Refusal> {
@@ -739,9 +804,13 @@ pub async fn refresh_imports(
         TrustDomain::new(td).map_err(|e| Refusal::Invalid(e.to_string()))?,
         store.clone(),
     );
-    let endpoint = rec.endpoint.clone();
+    let (endpoint, endpoint_id, trust_pem) = (
+        rec.endpoint.clone(),
+        rec.endpoint_id.clone(),
+        rec.bundle_pem.clone(),
+    );
     let written = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-        let own = s.directory()?;
+        let own = mesh_directory(&s, &hub)?;
         let (imports, error) = match outcome {
             Ok(list) => {
                 let (ok, refused) = check_imports(&domain, list, &own);
@@ -758,7 +827,8 @@ pub async fn refresh_imports(
         let mut changed = false;
         s.update_federation(domain.as_str(), |cur| {
             let mut cur = cur?;
-            if cur.endpoint != endpoint {
+            // Only over the relationship (and the trust) this fetch was made with.
+            if cur.endpoint != endpoint || cur.endpoint_id != endpoint_id || cur.bundle_pem != trust_pem {
                 return None;
             }
             if let Some(imports) = imports {
@@ -771,7 +841,6 @@ pub async fn refresh_imports(
         })?;
         if changed {
             info!(trust_domain = %domain, "the partner's exports changed");
-            s.bump_revision()?;
         }
         Ok(changed)
     })
@@ -783,6 +852,111 @@ pub async fn refresh_imports(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exported(
+        id: &str,
+        addr: &str,
+        port: u16,
+        proto: crate::registry::Protocol,
+    ) -> ExportedWorkload {
+        ExportedWorkload {
+            id: SpiffeId::parse(id).unwrap(),
+            addresses: vec![addr.parse().unwrap()],
+            ports: vec![crate::registry::PortSpec::new(port, proto)],
+            tunnel: std::net::SocketAddr::new(addr.parse().unwrap(), 15008),
+            accepts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn imports_are_the_partners_own_workloads_at_addresses_not_ours() {
+        use crate::registry::Protocol;
+        let partner = TrustDomain::new("vfx.example").unwrap();
+        let own = crate::api::Directory {
+            nodes: vec![crate::api::DirectoryNode {
+                name: crate::registry::NodeName::new("host-a").unwrap(),
+                tunnel_address: Some("10.0.0.2:15008".into()),
+                addresses: vec!["10.0.0.2".parse().unwrap()],
+            }],
+            ..Default::default()
+        };
+        let ok = exported(
+            "spiffe://vfx.example/ns/r/sa/render",
+            "10.9.0.4",
+            6000,
+            Protocol::Http,
+        );
+        let mut too_many = ok.clone();
+        too_many.ports = (1..=65)
+            .map(|p| crate::registry::PortSpec::new(p, Protocol::Tcp))
+            .collect();
+        let list = ExportList {
+            trust_domain: "vfx.example".into(),
+            workloads: vec![
+                ok.clone(),
+                // Another organisation's identity, ours, a node identity.
+                exported(
+                    "spiffe://color.example/ns/r/sa/x",
+                    "10.9.0.5",
+                    1,
+                    Protocol::Http,
+                ),
+                exported(
+                    "spiffe://example.org/ns/r/sa/x",
+                    "10.9.0.5",
+                    1,
+                    Protocol::Http,
+                ),
+                exported("spiffe://vfx.example/node/n", "10.9.0.5", 1, Protocol::Http),
+                // An address of this mesh, loopback, link-local (cloud metadata), multicast.
+                exported(
+                    "spiffe://vfx.example/ns/r/sa/a",
+                    "10.0.0.2",
+                    1,
+                    Protocol::Http,
+                ),
+                exported(
+                    "spiffe://vfx.example/ns/r/sa/b",
+                    "127.0.0.1",
+                    1,
+                    Protocol::Http,
+                ),
+                exported(
+                    "spiffe://vfx.example/ns/r/sa/c",
+                    "169.254.169.254",
+                    80,
+                    Protocol::Http,
+                ),
+                exported(
+                    "spiffe://vfx.example/ns/r/sa/d",
+                    "ff02::1",
+                    80,
+                    Protocol::Http,
+                ),
+                // UDP is not carried; too many ports.
+                exported(
+                    "spiffe://vfx.example/ns/r/sa/e",
+                    "10.9.0.6",
+                    53,
+                    Protocol::Udp,
+                ),
+                too_many,
+            ],
+        };
+        let (imported, refused) = check_imports(&partner, list, &own);
+        assert_eq!(imported, vec![ok], "{refused:?}");
+        assert_eq!(refused.len(), 9, "{refused:?}");
+        // An answer naming another trust domain is refused whole.
+        let (imported, refused) = check_imports(
+            &partner,
+            ExportList {
+                trust_domain: "color.example".into(),
+                workloads: Vec::new(),
+            },
+            &own,
+        );
+        assert!(imported.is_empty() && refused.len() == 1);
+    }
 
     #[test]
     fn fingerprints_compare_as_people_write_them() {

@@ -313,6 +313,7 @@ pub async fn serve(
         let me = state.clone();
         tokio::spawn(crate::federation::refresh_loop(
             state.store.clone(),
+            state.hub.clone(),
             move || me.client_identity(),
             move || {
                 let st = st.clone();
@@ -1224,9 +1225,10 @@ async fn refresh_federations(state: &Arc<State>, req: Request<Incoming>) -> Repl
             .map_err(federation_refused)?;
         changed |= c;
         if let Some(id) = &identity {
-            changed |= crate::federation::refresh_imports(state.store.clone(), &td, id)
-                .await
-                .map_err(federation_refused)?;
+            changed |=
+                crate::federation::refresh_imports(state.store.clone(), state.hub.clone(), &td, id)
+                    .await
+                    .map_err(federation_refused)?;
             let (st, key) = (state.clone(), td.clone());
             if let Some(rec) = blocking(move || Ok(st.store.federation(&key)?)).await? {
                 f = crate::federation::describe(&rec);
@@ -1291,13 +1293,13 @@ async fn federation_exports(state: &Arc<State>, caller: &Caller) -> Reply {
             "exports are served to a federated partner's control plane only (its SVID as TLS client certificate)",
         ));
     };
-    let st = state.clone();
+    let (st, td) = (state.clone(), partner.clone());
     let list = blocking(move || {
         let own = st.trust_domain().clone();
-        crate::federation::exports_for(&st.store, &own, &partner).map_err(federation_refused)
+        crate::federation::exports_for(&st.store, &st.hub, &own, &td).map_err(federation_refused)
     })
     .await?;
-    debug!(remote = %caller.remote, partner = %list.trust_domain, workloads = list.workloads.len(), "exports served");
+    debug!(remote = %caller.remote, %partner, workloads = list.workloads.len(), "exports served");
     Ok(json(StatusCode::OK, &list))
 }
 

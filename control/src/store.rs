@@ -326,10 +326,17 @@ impl Store {
         let txn = self.db.begin_write()?;
         let out = {
             let mut t = txn.open_table(FEDERATION)?;
-            let old = t.get(td)?.map(|v| decode(td, v.value())).transpose()?;
+            let old: Option<crate::federation::Record> =
+                t.get(td)?.map(|v| decode(td, v.value())).transpose()?;
+            let shared = old.as_ref().map(|o| (o.exports.clone(), o.imports.clone()));
             let new = f(old);
             if let Some(rec) = &new {
                 t.insert(td, encode(rec).as_slice())?;
+                // Exports and imports are part of the directory: its revision moves with them, in the
+                // same transaction.
+                if shared.as_ref() != Some(&(rec.exports.clone(), rec.imports.clone())) {
+                    bump_revision(&txn)?;
+                }
             }
             new
         };
@@ -357,14 +364,6 @@ impl Store {
         }
         txn.commit()?;
         Ok(existed)
-    }
-
-    /// Moves the directory's revision on (federation exports or imports changed).
-    pub fn bump_revision(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        bump_revision(&txn)?;
-        txn.commit()?;
-        Ok(())
     }
 
     fn all<T: DeserializeOwned>(

@@ -1,7 +1,8 @@
 //! The proxy's view of the mesh directory: which workload a destination address is, and which local
 //! workload a Unix user is.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub struct Route {
     pub workload: Arc<Workload>,
     /// The destination node's tunnel listener.
     pub tunnel: SocketAddr,
+    /// A partner's workload (federation), not one of this mesh's.
+    pub imported: bool,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +102,7 @@ impl DirectoryView {
                 v.local.push(w);
             }
         }
+        let mut conflicts = HashSet::new();
         for imp in &dir.imports {
             let Ok(node) = NodeName::new(imp.id.trust_domain_str()) else {
                 continue;
@@ -115,15 +119,28 @@ impl DirectoryView {
                     probe_ports: Vec::new(),
                 }),
                 tunnel: imp.tunnel,
+                imported: true,
             };
             for ip in &imp.addresses {
                 for p in route.workload.tcp_ports() {
-                    // The control plane refused imports of this mesh's own addresses; of two partners
-                    // claiming one address and port, the first (by trust domain) keeps it.
-                    v.imported
-                        .entry((*ip, p.port))
-                        .or_insert_with(|| route.clone());
+                    // The control plane refused imports of this mesh's own addresses. An address and
+                    // port claimed by two imported identities (two partners, or one partner twice)
+                    // goes to neither.
+                    match v.imported.entry((*ip, p.port)) {
+                        Entry::Vacant(e) => {
+                            e.insert(route.clone());
+                        }
+                        Entry::Occupied(e) if e.get().workload.id != route.workload.id => {
+                            conflicts.insert((*ip, p.port));
+                        }
+                        Entry::Occupied(_) => {}
+                    }
                 }
+            }
+        }
+        for key in conflicts {
+            if let Some(r) = v.imported.remove(&key) {
+                tracing::warn!(address = %key.0, port = key.1, first = %r.workload.id, "an address and port imported from more than one identity; routed to none");
             }
         }
         for e in &dir.exports {
@@ -157,7 +174,11 @@ impl DirectoryView {
             },
         };
         let tunnel = *self.tunnels.get(&workload.node)?;
-        Some(Route { workload, tunnel })
+        Some(Route {
+            workload,
+            tunnel,
+            imported: false,
+        })
     }
 
     /// The addresses of the workloads named `<service account>.<namespace>` (all replicas); `None` when
@@ -214,4 +235,44 @@ fn dns_name(id: &strait_ca::SpiffeId) -> Option<String> {
     };
     let name = strait_policy::hostname::HostName::parse(&format!("{sa}.{ns}")).ok()?;
     Some(name.as_str().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strait_control::api::ExportedWorkload;
+    use strait_control::registry::{PortSpec, Protocol};
+
+    fn import(id: &str, addr: &str, port: u16) -> ExportedWorkload {
+        ExportedWorkload {
+            id: strait_ca::SpiffeId::parse(id).unwrap(),
+            addresses: vec![addr.parse().unwrap()],
+            ports: vec![PortSpec::new(port, Protocol::Http)],
+            tunnel: format!("{addr}:15008").parse().unwrap(),
+            accepts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn imports_route_by_address_and_port_and_a_contested_one_goes_nowhere() {
+        let dir = Directory {
+            imports: vec![
+                import("spiffe://vfx.example/ns/r/sa/render", "10.9.0.4", 6000),
+                import("spiffe://vfx.example/ns/r/sa/grade", "10.9.0.5", 6000),
+                // color.example claims vfx's address and port.
+                import("spiffe://color.example/ns/r/sa/x", "10.9.0.5", 6000),
+            ],
+            ..Default::default()
+        };
+        let v = DirectoryView::build(dir, &NodeName::new("me").unwrap());
+        let r = v.route("10.9.0.4:6000".parse().unwrap()).unwrap();
+        assert!(r.imported);
+        assert_eq!(
+            r.workload.id.as_str(),
+            "spiffe://vfx.example/ns/r/sa/render"
+        );
+        assert_eq!(r.tunnel, "10.9.0.4:15008".parse().unwrap());
+        assert!(v.route("10.9.0.4:6001".parse().unwrap()).is_none());
+        assert!(v.route("10.9.0.5:6000".parse().unwrap()).is_none());
+    }
 }

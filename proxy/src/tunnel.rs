@@ -330,12 +330,25 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
     let Some((src, dst)) = source_and_destination(ctx, &view, &tcp, peer) else {
         return;
     };
-    let Some(route) = view.route(dst) else {
+    // A partner's import is taken only by a source whose policy reaches it: an address a partner claims
+    // never turns a destination this source may reach as egress into a refusal.
+    let route = view.route(dst);
+    let unreached_import = route
+        .as_ref()
+        .filter(|r| r.imported && !ctx.authz.reachable(src.id.as_str(), r.workload.id.as_str()))
+        .map(|r| r.workload.id.clone());
+    let route = route.filter(|_| unreached_import.is_none());
+    let Some(route) = route else {
         if ctx.egress.iter().any(|r| r.allows(dst))
             || ctx.authz.egress_allowed(src.id.as_str(), dst)
             || ctx.dns.egress_allowed(&ctx.authz, src.id.as_str(), dst)
         {
             return egress(ctx, tcp, &src, dst).await;
+        }
+        if let Some(imported) = unreached_import {
+            ctx.metrics.refuse("outbound", "not_in_policy");
+            warn!(src = %src.id, dst = %imported, %dst, "no step of the policy lets this source reach that destination; refused before leaving the host");
+            return;
         }
         ctx.metrics.refuse("outbound", "outside_mesh");
         warn!(src = %src.id, %dst, "destination outside the mesh and not an allowed egress; refused");
@@ -773,18 +786,21 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
     }
 }
 
-/// Federation: a caller of another trust domain reaches only a workload (and port) exported to its
-/// trust domain; withdrawing the export refuses its next stream and its next request (refused, logged
-/// and counted here). Callers of this trust domain pass.
-pub fn exported(ctx: &Ctx, src: &SpiffeId, dst: &SpiffeId, port: u16) -> bool {
+/// Federation: a caller of another trust domain reaches only a workload exported to its trust domain,
+/// and only on a TCP port the workload declares (and the export lists, if it lists any): a workload
+/// without declared ports, which serves every port to local callers, serves none to partners.
+/// Withdrawing the export refuses its next stream and its next request (refused, logged and counted
+/// here). Callers of this trust domain pass.
+pub fn exported(ctx: &Ctx, src: &SpiffeId, dst: &Workload, port: u16) -> bool {
     let partner = src.trust_domain_str();
     if partner == ctx.bundle.load().trust_domain().as_str()
-        || ctx.dir.load().exported_to(dst, partner, port)
+        || (dst.tcp_ports().any(|p| p.port == port)
+            && ctx.dir.load().exported_to(&dst.id, partner, port))
     {
         return true;
     }
     ctx.metrics.refuse("inbound", "not_exported");
-    warn!(%src, %dst, port, "the workload is not exported to the caller's trust domain; refused (strait federation export)");
+    warn!(%src, dst = %dst.id, port, "the workload is not exported to the caller's trust domain on this port; refused (strait federation export)");
     false
 }
 
@@ -825,7 +841,7 @@ fn inbound_stream(
         warn!(%src, dst = %dst_id, %target, "stream to an address or port the workload does not serve; refused");
         return refuse_stream(respond, StatusCode::FORBIDDEN);
     };
-    if !exported(&ctx, &src, &dst.id, target.port()) {
+    if !exported(&ctx, &src, &dst, target.port()) {
         return refuse_stream(respond, StatusCode::FORBIDDEN);
     }
     if !ctx.inflight.try_reserve(ctx.max_connections) {

@@ -87,6 +87,15 @@ impl Stream {
                 grpc_call,
             );
         }
+        if self.foreign
+            && !crate::tunnel::exported(&self.ctx, &self.src, &self.dst, self.target.port())
+        {
+            return respond::refuse(
+                StatusCode::FORBIDDEN,
+                "this workload is not exported to your organisation",
+                grpc_call,
+            );
+        }
         let Prepared {
             mut input,
             host,
@@ -124,15 +133,6 @@ impl Stream {
             }
             _ => Either::Left(body),
         };
-        if self.foreign
-            && !crate::tunnel::exported(&self.ctx, &self.src, &self.dst.id, self.target.port())
-        {
-            return respond::refuse(
-                StatusCode::FORBIDDEN,
-                "this workload is not exported to your organisation",
-                grpc_call,
-            );
-        }
         let verdict = self.ctx.authz.http(&self.peers, &mut input);
         if !verdict.allowed() {
             self.ctx.metrics.refuse("inbound", "policy_denied");
