@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use support::mesh::{
     bin, capture, forge_cert, hold_tunnel, id, issue_cert, metric, pcap_summary, text, tunnel_sni,
-    Mesh, OWNER_UID, VFX_UID,
+    without_a_failed_request, Mesh, OWNER_UID, VFX_UID,
 };
 use support::{require_root, Netns, Proc};
 
@@ -795,6 +795,67 @@ fn a_cross_organisation_step_needs_both_sides() {
         "the cross-organisation request left in plaintext: {}",
         pcap_summary(&pcap)
     );
+
+    // vfx rotates its CA root with overlap while the owner calls render without pause: the owner's
+    // proxies trust vfx's new root (fetched with a refresh) before vfx's proxies present certificates
+    // from it; no request fails.
+    let vfx_anchors = || {
+        m.config_dump("a")["trust_bundle"]["federated"]
+            .as_array()
+            .and_then(|a| a.iter().find(|f| f["trust_domain"] == "vfx.example"))
+            .and_then(|f| f["anchors"].as_u64())
+            .unwrap_or(0)
+    };
+    without_a_failed_request(
+        "a partner's root rotation (prepare, activate) under cross-organisation traffic",
+        || call("rotation"),
+        "201",
+        || {
+            let prepared = partner_admin(&m, "vfx.example", &["ca", "rotation", "prepare"]);
+            assert!(prepared.contains("prepared"), "{prepared}");
+            m.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
+            m.net.eventually(
+                Duration::from_secs(20),
+                "A trusts both of vfx's roots",
+                || vfx_anchors() == 2,
+            );
+            let activated = partner_admin(&m, "vfx.example", &["ca", "rotation", "activate"]);
+            assert!(activated.contains("retiring"), "{activated}");
+            m.net.eventually(
+                Duration::from_secs(20),
+                "render's certificate re-issued by vfx's new root",
+                || {
+                    m.log("vfx.example-proxy.log")
+                        .matches("workload certificate issued")
+                        .count()
+                        > 1
+                },
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        },
+    );
+    // The old root withdrawn at vfx and gone from the owner's proxies with the next refresh: the tunnel
+    // opened before the rotation (vfx's old-root certificate) is closed; new requests pass on new tunnels.
+    partner_admin(
+        &m,
+        "vfx.example",
+        &["ca", "rotation", "withdraw", "--force"],
+    );
+    m.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
+    m.net.eventually(
+        Duration::from_secs(20),
+        "A holds vfx's new root only",
+        || vfx_anchors() == 1,
+    );
+    m.net.eventually(
+        Duration::from_secs(10),
+        "the tunnel the old root verified is closed",
+        || {
+            m.log("proxy-a.log")
+                .contains("tunnel closed: its peer's certificate no longer verifies")
+        },
+    );
+    assert_eq!(call("after the rotation"), "201");
 
     // The other way: example.org exports its workload on B to vfx.example; render calls it through
     // vfx's proxy and B's, decided by both workflows.
