@@ -629,6 +629,7 @@ fn a_cross_organisation_step_needs_both_sides() {
     if !require_root() {
         return;
     }
+    support::require_commands(&["socat", "tcpdump"]);
     // example.org (the owner: control plane on cp, proxies on a and b) and vfx.example (control plane and
     // one node on the outside host). Both proxies of example.org take their policy from its control plane.
     let m = Mesh::new("24h");
@@ -987,7 +988,18 @@ fn a_cross_organisation_step_needs_both_sides() {
         });
 
     // vfx withdraws the export: its proxy refuses the owner's next connection within a second, although
-    // the owner's side still imports it (until its next fetch), and counts it.
+    // the owner's side still imports it (until its next fetch), and counts it; an idle connection the
+    // owner holds open (which the HTTP layer would keep for 30 s) is closed with it.
+    let held = m.net.spawn(
+        "a",
+        Some(OWNER_UID),
+        &["socat", "-u", &format!("TCP:{}:6000", m.net.v4("out")), "-"],
+        &m.dir.join("held-cross.log"),
+    );
+    assert!(
+        m.net.wait(held, Duration::from_millis(1500)).is_none(),
+        "the held connection is open"
+    );
     let t = std::time::Instant::now();
     partner_admin(
         &m,
@@ -1007,6 +1019,13 @@ fn a_cross_organisation_step_needs_both_sides() {
             call("x") == "000"
         });
     eprintln!("export withdrawn → refused: {:?}", t.elapsed());
+    assert!(
+        m.net.wait(held, Duration::from_secs(5)).is_some(),
+        "the connection established before the withdrawal is closed"
+    );
+    assert!(m
+        .log("vfx.example-proxy.log")
+        .contains("partner's stream closed: the export it used was withdrawn"));
     assert!(m
         .log("vfx.example-proxy.log")
         .contains("the workload is not exported to the caller's trust domain"));

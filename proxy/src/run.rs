@@ -503,6 +503,7 @@ impl Node {
         self.apply_plan(capture_plan(&view, &self.opts, &listening));
         drop(listening);
         self.shared.ctx.dir.store(Arc::new(view));
+        self.shared.ctx.dir_epoch.send_modify(|e| *e += 1);
     }
 
     /// Applies `plan` unless it is already in force; closes what newly captured workloads opened before.

@@ -161,6 +161,8 @@ pub struct Ctx {
     pub bundle: Arc<SharedBundle>,
     /// Bumped when `bundle` changes ([`crate::trust`]).
     pub trust_epoch: crate::trust::Epoch,
+    /// Bumped when a new directory is in force: partners' open streams check their export again.
+    pub dir_epoch: tokio::sync::watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
     /// This node's addresses: inbound streams may only target these (or loopback).
     pub node_addrs: Vec<IpAddr>,
@@ -271,6 +273,7 @@ impl Ctx {
             dir: ArcSwap::from_pointee(dir),
             bundle,
             trust_epoch: tokio::sync::watch::channel(0).0,
+            dir_epoch: tokio::sync::watch::channel(0).0,
             metrics,
             node_addrs,
             egress,
@@ -804,6 +807,29 @@ pub fn exported(ctx: &Ctx, src: &SpiffeId, dst: &Workload, port: u16) -> bool {
     false
 }
 
+/// Resolves once a directory without the export `src`'s trust domain needs for `dst` on `port` is in
+/// force (taken when the stream starts: a change after the check at its opening is not missed).
+async fn export_withdrawn(ctx: &Ctx, src: &SpiffeId, dst: &Workload, port: u16) {
+    let mut epoch = ctx.dir_epoch.subscribe();
+    epoch.mark_changed();
+    loop {
+        if epoch.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let current = ctx
+            .dir
+            .load()
+            .local
+            .iter()
+            .find(|w| w.id == dst.id)
+            .cloned();
+        match current {
+            Some(w) if exported(ctx, src, &w, port) => {}
+            _ => return,
+        }
+    }
+}
+
 fn refuse_stream(mut respond: h2::server::SendResponse<Bytes>, code: StatusCode) {
     let mut r = Response::new(());
     *r.status_mut() = code;
@@ -871,7 +897,17 @@ fn inbound_stream(
             peer_addr: peer,
             target,
         };
-        crate::l7::serve(ctx.clone(), stream, ends).await;
+        if src.trust_domain_str() == ctx.bundle.load().trust_domain().as_str() {
+            crate::l7::serve(ctx.clone(), stream, ends).await;
+        } else {
+            // A partner's stream (raw TCP or upgraded ones included) ends when its export is withdrawn.
+            tokio::select! {
+                () = crate::l7::serve(ctx.clone(), stream, ends) => {}
+                () = export_withdrawn(&ctx, &src, &dst, target.port()) => {
+                    info!(%src, dst = %dst.id, "partner's stream closed: the export it used was withdrawn");
+                }
+            }
+        }
         active.dec();
         debug!(%src, dst = %dst.id, "inbound stream closed");
     });
