@@ -1129,4 +1129,13 @@ fn a_cross_organisation_step_needs_both_sides() {
         ],
     ));
     assert!(anon.contains("unauthenticated"), "{anon}");
+
+    // Ending the federation says which workflows still name the partner.
+    let out = m.admin_output(&["federation", "remove", "--trust-domain", "vfx.example"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("workflows film still name services of vfx.example"),
+        "{}",
+        text(&out)
+    );
 }

@@ -1257,8 +1257,24 @@ async fn remove_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply 
         return Err(federation_refused(crate::federation::Refusal::Unknown(td)));
     }
     announce_federation(state).await?;
-    info!(trust_domain = %td, "federation removed");
-    Ok(json(StatusCode::OK, &serde_json::json!({ "removed": td })))
+    // Workflows that still name the partner's services stay applied (re-federating restores them), but
+    // their cross-organisation steps are refused from now on: say which.
+    let (st, key) = (state.clone(), td.clone());
+    let naming: Vec<String> = blocking(move || Ok(st.store.workflows()?))
+        .await?
+        .into_iter()
+        .filter(|w| {
+            strait_policy::workflow::Workflow::from_yaml(&w.yaml)
+                .and_then(|wf| wf.foreign_trust_domains())
+                .is_ok_and(|tds| tds.contains(&key))
+        })
+        .map(|w| w.name)
+        .collect();
+    info!(trust_domain = %td, workflows_naming_it = ?naming, "federation removed");
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "removed": td, "workflows_naming_it": naming }),
+    ))
 }
 
 /// `strait federation export|unexport`: a withdrawn export reaches this mesh's proxies with the next

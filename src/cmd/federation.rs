@@ -210,7 +210,7 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             }
         }
         FederationCommand::Remove { trust_domain, conn } => {
-            let _: serde_json::Value = admin_client(&conn)?
+            let answer: serde_json::Value = admin_client(&conn)?
                 .post(
                     paths::ADMIN_FEDERATION_REMOVE,
                     &FederationTarget {
@@ -219,6 +219,16 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("federation with {trust_domain} removed");
+            let naming: Vec<&str> = answer["workflows_naming_it"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|w| w.as_str()).collect())
+                .unwrap_or_default();
+            if !naming.is_empty() {
+                eprintln!(
+                    "warning: workflows {} still name services of {trust_domain}: their steps with it are refused until it is federated again (edit or delete them)",
+                    naming.join(", ")
+                );
+            }
         }
         FederationCommand::Export {
             trust_domain,
