@@ -15,8 +15,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::mesh::{
-    bin, capture, forge_cert, hold_tunnel, id, issue_cert, metric, pcap_summary, text, tunnel_sni,
-    without_a_failed_request, Mesh, OWNER_UID, VFX_UID,
+    bin, capture, contains, end_capture_with_plaintext_control, forge_cert, hold_tunnel, id,
+    issue_cert, metric, pcap_summary, text, tunnel_sni, without_a_failed_request, Mesh, OWNER_UID,
+    VFX_UID,
 };
 use support::{require_root, Netns, Proc};
 
@@ -388,6 +389,22 @@ fn partner(m: &Mesh, td: &str, port: u16) -> (String, String) {
     (addr, fingerprint)
 }
 
+/// `strait federation add` of the partner `td` (started by [`partner`]) by the mesh's administrator.
+fn add_partner(m: &Mesh, td: &str, addr: &str, fingerprint: &str) -> String {
+    m.admin(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        td,
+        "--endpoint",
+        addr,
+        "--bootstrap-bundle",
+        m.p(&format!("{td}.json")),
+        "--fingerprint",
+        fingerprint,
+    ])
+}
+
 fn federated(m: &Mesh, host: &str) -> Vec<String> {
     m.config_dump(host)["trust_bundle"]["federated"]
         .as_array()
@@ -475,18 +492,7 @@ fn proxies_verify_each_partner_against_its_own_roots_only() {
     probe(&vfx_own, Some("NotFederated"));
 
     // The owner federates with vfx: its proxies get vfx's roots with their next renewal.
-    let added = m.admin(&[
-        "federation",
-        "add",
-        "--trust-domain",
-        "vfx.example",
-        "--endpoint",
-        &vfx_addr,
-        "--bootstrap-bundle",
-        m.p("vfx.example.json"),
-        "--fingerprint",
-        &vfx_fp,
-    ]);
+    let added = add_partner(&m, "vfx.example", &vfx_addr, &vfx_fp);
     assert!(added.contains("federation added"), "{added}");
     m.net.eventually(
         Duration::from_secs(20),
@@ -503,18 +509,7 @@ fn proxies_verify_each_partner_against_its_own_roots_only() {
     probe(&color_own, Some("NotFederated"));
 
     // With color federated too, color's identities pass on color's roots, and vfx's CA still cannot issue them.
-    m.admin(&[
-        "federation",
-        "add",
-        "--trust-domain",
-        "color.example",
-        "--endpoint",
-        &color_addr,
-        "--bootstrap-bundle",
-        m.p("color.example.json"),
-        "--fingerprint",
-        &color_fp,
-    ]);
+    add_partner(&m, "color.example", &color_addr, &color_fp);
     m.net
         .eventually(Duration::from_secs(20), "B holds color's roots", || {
             federated(&m, "b").len() == 2
@@ -674,18 +669,7 @@ fn a_cross_organisation_step_needs_both_sides() {
 
     // Federated both ways (each side adds the other), nothing exported yet: the owner's proxy does not
     // know the address, and refuses it as outside the mesh.
-    m.admin(&[
-        "federation",
-        "add",
-        "--trust-domain",
-        "vfx.example",
-        "--endpoint",
-        &vfx_addr,
-        "--bootstrap-bundle",
-        m.p("vfx.example.json"),
-        "--fingerprint",
-        &vfx_fp,
-    ]);
+    add_partner(&m, "vfx.example", &vfx_addr, &vfx_fp);
     let own = m.admin_output(&["federation", "bundle"]);
     assert!(own.status.success(), "{}", text(&own));
     std::fs::write(m.dir.join("example.org.json"), &own.stdout).unwrap();
@@ -716,24 +700,23 @@ fn a_cross_organisation_step_needs_both_sides() {
         std::fs::write(&f, cross_workflow(td, methods)).unwrap();
         f.to_string_lossy().into_owned()
     };
-    m.admin(&[
-        "workflow",
-        "apply",
-        "-f",
-        &wf("owner-wf.yaml", "example.org", Some("POST")),
-        "--wait",
-        "20s",
-    ]);
-    partner_admin(
-        &m,
-        "vfx.example",
-        &[
-            "workflow",
-            "apply",
-            "-f",
-            &wf("vfx-wf.yaml", "vfx.example", Some("POST")),
-        ],
-    );
+    let apply_owner = |methods: Option<&str>| {
+        let f = wf("owner-wf.yaml", "example.org", methods);
+        m.admin(&["workflow", "apply", "-f", &f, "--wait", "20s"]);
+    };
+    let apply_vfx = |methods: Option<&str>| {
+        let f = wf("vfx-wf.yaml", "vfx.example", methods);
+        partner_admin(&m, "vfx.example", &["workflow", "apply", "-f", &f]);
+    };
+    let partner_metrics = || {
+        text(&m.net.run(
+            "out",
+            None,
+            &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+        ))
+    };
+    apply_owner(Some("POST"));
+    apply_vfx(Some("POST"));
     assert_eq!(call("before the export"), "000");
     assert!(m
         .log("proxy-a.log")
@@ -772,25 +755,8 @@ fn a_cross_organisation_step_needs_both_sides() {
         .eventually(Duration::from_secs(10), "owner → render allowed", || {
             call(marker) == "201"
         });
-    // Positive control: plaintext around the mesh (root on A) is visible in the same capture.
-    let control_marker = "PLAINTEXT-CONTROL-MARKER-3b7e";
-    let out = m.curl(
-        "a",
-        None,
-        &format!("http://{}:8080/api/outside", m.net.v4("out")),
-        &["-d", control_marker],
-    );
-    assert_eq!(out, "201");
-    std::thread::sleep(Duration::from_millis(300));
-    m.net.signal(dump, libc::SIGINT);
-    m.net.wait(dump, Duration::from_secs(5));
-    let bytes = std::fs::read(&pcap).unwrap();
-    let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
-    assert!(
-        contains(control_marker),
-        "the capture sees plaintext: {}",
-        pcap_summary(&pcap)
-    );
+    let bytes = end_capture_with_plaintext_control(&m, dump, &pcap);
+    let contains = |needle: &str| contains(&bytes, needle);
     assert!(
         !contains(marker),
         "the cross-organisation request left in plaintext: {}",
@@ -912,26 +878,13 @@ fn a_cross_organisation_step_needs_both_sides() {
 
     // The destination's organisation withdraws its consent (its workflow has no step now): refused
     // there, per request, with the decision's status; the source's status sees it as pending.
-    partner_admin(
-        &m,
-        "vfx.example",
-        &[
-            "workflow",
-            "apply",
-            "-f",
-            &wf("vfx-wf.yaml", "vfx.example", None),
-        ],
-    );
+    apply_vfx(None);
     m.net.eventually(
         Duration::from_secs(10),
         "refused at the destination",
         || call("x") == "403",
     );
-    let metrics = text(&m.net.run(
-        "out",
-        None,
-        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
-    ));
+    let metrics = partner_metrics();
     assert!(
         metric(
             &metrics,
@@ -946,42 +899,19 @@ fn a_cross_organisation_step_needs_both_sides() {
         status.contains("pending: the partner's workflows lack this step"),
         "{status}"
     );
-    partner_admin(
-        &m,
-        "vfx.example",
-        &[
-            "workflow",
-            "apply",
-            "-f",
-            &wf("vfx-wf.yaml", "vfx.example", Some("POST")),
-        ],
-    );
+    apply_vfx(Some("POST"));
     m.net
         .eventually(Duration::from_secs(10), "allowed again", || {
             call("x") == "201"
         });
 
     // The source's organisation withdraws its step: refused at the source, before anything leaves.
-    m.admin(&[
-        "workflow",
-        "apply",
-        "-f",
-        &wf("owner-wf.yaml", "example.org", None),
-        "--wait",
-        "20s",
-    ]);
+    apply_owner(None);
     assert_eq!(call("x"), "000");
     assert!(m
         .log("proxy-a.log")
         .contains("no step of the policy lets this source reach that destination"));
-    m.admin(&[
-        "workflow",
-        "apply",
-        "-f",
-        &wf("owner-wf.yaml", "example.org", Some("POST")),
-        "--wait",
-        "20s",
-    ]);
+    apply_owner(Some("POST"));
     m.net
         .eventually(Duration::from_secs(10), "allowed again", || {
             call("x") == "201"
@@ -1029,11 +959,7 @@ fn a_cross_organisation_step_needs_both_sides() {
     assert!(m
         .log("vfx.example-proxy.log")
         .contains("the workload is not exported to the caller's trust domain"));
-    let metrics = text(&m.net.run(
-        "out",
-        None,
-        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
-    ));
+    let metrics = partner_metrics();
     assert!(
         metric(
             &metrics,

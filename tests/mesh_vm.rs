@@ -38,26 +38,8 @@ fn requests_cross_both_proxies_encrypted_over_ipv4_and_ipv6() {
         );
         assert_eq!(code, "201", "owner → vfx through the mesh (v6={v6})");
     }
-    // Positive control: plaintext that does not go through the mesh (root on A to the outside host) must
-    // be visible in the same capture, or the capture proves nothing.
-    let control_marker = "PLAINTEXT-CONTROL-MARKER-91c2";
-    let out = m.curl(
-        "a",
-        None,
-        &format!("http://{}:8080/api/outside", m.net.v4("out")),
-        &["-d", control_marker],
-    );
-    assert_eq!(out, "201");
-    std::thread::sleep(Duration::from_millis(300));
-    m.net.signal(dump, libc::SIGINT);
-    m.net.wait(dump, Duration::from_secs(5));
-    let bytes = std::fs::read(&pcap).unwrap();
-    let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
-    assert!(
-        contains(control_marker),
-        "the capture must see plaintext when there is some: {}",
-        pcap_summary(&pcap)
-    );
+    let bytes = end_capture_with_plaintext_control(&m, dump, &pcap);
+    let contains = |needle: &str| contains(&bytes, needle);
     assert!(
         !contains(marker),
         "the payload crossed the A–B link in clear"

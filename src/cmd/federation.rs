@@ -236,17 +236,7 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             ports,
             conn,
         } => {
-            let f: Federation = admin_client(&conn)?
-                .post(
-                    paths::ADMIN_FEDERATION_EXPORT,
-                    &api::FederationExport {
-                        trust_domain,
-                        workload: workload.clone(),
-                        ports,
-                        remove: false,
-                    },
-                )
-                .await?;
+            let f = change_export(&conn, trust_domain, &workload, ports, false).await?;
             print!("{workload} exported\n{}", describe(&f));
         }
         FederationCommand::Unexport {
@@ -254,19 +244,30 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             workload,
             conn,
         } => {
-            let f: Federation = admin_client(&conn)?
-                .post(
-                    paths::ADMIN_FEDERATION_EXPORT,
-                    &api::FederationExport {
-                        trust_domain,
-                        workload: workload.clone(),
-                        ports: Vec::new(),
-                        remove: true,
-                    },
-                )
-                .await?;
+            let f = change_export(&conn, trust_domain, &workload, Vec::new(), true).await?;
             print!("{workload} no longer exported\n{}", describe(&f));
         }
     }
     Ok(())
+}
+
+/// `export` / `unexport`: one admin call, the partner's record as it is after it.
+async fn change_export(
+    conn: &crate::cli::ConnArgs,
+    trust_domain: String,
+    workload: &str,
+    ports: Vec<u16>,
+    remove: bool,
+) -> anyhow::Result<Federation> {
+    Ok(admin_client(conn)?
+        .post(
+            paths::ADMIN_FEDERATION_EXPORT,
+            &api::FederationExport {
+                trust_domain,
+                workload: workload.to_owned(),
+                ports,
+                remove,
+            },
+        )
+        .await?)
 }

@@ -486,6 +486,36 @@ pub fn metric(text: &str, name: &str, label: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Ends a capture on A's switch port that must hold only ciphertext of the mesh: first sends plaintext
+/// around the mesh (root on A to the outside host's docstore) as a positive control, stops tcpdump and
+/// checks the control is in the capture (or the capture proves nothing). Returns the captured bytes.
+#[allow(dead_code)]
+pub fn end_capture_with_plaintext_control(m: &Mesh, dump: Proc, pcap: &Path) -> Vec<u8> {
+    let control_marker = "PLAINTEXT-CONTROL-MARKER-91c2";
+    let out = m.curl(
+        "a",
+        None,
+        &format!("http://{}:8080/api/outside", m.net.v4("out")),
+        &["-d", control_marker],
+    );
+    assert_eq!(out, "201");
+    std::thread::sleep(Duration::from_millis(300));
+    m.net.signal(dump, libc::SIGINT);
+    m.net.wait(dump, Duration::from_secs(5));
+    let bytes = std::fs::read(pcap).unwrap();
+    assert!(
+        contains(&bytes, control_marker),
+        "the capture must see plaintext when there is some: {}",
+        pcap_summary(pcap)
+    );
+    bytes
+}
+
+/// Whether `needle` occurs in `bytes`.
+pub fn contains(bytes: &[u8], needle: &str) -> bool {
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 /// Starts tcpdump on a host's switch port, writing to `file` in the test directory (see
 /// [`Netns::capture`]).
 pub fn capture(m: &Mesh, host: &str, file: &Path) -> Proc {
