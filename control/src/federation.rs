@@ -147,29 +147,38 @@ async fn fetch(
     endpoint_id: &SpiffeId,
     trust: TrustBundle,
 ) -> Result<SpiffeBundle, String> {
+    let body = partner_get(endpoint, endpoint_id, trust, None, paths::FEDERATION_BUNDLE).await?;
+    SpiffeBundle::parse(td.clone(), &body).map_err(|e| e.to_string())
+}
+
+/// GET `path` from a partner's control plane at `endpoint`, which must present `endpoint_id` chained to
+/// `trust`; `identity` is presented as client certificate when given. The body of a 200 answer.
+async fn partner_get(
+    endpoint: &str,
+    endpoint_id: &SpiffeId,
+    trust: TrustBundle,
+    identity: Option<&strait_ca::Svid>,
+    path: &str,
+) -> Result<bytes::Bytes, String> {
     let client = ApiClient::new(
         endpoint,
         ServerTrust::Endpoint {
             bundle: Arc::new(trust),
             id: endpoint_id.clone(),
         },
-        None,
+        identity,
         None,
     )
     .map_err(|e| e.to_string())?;
     let (status, body) = client
-        .raw(
-            Method::GET,
-            paths::FEDERATION_BUNDLE,
-            None,
-            bytes::Bytes::new(),
-        )
+        .raw(Method::GET, path, None, bytes::Bytes::new())
         .await
         .map_err(|e| e.to_string())?;
     if status != StatusCode::OK {
-        return Err(format!("the bundle endpoint answered {status}"));
+        let detail = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        return Err(format!("{path} answered {status}: {detail}"));
     }
-    SpiffeBundle::parse(td.clone(), &body).map_err(|e| e.to_string())
+    Ok(body)
 }
 
 /// What `list` shows of a record.
@@ -773,29 +782,14 @@ pub async fn refresh_imports(
     let outcome = async {
         let id = SpiffeId::parse(&rec.endpoint_id).map_err(|e| e.to_string())?;
         let trust = rec.bundle()?;
-        let client = ApiClient::new(
+        let body = partner_get(
             &rec.endpoint,
-            ServerTrust::Endpoint {
-                bundle: Arc::new(trust),
-                id,
-            },
+            &id,
+            trust,
             Some(identity),
-            None,
+            paths::FEDERATION_EXPORTS,
         )
-        .map_err(|e| e.to_string())?;
-        let (status, body) = client
-            .raw(
-                Method::GET,
-                paths::FEDERATION_EXPORTS,
-                None,
-                bytes::Bytes::new(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if status != StatusCode::OK {
-            let detail = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            return Err(format!("the partner answered {status}: {detail}"));
-        }
+        .await?;
         serde_json::from_slice::<ExportList>(&body)
             .map_err(|e| format!("the partner's exports do not parse: {e}"))
     }
