@@ -664,6 +664,18 @@ pub fn partner_status(store: &Store) -> Result<Vec<crate::api::PartnerStatus>, S
     Ok(out)
 }
 
+/// A partner's answer to [`paths::FEDERATION_EXPORTS`] (untrusted bytes): the workloads that may be
+/// imported and why the others were refused; `Err` when the answer does not parse at all.
+pub fn parse_imports(
+    partner: &TrustDomain,
+    body: &[u8],
+    own: &crate::api::Directory,
+) -> Result<(Vec<ExportedWorkload>, Vec<String>), String> {
+    let list = serde_json::from_slice::<ExportList>(body)
+        .map_err(|e| format!("the partner's exports do not parse: {e}"))?;
+    Ok(check_imports(partner, list, own))
+}
+
 /// An address a partner's workload may be reached at: unicast, not loopback, link-local (where cloud
 /// metadata services live), multicast, broadcast or unspecified.
 fn routable(a: &std::net::IpAddr) -> bool {
@@ -790,8 +802,7 @@ pub async fn refresh_imports(
             paths::FEDERATION_EXPORTS,
         )
         .await?;
-        serde_json::from_slice::<ExportList>(&body)
-            .map_err(|e| format!("the partner's exports do not parse: {e}"))
+        Ok(body)
     }
     .await;
     let (domain, s) = (
@@ -805,9 +816,8 @@ pub async fn refresh_imports(
     );
     let written = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let own = mesh_directory(&s, &hub)?;
-        let (imports, error) = match outcome {
-            Ok(list) => {
-                let (ok, refused) = check_imports(&domain, list, &own);
+        let (imports, error) = match outcome.and_then(|body| parse_imports(&domain, &body, &own)) {
+            Ok((ok, refused)) => {
                 for why in &refused {
                     warn!(trust_domain = %domain, reason = %why, "a partner's export was refused");
                 }

@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(b) = SpiffeBundle::parse(td.clone(), data) {
         assert!(!b.bundle.certs().is_empty());
-        let again = serde_json::to_vec(&b.bundle.to_spiffe_json(b.sequence, 300)).unwrap_or_default();
+        let again =
+            serde_json::to_vec(&b.bundle.to_spiffe_json(b.sequence, 300)).unwrap_or_default();
         let back = SpiffeBundle::parse(td, &again).expect("a parsed bundle round-trips");
         assert_eq!(back.bundle.fingerprint(), b.bundle.fingerprint());
         assert_eq!(back.sequence, b.sequence);
