@@ -421,7 +421,7 @@ pub async fn refresh(store: Arc<Store>, td: &str) -> Result<(Federation, bool), 
 }
 
 /// Refreshes every partner whose hint has elapsed (or whose last attempt failed 30 s ago), and every
-/// partner's imports every [`IMPORTS_REFRESH_SECS`], forever; `changed` runs when a partner's roots or
+/// partner's imports every [`IMPORTS_REFRESH_SECS`], all partners at once, forever; `changed` runs when a partner's roots or
 /// imports changed. `identity` is this control plane's SVID, presented to partners for their exports.
 pub async fn refresh_loop(
     store: Arc<Store>,
@@ -438,30 +438,56 @@ pub async fn refresh_loop(
             continue;
         };
         let t = crate::server::unix_now();
-        for rec in records {
-            let due = if rec.last_error.is_some() {
-                rec.attempted_at + RETRY_SECS.min(rec.refresh_hint_secs)
-            } else {
-                rec.fetched_at + rec.refresh_hint_secs
-            };
-            let mut any = false;
-            if t >= due {
-                any |= matches!(
-                    refresh(store.clone(), &rec.trust_domain).await,
-                    Ok((_, true))
-                );
-            }
-            if t >= rec.imports_at + IMPORTS_REFRESH_SECS {
-                if let Some(id) = identity() {
+        let due: Vec<(Record, bool, bool)> = records
+            .into_iter()
+            .map(|rec| {
+                let bundle_at = if rec.last_error.is_some() {
+                    rec.attempted_at + RETRY_SECS.min(rec.refresh_hint_secs)
+                } else {
+                    rec.fetched_at + rec.refresh_hint_secs
+                };
+                let imports_due = t >= rec.imports_at + IMPORTS_REFRESH_SECS;
+                (rec, t >= bundle_at, imports_due)
+            })
+            .filter(|(_, bundle, imports)| *bundle || *imports)
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        let id = due
+            .iter()
+            .any(|(_, _, imports)| *imports)
+            .then(&identity)
+            .flatten()
+            .map(Arc::new);
+        // Partners are fetched side by side: one that does not answer (each fetch has its own timeouts)
+        // delays nobody else's refresh.
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rec, bundle_due, imports_due) in due {
+            let (store, hub, id) = (store.clone(), hub.clone(), id.clone());
+            tasks.spawn(async move {
+                let mut any = false;
+                if bundle_due {
                     any |= matches!(
-                        refresh_imports(store.clone(), hub.clone(), &rec.trust_domain, &id).await,
+                        refresh(store.clone(), &rec.trust_domain).await,
+                        Ok((_, true))
+                    );
+                }
+                if let (true, Some(id)) = (imports_due, id) {
+                    any |= matches!(
+                        refresh_imports(store, hub, &rec.trust_domain, &id).await,
                         Ok(true)
                     );
                 }
-            }
-            if any {
-                changed();
-            }
+                any
+            });
+        }
+        let mut any = false;
+        while let Some(changed_one) = tasks.join_next().await {
+            any |= changed_one.unwrap_or(false);
+        }
+        if any {
+            changed();
         }
     }
 }
