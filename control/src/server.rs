@@ -300,7 +300,7 @@ pub async fn serve(
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
             quinn::crypto::rustls::QuicServerConfig::try_from(qtls)?,
         ));
-        cfg.transport_config(crate::dist::hub::quic_transport());
+        cfg.transport_config(strait_proto::wire::quic_transport());
         let addr = listener.local_addr()?;
         let endpoint = quinn::Endpoint::server(cfg, addr).map_err(|e| {
             anyhow::anyhow!("cannot listen on {addr}/udp for the policy distributor (in use?): {e}")
@@ -408,7 +408,7 @@ pub async fn serve(
                         state
                             .hub
                             .clone()
-                            .session(node, Transport::Tcp, remote, r, crate::dist::wire::Stream(w))
+                            .session(node, Transport::Tcp, remote, r, crate::dist::Stream(w))
                             .await;
                         return;
                     }

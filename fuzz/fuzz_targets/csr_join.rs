@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use strait_ca::CheckedCsr;
-use strait_control::api::JoinRequest;
+use strait_proto::api::JoinRequest;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(csr) = CheckedCsr::from_der(data) {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strait_control::dist::wire::{self, ClientMsg, ServerMsg};
+use strait_proto::wire::{self, ClientMsg, ServerMsg};
 
 thread_local! {
     static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()

@@ -7,7 +7,7 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use strait_control::dist::version::{SignedVersion, SigningKey, Verifier};
+use strait_proto::version::{SignedVersion, SigningKey, Verifier};
 
 static KEY: LazyLock<SigningKey> = LazyLock::new(SigningKey::ephemeral);
 

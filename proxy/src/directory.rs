@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use strait_control::api::Directory;
-use strait_control::registry::{NodeName, Selector, Workload};
+use strait_proto::api::Directory;
+use strait_proto::registry::{NodeName, Selector, Workload};
 
 /// Where a captured connection goes.
 #[derive(Debug, Clone)]
@@ -240,8 +240,8 @@ fn dns_name(id: &strait_ca::SpiffeId) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strait_control::api::ExportedWorkload;
-    use strait_control::registry::{PortSpec, Protocol};
+    use strait_proto::api::ExportedWorkload;
+    use strait_proto::registry::{PortSpec, Protocol};
 
     fn import(id: &str, addr: &str, port: u16) -> ExportedWorkload {
         ExportedWorkload {

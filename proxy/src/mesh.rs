@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use strait_control::dist::client::{Applier, Link};
-use strait_control::dist::version::{Checked, Refusal, SignedVersion, Verifier, VersionPayload};
+use strait_client::distributor::{Applier, Link};
+use strait_proto::version::{Checked, Refusal, SignedVersion, Verifier, VersionPayload};
 use tracing::{error, info};
 
 use crate::authz::LoadedPolicy;
@@ -169,8 +169,7 @@ impl ProxyApplier {
         if old != new {
             info!(version = number, trusted_keys = ?new, was = ?old, "distribution keys trusted from now on");
             // A restart must trust the key that signed the persisted version.
-            if let Err(e) =
-                strait_control::node::save_distribution_keys(&self.data_dir, next.keys())
+            if let Err(e) = strait_client::node::save_distribution_keys(&self.data_dir, next.keys())
             {
                 error!(error = %e, "cannot save the trusted distribution keys");
             }
@@ -300,9 +299,9 @@ impl Applier for ProxyApplier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strait_control::api::Directory;
-    use strait_control::dist::version::SigningKey;
     use strait_policy::bundle::Bundle;
+    use strait_proto::api::Directory;
+    use strait_proto::version::SigningKey;
 
     fn version(key: &SigningKey, number: u64, rego_error: bool) -> SignedVersion {
         let wf = strait_policy::workflow::Workflow::from_yaml(

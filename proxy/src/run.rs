@@ -15,9 +15,9 @@ use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use strait_ca::SpiffeId;
-use strait_control::api::Directory;
-use strait_control::node::{join, Advert, NodeClient, NodeIdentity};
-use strait_control::registry::NodeName;
+use strait_client::node::{join, Advert, NodeClient, NodeIdentity};
+use strait_proto::api::Directory;
+use strait_proto::registry::NodeName;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -147,7 +147,7 @@ impl Shared {
     /// is in force — what `/ready` says — whichever comes last.
     fn announce_ready(&self) {
         if self.serving.load(Ordering::SeqCst) && self.ready.load(Ordering::SeqCst) {
-            strait_control::systemd::ready("enforcing a mesh version");
+            strait_client::systemd::ready("enforcing a mesh version");
         }
     }
 
@@ -178,7 +178,7 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
     let want = format!("/node/{}", opts.node);
     if opts
         .data_dir
-        .join(strait_control::node::layout::NODE_KEY)
+        .join(strait_client::node::layout::NODE_KEY)
         .exists()
     {
         let id = NodeIdentity::load(&opts.data_dir).with_context(|| {
@@ -217,7 +217,7 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
                 format!(
                     "reading the trust bundle {} (the control plane publishes it in the ConfigMap {})",
                     trust_bundle.display(),
-                    strait_control::kube::BUNDLE_CONFIGMAP
+                    strait_proto::api::kube::BUNDLE_CONFIGMAP
                 )
             })?;
             let bundle =
@@ -228,10 +228,10 @@ async fn node_identity(opts: &ProxyOptions) -> anyhow::Result<NodeIdentity> {
                 format!(
                     "reading the service-account token {} (a projected token with audience {:?})",
                     token_file.display(),
-                    strait_control::kube::AUDIENCE
+                    strait_proto::api::kube::AUDIENCE
                 )
             })?;
-            strait_control::node::join_kubernetes(
+            strait_client::node::join_kubernetes(
                 &opts.control,
                 Arc::new(bundle),
                 &token,
@@ -375,7 +375,7 @@ fn capture_plan(view: &DirectoryView, opts: &ProxyOptions, listening: &Listening
         return plan;
     }
     for w in &view.local {
-        if let strait_control::registry::Selector::Uid(u) = w.selector {
+        if let strait_proto::registry::Selector::Uid(u) = w.selector {
             plan.workload_uids.insert(u);
         }
         plan.strict_ports
@@ -417,7 +417,7 @@ impl Node {
 
     /// A CA root rotation step at the control plane: fetch the bundle it names (with a node-certificate
     /// renewal, over the node's mTLS session), and re-issue every certificate when the signing root changed.
-    fn follow_trust(&self, trust: &strait_control::dist::version::TrustState) {
+    fn follow_trust(&self, trust: &strait_proto::version::TrustState) {
         let shared = &self.shared;
         let held = shared.ctx.bundle.load();
         if trust.bundle_fingerprint != held.fingerprint() {
@@ -724,7 +724,7 @@ fn bind_udp_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<Vec<tokio::ne
 
 /// The control plane's address for the distributor (same host and port as the API).
 async fn control_addr(control: &str) -> anyhow::Result<SocketAddr> {
-    let (host, port) = strait_control::client::parse_server(control)?;
+    let (host, port) = strait_client::client::parse_server(control)?;
     let mut addrs = tokio::net::lookup_host((host.as_str(), port))
         .await
         .with_context(|| format!("resolving the control plane address {host}"))?;
@@ -755,10 +755,8 @@ pub async fn run(
     if keys.is_empty() {
         bail!("the control plane sent no distribution key");
     }
-    let verifier = strait_control::dist::version::Verifier::with_keys(
-        keys,
-        identity.id().trust_domain().to_string(),
-    );
+    let verifier =
+        strait_proto::version::Verifier::with_keys(keys, identity.id().trust_domain().to_string());
     let client = Arc::new(ArcSwap::from_pointee(client));
     let control = control_addr(&opts.control).await?;
 
@@ -998,29 +996,29 @@ pub async fn run(
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(bind_any).context("opening the QUIC endpoint")?;
-    let target = strait_control::dist::client::Target {
+    let target = strait_client::distributor::Target {
         addr: control,
         tls: Box::new(move || Ok(identity.load().control_tls()?)),
         endpoint,
         tcp_only: opts.distributor_tcp_only,
     };
-    background.push(tokio::spawn(strait_control::dist::client::run(
+    background.push(tokio::spawn(strait_client::distributor::run(
         target,
         applier.clone(),
     )));
     info!(admin = %opts.admin, control = %control, "proxy running");
-    strait_control::systemd::spawn_watchdog();
+    strait_client::systemd::spawn_watchdog();
     shared.serving.store(true, Ordering::SeqCst);
     shared.announce_ready();
     if shared.not_ready_reason().is_some() {
-        strait_control::systemd::status(
+        strait_client::systemd::status(
             "waiting for a mesh version from the control plane; denying everything",
         );
     }
 
     shutdown.await;
     info!("shutting down: refusing new connections, draining");
-    strait_control::systemd::stopping();
+    strait_client::systemd::stopping();
     shared.draining.store(true, Ordering::SeqCst);
     for l in &listeners {
         l.abort();

@@ -21,7 +21,7 @@ use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
 use strait_ca::verify::{explain_io, peer_id, PeerRole, SvidClientVerifier, SvidServerVerifier};
 use strait_ca::{PeerIdMatcher, SharedBundle, SpiffeId};
-use strait_control::registry::Workload;
+use strait_proto::registry::Workload;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;

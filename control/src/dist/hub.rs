@@ -612,7 +612,7 @@ impl Hub {
         mut w: W,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
-        W: wire::FrameSink,
+        W: super::FrameSink,
     {
         let have = match tokio::time::timeout(HELLO_TIMEOUT, wire::read::<_, ClientMsg>(&mut r))
             .await
@@ -704,16 +704,6 @@ impl Hub {
             Err(e) => warn!(%node, %remote, error = %e, "distribution session failed"),
         }
     }
-}
-
-/// QUIC transport settings shared by both ends: keep-alives well inside the idle timeout.
-pub fn quic_transport() -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(20)).ok());
-    t.max_concurrent_uni_streams(0u8.into());
-    t.max_concurrent_bidi_streams(1u8.into());
-    Arc::new(t)
 }
 
 /// Accepts QUIC connections from proxies (node SVIDs, checked by the TLS layer) until the endpoint closes.

@@ -33,11 +33,7 @@ use model::{Namespace, Pod};
 /// The namespace label that opts a namespace's pods into the mesh (like Istio's injection label).
 pub const MESH_LABEL: &str = "strait.dev/mesh";
 pub const MESH_LABEL_VALUE: &str = "enabled";
-/// The audience proxies' projected tokens must be issued for.
-pub const AUDIENCE: &str = "strait";
-/// The ConfigMap the control plane publishes the trust bundle in (key [`BUNDLE_KEY`]).
-pub const BUNDLE_CONFIGMAP: &str = "strait-trust-bundle";
-pub const BUNDLE_KEY: &str = "bundle.pem";
+pub use strait_proto::api::kube::{AUDIENCE, BUNDLE_CONFIGMAP, BUNDLE_KEY};
 
 /// Who the node proxies are in the cluster.
 #[derive(Debug, Clone)]

@@ -9,8 +9,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use strait_ca::SpiffeId;
-use strait_control::registry::{Protocol, Workload};
 use strait_policy::input::{HttpRequest, Peers};
+use strait_proto::registry::{Protocol, Workload};
 use tracing::{debug, warn};
 
 use super::limits::MAX_POLICY_BODY;

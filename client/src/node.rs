@@ -12,17 +12,17 @@ use strait_ca::csr::generate_key_and_csr;
 use strait_ca::files::{self, PUBLIC_MODE, SECRET_MODE};
 use strait_ca::{SpiffeId, Svid, TrustBundle, TrustDomain};
 
-use crate::api::{self, paths};
 use crate::client::{ApiClient, ClientError, ServerTrust};
-use crate::dist::version::PublicKey;
-use crate::tokens::{sha256, JoinToken};
+use strait_proto::api::{self, paths};
+use strait_proto::tokens::{sha256, JoinToken};
+use strait_proto::version::PublicKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
     Api(#[from] ClientError),
     #[error("invalid join token: {0}")]
-    Token(#[from] crate::tokens::TokenError),
+    Token(#[from] strait_proto::tokens::TokenError),
     #[error("the control plane answered with an unusable certificate or bundle: {0}")]
     BadAnswer(String),
     #[error("cannot generate a key: {0}")]
@@ -158,7 +158,7 @@ pub async fn join_kubernetes(
     server: &str,
     bundle: Arc<TrustBundle>,
     service_account_token: &str,
-    node: &crate::registry::NodeName,
+    node: &strait_proto::registry::NodeName,
     advert: Advert,
 ) -> Result<NodeIdentity, NodeError> {
     let client = ApiClient::new(server, ServerTrust::Bundle(bundle.clone()), None, None)?;

@@ -19,7 +19,10 @@ use strait_policy::bundle::Bundle;
 use crate::api::Directory;
 
 /// Domain separation: a signature over a mesh version cannot be taken for a signature over anything else.
+/// Its `v1` is the version format: a payload an older proxy cannot read gets a new context.
 const CONTEXT: &[u8] = b"strait mesh version v1\0";
+/// The format of signed mesh versions (the signature's domain-separation context names it).
+pub const FORMAT: &str = "v1";
 
 /// File (in the control plane's data directory) holding the distribution key, PKCS#8, mode 0600.
 pub const SIGNING_KEY_FILE: &str = "distribution-key.pk8";

@@ -14,10 +14,39 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::version::SignedVersion;
+use crate::version::SignedVersion;
 
 /// ALPN of the distribution protocol, on QUIC and on the TCP fallback (which shares the API's TLS port).
 pub const ALPN: &[u8] = b"strait-dist/1";
+
+/// Transport a proxy session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Quic,
+    /// TLS over TCP, used when QUIC (UDP) does not get through.
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        })
+    }
+}
+
+/// QUIC transport settings both ends use: keep-alives well inside the idle timeout, one bidirectional stream
+/// per session and no unidirectional ones.
+pub fn quic_transport() -> std::sync::Arc<quinn_proto::TransportConfig> {
+    let mut t = quinn_proto::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    t.max_idle_timeout(quinn_proto::IdleTimeout::try_from(std::time::Duration::from_secs(20)).ok());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.max_concurrent_bidi_streams(1u8.into());
+    std::sync::Arc::new(t)
+}
 
 /// Largest message accepted: bundles are configuration; a 10 000-step workflow is about 3 MiB.
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -104,32 +133,6 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
     msg: &T,
 ) -> Result<(), WireError> {
     write_frame(w, &encode(msg)?).await
-}
-
-/// Where a session writes frames. QUIC streams take the shared frame without copying it (a version pushed to
-/// a thousand proxies stays one buffer); byte streams (the TLS/TCP fallback) copy it into their TLS records.
-pub trait FrameSink: Send {
-    fn send(
-        &mut self,
-        frame: bytes::Bytes,
-    ) -> impl std::future::Future<Output = Result<(), WireError>> + Send;
-}
-
-impl FrameSink for quinn::SendStream {
-    async fn send(&mut self, frame: bytes::Bytes) -> Result<(), WireError> {
-        self.write_chunk(frame)
-            .await
-            .map_err(|e| WireError::Io(e.into()))
-    }
-}
-
-/// A byte stream as a [`FrameSink`].
-pub struct Stream<W>(pub W);
-
-impl<W: AsyncWrite + Unpin + Send> FrameSink for Stream<W> {
-    async fn send(&mut self, frame: bytes::Bytes) -> Result<(), WireError> {
-        write_frame(&mut self.0, &frame).await
-    }
 }
 
 /// Reads one frame. The length is checked against the message type's bound first, and the body buffer

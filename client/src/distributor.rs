@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use super::version::SignedVersion;
-use super::wire::{self, ClientMsg, ServerMsg, ALPN};
-use super::Transport;
+use strait_proto::version::SignedVersion;
+use strait_proto::wire::{self, ClientMsg, ServerMsg, Transport, ALPN};
 
 /// How long a QUIC handshake may take before the TCP fallback is tried (UDP silently dropped looks like
 /// this: no answer at all).
@@ -73,7 +72,7 @@ async fn connect_quic(
     let tls = with_alpn((target.tls)()?);
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(super::hub::quic_transport());
+    cfg.transport_config(wire::quic_transport());
     let connecting = target
         .endpoint
         .connect_with(cfg, target.addr, "strait-control")?;

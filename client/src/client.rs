@@ -17,7 +17,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use strait_ca::verify::{PinnedServerVerifier, SvidServerVerifier};
 use strait_ca::{PeerIdMatcher, Svid, TrustBundle};
 
-use crate::api::{ErrorBody, CONTROL_ID_PATH, DEFAULT_PORT};
+use strait_proto::api::{ErrorBody, CONTROL_ID_PATH, DEFAULT_PORT};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,7 +100,7 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
 }
 
 /// `host:port` as an HTTP authority (IPv6 literals in brackets).
-pub(crate) fn authority(host: &str, port: u16) -> String {
+pub fn authority(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -109,7 +109,7 @@ pub(crate) fn authority(host: &str, port: u16) -> String {
 }
 
 /// Why [`connect_tls`] failed.
-pub(crate) enum ConnectFailure {
+pub enum ConnectFailure {
     /// The host is neither a DNS name nor an IP address.
     BadName,
     Tcp(String),
@@ -118,7 +118,7 @@ pub(crate) enum ConnectFailure {
 
 /// Opens TCP (without Nagle) to `host:port` and runs the TLS handshake, each step bounded by `timeout`.
 /// Shared by the control plane's client and the Kubernetes API client.
-pub(crate) async fn connect_tls(
+pub async fn connect_tls(
     host: &str,
     port: u16,
     tls: Arc<rustls::ClientConfig>,
