@@ -412,7 +412,8 @@ pub enum FederationCommand {
         /// The workload's SPIFFE ID (of this trust domain).
         #[arg(long)]
         workload: String,
-        /// Only these TCP ports of the workload (repeat); default every TCP port it declares.
+        /// Only these TCP ports of the workload (repeat); default every TCP port it declares. Kubernetes
+        /// pods declare none: name the ports, or nothing of the pods crosses.
         #[arg(long = "port")]
         ports: Vec<u16>,
         #[command(flatten)]

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
+use support::kube_cluster::{self, Cluster};
 use support::mesh::{
     bin, capture, contains, end_capture_with_plaintext_control, forge_cert, hold_tunnel, id,
     issue_cert, metric, pcap_summary, text, tunnel_sni, without_a_failed_request, Mesh, OWNER_UID,
@@ -1063,5 +1064,296 @@ fn a_cross_organisation_step_needs_both_sides() {
         text(&out).contains("workflows film still name services of vfx.example"),
         "{}",
         text(&out)
+    );
+}
+
+/// `strait ARGS` as vfx.example's administrator, on the `vfx` host beside the Kubernetes cluster.
+fn vfx_admin(c: &Cluster, args: &[&str]) -> Output {
+    let config = format!("STRAIT_CONFIG={}/admin.yaml", c.p("vfx-cp"));
+    let mut all = vec!["env", config.as_str(), bin()];
+    all.extend_from_slice(args);
+    c.net.run("vfx", None, &all)
+}
+
+/// `strait federation bundle` of an organisation: writes its bundle to `file`, returns its fingerprint.
+fn own_bundle(out: Output, file: &std::path::Path) -> String {
+    assert!(out.status.success(), "federation bundle: {}", text(&out));
+    std::fs::write(file, &out.stdout).unwrap();
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint: ").map(str::to_owned))
+        .expect("the bundle's fingerprint")
+}
+
+/// The workflow `film` of `td` between the cluster's pods (by namespace and service account) and vfx's
+/// render: web → render (POST) and render → db (`to_db` methods).
+fn kube_cross_workflow(td: &str, to_db: &str) -> String {
+    let cluster = "spiffe://cluster.local/ns/shop/sa";
+    format!(
+        "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {{name: film}}\ntrustDomain: {td}\nactors:\n  - {{name: shop, services: [{{name: web, id: \"{cluster}/web\"}}, {{name: db, id: \"{cluster}/db\"}}]}}\n  - {{name: vfx, services: [{{name: render, id: \"spiffe://vfx.example/ns/render/sa/render\"}}]}}\nsteps:\n  - {{from: web, to: render, methods: [POST], paths: [\"/api/**\"]}}\n  - {{from: render, to: db, methods: [{to_db}], paths: [\"/api/**\"]}}\n"
+    )
+}
+
+#[test]
+fn a_kubernetes_cluster_federates_its_pods_by_namespace_and_service_account() {
+    if !require_root() {
+        return;
+    }
+    // cluster.local: the Kubernetes test cluster (its control plane follows the API server; pods web on
+    // node1 and db on node2, meshed by their namespace's label). vfx.example: a VM organisation on the
+    // host `vfx` beside it (control plane, one node proxy, the render workload), on the same network.
+    let mut c = kube_cluster::setup_with(&["vfx"]);
+    c.start_proxies();
+    let vfx = c.net.v4("vfx").to_string();
+    let vfx_cp = format!("{vfx}:15012");
+    let out = std::process::Command::new(bin())
+        .args(["control", "init", "--data-dir", &c.p("vfx-cp")])
+        .args(["--trust-domain", "vfx.example", "--server", &vfx_cp])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "init: {}", text(&out));
+    let _vfx_control = c.net.spawn(
+        "vfx",
+        None,
+        &[
+            bin(),
+            "control",
+            "--data-dir",
+            &c.p("vfx-cp"),
+            "--listen",
+            &vfx_cp,
+            "--monitoring",
+            "off",
+        ],
+        &c.dir.join("vfx-cp.log"),
+    );
+    c.net
+        .eventually(Duration::from_secs(10), "vfx's control plane ready", || {
+            text(&c.net.run(
+                "vfx",
+                None,
+                &["curl", "-sk", &format!("https://{vfx_cp}/v1/ready")],
+            ))
+            .contains("ready")
+        });
+    let vfx_ok = |args: &[&str]| {
+        let out = vfx_admin(&c, args);
+        assert!(out.status.success(), "vfx: strait {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let render = "spiffe://vfx.example/ns/render/sa/render";
+    vfx_ok(&[
+        "workload",
+        "add",
+        "--id",
+        render,
+        "--node",
+        "vfx-1",
+        "--uid",
+        "1002",
+        "--port",
+        "6000/http",
+    ]);
+    c.net.spawn(
+        "vfx",
+        Some(VFX_UID),
+        &[
+            bin(),
+            "docstore",
+            "--listen",
+            "[::]:6000",
+            "--name",
+            "render",
+        ],
+        &c.dir.join("render.log"),
+    );
+    let token = vfx_ok(&["node", "token", "create", "--node", "vfx-1"]);
+    let vfx6 = c.net.v6("vfx").to_string();
+    let control = format!("https://{vfx_cp}");
+    let _vfx_proxy = c.net.spawn(
+        "vfx",
+        None,
+        &[
+            bin(),
+            "proxy",
+            "--control",
+            &control,
+            "--node",
+            "vfx-1",
+            "--token",
+            token.trim(),
+            "--data-dir",
+            &c.p("vfx-proxy"),
+            "--address",
+            &vfx,
+            "--address",
+            &vfx6,
+            "--drain-timeout",
+            "2s",
+        ],
+        &c.dir.join("vfx-proxy.log"),
+    );
+    c.net
+        .eventually(Duration::from_secs(20), "vfx's proxy ready", || {
+            c.net
+                .http_code("vfx", None, "http://127.0.0.1:15000/ready", &[], 3)
+                == "200"
+        });
+
+    // Federated both ways, each side comparing the other's fingerprint.
+    let ctl_env = format!("STRAIT_CONFIG={}/admin.yaml", c.p("ctl"));
+    let cluster_fp = own_bundle(
+        c.net.run(
+            "ctl",
+            None,
+            &["env", &ctl_env, bin(), "federation", "bundle"],
+        ),
+        &c.dir.join("cluster.local.json"),
+    );
+    let vfx_fp = own_bundle(
+        vfx_admin(&c, &["federation", "bundle"]),
+        &c.dir.join("vfx.example.json"),
+    );
+    c.admin(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        "vfx.example",
+        "--endpoint",
+        &vfx_cp,
+        "--bootstrap-bundle",
+        &c.p("vfx.example.json"),
+        "--fingerprint",
+        &vfx_fp,
+    ]);
+    let cluster_cp = format!("{}:15012", c.net.v4("ctl"));
+    vfx_ok(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        "cluster.local",
+        "--endpoint",
+        &cluster_cp,
+        "--bootstrap-bundle",
+        &c.p("cluster.local.json"),
+        "--fingerprint",
+        &cluster_fp,
+    ]);
+
+    // Exports: the cluster's db pod by its namespace and service account, on its port 8080 (a pod declares
+    // no ports, so the export names them); vfx's render.
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    c.admin(&[
+        "federation",
+        "export",
+        "--trust-domain",
+        "vfx.example",
+        "--workload",
+        db,
+        "--port",
+        "8080",
+    ]);
+    vfx_ok(&[
+        "federation",
+        "export",
+        "--trust-domain",
+        "cluster.local",
+        "--workload",
+        render,
+    ]);
+    let wf = |name: &str, td: &str, to_db: &str| {
+        let f = c.dir.join(name);
+        std::fs::write(&f, kube_cross_workflow(td, to_db)).unwrap();
+        f.to_string_lossy().into_owned()
+    };
+    c.admin(&[
+        "workflow",
+        "apply",
+        "-f",
+        &wf("cluster-wf.yaml", "cluster.local", "POST"),
+        "--wait",
+        "30s",
+    ]);
+    // vfx's own workflow allows render → db more than the cluster accepts (DELETE too).
+    vfx_ok(&[
+        "workflow",
+        "apply",
+        "-f",
+        &wf("vfx-wf.yaml", "vfx.example", "POST, DELETE"),
+        "--wait",
+        "30s",
+    ]);
+    let imported = c.admin(&["federation", "refresh", "--trust-domain", "vfx.example"]);
+    assert!(
+        imported.contains(&format!("imported from them: {render} at {vfx}")),
+        "{imported}"
+    );
+    let imported = vfx_ok(&["federation", "refresh", "--trust-domain", "cluster.local"]);
+    let db_pod = kube_cluster::pod("db");
+    assert!(
+        imported.contains(&format!("imported from them: {db} at {}", db_pod.v4)),
+        "{imported}"
+    );
+
+    // A pod calls the partner's workload, decided by both organisations.
+    let render_url = format!("http://{vfx}:6000/api/render");
+    c.net
+        .eventually(Duration::from_secs(15), "web → render allowed", || {
+            c.curl("web", &render_url, &["-d", "from the cluster"]) == "201"
+        });
+    // The partner's workload calls the exported pod: POST is in both workflows.
+    let db_url = kube_cluster::url("db", false, "/api/db");
+    let from_render = |extra: &[&str]| c.net.http_code("vfx", Some(VFX_UID), &db_url, extra, 3);
+    c.net
+        .eventually(Duration::from_secs(15), "render → db allowed", || {
+            from_render(&["-d", "from vfx"]) == "201"
+        });
+    // DELETE: vfx's workflow lets it leave; the cluster has not accepted it, and node2's proxy refuses.
+    assert_eq!(from_render(&["-X", "DELETE"]), "403");
+    assert!(
+        c.log("node2.log")
+            .contains("spiffe://vfx.example/ns/render/sa/render"),
+        "node2 logs the refused foreign caller"
+    );
+    // Another port of the exported pod, and a pod that was not exported: the partner's proxy has no
+    // route to either (nothing else of the cluster is visible to vfx).
+    let other_port = format!("http://{}:8081/api/x", db_pod.v4);
+    assert_eq!(
+        c.net.http_code("vfx", Some(VFX_UID), &other_port, &[], 3),
+        "000"
+    );
+    let web_url = kube_cluster::url("web", false, "/api/x");
+    assert_eq!(
+        c.net.http_code("vfx", Some(VFX_UID), &web_url, &[], 3),
+        "000"
+    );
+    assert!(c
+        .log("vfx-proxy.log")
+        .contains("destination outside the mesh"));
+
+    let status = c.admin(&["status"]);
+    assert!(status.contains("vfx.example"), "{status}");
+    assert!(status.contains("accepted"), "{status}");
+
+    // The cluster withdraws the export: node2's proxy refuses render at once (the directory it enforces
+    // no longer exports db), before vfx's next refresh removes the route there.
+    let t0 = std::time::Instant::now();
+    c.admin(&[
+        "federation",
+        "unexport",
+        "--trust-domain",
+        "vfx.example",
+        "--workload",
+        db,
+    ]);
+    c.net
+        .eventually(Duration::from_secs(5), "render → db refused", || {
+            from_render(&["-d", "after the unexport"]) != "201"
+        });
+    eprintln!("export withdrawn → refused in {:?}", t0.elapsed());
+    assert!(
+        c.log("node2.log")
+            .contains("the workload is not exported to the caller's trust domain"),
+        "node2 says why"
     );
 }

@@ -562,12 +562,20 @@ pub fn exports_for(
                 crate::registry::Selector::Ips(ips) => ips.clone(),
                 crate::registry::Selector::Uid(_) => node.addresses.clone(),
             };
-            let ports: Vec<_> = w
-                .tcp_ports()
-                .filter(|p| rule.ports.is_empty() || rule.ports.contains(&p.port))
-                // Only what the partner's proxies need: the port and how it is spoken.
-                .map(|p| crate::registry::PortSpec::new(p.port, p.protocol))
-                .collect();
+            let ports: Vec<_> = if w.ports.is_empty() {
+                // A pod declares no ports (every port is its, protocol detected): only the ports the
+                // export names cross, detected the same way at the partner; none named, none cross.
+                rule.ports
+                    .iter()
+                    .map(|&p| crate::registry::PortSpec::new(p, crate::registry::Protocol::Auto))
+                    .collect()
+            } else {
+                w.tcp_ports()
+                    .filter(|p| rule.ports.is_empty() || rule.ports.contains(&p.port))
+                    // Only what the partner's proxies need: the port and how it is spoken.
+                    .map(|p| crate::registry::PortSpec::new(p.port, p.protocol))
+                    .collect()
+            };
             if !ports.is_empty() && !addresses.is_empty() {
                 let mut accepts: Vec<SpiffeId> = steps
                     .iter()

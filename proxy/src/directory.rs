@@ -36,8 +36,9 @@ pub struct DirectoryView {
     pub local: Vec<Arc<Workload>>,
     /// Federation: partners' workloads imported here, by (address, port), with their node's tunnel.
     imported: HashMap<(IpAddr, u16), Route>,
-    /// Federation: (local workload, partner trust domain) → the exported ports (empty: all).
-    exported: HashMap<(strait_ca::SpiffeId, String), Vec<u16>>,
+    /// Federation: local workload → partner trust domain → the exported ports (empty: all it declares).
+    /// Nested so that the check on every foreign stream and request looks up by reference, unallocated.
+    exported: HashMap<strait_ca::SpiffeId, HashMap<String, Vec<u16>>>,
 }
 
 impl DirectoryView {
@@ -145,7 +146,9 @@ impl DirectoryView {
         }
         for e in &dir.exports {
             v.exported
-                .entry((e.workload.clone(), e.partner.clone()))
+                .entry(e.workload.clone())
+                .or_default()
+                .entry(e.partner.clone())
                 .or_default()
                 .extend(&e.ports);
         }
@@ -154,11 +157,20 @@ impl DirectoryView {
     }
 
     /// Whether the local workload `dst` is exported to trust domain `partner` on `port` (federation:
-    /// a partner's callers reach only what was exported to them).
-    pub fn exported_to(&self, dst: &strait_ca::SpiffeId, partner: &str, port: u16) -> bool {
+    /// a partner's callers reach only what was exported to them). An export without ports covers the
+    /// ports the workload declares; a pod declares none, so only the ports its export names are covered
+    /// (what the partner was told, `strait_control::federation::exports_for`).
+    pub fn exported_to(&self, dst: &Workload, partner: &str, port: u16) -> bool {
         self.exported
-            .get(&(dst.clone(), partner.to_owned()))
-            .is_some_and(|ports| ports.is_empty() || ports.contains(&port))
+            .get(&dst.id)
+            .and_then(|by_partner| by_partner.get(partner))
+            .is_some_and(|ports| {
+                if ports.is_empty() {
+                    dst.tcp_ports().any(|p| p.port == port)
+                } else {
+                    ports.contains(&port) && dst.serves(port)
+                }
+            })
     }
 
     /// The mesh workload serving at `dst`, if any: a pod address (Kubernetes mode) or a node address and a
@@ -240,7 +252,7 @@ fn dns_name(id: &strait_ca::SpiffeId) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strait_proto::api::ExportedWorkload;
+    use strait_proto::api::{DirectoryExport, ExportedWorkload};
     use strait_proto::registry::{PortSpec, Protocol};
 
     fn import(id: &str, addr: &str, port: u16) -> ExportedWorkload {
@@ -274,5 +286,70 @@ mod tests {
         assert_eq!(r.tunnel, "10.9.0.4:15008".parse().unwrap());
         assert!(v.route("10.9.0.4:6001".parse().unwrap()).is_none());
         assert!(v.route("10.9.0.5:6000".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn an_export_covers_what_the_partner_was_told_and_no_more() {
+        let me = NodeName::new("me").unwrap();
+        let td = |id: &str| strait_ca::SpiffeId::parse(id).unwrap();
+        let vm = Workload {
+            id: td("spiffe://example.org/ns/a/sa/store"),
+            node: me.clone(),
+            selector: Selector::Uid(1001),
+            ports: vec![
+                PortSpec::new(5000, Protocol::Http),
+                PortSpec::new(5001, Protocol::Tcp),
+            ],
+            probe_ports: Vec::new(),
+        };
+        // A pod declares no ports: it serves every port, but only the ports its export names cross.
+        let pod = Workload {
+            id: td("spiffe://example.org/ns/shop/sa/db"),
+            node: me.clone(),
+            selector: Selector::Ips(vec!["10.244.2.21".parse().unwrap()]),
+            ports: Vec::new(),
+            probe_ports: Vec::new(),
+        };
+        let pod_all = Workload {
+            id: td("spiffe://example.org/ns/shop/sa/web"),
+            selector: Selector::Ips(vec!["10.244.2.22".parse().unwrap()]),
+            ..pod.clone()
+        };
+        let export = |w: &Workload, ports: &[u16]| DirectoryExport {
+            partner: "vfx.example".into(),
+            workload: w.id.clone(),
+            ports: ports.to_vec(),
+        };
+        let dir = Directory {
+            workloads: vec![vm.clone(), pod.clone(), pod_all.clone()],
+            exports: vec![
+                export(&vm, &[]),
+                export(&pod, &[8080]),
+                export(&pod_all, &[]),
+            ],
+            ..Default::default()
+        };
+        let v = DirectoryView::build(dir, &me);
+        assert!(v.exported_to(&vm, "vfx.example", 5000));
+        assert!(v.exported_to(&vm, "vfx.example", 5001));
+        assert!(
+            !v.exported_to(&vm, "vfx.example", 5002),
+            "a port it does not declare"
+        );
+        assert!(
+            !v.exported_to(&vm, "color.example", 5000),
+            "another partner"
+        );
+        assert!(v.exported_to(&pod, "vfx.example", 8080));
+        assert!(
+            !v.exported_to(&pod, "vfx.example", 8081),
+            "a port the export does not name"
+        );
+        for port in [80, 8080, 5432] {
+            assert!(
+                !v.exported_to(&pod_all, "vfx.example", port),
+                "a pod exported without ports"
+            );
+        }
     }
 }

@@ -797,8 +797,7 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
 pub fn exported(ctx: &Ctx, src: &SpiffeId, dst: &Workload, port: u16) -> bool {
     let partner = src.trust_domain_str();
     if partner == ctx.bundle.load().trust_domain().as_str()
-        || (dst.tcp_ports().any(|p| p.port == port)
-            && ctx.dir.load().exported_to(&dst.id, partner, port))
+        || ctx.dir.load().exported_to(dst, partner, port)
     {
         return true;
     }

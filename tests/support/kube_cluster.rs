@@ -104,9 +104,16 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
+    /// Every log of the test (the control plane, the proxies, whatever else a test started here).
     pub fn dump_logs(&self) {
-        for f in ["control.log", "node1.log", "node2.log"] {
-            eprintln!("----- {f}\n{}", self.log(f));
+        let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for f in logs.iter().filter_map(|f| f.to_str()) {
+            if f.ends_with(".log") && !f.ends_with("-store.log") {
+                eprintln!("----- {f}\n{}", self.log(f));
+            }
         }
     }
 
@@ -243,22 +250,23 @@ pub fn review(pod: &FakePod) -> FakeReview {
 }
 
 pub fn setup() -> Cluster {
-    let mut net = Netns::new(&["ctl", "node1", "node2"]);
+    setup_with(&[])
+}
+
+/// The cluster, and `extra` hosts on the same network that route to the pods (outside the cluster: another
+/// organisation's machines, say).
+pub fn setup_with(extra: &[&str]) -> Cluster {
+    let hosts: Vec<&str> = ["ctl", "node1", "node2"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let mut net = Netns::new(&hosts);
     for p in &PODS {
         net.add_pod(p.node, p.name, p.v4, p.v6);
     }
-    net.route_pods(
-        "node1",
-        "10.244.1.0/24",
-        "fd00:244:1::/64",
-        &["node2", "ctl"],
-    );
-    net.route_pods(
-        "node2",
-        "10.244.2.0/24",
-        "fd00:244:2::/64",
-        &["node1", "ctl"],
-    );
+    let via = |node: &str| -> Vec<&str> { hosts.iter().copied().filter(|h| *h != node).collect() };
+    net.route_pods("node1", "10.244.1.0/24", "fd00:244:1::/64", &via("node1"));
+    net.route_pods("node2", "10.244.2.0/24", "fd00:244:2::/64", &via("node2"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let ctl = net.v4("ctl");
