@@ -40,6 +40,9 @@ cargo fmt --all --check || die "code is not formatted: run cargo fmt --all"
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "dependencies: licences, duplicates, sources, advisories (cargo deny, deny.toml)"
+bash scripts/deny.sh
+
 step "cargo test (release)"
 cargo test --workspace --release --locked
 

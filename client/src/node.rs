@@ -21,7 +21,8 @@ use strait_proto::version::PublicKey;
 pub enum NodeError {
     #[error(transparent)]
     Api(#[from] ClientError),
-    #[error("invalid join token: {0}")]
+    /// The reason is the source (one "invalid join token: …" line in an error chain, not the reason twice).
+    #[error("invalid join token")]
     Token(#[from] strait_proto::tokens::TokenError),
     #[error("the control plane answered with an unusable certificate or bundle: {0}")]
     BadAnswer(String),

@@ -516,6 +516,9 @@ impl Node {
         // nft takes tens of milliseconds: tell the runtime, so other tasks move to other workers.
         let apply = || capture::apply(&plan);
         let applied = match tokio::runtime::Handle::try_current() {
+            // Not spawn_blocking: the caller holds the capture lock and needs the result before it goes
+            // on, and nothing else may change the rules meanwhile.
+            #[allow(clippy::disallowed_methods)]
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(apply)
             }
@@ -566,7 +569,9 @@ impl Node {
     }
 
     async fn fetch_cert(&self, id: &SpiffeId) -> anyhow::Result<Arc<WorkloadCert>> {
-        let (svid, not_after) = self.client.load().workload_svid(id).await?;
+        // The client is cloned out of the swap: its guard must not be held across the request.
+        let client = self.client.load_full();
+        let (svid, not_after) = client.workload_svid(id).await?;
         if let Err(e) = crate::certs::cache::save(&self.opts.data_dir, &svid) {
             warn!(workload = %id, error = %format!("{e:#}"), "cannot cache the workload certificate");
         }
@@ -634,7 +639,8 @@ async fn keep_node_cert(
             _ = tokio::time::sleep(life / 2) => {}
             _ = shared.renew_node.notified() => {}
         }
-        let renewed = client.load().renew(advert(&opts)).await;
+        let current = client.load_full();
+        let renewed = current.renew(advert(&opts)).await;
         match renewed.map_err(anyhow::Error::from).and_then(|id| {
             id.save(&opts.data_dir)?;
             let c = NodeClient::new(&opts.control, &id)?;
@@ -733,8 +739,11 @@ async fn control_addr(control: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{host} has no address"))
 }
 
+/// Runs the proxy until `shutdown`. `activated`: the listeners the service manager handed over
+/// ([`crate::sockets::activated_listeners`], taken before the runtime started).
 pub async fn run(
     opts: ProxyOptions,
+    mut activated: crate::sockets::Activated,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     if opts.addresses.is_empty() {
@@ -809,8 +818,6 @@ pub async fn run(
 
     // Listeners before the rules, so no captured connection ever meets a closed port while we start.
     // Handed over by socket activation when the service manager holds them across restarts.
-    let mut activated =
-        crate::sockets::activated_listeners().context("taking the activated sockets")?;
     let mut take = |name: &str,
                     v4: SocketAddr,
                     v6: SocketAddr|

@@ -18,14 +18,17 @@ const LISTEN_FDS_START: i32 = 3;
 /// More would not be Strait's listeners.
 const LISTEN_FDS_MAX: i32 = 64;
 
+/// Activated listeners by socket name.
+pub type Activated = std::collections::HashMap<String, Vec<std::net::TcpListener>>;
+
 /// Listening TCP sockets handed over by socket activation (systemd's protocol, sd_listen_fds(3)):
 /// `LISTEN_PID` names this process, `LISTEN_FDS` counts descriptors from 3 on, `LISTEN_FDNAMES` names them
 /// (`FileDescriptorName=` in the socket unit). Sockets that outlive the process let a restart lose no
 /// connection: the kernel queues new ones in the backlog until the next proxy accepts them. Returns the
 /// listeners by name (none without activation) and clears the variables, so children do not inherit them.
-pub fn activated_listeners(
-) -> io::Result<std::collections::HashMap<String, Vec<std::net::TcpListener>>> {
-    let mut out: std::collections::HashMap<String, Vec<std::net::TcpListener>> = Default::default();
+/// Call it before any other thread starts (it changes the environment).
+pub fn activated_listeners() -> io::Result<Activated> {
+    let mut out = Activated::default();
     let for_us = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok())
@@ -35,6 +38,8 @@ pub fn activated_listeners(
         .and_then(|n| n.trim().parse::<i32>().ok());
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // Sound only while no other thread runs: `strait proxy` calls this before it starts the runtime.
+        #[allow(clippy::disallowed_methods)]
         std::env::remove_var(var);
     }
     let Some(count) = count.filter(|_| for_us) else {

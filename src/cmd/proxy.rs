@@ -32,6 +32,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     let control = args.control.clone();
     // regorus captures backtraces on internal errors under a global lock; never pay that in the proxy.
+    // Sound here: no other thread runs yet (the runtime starts below).
+    #[allow(clippy::disallowed_methods)]
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     raise_open_files_limit();
     // An empty STRAIT_JOIN_TOKEN (the packaged proxy.env after the first join) means no token.
@@ -123,12 +125,22 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         health: args.health_listen,
         allow_kubelet_probes: args.allow_kubelet_probes,
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let workers = args.worker_threads;
+    // Before the runtime's threads exist: taking them clears the activation variables.
+    let activated =
+        strait_proxy::sockets::activated_listeners().context("taking the activated sockets")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        runtime.worker_threads(workers);
+    }
+    runtime
         .enable_all()
         .on_thread_park(give_back_memory)
         .build()
         .context("starting the runtime")?
-        .block_on(async move { run_proxy(opts, super::control::shutdown_signal()).await })
+        .block_on(
+            async move { run_proxy(opts, activated, super::control::shutdown_signal()).await },
+        )
 }
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
