@@ -122,6 +122,9 @@ pub struct CertificateAuthority {
     bundle: TrustBundle,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// The parameters a root generated here signed itself with, so that another CA can certify the same
+    /// name and key ([`cross_certify`](Self::cross_certify)); `None` for a CA loaded from files.
+    root_params: Option<CertificateParams>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -182,13 +185,14 @@ impl CertificateAuthority {
         let bundle = TrustBundle::new(trust_domain.clone(), vec![der.clone()])?;
         Ok(Self {
             trust_domain,
-            issuer: Issuer::new(params, key),
+            issuer: Issuer::new(params.clone(), key),
             signing_cert: der,
             chain_to_anchor: Vec::new(),
             upper_chain: Vec::new(),
             bundle,
             not_before: now - CLOCK_SKEW_BACKDATE,
             not_after: now + validity,
+            root_params: Some(params),
         })
     }
 
@@ -246,6 +250,7 @@ impl CertificateAuthority {
             upper_chain,
             not_before,
             not_after,
+            root_params: None,
         };
         ca.check_valid_at(now)?;
         ca.self_test(now)?;
@@ -377,6 +382,52 @@ impl CertificateAuthority {
             chain: issued.chain,
             key,
         })
+    }
+
+    /// Certifies `subject`'s root under this CA (cross-signing): a certificate with the same name and key as
+    /// `subject`'s self-signed root, issued by this CA. A client that trusts only this CA's anchor (a join
+    /// token made before a root rotation pins the old root) can then verify what `subject` signs, through
+    /// this certificate. Path length 0, like the root it copies (RFC 5280 §6.1 takes a trust anchor as a
+    /// name and a key: the anchor's own path-length field is not part of path validation). Valid from `now`
+    /// until the earlier of both CAs' expiry. Only roots generated in this process can be certified: their
+    /// name is reproduced from the parameters they were made with, and checked byte for byte.
+    pub fn cross_certify(
+        &self,
+        subject: &CertificateAuthority,
+        now: SystemTime,
+    ) -> Result<CertificateDer<'static>, CaError> {
+        let Some(root_params) = &subject.root_params else {
+            return Err(CaError::NotACa(
+                "only a root generated here can be cross-certified".into(),
+            ));
+        };
+        if subject.trust_domain != self.trust_domain {
+            return Err(CaError::TrustDomainMismatch {
+                expected: self.trust_domain.to_string(),
+                found: subject.trust_domain.to_string(),
+            });
+        }
+        self.check_valid_at(now)?;
+        let mut params = root_params.clone();
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = (now - CLOCK_SKEW_BACKDATE).max(self.not_before).into();
+        params.not_after = self.not_after.min(subject.not_after).into();
+        let cert = params.signed_by(subject.issuer.key(), &self.issuer)?;
+        let der = cert.der().clone();
+        // The certificate must name exactly the root it stands for, or no chain would use it.
+        let (made, original) = (parse_cert(&der), parse_cert(&subject.signing_cert));
+        match (made, original) {
+            (Ok(m), Ok(o))
+                if m.subject().as_raw() == o.subject().as_raw()
+                    && m.public_key().raw == o.public_key().raw => {}
+            _ => {
+                return Err(CaError::BadChain(
+                    "the cross-certificate does not reproduce the root's name and key".into(),
+                ))
+            }
+        }
+        Ok(der)
     }
 
     /// Writes the CA into `dir` (created `0700` if needed). Refuses a directory that already holds a CA.

@@ -519,3 +519,73 @@ fn trust_domain_parsing_accepts_the_scheme_form() {
     assert_eq!(TrustDomain::new("spiffe://a.b").unwrap().as_str(), "a.b");
     assert!(TrustDomain::new("A.b").is_err());
 }
+
+#[test]
+fn a_cross_certificate_lets_the_old_anchor_verify_what_the_new_root_signs() {
+    let t = now();
+    let old = CertificateAuthority::generate(td(), Duration::from_secs(86400), t).unwrap();
+    let new = CertificateAuthority::generate(td(), Duration::from_secs(3 * 86400), t).unwrap();
+    let cross = old.cross_certify(&new, t).unwrap();
+    let (_, x) = X509Certificate::from_der(&cross).unwrap();
+    let (_, root) = X509Certificate::from_der(new.signing_cert()).unwrap();
+    let (_, old_root) = X509Certificate::from_der(old.signing_cert()).unwrap();
+    assert_eq!(x.subject().as_raw(), root.subject().as_raw());
+    assert_eq!(x.issuer().as_raw(), old_root.subject().as_raw());
+    assert_eq!(x.public_key().raw, root.public_key().raw);
+    assert!(x.is_ca());
+    // Bounded by the earlier expiry (the old root's).
+    assert_eq!(
+        x.validity().not_after.timestamp(),
+        old_root.validity().not_after.timestamp()
+    );
+
+    let wid = id("/ns/default/sa/web");
+    let svid = new
+        .issue_with_new_key(&wid, Duration::from_secs(3600), t)
+        .unwrap();
+    let check = |bundle: &strait_ca::TrustBundle,
+                 intermediates: &[rustls::pki_types::CertificateDer<'static>]| {
+        verify_peer(
+            bundle,
+            &PeerIdMatcher::Exact(wid.clone()),
+            &svid.chain[0],
+            intermediates,
+            unix_time(t),
+            PeerRole::Server,
+        )
+    };
+    // Trusting only the old root: the new root's leaf needs the cross-certificate, which links them.
+    check(old.trust_bundle(), std::slice::from_ref(&cross)).unwrap();
+    // The chain the control plane presents during the retiring period: new root, cross, old root.
+    check(
+        old.trust_bundle(),
+        &[
+            new.signing_cert().clone(),
+            cross.clone(),
+            old.signing_cert().clone(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        check(old.trust_bundle(), &[new.signing_cert().clone()]).is_err(),
+        "without the cross-certificate nothing links the new root to the old one"
+    );
+    // Holders of the new bundle do not need it.
+    check(new.trust_bundle(), &[]).unwrap();
+
+    // Only roots generated here, and only of the same trust domain.
+    let other = CertificateAuthority::generate(
+        TrustDomain::new("other.example").unwrap(),
+        Duration::from_secs(86400),
+        t,
+    )
+    .unwrap();
+    assert!(matches!(
+        old.cross_certify(&other, t),
+        Err(CaError::TrustDomainMismatch { .. })
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    new.save(dir.path()).unwrap();
+    let loaded = CertificateAuthority::load(dir.path(), t).unwrap();
+    assert!(old.cross_certify(&loaded, t).is_err());
+}

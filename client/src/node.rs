@@ -136,7 +136,16 @@ pub async fn join(server: &str, token: &str, advert: Advert) -> Result<NodeIdent
                 addresses: advert.addresses,
             },
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The handshake failed before the token was sent, so the token is not spent.
+            ClientError::Tls(m) if m.contains("not issued by a CA") => ClientError::Tls(format!(
+                "{m}: the control plane does not present the root CA this join token pins; the token \
+                 belongs to another control plane, or the root it pins was withdrawn by a CA rotation \
+                 since it was made (create a new token with `strait node token create`)"
+            )),
+            e => e,
+        })?;
     let identity = identity_from(resp, key)?;
     // The bundle handed over must contain the anchor the token pinned.
     if !identity

@@ -35,6 +35,10 @@ pub const NEXT_DIR: &str = "ca-next";
 /// The previous root after `activate`: its certificate only (the key is deleted), until `withdraw`.
 pub const RETIRING_DIR: &str = "ca-retiring";
 const RETIRING_META: &str = "retiring.json";
+/// In the prepared (then active) CA's directory: its root certified by the root it replaces, so that a join
+/// token made before `activate` (it pins the old root) still authenticates the control plane until
+/// `withdraw`.
+pub const CROSS_CERT: &str = "cross-signed.pem";
 
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -67,6 +71,22 @@ struct RetiringMeta {
 struct Retiring {
     anchor: CertificateDer<'static>,
     meta: RetiringMeta,
+    /// The active root certified by this one ([`CROSS_CERT`]), if `prepare` could make it.
+    cross: Option<CertificateDer<'static>>,
+}
+
+/// Reads the cross-certificate a `prepare` left in `dir`, if any (a damaged file only costs old join
+/// tokens, so it is logged, not fatal).
+fn read_cross(dir: &Path) -> Option<CertificateDer<'static>> {
+    let path = dir.join(CROSS_CERT);
+    let pem = std::fs::read_to_string(&path).ok()?;
+    match strait_ca::cert::certs_from_pem(&pem) {
+        Ok(mut certs) if certs.len() == 1 => certs.pop(),
+        _ => {
+            tracing::warn!(path = %path.display(), "ignoring an unreadable cross-certificate; join tokens made before the root was activated will not work (make new ones)");
+            None
+        }
+    }
 }
 
 struct Inner {
@@ -152,7 +172,11 @@ impl Authorities {
                 Err(_) => write_retiring(&retiring_dir, now, svid_ttl)?,
             };
             let _ = std::fs::remove_file(retiring_dir.join(ca_layout::KEY));
-            Some(Retiring { anchor, meta })
+            Some(Retiring {
+                anchor,
+                meta,
+                cross: read_cross(&active_dir),
+            })
         } else {
             None
         };
@@ -191,6 +215,20 @@ impl Authorities {
 
     pub fn shared_bundle(&self) -> Arc<SharedBundle> {
         self.bundle.clone()
+    }
+
+    /// Certificates the control plane's serving chain carries after its own root: while a root retires,
+    /// the active root certified by the retiring one and the retiring root itself, so that a node joining
+    /// with a token that pins the retiring root still finds a path to it (and nobody else needs them).
+    pub fn serving_chain_extra(&self) -> Vec<CertificateDer<'static>> {
+        match &self.lock().retiring {
+            Some(Retiring {
+                anchor,
+                cross: Some(cross),
+                ..
+            }) => vec![cross.clone(), anchor.clone()],
+            _ => Vec::new(),
+        }
     }
 
     /// SHA-256 of the active root: what join tokens pin.
@@ -268,8 +306,21 @@ impl Authorities {
         }
         let ca = CertificateAuthority::generate(self.trust_domain.clone(), validity, now)
             .map_err(anyhow::Error::from)?;
-        ca.save(&self.dir.join(NEXT_DIR))
-            .map_err(anyhow::Error::from)?;
+        // The old root vouches for the new one while its key still exists (it is deleted at `activate`).
+        let cross = g.active.cross_certify(&ca, now);
+        let next_dir = self.dir.join(NEXT_DIR);
+        ca.save(&next_dir).map_err(anyhow::Error::from)?;
+        match cross {
+            Ok(cross) => strait_ca::files::write_atomic(
+                &next_dir.join(CROSS_CERT),
+                strait_ca::cert::certs_to_pem([&cross]).as_bytes(),
+                strait_ca::files::PUBLIC_MODE,
+            )
+            .map_err(anyhow::Error::from)?,
+            Err(e) => {
+                tracing::warn!(error = %e, "the current root cannot certify the new one; join tokens made before `activate` will stop working at activation (make new ones)")
+            }
+        }
         g.prepared = Some((Arc::new(ca), secs(now)));
         self.bundle.store(Arc::new(bundle_of(&g)?));
         Ok(())
@@ -301,6 +352,7 @@ impl Authorities {
         g.retiring = Some(Retiring {
             anchor: old_anchor,
             meta,
+            cross: read_cross(&active_dir),
         });
         self.bundle.store(Arc::new(bundle_of(&g)?));
         Ok(())
@@ -322,6 +374,15 @@ impl Authorities {
             )));
         }
         std::fs::remove_dir_all(self.dir.join(RETIRING_DIR)).context("removing the old CA")?;
+        // Nothing trusts the old root any more, so the certificate linking to it has no use.
+        match std::fs::remove_file(self.dir.join(ACTIVE_DIR).join(CROSS_CERT)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::from(e)
+                    .context("removing the cross-certificate")
+                    .into())
+            }
+            _ => {}
+        }
         g.retiring = None;
         self.bundle.store(Arc::new(bundle_of(&g)?));
         Ok(())

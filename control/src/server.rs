@@ -25,9 +25,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use strait_ca::verify::peer_id;
-use strait_ca::{
-    CertificateAuthority, CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustBundle, TrustDomain,
-};
+use strait_ca::{CheckedCsr, IdKind, PeerIdMatcher, SpiffeId, TrustBundle, TrustDomain};
 use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
@@ -88,16 +86,19 @@ impl ResolvesServerCert for ServingCert {
 }
 
 /// Issues the control plane's SVID with a key made here (never written anywhere), and sends the trust
-/// anchor in the chain so that a joining node can check it against the pin in its token.
+/// anchor in the chain so that a joining node can check it against the pin in its token (and, while a
+/// root retires, the path to that root: [`Authorities::serving_chain_extra`]).
 fn serving_cert(
-    ca: &CertificateAuthority,
+    authorities: &Authorities,
     id: &SpiffeId,
     ttl: Duration,
 ) -> anyhow::Result<(CertifiedKey, SystemTime)> {
     let now = SystemTime::now();
+    let ca = authorities.active();
     let svid = ca.issue_with_new_key(id, ttl, now)?;
     let mut chain = svid.chain;
     chain.extend(ca.trust_bundle().certs().iter().cloned());
+    chain.extend(authorities.serving_chain_extra());
     let key = strait_ca::tls::provider()
         .key_provider
         .load_private_key(svid.key)?;
@@ -248,8 +249,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let control_id = state.control_id()?;
-    let (cert, mut not_after) =
-        serving_cert(&state.authorities.active(), &control_id, state.svid_ttl)?;
+    let (cert, mut not_after) = serving_cert(&state.authorities, &control_id, state.svid_ttl)?;
     let resolver = Arc::new(ServingCert(arc_swap::ArcSwap::from_pointee(cert)));
 
     // Only node SVIDs may be presented as client certificates to the distributor; workloads talk to their
@@ -354,7 +354,7 @@ pub async fn serve(
                     _ = state.serving_renew.notified() => {}
                 }
             } => {
-                match serving_cert(&state.authorities.active(), &control_id, state.svid_ttl) {
+                match serving_cert(&state.authorities, &control_id, state.svid_ttl) {
                     Ok((cert, na)) => {
                         resolver.0.store(Arc::new(cert));
                         not_after = na;
@@ -1406,6 +1406,8 @@ async fn ca_rotation(state: &Arc<State>, step: CaStep) -> Reply {
             }
             CaStep::Withdraw(r) => {
                 st.authorities.withdraw(r.force, now).map_err(refused)?;
+                // The serving chain no longer carries the path to the withdrawn root.
+                st.serving_renew.notify_one();
                 info!(forced = r.force, "CA rotation: the old root left the trust bundle");
                 true
             }
