@@ -1357,3 +1357,268 @@ fn a_kubernetes_cluster_federates_its_pods_by_namespace_and_service_account() {
         "node2 says why"
     );
 }
+
+/// The workload of `org` in the three-organisation test: `spiffe://ORG.example/ns/film/sa/ORG`.
+fn film_id(org: &str) -> String {
+    format!("spiffe://{org}.example/ns/film/sa/{org}")
+}
+
+/// `org`'s own `film` workflow: every actor by full SPIFFE ID, and only the steps that touch `org` (a step
+/// needs a local end). Each step is (from, to, methods).
+fn film_workflow(org: &str, steps: &[(&str, &str, &str)]) -> String {
+    let actors: String = ["owner", "vfx", "color"]
+        .iter()
+        .map(|a| {
+            format!(
+                "  - {{name: {a}, services: [{{name: {a}, id: \"{}\"}}]}}\n",
+                film_id(a)
+            )
+        })
+        .collect();
+    let steps: String = steps
+        .iter()
+        .filter(|(from, to, _)| *from == org || *to == org)
+        .map(|(from, to, methods)| {
+            format!("  - {{from: {from}, to: {to}, methods: [{methods}], paths: [\"/api/**\"]}}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: strait.dev/v1\nkind: Workflow\nmetadata: {{name: film}}\ntrustDomain: {org}.example\nactors:\n{actors}steps:\n{steps}"
+    )
+}
+
+#[test]
+fn three_organisations_carry_a_film_workflow_with_each_others_consent() {
+    if !require_root() {
+        return;
+    }
+    support::require_commands(&["curl", "tcpdump"]);
+    // Three organisations, each on its own host with its own control plane, CA, node proxy and one
+    // workload; the part of the film workflow that crosses them: owner → vfx → color → owner.
+    let orgs = ["owner", "vfx", "color"];
+    let o = setup();
+    let _cps: Vec<_> = orgs.iter().map(|org| o.start(org)).collect();
+    let endpoint = |org: &str| format!("{}:15012", o.net.v4(org));
+    for org in orgs {
+        for partner in orgs.iter().filter(|p| **p != org) {
+            let (file, fingerprint) = o.bundle(partner);
+            o.ok(
+                org,
+                &[
+                    "federation",
+                    "add",
+                    "--trust-domain",
+                    &format!("{partner}.example"),
+                    "--endpoint",
+                    &endpoint(partner),
+                    "--bootstrap-bundle",
+                    file.to_str().unwrap(),
+                    "--fingerprint",
+                    &fingerprint,
+                ],
+            );
+        }
+    }
+    let uid = |org: &str| match org {
+        "owner" => 1001,
+        "vfx" => 1002,
+        _ => 1004,
+    };
+    let mut proxies = Vec::new();
+    for org in orgs {
+        let node = format!("{org}-1");
+        o.ok(
+            org,
+            &[
+                "workload",
+                "add",
+                "--id",
+                &film_id(org),
+                "--node",
+                &node,
+                "--uid",
+                &uid(org).to_string(),
+                "--port",
+                "7000/http",
+            ],
+        );
+        o.net.spawn(
+            org,
+            Some(uid(org)),
+            &[bin(), "docstore", "--listen", "[::]:7000", "--name", org],
+            &o.dir.join(format!("{org}-docstore.log")),
+        );
+        let token = o.ok(org, &["node", "token", "create", "--node", &node]);
+        let (v4, v6) = (o.net.v4(org).to_string(), o.net.v6(org).to_string());
+        let data = o.dir.join(format!("{org}-proxy"));
+        proxies.push(o.net.spawn(
+            org,
+            None,
+            &[
+                bin(),
+                "proxy",
+                "--control",
+                &format!("https://{}", endpoint(org)),
+                "--node",
+                &node,
+                "--token",
+                token.trim(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--address",
+                &v4,
+                "--address",
+                &v6,
+                "--decision-log-allow-sample",
+                "1",
+            ],
+            &o.dir.join(format!("{org}-proxy.log")),
+        ));
+    }
+    for org in orgs {
+        o.net
+            .eventually(Duration::from_secs(20), "the proxy ready", || {
+                text(
+                    &o.net
+                        .run(org, None, &["curl", "-s", "http://127.0.0.1:15000/ready"]),
+                )
+                .starts_with("ready")
+            });
+    }
+
+    // Each organisation exports its workload to the one organisation that calls it, and applies the
+    // steps that touch it. vfx would also send PUT to color; color accepts POST only.
+    for (org, to) in [("vfx", "owner"), ("color", "vfx"), ("owner", "color")] {
+        o.ok(
+            org,
+            &[
+                "federation",
+                "export",
+                "--trust-domain",
+                &format!("{to}.example"),
+                "--workload",
+                &film_id(org),
+            ],
+        );
+    }
+    let steps_of = |org: &str| -> Vec<(&str, &str, &str)> {
+        let vfx_to_color = if org == "vfx" { "POST, PUT" } else { "POST" };
+        vec![
+            ("owner", "vfx", "POST"),
+            ("vfx", "color", vfx_to_color),
+            ("color", "owner", "POST"),
+        ]
+    };
+    for org in orgs {
+        let file = o.dir.join(format!("{org}-film.yaml"));
+        std::fs::write(&file, film_workflow(org, &steps_of(org))).unwrap();
+        o.ok(
+            org,
+            &[
+                "workflow",
+                "apply",
+                "-f",
+                file.to_str().unwrap(),
+                "--wait",
+                "20s",
+            ],
+        );
+    }
+    for org in orgs {
+        o.ok(org, &["federation", "refresh"]);
+    }
+
+    let call = |from: &str, to: &str, method: &str, body: &str| {
+        o.net.http_code(
+            from,
+            Some(uid(from)),
+            &format!("http://{}:7000/api/{to}", o.net.v4(to)),
+            &["-X", method, "-d", body],
+            5,
+        )
+    };
+    // Every step of the cycle, per request, encrypted on every link it crosses.
+    let marker = "FILM-3ORG-SECRET-93c4";
+    let pcaps: Vec<_> = orgs
+        .iter()
+        .map(|org| {
+            let file = o.dir.join(format!("{org}.pcap"));
+            (o.net.capture(org, &file), file)
+        })
+        .collect();
+    for (from, to) in [("owner", "vfx"), ("vfx", "color"), ("color", "owner")] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while call(from, to, "POST", marker) != "201" {
+            if std::time::Instant::now() > deadline {
+                for log in [
+                    format!("{from}-proxy.log"),
+                    format!("{to}-proxy.log"),
+                    format!("{from}.log"),
+                ] {
+                    let text = std::fs::read_to_string(o.dir.join(&log)).unwrap_or_default();
+                    let tail: Vec<_> = text.lines().rev().take(25).collect();
+                    eprintln!("--- {log} (last lines, newest first)\n{}", tail.join("\n"));
+                }
+                panic!("{from} → {to} is not allowed by both organisations");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    for (dump, file) in pcaps {
+        o.net.signal(dump, libc::SIGINT);
+        o.net.wait(dump, Duration::from_secs(5));
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            bytes.len() > 1000,
+            "the capture at {} saw the traffic",
+            file.display()
+        );
+        assert!(
+            !contains(&bytes, marker),
+            "the marker crossed {} in plaintext",
+            file.display()
+        );
+    }
+    // The destination's decision names the real source, an identity of another organisation.
+    let decided = |org: &str, needles: &[&str]| {
+        std::fs::read_to_string(o.dir.join(format!("{org}-proxy.log")))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("strait::decision") && needles.iter().all(|n| l.contains(n)))
+    };
+    assert!(decided("vfx", &[&film_id("owner"), "/api/vfx"]));
+
+    // Refused, each by the organisation that lacks the consent:
+    // vfx allows PUT to color, color does not accept it: refused at color's proxy, per request.
+    assert_eq!(call("vfx", "color", "PUT", "x"), "403");
+    assert!(
+        decided("color", &[&film_id("vfx"), "PUT", "false"]),
+        "color's decision log shows the refused PUT"
+    );
+    // owner → color: no workflow of the owner has that step and color exports nothing to owner: refused
+    // at the source before anything leaves.
+    assert_eq!(call("owner", "color", "POST", "x"), "000");
+    // color → vfx (the cycle backwards): refused at color's proxy.
+    assert_eq!(call("color", "vfx", "POST", "x"), "000");
+    // vfx → owner: owner exports only to color, so vfx cannot even route there.
+    assert_eq!(call("vfx", "owner", "POST", "x"), "000");
+
+    // Each organisation's status shows its steps as the partner sees them.
+    let status = o.ok("vfx", &["status"]);
+    assert!(
+        status.contains(&format!(
+            "step {} → {} (film): accepted by the partner",
+            film_id("vfx"),
+            film_id("color")
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!(
+            "step {} → {} (film): exported here",
+            film_id("owner"),
+            film_id("vfx")
+        )),
+        "{status}"
+    );
+}
