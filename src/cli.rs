@@ -838,8 +838,9 @@ pub enum BenchCommand {
     /// times every permitted step of the workflow with a new connection per request (`curl -w
     /// %{time_total}`, the study's method): direct without the mesh, then through the mesh with an
     /// allow-all workflow, the workflow itself, and the workflow with +100, +1 000 and +10 000 extra
-    /// steps. With the kernel's sch_netem it repeats everything with half of the hosts behind a 25 ms WAN
-    /// ("inter-region"). Prints the table beside the study's medians and writes CSVs and SVG plots.
+    /// steps. Then it repeats everything with half of the hosts behind a 25 ms WAN ("inter-region": tc
+    /// netem where the kernel has sch_netem, else `strait bench wan-relay`). Prints the table beside the
+    /// study's medians and writes CSVs and SVG plots.
     Study {
         /// Workflow to measure (default: the built-in film-production workflow).
         #[arg(short = 'f', long = "file")]
@@ -873,5 +874,21 @@ pub enum BenchCommand {
         /// Output SVG file.
         #[arg(short = 'o', long = "out")]
         out: PathBuf,
+    },
+    /// A WAN link with a fixed one-way delay where the kernel has no sch_netem (as root, in the network
+    /// namespace that holds both interfaces).
+    ///
+    /// Every Ethernet frame that arrives on one interface leaves through the other `--delay` later (up to
+    /// about 1 ms more), both ways, in order; queues are bounded (64 MiB each way) and overflow is dropped
+    /// and logged. `strait bench study` runs it between its two regions when `tc netem` is missing.
+    /// Example, with a and b the ends of veth pairs whose peers sit on two bridges:
+    /// `strait bench wan-relay --interface a --interface b --delay 25ms`
+    WanRelay {
+        /// The two interfaces to join (give it twice).
+        #[arg(long = "interface", required = true)]
+        interface: Vec<String>,
+        /// One-way delay added to every frame, e.g. 25ms (the study's inter-region placement).
+        #[arg(long, value_parser = parse_duration, default_value = "25ms")]
+        delay: Duration,
     },
 }

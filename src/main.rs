@@ -22,14 +22,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none())
-        || matches!(&cli.command, cli::Command::Proxy(_));
-    let default_level = if matches!(
+        || matches!(
+            &cli.command,
+            cli::Command::Proxy(_) | cli::Command::Bench(cli::BenchCommand::WanRelay { .. })
+        );
+    let default_level = if daemon {
+        "info"
+    } else if matches!(
         &cli.command,
         cli::Command::Demo { .. } | cli::Command::Bench(_)
     ) {
         "error"
-    } else if daemon {
-        "info"
     } else {
         "warn"
     };

@@ -756,6 +756,15 @@ fn presented_chain(cp: &ControlPlane) -> Vec<String> {
         .collect()
 }
 
+/// Waits (5 s at most) until the control plane presents `len` certificates.
+fn chain_becomes(cp: &ControlPlane, len: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while presented_chain(cp).len() != len {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tokens_made_before_a_root_rotation_work_until_the_old_root_is_withdrawn() {
     let cp = ControlPlane::start();
@@ -770,14 +779,7 @@ async fn join_tokens_made_before_a_root_rotation_work_until_the_old_root_is_with
 
     // After activation the control plane's certificate chains to the new root; its chain now also carries
     // the new root certified by the old one, and the old root, so tokens pinning the old root still work.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while presented_chain(&cp).len() != 4 {
-        assert!(
-            Instant::now() < deadline,
-            "the serving chain was not renewed at activation"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    chain_becomes(&cp, 4, "the serving chain renewed at activation");
     let new_root = cp.bundle();
     assert_ne!(new_root.certs()[0], old_root.certs()[0]);
     // OpenSSL checks both links of SVID → cross-certificate (the third certificate presented) → old
@@ -832,14 +834,7 @@ async fn join_tokens_made_before_a_root_rotation_work_until_the_old_root_is_with
     // Once the old root is withdrawn, nothing links to it: a token pinning it is refused before it is
     // sent, with what to do; a new token works.
     ok(cp.cli(&["ca", "rotation", "withdraw", "--force"]));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while presented_chain(&cp).len() != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the serving chain still links to the withdrawn root"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    chain_becomes(&cp, 2, "the serving chain without the withdrawn root");
     let err = join(&cp.server(), &spare, Advert::default())
         .await
         .unwrap_err();

@@ -9,6 +9,7 @@ mod federation;
 mod policy;
 mod proxy;
 pub mod table;
+mod wan;
 
 use std::path::Path;
 
@@ -45,6 +46,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             unit,
             out,
         }) => plot(&csv, &category, &value, &title, &unit, &out),
+        Command::Bench(BenchCommand::WanRelay { interface, delay }) => wan::run(&interface, delay),
         Command::Status { output, conn } => block_on(admin::status(output, conn)),
     }
 }

@@ -17,6 +17,35 @@ pub const PREFIX: &str = "sdemo-";
 pub struct Lab {
     hosts: Vec<String>,
     children: Mutex<Vec<(String, Child)>>,
+    wan: Mutex<WanLink>,
+}
+
+/// How the two regions are joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WanLink {
+    /// One region only.
+    Absent,
+    /// A veth pair `wan0`–`wan1` between the bridges; `tc netem` on both ends when a delay is set.
+    Veth,
+    /// The kernel has no `sch_netem`: `wan0` and `wan1` lead to a namespace of their own where
+    /// `strait bench wan-relay` (this pid) copies frames between them with the delay.
+    Relay { pid: u32 },
+}
+
+/// What carries the delay between the regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WanMethod {
+    Netem,
+    Relay,
+}
+
+impl std::fmt::Display for WanMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WanMethod::Netem => "tc netem",
+            WanMethod::Relay => "strait bench wan-relay (no sch_netem in this kernel)",
+        })
+    }
 }
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
@@ -75,6 +104,11 @@ impl Lab {
         let lab = Self {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             children: Mutex::new(Vec::new()),
+            wan: Mutex::new(if remote.is_empty() {
+                WanLink::Absent
+            } else {
+                WanLink::Veth
+            }),
         };
         let sw = lab.ns("sw");
         sh(&["ip", "netns", "add", &sw])?;
@@ -116,9 +150,111 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Adds `delay` each way between the two regions (tc netem on both ends of the WAN link), or removes
-    /// it (`None`). Needs the kernel's `sch_netem`.
-    pub fn set_wan_delay(&self, delay: Option<Duration>) -> anyhow::Result<()> {
+    /// Adds `delay` each way between the two regions, or removes it (`None`): `tc netem` on both ends of
+    /// the WAN link where the kernel has `sch_netem`, else the userspace relay (`strait bench wan-relay`,
+    /// which stays in the path from then on, with no delay when there is none to add).
+    pub fn set_wan_delay(&self, delay: Option<Duration>) -> anyhow::Result<WanMethod> {
+        let mut wan = self.wan.lock().unwrap_or_else(|p| p.into_inner());
+        match *wan {
+            WanLink::Absent => bail!("this lab has a single region: there is no WAN link"),
+            WanLink::Veth => match self.netem(delay) {
+                Ok(()) => Ok(WanMethod::Netem),
+                Err(_) if delay.is_none() => Ok(WanMethod::Netem),
+                Err(netem) => {
+                    self.install_relay().with_context(|| {
+                        format!("tc netem failed ({netem:#}), and so did the relay")
+                    })?;
+                    *wan = WanLink::Relay {
+                        pid: self.start_relay(delay.unwrap_or_default())?,
+                    };
+                    Ok(WanMethod::Relay)
+                }
+            },
+            WanLink::Relay { pid } => {
+                self.stop(pid);
+                *wan = WanLink::Relay {
+                    pid: self.start_relay(delay.unwrap_or_default())?,
+                };
+                Ok(WanMethod::Relay)
+            }
+        }
+    }
+
+    /// Replaces the veth pair between the bridges with two pairs that lead to the relay's namespace
+    /// (`wan`; its ends `region0` and `region1` carry no address and no IPv6, so that namespace only forwards).
+    fn install_relay(&self) -> anyhow::Result<()> {
+        let (sw, wan) = (self.ns("sw"), self.ns("wan"));
+        sh(&["ip", "-n", &sw, "link", "del", "wan0"])?;
+        sh(&["ip", "netns", "add", &wan])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &wan,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        for (outer, inner, bridge) in [("wan0", "region0", "br0"), ("wan1", "region1", "br1")] {
+            sh(&[
+                "ip", "-n", &sw, "link", "add", outer, "type", "veth", "peer", "name", inner,
+                "netns", &wan,
+            ])?;
+            sh(&[
+                "ip", "-n", &sw, "link", "set", outer, "master", bridge, "up",
+            ])?;
+            sh(&["ip", "-n", &wan, "link", "set", "dev", inner, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts the relay with `delay` and waits until it reads frames; returns its pid.
+    fn start_relay(&self, delay: Duration) -> anyhow::Result<u32> {
+        let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+        let log = std::env::temp_dir().join(format!("{PREFIX}wan-relay.log"));
+        let _ = std::fs::remove_file(&log);
+        let ms = format!("{}ms", delay.as_millis());
+        let pid = self.spawn(
+            "wan",
+            None,
+            &[
+                &exe,
+                "bench",
+                "wan-relay",
+                "--interface",
+                "region0",
+                "--interface",
+                "region1",
+                "--delay",
+                &ms,
+            ],
+            &log,
+        )?;
+        self.eventually(Duration::from_secs(5), "the WAN relay", || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("WAN relay running"))
+        })
+        .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+        Ok(pid)
+    }
+
+    /// Stops a process this lab started (SIGTERM, then SIGKILL after 2 s) and forgets it.
+    fn stop(&self, pid: u32) {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = children.iter().position(|(_, c)| c.id() == pid) {
+            let (_, mut c) = children.remove(i);
+            crate::sys::signal(pid as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `tc netem` with `delay` on both ends of the veth pair between the regions (none: removed).
+    fn netem(&self, delay: Option<Duration>) -> anyhow::Result<()> {
         let sw = self.ns("sw");
         for dev in ["wan0", "wan1"] {
             let _ = Command::new("ip")
@@ -237,7 +373,8 @@ impl Lab {
         }
         children.clear();
         let mut names: Vec<String> = self.hosts.iter().map(|h| self.ns(h)).collect();
-        names.push(self.ns("sw"));
+        // The relay's namespace exists only once the relay was needed; deleting a missing one is a no-op.
+        names.extend([self.ns("sw"), self.ns("wan")]);
         delete_namespaces(&names);
     }
 }

@@ -204,6 +204,69 @@ impl Netns {
         ]);
     }
 
+    /// Puts the hosts `remote` in a second region: their switch ports move to a second bridge, joined to
+    /// the first only through a namespace `wan` where `strait bench wan-relay` (started here, its output
+    /// in `log`) copies frames between the two bridges with `delay` (e.g. `25ms`) each way.
+    pub fn split_by_wan(&mut self, remote: &[&str], delay: &str, log: &Path) -> Proc {
+        let (sw, wan) = (self.ns("sw"), self.ns("wan"));
+        sh(&["ip", "-n", &sw, "link", "add", "br1", "type", "bridge"]);
+        sh(&["ip", "-n", &sw, "link", "set", "br1", "up"]);
+        for h in remote {
+            sh(&[
+                "ip",
+                "-n",
+                &sw,
+                "link",
+                "set",
+                &self.switch_port(h),
+                "master",
+                "br1",
+            ]);
+        }
+        sh(&["ip", "netns", "add", &wan]);
+        self.hosts.push("wan".into());
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &wan,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+        for (outer, inner, bridge) in [("wan0", "region0", "br0"), ("wan1", "region1", "br1")] {
+            sh(&[
+                "ip", "-n", &sw, "link", "add", outer, "type", "veth", "peer", "name", inner,
+                "netns", &wan,
+            ]);
+            sh(&[
+                "ip", "-n", &sw, "link", "set", outer, "master", bridge, "up",
+            ]);
+            sh(&["ip", "-n", &wan, "link", "set", "dev", inner, "up"]);
+        }
+        let relay = self.spawn(
+            "wan",
+            None,
+            &[
+                env!("CARGO_BIN_EXE_strait"),
+                "bench",
+                "wan-relay",
+                "--interface",
+                "region0",
+                "--interface",
+                "region1",
+                "--delay",
+                delay,
+            ],
+            log,
+        );
+        self.eventually(Duration::from_secs(5), "the WAN relay", || {
+            std::fs::read_to_string(log).is_ok_and(|l| l.contains("WAN relay running"))
+        });
+        relay
+    }
+
     /// Routes a node's pod networks (`v4net`, `v6net`) from every other host through that node.
     pub fn route_pods(&self, node: &str, v4net: &str, v6net: &str, via: &[&str]) {
         for other in via {
