@@ -115,13 +115,21 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
         ["direct", "allow-all", "minimal", "+100", "+1000", "+10000"],
         "{summary}"
     );
-    let cells = summary.lines().count() - 1;
+    // The inter-region placement runs everywhere (tc netem, or the WAN relay where the kernel has no
+    // sch_netem) and measures the 4 steps that cross the regions.
+    let inter = summary.lines().filter(|l| l.starts_with("inter,")).count();
+    assert_eq!(inter, intra.len(), "{summary}");
+    assert!(
+        text.contains("asked 25 ms one way, measured"),
+        "the WAN delay is measured and printed: {text}"
+    );
     let samples = std::fs::read_to_string(study.join("study-samples.csv")).unwrap();
     assert_eq!(
         samples.lines().count(),
-        1 + cells * 8 * 3,
-        "8 steps × 3 samples per cell"
+        1 + intra.len() * 8 * 3 + inter * 4 * 3,
+        "3 samples per step: 8 steps per intra cell, the 4 crossing steps per inter cell"
     );
+    assert!(study.join("study-inter.svg").exists());
     let plot = std::fs::read_to_string(study.join("study-intra.svg")).unwrap();
     assert!(
         plot.contains(
