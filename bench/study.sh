@@ -6,8 +6,9 @@
 #
 # Runs `strait bench study` (see `strait bench study --help` for the method): every permitted step of the
 # film-production workflow, a new connection per request timed by curl, direct and through the mesh with
-# allow-all, the workflow, +100, +1 000, +10 000 extra steps; inter-region (25 ms netem WAN) where the kernel
-# has sch_netem. Writes bench/results/study/{study.csv,study-pairs.csv,study-samples.csv,study-*.svg}.
+# allow-all, the workflow, +100, +1 000, +10 000 extra steps; then the steps that cross a 25 ms WAN between two
+# regions (tc netem where the kernel has sch_netem, else `strait bench wan-relay`). Writes
+# bench/results/study/{study.csv,study-pairs.csv,study-samples.csv,study-*.svg}.
 set -euo pipefail
 SAMPLES=${1:-40}
 cd "$(dirname "$0")/.."
