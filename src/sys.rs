@@ -1,5 +1,6 @@
-//! The binary's only `unsafe` code: thin wrappers over libc and mimalloc calls that have no memory
-//! preconditions. Everything else is `deny(unsafe_code)` (see main.rs).
+//! The binary's only `unsafe` code: thin wrappers over libc, mimalloc and tokio calls, each safe to call
+//! with any argument its signature allows (what they need of memory is kept inside, with a `SAFETY:`
+//! comment). Everything else is `deny(unsafe_code)` (see main.rs).
 
 /// The effective user id.
 pub use strait_proxy::sockets::effective_uid;
@@ -40,12 +41,14 @@ pub fn raise_open_files_limit() -> Option<(u64, u64)> {
 pub fn packet_socket(ifindex: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let proto = (libc::ETH_P_ALL as u16).to_be();
+    // Protocol 0: the socket receives nothing until `bind` names the interface and the protocol (with
+    // ETH_P_ALL here it would take frames of every interface in between, the other region's included).
     // SAFETY: socket has no memory preconditions; the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::c_int::from(proto),
+            0,
         )
     };
     if fd < 0 {
@@ -112,11 +115,19 @@ pub fn packet_socket(ifindex: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
-/// recv(2) on a socket: the length of the datagram read into `buf` (truncated to it).
+/// recv(2) of one datagram into `buf`: its whole length, which is more than `buf.len()` when it was
+/// truncated (MSG_TRUNC).
 pub fn recv(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC,
+        )
+    };
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 

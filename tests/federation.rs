@@ -1592,16 +1592,39 @@ fn three_organisations_carry_a_film_workflow_with_each_others_consent() {
     // vfx allows PUT to color, color does not accept it: refused at color's proxy, per request.
     assert_eq!(call("vfx", "color", "PUT", "x"), "403");
     assert!(
-        decided("color", &[&film_id("vfx"), "PUT", "false"]),
+        decided(
+            "color",
+            &[&film_id("vfx"), "\"method\":\"PUT\"", "\"allowed\":false"]
+        ),
         "color's decision log shows the refused PUT"
     );
-    // owner → color: no workflow of the owner has that step and color exports nothing to owner: refused
-    // at the source before anything leaves.
-    assert_eq!(call("owner", "color", "POST", "x"), "000");
-    // color → vfx (the cycle backwards): refused at color's proxy.
-    assert_eq!(call("color", "vfx", "POST", "x"), "000");
-    // vfx → owner: owner exports only to color, so vfx cannot even route there.
-    assert_eq!(call("vfx", "owner", "POST", "x"), "000");
+    // Steps outside the cycle, none exported to its caller and none in the caller's workflow: refused at
+    // the source proxy, before anything leaves (owner → color, the cycle backwards color → vfx, and
+    // vfx → owner), each logged there; the allowed step from the same source still passes afterwards.
+    let outside = |org: &str| {
+        std::fs::read_to_string(o.dir.join(format!("{org}-proxy.log")))
+            .unwrap_or_default()
+            .matches("destination outside the mesh")
+            .count()
+    };
+    for (from, to, allowed) in [
+        ("owner", "color", "vfx"),
+        ("color", "vfx", "owner"),
+        ("vfx", "owner", "color"),
+    ] {
+        let before = outside(from);
+        assert_eq!(call(from, to, "POST", "x"), "000", "{from} → {to}");
+        o.net.eventually(
+            Duration::from_secs(5),
+            "the refusal logged at the source",
+            || outside(from) > before,
+        );
+        assert_eq!(
+            call(from, allowed, "POST", "x"),
+            "201",
+            "{from} → {allowed}"
+        );
+    }
 
     // Each organisation's status shows its steps as the partner sees them.
     let status = o.ok("vfx", &["status"]);

@@ -401,6 +401,15 @@ impl CertificateAuthority {
                 "only a root generated here can be cross-certified".into(),
             ));
         };
+        // An operator's intermediate must not put a CA of ours into the operator's hierarchy; and a token
+        // pins the anchor, which a cross-certificate from an intermediate would not reach anyway.
+        if !self.chain_to_anchor.is_empty()
+            || self.bundle.certs().first() != Some(&self.signing_cert)
+        {
+            return Err(CaError::NotACa(
+                "only a self-signed root certifies another root; this CA is an intermediate".into(),
+            ));
+        }
         if subject.trust_domain != self.trust_domain {
             return Err(CaError::TrustDomainMismatch {
                 expected: self.trust_domain.to_string(),

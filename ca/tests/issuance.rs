@@ -588,4 +588,16 @@ fn a_cross_certificate_lets_the_old_anchor_verify_what_the_new_root_signs() {
     new.save(dir.path()).unwrap();
     let loaded = CertificateAuthority::load(dir.path(), t).unwrap();
     assert!(old.cross_certify(&loaded, t).is_err());
+    // An operator's intermediate never certifies a root of ours into the operator's hierarchy.
+    let pki = operator_pki(Some("spiffe://example.org"));
+    let intermediate = CertificateAuthority::from_pem(
+        td(),
+        &pki.inter_pem,
+        &pki.inter_key_pem,
+        Some(&pki.root_pem),
+        t,
+    )
+    .unwrap();
+    let refused = intermediate.cross_certify(&new, t).unwrap_err();
+    assert!(refused.to_string().contains("intermediate"), "{refused}");
 }

@@ -79,7 +79,10 @@ struct Retiring {
 /// tokens, so it is logged, not fatal).
 fn read_cross(dir: &Path) -> Option<CertificateDer<'static>> {
     let path = dir.join(CROSS_CERT);
-    let pem = std::fs::read_to_string(&path).ok()?;
+    let Ok(pem) = std::fs::read_to_string(&path) else {
+        tracing::warn!(path = %path.display(), "a root retires but no cross-certificate links it to the active one; join tokens made before `activate` will not work (make new ones)");
+        return None;
+    };
     match strait_ca::cert::certs_from_pem(&pem) {
         Ok(mut certs) if certs.len() == 1 => certs.pop(),
         _ => {
@@ -310,16 +313,15 @@ impl Authorities {
         let cross = g.active.cross_certify(&ca, now);
         let next_dir = self.dir.join(NEXT_DIR);
         ca.save(&next_dir).map_err(anyhow::Error::from)?;
-        match cross {
-            Ok(cross) => strait_ca::files::write_atomic(
+        let written = cross.map_err(anyhow::Error::from).and_then(|cross| {
+            Ok(strait_ca::files::write_atomic(
                 &next_dir.join(CROSS_CERT),
                 strait_ca::cert::certs_to_pem([&cross]).as_bytes(),
                 strait_ca::files::PUBLIC_MODE,
-            )
-            .map_err(anyhow::Error::from)?,
-            Err(e) => {
-                tracing::warn!(error = %e, "the current root cannot certify the new one; join tokens made before `activate` will stop working at activation (make new ones)")
-            }
+            )?)
+        });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "no cross-certificate from the current root to the new one; join tokens made before `activate` will stop working at activation (make new ones)");
         }
         g.prepared = Some((Arc::new(ca), secs(now)));
         self.bundle.store(Arc::new(bundle_of(&g)?));
@@ -373,13 +375,18 @@ impl Authorities {
                 humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(r.meta.withdraw_after))
             )));
         }
-        std::fs::remove_dir_all(self.dir.join(RETIRING_DIR)).context("removing the old CA")?;
-        // Nothing trusts the old root any more, so the certificate linking to it has no use.
+        // Nothing will trust the old root any more, so the certificate linking to it has no use. First, so
+        // that a failure here leaves the rotation where it was; a leftover file is harmless (it is read
+        // only while a root retires).
         match std::fs::remove_file(self.dir.join(ACTIVE_DIR).join(CROSS_CERT)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(anyhow::Error::from(e)
-                    .context("removing the cross-certificate")
-                    .into())
+                tracing::warn!(error = %e, "cannot remove the cross-certificate; it is no longer served")
+            }
+            _ => {}
+        }
+        match std::fs::remove_dir_all(self.dir.join(RETIRING_DIR)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::from(e).context("removing the old CA").into())
             }
             _ => {}
         }

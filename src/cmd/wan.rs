@@ -97,10 +97,30 @@ pub fn run(interfaces: &[String], delay: Duration) -> anyhow::Result<()> {
 
 /// One direction: frames read from `from` leave through `to` `delay` after they arrived.
 async fn relay(from: Arc<Port>, to: Arc<Port>, delay: Duration) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    if delay.is_zero() {
+        // No timer in the path (its millisecond ticks would add up to 1 ms a frame).
+        let mut lost = Lost::default();
+        loop {
+            let n = from
+                .recv(&mut buf)
+                .await
+                .with_context(|| format!("reading from {}", from.name))?;
+            if n > buf.len() {
+                lost.count(
+                    &from.name,
+                    "a frame larger than the relay's buffer was dropped",
+                );
+                continue;
+            }
+            if let Err(e) = to.send(&buf[..n]).await {
+                lost.count(&to.name, &format!("frame not sent: {e}"));
+            }
+        }
+    }
     let mut queue: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
     let mut queued_bytes = 0usize;
-    let mut dropped = 0u64;
-    let mut buf = vec![0u8; MAX_FRAME];
+    let mut lost = Lost::default();
     loop {
         let due = queue.front().map(|(t, _)| *t);
         tokio::select! {
@@ -113,22 +133,36 @@ async fn relay(from: Arc<Port>, to: Arc<Port>, delay: Duration) -> anyhow::Resul
                     if let Err(e) = to.send(&frame).await {
                         // A frame the other side cannot take (its link down, too large) is lost, as on a
                         // real link; the relay goes on.
-                        warn!(interface = %to.name, error = %e, "frame not sent");
+                        lost.count(&to.name, &format!("frame not sent: {e}"));
                     }
                 }
             }
             n = from.recv(&mut buf) => {
                 let n = n.with_context(|| format!("reading from {}", from.name))?;
+                if n > buf.len() {
+                    lost.count(&from.name, "a frame larger than the relay's buffer was dropped");
+                    continue;
+                }
                 if queued_bytes + n > MAX_QUEUED_BYTES {
-                    dropped += 1;
-                    if dropped.is_power_of_two() {
-                        warn!(from = %from.name, dropped, "WAN queue full: frames dropped");
-                    }
+                    lost.count(&from.name, "WAN queue full: frame dropped");
                     continue;
                 }
                 queued_bytes += n;
                 queue.push_back((Instant::now() + delay, buf[..n].to_vec()));
             }
+        }
+    }
+}
+
+/// Frames lost on one direction, logged at the 1st, 2nd, 4th, 8th… so that a burst cannot flood the log.
+#[derive(Default)]
+struct Lost(u64);
+
+impl Lost {
+    fn count(&mut self, interface: &str, what: &str) {
+        self.0 += 1;
+        if self.0.is_power_of_two() {
+            warn!(interface, lost = self.0, "{what}");
         }
     }
 }

@@ -96,6 +96,15 @@ pub fn delete_namespaces(names: &[String]) {
     }
 }
 
+/// Packet sockets bound to a protocol, from `/proc/net/packet` (columns: sk RefCnt Type Proto Iface …).
+fn bound_packet_sockets(table: &str) -> usize {
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(3).is_some_and(|p| p != "0000"))
+        .count()
+}
+
 impl Lab {
     /// Hosts listed in `remote` sit on a second bridge (`br1`), joined to the first by a veth pair
     /// (`wan0`–`wan1`): the "WAN" where [`Lab::set_wan_delay`] adds latency between the two regions
@@ -231,8 +240,11 @@ impl Lab {
             ],
             &log,
         )?;
+        // Ready once both packet sockets are bound (their protocol is set at bind): a log line would
+        // depend on STRAIT_LOG.
         self.eventually(Duration::from_secs(5), "the WAN relay", || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("WAN relay running"))
+            self.run("wan", None, &["cat", "/proc/net/packet"])
+                .is_ok_and(|o| bound_packet_sockets(&String::from_utf8_lossy(&o.stdout)) >= 2)
         })
         .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
         Ok(pid)

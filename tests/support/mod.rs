@@ -261,8 +261,15 @@ impl Netns {
             ],
             log,
         );
+        // Ready once both packet sockets are bound (their protocol, column 4, is set at bind).
         self.eventually(Duration::from_secs(5), "the WAN relay", || {
-            std::fs::read_to_string(log).is_ok_and(|l| l.contains("WAN relay running"))
+            let table = self.run("wan", None, &["cat", "/proc/net/packet"]);
+            String::from_utf8_lossy(&table.stdout)
+                .lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(3).is_some_and(|p| p != "0000"))
+                .count()
+                >= 2
         });
         relay
     }
