@@ -219,10 +219,10 @@ fn study(
         WAN_DELAY.as_millis()
     );
     mesh.lab.set_wan_delay(None)?;
-    let placements: &[&'static str] = if pairs
-        .iter()
-        .any(|p| remote.contains(&p.src) != remote.contains(&p.dst))
-    {
+    // A step crosses the regions when exactly one of its ends is remote.
+    let crosses = |p: &Pair| remote.contains(&p.src) != remote.contains(&p.dst);
+    let crossing = pairs.iter().filter(|p| crosses(p)).count();
+    let placements: &[&'static str] = if crossing > 0 {
         &["intra", "inter"]
     } else {
         println!(
@@ -235,10 +235,7 @@ fn study(
         pairs.len(),
         local.join(", "),
         remote.join(", "),
-        pairs
-            .iter()
-            .filter(|p| remote.contains(&p.src) != remote.contains(&p.dst))
-            .count()
+        crossing
     );
     mesh.register(&l.ids)?;
     mesh.start_docstores()?;
@@ -251,8 +248,7 @@ fn study(
             for (i, p) in pairs.iter().enumerate() {
                 // The inter-region placement is about the steps that cross the WAN; the others are measured
                 // in the intra placement already (and would only dilute the median).
-                let crosses = remote.contains(&p.src) != remote.contains(&p.dst);
-                if placement == "inter" && !crosses {
+                if placement == "inter" && !crosses(p) {
                     continue;
                 }
                 per_pair.push((i, measure(mesh, p, samples)?));
