@@ -264,6 +264,7 @@ async fn bench(n: usize) {
                     )
                     .parse()
                     .unwrap()],
+                    gateway_address: None,
                 };
                 let id = join(&server, &tok.token, advert).await.unwrap();
                 ids.lock().unwrap().push(id);

@@ -36,7 +36,7 @@ DEB=$(cargo deb --no-build --strip --locked 2>/dev/null | tail -1)
 echo "$DEB ($(du -h "$DEB" | cut -f1))"
 
 step "unit files before installation: exposure ≤ $MAX_EXPOSURE"
-for u in strait-control strait-proxy; do
+for u in strait-control strait-proxy strait-gateway; do
   score=$(systemd-analyze security --offline=true "deploy/systemd/$u.service" 2>/dev/null | awk '/Overall exposure level/ {print $(NF-2)}')
   echo "$u: $score"
   awk -v s="$score" -v m=$MAX_EXPOSURE 'BEGIN { exit !(s != "" && s + 0 <= m) }' || fail "$u exposure $score > $MAX_EXPOSURE"
@@ -47,10 +47,10 @@ dpkg -i "$DEB" >/dev/null
 check "package installed" dpkg-query -W strait
 check "binary runs" /usr/bin/strait --version
 check "binary mode 755 root" test "$(stat -c '%a %U' /usr/bin/strait)" = "755 root"
-for u in strait-control.service strait-proxy.service strait-proxy-outbound.socket strait-proxy-tunnel.socket; do
+for u in strait-control.service strait-proxy.service strait-proxy-outbound.socket strait-proxy-tunnel.socket strait-gateway.service; do
   check "$u installed 644" test "$(stat -c '%a' /lib/systemd/system/$u)" = 644
 done
-for f in control.env proxy.env; do
+for f in control.env proxy.env gateway.env; do
   check "/etc/strait/$f is 0600 root:root" test "$(stat -c '%a %U %G' /etc/strait/$f)" = "600 root root"
 done
 check "conffiles registered" sh -c 'dpkg-query --showformat="\${Conffiles}" -W strait | grep -q /etc/strait/proxy.env'
@@ -62,7 +62,8 @@ check "documentation installed" test -f /usr/share/doc/strait/install-vm.md
 
 step "systemd-analyze verify (installed units)"
 out=$(systemd-analyze verify /lib/systemd/system/strait-control.service /lib/systemd/system/strait-proxy.service \
-  /lib/systemd/system/strait-proxy-outbound.socket /lib/systemd/system/strait-proxy-tunnel.socket 2>&1) \
+  /lib/systemd/system/strait-proxy-outbound.socket /lib/systemd/system/strait-proxy-tunnel.socket \
+  /lib/systemd/system/strait-gateway.service 2>&1) \
   || fail "systemd-analyze verify: $out"
 # Warnings about this machine's other units are not ours; ours must be silent.
 if echo "$out" | grep -q 'strait-'; then fail "systemd-analyze verify complained: $out"; fi

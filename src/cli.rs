@@ -55,6 +55,15 @@ pub enum Command {
     /// Run the node proxy: capture workload traffic with nftables and carry it over mTLS (VM mode by
     /// default; `--mode kubernetes` for the DaemonSet).
     Proxy(ProxyArgs),
+    /// Run an organisation's ingress gateway: the one address partners reach its exported workloads
+    /// through, when organisations do not share a network (docs/gateway.md).
+    ///
+    /// The gateway joins the control plane like a node (`strait node token create --node gw-1`) and tells
+    /// it the address partners reach it at (--advertise); from then on every export names the gateways
+    /// (run two for redundancy) instead of private addresses. A partner's request travels as its own
+    /// end-to-end mTLS tunnel inside a stream through the gateway, which checks that the partner's trust
+    /// domain is federated and the workload exported to it, and cannot read what it carries.
+    Gateway(GatewayArgs),
     /// Run a small HTTP document store (a workload for tests, benchmarks and the demo).
     ///
     /// POST /api/<name> stores a document; GET /api/<name>/<id> returns it; GET / names the service.
@@ -749,6 +758,50 @@ pub struct ProxyArgs {
     /// Runtime worker threads carrying the traffic (0: one per CPU the process may use). Fewer workers
     /// cost less CPU per request (fewer cross-thread wake-ups: about 13 % less on a 2-core node,
     /// docs/benchmarks.md) and cap the proxy at that many cores; ztunnel defaults to 2.
+    #[arg(long, env = "STRAIT_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GatewayArgs {
+    /// Control plane URL.
+    #[arg(long, env = "STRAIT_CONTROL")]
+    pub control: String,
+    /// The gateway's node name (as in `strait node token create --node`).
+    #[arg(long, env = "STRAIT_NODE")]
+    pub node: String,
+    /// One-time join token (first start only).
+    #[arg(long, env = "STRAIT_JOIN_TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// File holding the join token (mode 0600).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Where the gateway's identity is kept (created 0700; the key is 0600).
+    #[arg(long, env = "STRAIT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Where partners' tunnels are accepted.
+    #[arg(long, default_value = "0.0.0.0:15009", env = "STRAIT_GATEWAY_LISTEN")]
+    pub listen: SocketAddr,
+    /// The address partners reach the gateway at (host:port), told to them with every export: the
+    /// organisation's public address, or the load balancer's in front of the gateways.
+    #[arg(long, env = "STRAIT_GATEWAY_ADVERTISE")]
+    pub advertise: SocketAddr,
+    /// Admin endpoint (/live, /ready, /metrics, /config_dump).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Also serve the probe and metrics paths on this address (e.g. 0.0.0.0:15021).
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
+    /// How long SIGTERM waits for open streams before the gateway exits.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+    /// Reach the policy distributor over TLS/TCP only (QUIC is tried first by default).
+    #[arg(long)]
+    pub distributor_tcp_only: bool,
+    /// Most partner streams carried at once (0: derived from the open-files limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
+    /// Runtime worker threads (0: one per CPU the process may use).
     #[arg(long, env = "STRAIT_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 }

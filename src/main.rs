@@ -24,7 +24,9 @@ fn main() -> ExitCode {
     let daemon = matches!(&cli.command, cli::Command::Control(c) if c.command.is_none())
         || matches!(
             &cli.command,
-            cli::Command::Proxy(_) | cli::Command::Bench(cli::BenchCommand::WanRelay { .. })
+            cli::Command::Proxy(_)
+                | cli::Command::Gateway(_)
+                | cli::Command::Bench(cli::BenchCommand::WanRelay { .. })
         );
     let default_level = if daemon {
         "info"

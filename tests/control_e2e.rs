@@ -275,6 +275,7 @@ async fn a_node_joins_and_gets_svids_only_for_its_own_workloads() {
         Advert {
             tunnel_address: Some("10.0.0.1:15008".into()),
             addresses: vec!["10.0.0.1".parse().unwrap()],
+            gateway_address: None,
         },
     )
     .await

@@ -1363,10 +1363,10 @@ fn film_id(org: &str) -> String {
     format!("spiffe://{org}.example/ns/film/sa/{org}")
 }
 
-/// `org`'s own `film` workflow: every actor by full SPIFFE ID, and only the steps that touch `org` (a step
+/// `org`'s own `film` workflow: every actor (of `actors`) by full SPIFFE ID, and only the steps that touch `org` (a step
 /// needs a local end). Each step is (from, to, methods).
-fn film_workflow(org: &str, steps: &[(&str, &str, &str)]) -> String {
-    let actors: String = ["owner", "vfx", "color"]
+fn film_workflow(org: &str, actors: &[&str], steps: &[(&str, &str, &str)]) -> String {
+    let actors: String = actors
         .iter()
         .map(|a| {
             format!(
@@ -1511,7 +1511,7 @@ fn three_organisations_carry_a_film_workflow_with_each_others_consent() {
     };
     for org in orgs {
         let file = o.dir.join(format!("{org}-film.yaml"));
-        std::fs::write(&file, film_workflow(org, &steps_of(org))).unwrap();
+        std::fs::write(&file, film_workflow(org, &orgs, &steps_of(org))).unwrap();
         o.ok(
             org,
             &[
@@ -1644,4 +1644,480 @@ fn three_organisations_carry_a_film_workflow_with_each_others_consent() {
         )),
         "{status}"
     );
+}
+
+/// Puts `host` on a private network behind the organisation's border host `border`, at 10.9.0.2: the
+/// same address in every organisation (their ranges overlap). It reaches the outside only through
+/// `border`, which masquerades it, as an organisation's NAT does; nothing outside can route to it.
+fn behind(o: &mut Orgs, border: &str, host: &str) {
+    o.net.add_pod(
+        border,
+        host,
+        PRIVATE.parse().unwrap(),
+        "fd09::2".parse().unwrap(),
+    );
+    let rules = o.dir.join(format!("{border}-nat.nft"));
+    std::fs::write(
+        &rules,
+        "table ip border_nat {\n  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr 10.9.0.0/24 oifname \"e0\" masquerade\n  }\n}\n",
+    )
+    .unwrap();
+    let out = o
+        .net
+        .run(border, None, &["nft", "-f", rules.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Each organisation's node on its private network (short: interface names are made from it).
+fn node_of(org: &str) -> String {
+    format!("{}1", &org[..3])
+}
+
+/// Each organisation's private host address (see [`behind`]).
+const PRIVATE: &str = "10.9.0.2";
+
+/// The HTTP/2 CONNECT an attacker holding `cert` sends to vfx's first gateway at `gateway` (asking for
+/// its name) for `authority` (tests/apps/h2_connect.py, the `h2` library), from `from`: the status,
+/// "reset", "closed" or "tls: …".
+fn ask_gateway(
+    o: &Orgs,
+    from: &str,
+    gateway: &str,
+    cert: &(String, String),
+    authority: &str,
+) -> String {
+    let script = format!("{}/h2_connect.py", support::apps());
+    let out = o.net.run(
+        from,
+        None,
+        &[
+            &support::python(),
+            &script,
+            gateway,
+            &tunnel_sni("spiffe://vfx.example/node/vfx-gw1"),
+            &cert.0,
+            &cert.1,
+            authority,
+        ],
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!answer.is_empty(), "h2_connect.py: {}", text(&out));
+    answer
+}
+
+#[test]
+fn organisations_on_separate_networks_meet_only_through_gateways() {
+    if !require_root() {
+        return;
+    }
+    support::require_commands(&["curl", "tcpdump", "openssl", "nft"]);
+    // owner and vfx each have a border host on the shared "internet" (10.77.0.0/24: the control plane,
+    // and vfx's two gateways) and one node on a private network behind it, both at 10.9.0.2. owner's
+    // workload calls vfx's through vfx's gateway only.
+    let mut o = setup();
+    let orgs = ["owner", "vfx"];
+    let _cps: Vec<_> = orgs.iter().map(|org| o.start(org)).collect();
+    let endpoint = |o: &Orgs, org: &str| format!("{}:15012", o.net.v4(org));
+    for (org, partner) in [("owner", "vfx"), ("vfx", "owner")] {
+        let (file, fingerprint) = o.bundle(partner);
+        o.ok(
+            org,
+            &[
+                "federation",
+                "add",
+                "--trust-domain",
+                &format!("{partner}.example"),
+                "--endpoint",
+                &endpoint(&o, partner),
+                "--bootstrap-bundle",
+                file.to_str().unwrap(),
+                "--fingerprint",
+                &fingerprint,
+            ],
+        );
+    }
+    for org in orgs {
+        behind(&mut o, org, &node_of(org));
+    }
+    let uid = |org: &str| if org == "owner" { 1001 } else { 1002 };
+    let secret = "spiffe://vfx.example/ns/film/sa/secret";
+    o.ok(
+        "vfx",
+        &[
+            "workload",
+            "add",
+            "--id",
+            secret,
+            "--node",
+            "vfx1",
+            "--uid",
+            "1003",
+            "--port",
+            "7001/http",
+        ],
+    );
+    let mut procs = Vec::new();
+    for org in orgs {
+        let node = node_of(org);
+        o.ok(
+            org,
+            &[
+                "workload",
+                "add",
+                "--id",
+                &film_id(org),
+                "--node",
+                &node,
+                "--uid",
+                &uid(org).to_string(),
+                "--port",
+                "7000/http",
+            ],
+        );
+        procs.push(o.net.spawn(
+            &node,
+            Some(uid(org)),
+            &[bin(), "docstore", "--listen", "[::]:7000", "--name", org],
+            &o.dir.join(format!("{org}-docstore.log")),
+        ));
+        let token = o.ok(org, &["node", "token", "create", "--node", &node]);
+        let data = o.dir.join(format!("{org}-proxy"));
+        procs.push(o.net.spawn(
+            &node,
+            None,
+            &[
+                bin(),
+                "proxy",
+                "--control",
+                &format!("https://{}", endpoint(&o, org)),
+                "--node",
+                &node,
+                "--token",
+                token.trim(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--address",
+                PRIVATE,
+                "--decision-log-allow-sample",
+                "1",
+            ],
+            &o.dir.join(format!("{org}-proxy.log")),
+        ));
+    }
+    // vfx's two gateway replicas on its border host, each with its own port and admin port.
+    let vfx = o.net.v4("vfx");
+    let gateway = |o: &Orgs, n: u16| {
+        let name = format!("vfx-gw{n}");
+        let token = o.ok("vfx", &["node", "token", "create", "--node", &name]);
+        let data = o.dir.join(&name);
+        let addr = format!("{vfx}:{}", 15008 + n);
+        o.net.spawn(
+            "vfx",
+            None,
+            &[
+                bin(),
+                "gateway",
+                "--control",
+                &format!("https://{}", endpoint(o, "vfx")),
+                "--node",
+                &name,
+                "--token",
+                token.trim(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &addr,
+                "--advertise",
+                &addr,
+                "--admin",
+                &format!("127.0.0.1:{}", 15100 + n),
+            ],
+            &o.dir.join(format!("{name}.log")),
+        )
+    };
+    let gw1 = gateway(&o, 1);
+    let gw2 = gateway(&o, 2);
+    let ready = |o: &Orgs, host: &str, admin: &str| {
+        o.net
+            .eventually(Duration::from_secs(20), &format!("{host} ready"), || {
+                text(&o.net.run(
+                    host,
+                    None,
+                    &["curl", "-s", &format!("http://{admin}/ready")],
+                ))
+                .starts_with("ready")
+            })
+    };
+    ready(&o, "own1", "127.0.0.1:15000");
+    ready(&o, "vfx1", "127.0.0.1:15000");
+    ready(&o, "vfx", "127.0.0.1:15101");
+    ready(&o, "vfx", "127.0.0.1:15102");
+
+    o.ok(
+        "vfx",
+        &[
+            "federation",
+            "export",
+            "--trust-domain",
+            "owner.example",
+            "--workload",
+            &film_id("vfx"),
+        ],
+    );
+    for org in orgs {
+        let file = o.dir.join(format!("{org}-film.yaml"));
+        std::fs::write(
+            &file,
+            film_workflow(org, &orgs, &[("owner", "vfx", "POST")]),
+        )
+        .unwrap();
+        o.ok(
+            org,
+            &[
+                "workflow",
+                "apply",
+                "-f",
+                file.to_str().unwrap(),
+                "--wait",
+                "20s",
+            ],
+        );
+    }
+    o.ok("owner", &["federation", "refresh"]);
+    // owner imports vfx's workload at a virtual address of its own, through both gateways; vfx's private
+    // address is nowhere in what owner was told.
+    let listed = o.ok("owner", &["federation", "list"]);
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&format!("imported from them: {} at ", film_id("vfx"))))
+        .unwrap_or_else(|| panic!("vfx's workload imported: {listed}"));
+    let vip = line
+        .split(" at ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .to_owned();
+    assert!(vip.starts_with("240.240."), "{line}");
+    for g in [format!("{vfx}:15009"), format!("{vfx}:15010")] {
+        assert!(line.contains(&g), "both gateways are named: {line}");
+    }
+    assert!(!listed.contains(PRIVATE), "{listed}");
+
+    let call = |o: &Orgs, body: &str| {
+        o.net.http_code(
+            "own1",
+            Some(uid("owner")),
+            &format!("http://{vip}:7000/api/vfx"),
+            &["-X", "POST", "-d", body],
+            5,
+        )
+    };
+    // Encrypted end to end through the gateway: captures on vfx's internet link and on every interface
+    // of the gateways' host (its private side included) never see the marker.
+    let marker = "GATEWAY-MARKER-5d1e";
+    let wan = o.dir.join("vfx-wan.pcap");
+    let wan_dump = o.net.capture("vfx", &wan);
+    let at_gw = o.dir.join("vfx-gateway-host.pcap");
+    let gw_log = o.dir.join("vfx-gateway-host.pcap.log");
+    let gw_dump = o.net.spawn(
+        "vfx",
+        None,
+        &[
+            "tcpdump",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            "any",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            at_gw.to_str().unwrap(),
+        ],
+        &gw_log,
+    );
+    o.net
+        .eventually(Duration::from_secs(10), "tcpdump at the gateway", || {
+            std::fs::read_to_string(&gw_log).is_ok_and(|l| l.contains("listening on"))
+        });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while call(&o, marker) != "201" {
+        if std::time::Instant::now() > deadline {
+            for log in [
+                "owner-proxy.log",
+                "vfx-proxy.log",
+                "vfx-gw1.log",
+                "vfx-gw2.log",
+            ] {
+                let text = std::fs::read_to_string(o.dir.join(log)).unwrap_or_default();
+                let tail: Vec<_> = text.lines().rev().take(25).collect();
+                eprintln!("--- {log} (last lines, newest first)\n{}", tail.join("\n"));
+            }
+            panic!("owner → vfx through vfx's gateway does not pass");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..5 {
+        assert_eq!(call(&o, marker), "201");
+    }
+    for (dump, file) in [(wan_dump, &wan), (gw_dump, &at_gw)] {
+        o.net.signal(dump, libc::SIGINT);
+        o.net.wait(dump, Duration::from_secs(5));
+        let bytes = std::fs::read(file).unwrap();
+        assert!(bytes.len() > 2000, "{} saw the traffic", file.display());
+        assert!(
+            !contains(&bytes, marker),
+            "the marker crossed {} in plaintext",
+            file.display()
+        );
+    }
+    // The destination proxy decided on the real source, owner's workload, not on a gateway.
+    let vfx_log = std::fs::read_to_string(o.dir.join("vfx-proxy.log")).unwrap();
+    assert!(
+        vfx_log.lines().any(|l| l.contains("strait::decision")
+            && l.contains(&film_id("owner"))
+            && l.contains("/api/vfx")
+            && l.contains("\"allowed\":true")),
+        "vfx's decision log names owner's workload"
+    );
+    let streams = |o: &Orgs, admin: &str| {
+        let out = o.net.run(
+            "vfx",
+            None,
+            &["curl", "-s", &format!("http://{admin}/metrics")],
+        );
+        metric(
+            &String::from_utf8_lossy(&out.stdout),
+            "strait_proxy_gateway_streams_total",
+            "partner=\"owner.example\"",
+        )
+    };
+    assert!(
+        streams(&o, "127.0.0.1:15101") + streams(&o, "127.0.0.1:15102") >= 1,
+        "the gateways count owner's streams"
+    );
+
+    // What an attacker on the internet can ask the gateway for, with the h2 library.
+    let gw = format!("{vfx}:15009");
+    let cert = |org: &str, name: &str, id: &str| {
+        support::mesh::issue_cert_in(&o.dir, name, &format!("{}/ca", o.data(org)), id, "1h")
+    };
+    let owner_cert = cert(
+        "owner",
+        "owner-attacker",
+        "spiffe://owner.example/ns/x/sa/y",
+    );
+    let exported = format!("{}:7000", tunnel_sni(&film_id("vfx")));
+    // The control: the exported workload and port pass the gateway's checks.
+    assert_eq!(
+        ask_gateway(&o, "owner", &gw, &owner_cert, &exported),
+        "200",
+        "{}",
+        std::fs::read_to_string(o.dir.join("vfx-gw1.log")).unwrap_or_default()
+    );
+    // A federated partner asking for a workload not exported to it, or for a port not exported.
+    assert_eq!(
+        ask_gateway(
+            &o,
+            "owner",
+            &gw,
+            &owner_cert,
+            &format!("{}:7001", tunnel_sni(secret))
+        ),
+        "403"
+    );
+    assert_eq!(
+        ask_gateway(
+            &o,
+            "owner",
+            &gw,
+            &owner_cert,
+            &format!("{}:7002", tunnel_sni(&film_id("vfx")))
+        ),
+        "403"
+    );
+    // No open relay into the private network: addresses name nothing.
+    for target in [
+        format!("{PRIVATE}:15008"),
+        format!("{PRIVATE}:7000"),
+        format!("{vfx}:15012"),
+    ] {
+        assert_eq!(
+            ask_gateway(&o, "owner", &gw, &owner_cert, &target),
+            "403",
+            "{target}"
+        );
+    }
+    // An unfederated trust domain, and vfx's own workloads, are refused at the handshake.
+    let mallory_ca = o.dir.join("mallory-ca");
+    let out = std::process::Command::new(bin())
+        .args(["ca", "init", "--dir", mallory_ca.to_str().unwrap()])
+        .args(["--trust-domain", "mallory.example"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mallory = support::mesh::issue_cert_in(
+        &o.dir,
+        "mallory",
+        mallory_ca.to_str().unwrap(),
+        "spiffe://mallory.example/ns/x/sa/y",
+        "1h",
+    );
+    let vfx_own = cert("vfx", "vfx-own", &film_id("vfx"));
+    for (who, c) in [("mallory", &mallory), ("vfx's own", &vfx_own)] {
+        let answer = ask_gateway(&o, "owner", &gw, c, &exported);
+        assert!(
+            answer.starts_with("tls:") || answer == "closed",
+            "{who}: {answer}"
+        );
+    }
+    let gw1_log = std::fs::read_to_string(o.dir.join("vfx-gw1.log")).unwrap();
+    assert!(
+        gw1_log.contains("gateway mTLS handshake refused"),
+        "{gw1_log}"
+    );
+
+    // Either replica can go: with one killed, every new request passes through the other.
+    o.net.signal(gw1, libc::SIGKILL);
+    o.net.wait(gw1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..10 {
+        assert_eq!(call(&o, "x"), "201", "request {i} with one gateway gone");
+    }
+    // A server at a gateway's address with a valid vfx certificate of another identity is refused by
+    // owner's proxy: it is not the gateway vfx named.
+    let impostor = cert("vfx", "impostor", "spiffe://vfx.example/node/vfx-impostor");
+    let imp = o.net.spawn(
+        "vfx",
+        None,
+        &[
+            "openssl",
+            "s_server",
+            "-accept",
+            &gw,
+            "-cert",
+            &impostor.0,
+            "-key",
+            &impostor.1,
+            "-alpn",
+            "h2",
+            "-tls1_3",
+            "-quiet",
+        ],
+        &o.dir.join("impostor.log"),
+    );
+    o.net.signal(gw2, libc::SIGKILL);
+    o.net.wait(gw2, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    let owner_log = || std::fs::read_to_string(o.dir.join("owner-proxy.log")).unwrap();
+    let before = owner_log().matches("partner gateway unusable").count();
+    assert_eq!(call(&o, "x"), "000", "nothing passes through an impostor");
+    let log = owner_log();
+    assert!(
+        log.matches("partner gateway unusable").count() > before
+            && log.contains("spiffe://vfx.example/node/vfx-impostor"),
+        "owner's proxy says why: {log}"
+    );
+    o.net.signal(imp, libc::SIGKILL);
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::mesh::{bin, Mesh, OWNER_UID, VFX_UID};
-use support::require_root;
+use support::{apps, python, require_root};
 
 const POLICY: &str = r#"package envoy.authz
 
@@ -47,21 +47,6 @@ refused if startswith(http.path, "/strait.test.Admin/")
 
 refused if http.headers["x-secret"]
 "#;
-
-fn apps() -> String {
-    format!("{}/tests/apps", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python of the test virtualenv (grpcio, hypercorn, websockets), made by scripts/test-venv.sh.
-fn python() -> String {
-    let py = std::env::var("STRAIT_TEST_PYTHON")
-        .unwrap_or_else(|_| format!("{}/target/test-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
-    assert!(
-        std::path::Path::new(&py).exists(),
-        "{py} is missing: run `bash scripts/test-venv.sh` (scripts/test.sh does) or set STRAIT_TEST_PYTHON"
-    );
-    py
-}
 
 fn out(o: &std::process::Output) -> String {
     format!(

@@ -119,6 +119,8 @@ pub struct Advert {
     pub tunnel_address: Option<String>,
     /// Every address of the node (IPv4 and IPv6).
     pub addresses: Vec<std::net::IpAddr>,
+    /// host:port where partners reach this node as the organisation's ingress gateway.
+    pub gateway_address: Option<String>,
 }
 
 /// Joins the mesh with a one-time token; the control plane is authenticated by the anchor pin in the token.
@@ -134,6 +136,7 @@ pub async fn join(server: &str, token: &str, advert: Advert) -> Result<NodeIdent
                 csr_pem,
                 tunnel_address: advert.tunnel_address,
                 addresses: advert.addresses,
+                gateway_address: advert.gateway_address,
             },
         )
         .await
@@ -345,6 +348,7 @@ impl NodeClient {
                     csr_pem,
                     tunnel_address: advert.tunnel_address,
                     addresses: advert.addresses,
+                    gateway_address: advert.gateway_address,
                 },
             )
             .await?;

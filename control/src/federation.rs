@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::api::{
     paths, ExportList, ExportRule, ExportedWorkload, FederatedRoot, Federation, FederationAdd,
-    FederationExport,
+    FederationExport, GatewayRef, Reach,
 };
 use crate::client::{ApiClient, ServerTrust};
 use crate::store::{Store, StoreError};
@@ -47,6 +47,13 @@ const MAX_IMPORTS: usize = 4096;
 const MAX_ADDRESSES: usize = 64;
 const MAX_PORTS: usize = 64;
 const MAX_ACCEPTS: usize = 1024;
+/// Ingress gateways per exported workload.
+const MAX_GATEWAYS: usize = 16;
+/// Where workloads imported through gateways get their local addresses (as Istio allocates
+/// ServiceEntry addresses): 240.240.0.0/16, reserved space no real network uses, so an organisation's
+/// own ranges never collide with it.
+pub const VIRTUAL_RANGE: (std::net::Ipv4Addr, u32) =
+    (std::net::Ipv4Addr::new(240, 240, 0, 0), 1 << 16);
 
 impl Record {
     /// The partner's roots in force, parsed.
@@ -545,6 +552,17 @@ pub fn exports_for(
         .ok_or_else(|| Refusal::Unknown(partner.to_owned()))?;
     let dir = mesh_directory(store, hub)?;
     let steps = workflow_steps(&store.workflows()?);
+    // With ingress gateways (`strait gateway` nodes), partners reach every export through them and
+    // learn no private address of this organisation; without, they reach each node's tunnel directly.
+    let gateways: Vec<GatewayRef> = dir
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let address = n.gateway_address.as_deref()?.parse().ok()?;
+            let id = SpiffeId::node(own, n.name.as_str()).ok()?;
+            Some(GatewayRef { address, id })
+        })
+        .collect();
     let mut workloads = Vec::new();
     for rule in &rec.exports {
         for w in dir.workloads.iter().filter(|w| w.id == rule.workload) {
@@ -558,9 +576,14 @@ pub fn exports_for(
             else {
                 continue;
             };
-            let addresses = match &w.selector {
-                crate::registry::Selector::Ips(ips) => ips.clone(),
-                crate::registry::Selector::Uid(_) => node.addresses.clone(),
+            let (addresses, reach) = if gateways.is_empty() {
+                let addresses = match &w.selector {
+                    crate::registry::Selector::Ips(ips) => ips.clone(),
+                    crate::registry::Selector::Uid(_) => node.addresses.clone(),
+                };
+                (addresses, Reach::Tunnel(tunnel))
+            } else {
+                (Vec::new(), Reach::Gateways(gateways.clone()))
             };
             let ports: Vec<_> = if w.ports.is_empty() {
                 // A pod declares no ports (every port is its, protocol detected): only the ports the
@@ -576,7 +599,7 @@ pub fn exports_for(
                     .map(|p| crate::registry::PortSpec::new(p.port, p.protocol))
                     .collect()
             };
-            if !ports.is_empty() && !addresses.is_empty() {
+            if !ports.is_empty() && (!addresses.is_empty() || !gateways.is_empty()) {
                 let mut accepts: Vec<SpiffeId> = steps
                     .iter()
                     .filter(|s| s.to == w.id && s.from.trust_domain_str() == partner)
@@ -588,7 +611,7 @@ pub fn exports_for(
                     id: w.id.clone(),
                     addresses,
                     ports,
-                    tunnel,
+                    reach,
                     accepts,
                 });
             }
@@ -767,8 +790,8 @@ fn check_imports(
             Some(format!("{} is not of {partner}", w.id))
         } else if !matches!(w.id.kind(), strait_ca::spiffe::IdKind::Workload { .. }) {
             Some(format!("{} is not a workload identity", w.id))
-        } else if w.addresses.is_empty() || w.ports.is_empty() {
-            Some(format!("{} has no address or no port", w.id))
+        } else if w.ports.is_empty() {
+            Some(format!("{} has no port", w.id))
         } else if w.ports.iter().any(|p| p.port == 0 || p.is_udp()) {
             Some(format!("{}: only TCP ports are carried", w.id))
         } else if w.addresses.len() > MAX_ADDRESSES
@@ -779,23 +802,8 @@ fn check_imports(
                 "{}: more than {MAX_ADDRESSES} addresses, {MAX_PORTS} ports or {MAX_ACCEPTS} accepted callers",
                 w.id
             ))
-        } else if let Some(a) = w
-            .addresses
-            .iter()
-            .chain(std::iter::once(&w.tunnel.ip()))
-            .find(|a| ours.contains(a))
-        {
-            Some(format!("{}: {a} is an address of this mesh", w.id))
-        } else if let Some(a) = w
-            .addresses
-            .iter()
-            .chain(std::iter::once(&w.tunnel.ip()))
-            .find(|a| !routable(a))
-        {
-            Some(format!(
-                "{}: {a} is not a unicast address a workload can have (loopback, link-local, multicast, broadcast or unspecified)",
-                w.id
-            ))
+        } else if let Some(why) = check_reach(partner, &w, &ours) {
+            Some(why)
         } else if ok.len() >= MAX_IMPORTS {
             Some(format!("more than {MAX_IMPORTS} workloads"))
         } else {
@@ -807,6 +815,90 @@ fn check_imports(
         }
     }
     (ok, refused)
+}
+
+/// Where a partner's workload is reached, checked: directly, at its own addresses and its node's tunnel,
+/// none of which may be this mesh's or unroutable; or through the partner's gateways, each a node of the
+/// partner at a routable address that is not this mesh's, and then with no address of the partner's
+/// private network (the importer gives it virtual ones).
+fn check_reach(
+    partner: &TrustDomain,
+    w: &ExportedWorkload,
+    ours: &std::collections::HashSet<std::net::IpAddr>,
+) -> Option<String> {
+    let reached: Vec<std::net::IpAddr> = match &w.reach {
+        Reach::Tunnel(_) if w.addresses.is_empty() => {
+            return Some(format!("{} has no address", w.id));
+        }
+        Reach::Tunnel(t) => w.addresses.iter().copied().chain([t.ip()]).collect(),
+        Reach::Gateways(_) if !w.addresses.is_empty() => {
+            return Some(format!(
+                "{}: a gateway export names no address of the partner's network",
+                w.id
+            ));
+        }
+        Reach::Gateways(g) if g.len() > MAX_GATEWAYS => {
+            return Some(format!("{}: more than {MAX_GATEWAYS} gateways", w.id));
+        }
+        Reach::Gateways(g) => {
+            if let Some(bad) = g.iter().find(|g| {
+                !g.id.is_member_of(partner)
+                    || !matches!(g.id.kind(), strait_ca::spiffe::IdKind::Node { .. })
+            }) {
+                return Some(format!(
+                    "{}: gateway {} is not a node of {partner}",
+                    w.id, bad.id
+                ));
+            }
+            g.iter().map(|g| g.address.ip()).collect()
+        }
+    };
+    if let Some(a) = reached.iter().find(|a| ours.contains(a)) {
+        Some(format!("{}: {a} is an address of this mesh", w.id))
+    } else {
+        reached.iter().find(|a| !routable(a)).map(|a| {
+            format!(
+                "{}: {a} is not a unicast address a workload can have (loopback, link-local, multicast, broadcast or unspecified)",
+                w.id
+            )
+        })
+    }
+}
+
+/// Gives the imports reached through gateways their local virtual addresses: the one each had before
+/// (`before`), else the first free one of [`VIRTUAL_RANGE`] from a hash of its identity, skipping
+/// `taken` (the other partners' imports and this mesh's addresses). Stable across refreshes, so callers
+/// that resolved an address keep reaching the same workload.
+fn assign_virtual_addresses(
+    imports: &mut [ExportedWorkload],
+    before: &[ExportedWorkload],
+    taken: &mut std::collections::HashSet<std::net::IpAddr>,
+) {
+    let (base, size) = VIRTUAL_RANGE;
+    for w in imports
+        .iter_mut()
+        .filter(|w| matches!(w.reach, Reach::Gateways(_)))
+    {
+        let kept = before
+            .iter()
+            .find(|b| b.id == w.id && matches!(b.reach, Reach::Gateways(_)))
+            .and_then(|b| b.addresses.first().copied())
+            .filter(|a| !taken.contains(a));
+        let addr = kept.or_else(|| {
+            let digest = ring::digest::digest(&ring::digest::SHA256, w.id.as_str().as_bytes());
+            let start = u32::from_be_bytes([0, 0, digest.as_ref()[0], digest.as_ref()[1]]);
+            (0..size)
+                .map(|i| (start + i) % size)
+                // .0 and .255 of each /24 are left out: some stacks treat them specially.
+                .filter(|off| !matches!(off & 0xff, 0 | 0xff))
+                .map(|off| std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from(base) + off)))
+                .find(|a| !taken.contains(a))
+        });
+        if let Some(a) = addr {
+            taken.insert(a);
+            w.addresses = vec![a];
+        }
+    }
 }
 
 /// Fetches what `td` exports to this organisation, presenting `identity` (this control plane's SVID),
@@ -863,13 +955,23 @@ pub async fn refresh_imports(
             }
         };
         let mut changed = false;
+        // Virtual addresses already given to other partners' imports, and this mesh's own.
+        let mut taken: std::collections::HashSet<std::net::IpAddr> = s
+            .federations()?
+            .iter()
+            .filter(|r| r.trust_domain != domain.as_str())
+            .flat_map(|r| r.imports.iter().flat_map(|w| w.addresses.iter().copied()))
+            .collect();
+        taken.extend(own.nodes.iter().flat_map(|n| n.addresses.iter().copied()));
+        taken.extend(own.workloads.iter().flat_map(|w| w.selector.ips().iter().copied()));
         s.update_federation(domain.as_str(), |cur| {
             let mut cur = cur?;
             // Only over the relationship (and the trust) this fetch was made with.
             if cur.endpoint != endpoint || cur.endpoint_id != endpoint_id || cur.bundle_pem != trust_pem {
                 return None;
             }
-            if let Some(imports) = imports {
+            if let Some(mut imports) = imports {
+                assign_virtual_addresses(&mut imports, &cur.imports, &mut taken);
                 changed = cur.imports != imports;
                 cur.imports = imports;
             }
@@ -901,7 +1003,7 @@ mod tests {
             id: SpiffeId::parse(id).unwrap(),
             addresses: vec![addr.parse().unwrap()],
             ports: vec![crate::registry::PortSpec::new(port, proto)],
-            tunnel: std::net::SocketAddr::new(addr.parse().unwrap(), 15008),
+            reach: Reach::Tunnel(std::net::SocketAddr::new(addr.parse().unwrap(), 15008)),
             accepts: Vec::new(),
         }
     }
@@ -915,6 +1017,7 @@ mod tests {
                 name: crate::registry::NodeName::new("host-a").unwrap(),
                 tunnel_address: Some("10.0.0.2:15008".into()),
                 addresses: vec!["10.0.0.2".parse().unwrap()],
+                gateway_address: None,
             }],
             ..Default::default()
         };
@@ -994,6 +1097,73 @@ mod tests {
             &own,
         );
         assert!(imported.is_empty() && refused.len() == 1);
+    }
+
+    #[test]
+    fn gateway_imports_name_partner_nodes_and_get_stable_virtual_addresses() {
+        use crate::registry::Protocol;
+        let partner = TrustDomain::new("vfx.example").unwrap();
+        let own = crate::api::Directory::default();
+        let via = |gw: &str, id: &str| {
+            let mut w = exported(
+                "spiffe://vfx.example/ns/r/sa/render",
+                "10.9.0.4",
+                6000,
+                Protocol::Http,
+            );
+            w.addresses.clear();
+            w.reach = Reach::Gateways(vec![GatewayRef {
+                address: gw.parse().unwrap(),
+                id: SpiffeId::parse(id).unwrap(),
+            }]);
+            w
+        };
+        let ok = via("198.51.100.7:15009", "spiffe://vfx.example/node/gw-1");
+        let mut with_private = ok.clone();
+        with_private.addresses = vec!["10.9.0.4".parse().unwrap()];
+        let list = ExportList {
+            trust_domain: "vfx.example".into(),
+            workloads: vec![
+                ok.clone(),
+                // A workload identity, or another organisation's node, posing as the gateway.
+                via("198.51.100.7:15009", "spiffe://vfx.example/ns/r/sa/render"),
+                via("198.51.100.7:15009", "spiffe://color.example/node/gw-1"),
+                // A gateway at loopback; a gateway export that leaks a private address.
+                via("127.0.0.1:15009", "spiffe://vfx.example/node/gw-1"),
+                with_private,
+            ],
+        };
+        let (mut imported, refused) = check_imports(&partner, list, &own);
+        assert_eq!(imported, vec![ok.clone()], "{refused:?}");
+        assert_eq!(refused.len(), 4, "{refused:?}");
+
+        // Virtual addresses: in 240.240.0.0/16, never one already taken, and the same at the next refresh.
+        let mut taken = std::collections::HashSet::new();
+        assign_virtual_addresses(&mut imported, &[], &mut taken);
+        let first = imported[0].addresses.clone();
+        assert_eq!(first.len(), 1);
+        let std::net::IpAddr::V4(v4) = first[0] else {
+            panic!("{first:?}")
+        };
+        assert_eq!(v4.octets()[..2], [240, 240]);
+        let mut again = vec![ok.clone()];
+        assign_virtual_addresses(&mut again, &imported, &mut std::collections::HashSet::new());
+        assert_eq!(again[0].addresses, first);
+        let mut other = vec![ok];
+        assign_virtual_addresses(&mut other, &[], &mut taken);
+        assert_ne!(
+            other[0].addresses, first,
+            "a taken address is not given twice"
+        );
+
+        // The wire form: `tunnel` or `gateways`, exactly one.
+        let text = serde_json::to_string(&imported[0]).unwrap();
+        assert!(
+            text.contains("\"gateways\"") && !text.contains("\"tunnel\""),
+            "{text}"
+        );
+        let both = text.replace("\"gateways\"", "\"tunnel\":\"10.0.0.1:1\",\"gateways\"");
+        assert!(serde_json::from_str::<ExportedWorkload>(&both).is_err());
     }
 
     #[test]

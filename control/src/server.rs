@@ -717,9 +717,13 @@ fn check_csr(pem: &str) -> Result<CheckedCsr, ApiError> {
 }
 
 fn check_tunnel_address(addr: &Option<String>) -> Result<(), ApiError> {
+    check_address("tunnel_address", addr)
+}
+
+fn check_address(field: &str, addr: &Option<String>) -> Result<(), ApiError> {
     match addr {
         Some(a) if a.parse::<SocketAddr>().is_err() => Err(ApiError::bad_field(FieldError {
-            field: "tunnel_address".into(),
+            field: field.into(),
             message: format!("{a:?} is not an address:port"),
         })),
         _ => Ok(()),
@@ -738,6 +742,7 @@ fn join_refused() -> ApiError {
 async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Reply {
     let r: api::JoinRequest = json_body(req).await?;
     check_tunnel_address(&r.tunnel_address)?;
+    check_address("gateway_address", &r.gateway_address)?;
     let token = JoinToken::parse(&r.token).map_err(|_| {
         warn!(remote = %caller.remote, "join with a malformed token refused");
         join_refused()
@@ -760,6 +765,7 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
         let advert = Advert {
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
+            gateway_address: r.gateway_address,
         };
         let resp = issue_node_cert(&st, &node, &csr, advert, now, Issuance::JoinToken)?;
         info!(%remote, node = %node, token_id = %token.id, "node joined");
@@ -803,6 +809,7 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
         let advert = Advert {
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
+            gateway_address: None,
         };
         let resp = issue_node_cert(
             &st,
@@ -823,6 +830,7 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
 struct Advert {
     tunnel_address: Option<String>,
     addresses: Vec<std::net::IpAddr>,
+    gateway_address: Option<String>,
 }
 
 /// Why a node certificate is being issued.
@@ -878,6 +886,9 @@ fn issue_node_cert(
         } else {
             advert.addresses
         },
+        gateway_address: advert
+            .gateway_address
+            .or_else(|| old.as_ref().and_then(|o| o.gateway_address.clone())),
         joined_at: match (&old, how) {
             (Some(o), Issuance::Renew) => o.joined_at,
             _ => secs(now),
@@ -886,9 +897,7 @@ fn issue_node_cert(
         last_cert_at: secs(now),
         via_kubernetes,
     };
-    let moved = old
-        .as_ref()
-        .is_none_or(|o| o.tunnel_address != rec.tunnel_address || o.addresses != rec.addresses);
+    let moved = old.as_ref().is_none_or(|o| o.reach_changed(&rec));
     st.store.put_node(&rec)?;
     if moved {
         st.hub.changed(&st.store);
@@ -917,12 +926,14 @@ fn issue_node_cert(
 async fn renew(state: &Arc<State>, node: NodeName, req: Request<Incoming>) -> Reply {
     let r: api::RenewRequest = json_body(req).await?;
     check_tunnel_address(&r.tunnel_address)?;
+    check_address("gateway_address", &r.gateway_address)?;
     let csr = check_csr(&r.csr_pem)?;
     let st = state.clone();
     let resp = blocking(move || {
         let advert = Advert {
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
+            gateway_address: r.gateway_address,
         };
         let resp = issue_node_cert(&st, &node, &csr, advert, SystemTime::now(), Issuance::Renew)?;
         info!(node = %node, "node certificate renewed");

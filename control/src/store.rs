@@ -94,6 +94,18 @@ pub struct NodeRecord {
     /// Joined with a Kubernetes service-account token: renewals need its proxy pod to still exist.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub via_kubernetes: bool,
+    /// An ingress gateway (`strait gateway`): where partners reach it (host:port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_address: Option<String>,
+}
+
+impl NodeRecord {
+    /// Whether `new` is reached differently than this record (the directory, hence its revision, moves).
+    pub fn reach_changed(&self, new: &NodeRecord) -> bool {
+        self.tunnel_address != new.tunnel_address
+            || self.addresses != new.addresses
+            || self.gateway_address != new.gateway_address
+    }
 }
 
 /// A workflow as the operator applied it: its YAML and custom Rego modules, kept verbatim so that `strait
@@ -250,9 +262,7 @@ impl Store {
             let old: Option<NodeRecord> =
                 t.get(key)?.map(|v| decode(key, v.value())).transpose()?;
             t.insert(key, encode(rec).as_slice())?;
-            let moved = old.is_none_or(|o| {
-                o.tunnel_address != rec.tunnel_address || o.addresses != rec.addresses
-            });
+            let moved = old.is_none_or(|o| o.reach_changed(rec));
             if moved {
                 bump_revision(&txn)?;
             }
@@ -442,6 +452,7 @@ impl Store {
                 name: n.name,
                 tunnel_address: n.tunnel_address,
                 addresses: n.addresses,
+                gateway_address: n.gateway_address,
             });
         }
         // Federation: what each partner may reach here, and what it exports to us.

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
             addresses: vec!["10.0.0.2"
                 .parse()
                 .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())],
+            gateway_address: None,
         }],
         ..Default::default()
     };

@@ -68,19 +68,97 @@ pub mod paths {
 }
 
 /// One exported workload as the partner's control plane receives it (and passes it to its proxies):
-/// the identity, where it is reached, its ports and its node's tunnel listener. Nothing else of the
-/// exporter's registry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// the identity, where it is reached, its ports and how a partner's proxy gets to it. Nothing else of
+/// the exporter's registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ExportedWorkloadWire", into = "ExportedWorkloadWire")]
 pub struct ExportedWorkload {
     pub id: SpiffeId,
+    /// Where the importer's workloads address it: the exporter's own addresses when both organisations
+    /// share a network ([`Reach::Tunnel`]); none in a gateway export, where the importer's control plane
+    /// gives it local virtual addresses (the exporter's private ranges are not the partner's business
+    /// and may overlap its own).
     pub addresses: Vec<std::net::IpAddr>,
     pub ports: Vec<crate::registry::PortSpec>,
-    pub tunnel: std::net::SocketAddr,
+    pub reach: Reach,
     /// The importer's identities that a step of the exporter's workflows lets call this workload: what
     /// the importer's `strait status` shows as accepted (anything else it asks for is pending there).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accepts: Vec<SpiffeId>,
+}
+
+/// How a partner's proxy reaches an exported workload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reach {
+    /// Directly: its node's tunnel listener (the organisations share a network).
+    Tunnel(std::net::SocketAddr),
+    /// Through the exporter's ingress gateways (docs/gateway.md): any of them, each proving its own
+    /// identity. The inner mTLS tunnel runs end to end inside the gateway's stream.
+    Gateways(Vec<GatewayRef>),
+}
+
+/// An organisation's ingress gateway as partners see it: the one address it exposes and the SPIFFE ID
+/// its certificate must carry (a node identity of the exporter's trust domain).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRef {
+    pub address: std::net::SocketAddr,
+    pub id: SpiffeId,
+}
+
+/// [`ExportedWorkload`] on the wire: `tunnel` or `gateways`, exactly one (the form earlier releases
+/// wrote, `tunnel` alone, still parses).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportedWorkloadWire {
+    id: SpiffeId,
+    #[serde(default)]
+    addresses: Vec<std::net::IpAddr>,
+    ports: Vec<crate::registry::PortSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tunnel: Option<std::net::SocketAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gateways: Vec<GatewayRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    accepts: Vec<SpiffeId>,
+}
+
+impl TryFrom<ExportedWorkloadWire> for ExportedWorkload {
+    type Error = String;
+
+    fn try_from(w: ExportedWorkloadWire) -> Result<Self, String> {
+        let reach = match (w.tunnel, w.gateways.is_empty()) {
+            (Some(t), true) => Reach::Tunnel(t),
+            (None, false) => Reach::Gateways(w.gateways),
+            (Some(_), false) => {
+                return Err(format!("{}: both a tunnel and gateways", w.id));
+            }
+            (None, true) => return Err(format!("{}: neither a tunnel nor a gateway", w.id)),
+        };
+        Ok(Self {
+            id: w.id,
+            addresses: w.addresses,
+            ports: w.ports,
+            reach,
+            accepts: w.accepts,
+        })
+    }
+}
+
+impl From<ExportedWorkload> for ExportedWorkloadWire {
+    fn from(w: ExportedWorkload) -> Self {
+        let (tunnel, gateways) = match w.reach {
+            Reach::Tunnel(t) => (Some(t), Vec::new()),
+            Reach::Gateways(g) => (None, g),
+        };
+        Self {
+            id: w.id,
+            addresses: w.addresses,
+            ports: w.ports,
+            tunnel,
+            gateways,
+            accepts: w.accepts,
+        }
+    }
 }
 
 /// The answer of [`paths::FEDERATION_EXPORTS`].
@@ -102,6 +180,9 @@ pub struct JoinRequest {
     /// Every address of the node (IPv4 and IPv6): connections to them are routed to this node.
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
+    /// host:port where partners reach this node as the organisation's ingress gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_address: Option<String>,
 }
 
 /// Kubernetes mode: a node proxy joins with its projected service-account token (audience `strait`).
@@ -139,6 +220,8 @@ pub struct RenewRequest {
     pub tunnel_address: Option<String>,
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_address: Option<String>,
 }
 
 /// A federated trust domain's roots, as a node receives them.
@@ -231,6 +314,9 @@ pub struct DirectoryNode {
     pub tunnel_address: Option<String>,
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
+    /// An ingress gateway (`strait gateway`): the address partners reach it at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

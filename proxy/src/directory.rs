@@ -6,17 +6,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use strait_proto::api::Directory;
+use strait_proto::api::{Directory, GatewayRef, Reach};
 use strait_proto::registry::{NodeName, Selector, Workload};
 
 /// Where a captured connection goes.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub workload: Arc<Workload>,
-    /// The destination node's tunnel listener.
-    pub tunnel: SocketAddr,
+    pub via: Via,
     /// A partner's workload (federation), not one of this mesh's.
     pub imported: bool,
+}
+
+/// How the tunnel to a destination workload is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// The destination node's tunnel listener.
+    Tunnel(SocketAddr),
+    /// A partner's ingress gateways (any of them): the tunnel runs inside a stream through one.
+    Gateways(Arc<[GatewayRef]>),
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +47,8 @@ pub struct DirectoryView {
     /// Federation: local workload → partner trust domain → the exported ports (empty: all it declares).
     /// Nested so that the check on every foreign stream and request looks up by reference, unallocated.
     exported: HashMap<strait_ca::SpiffeId, HashMap<String, Vec<u16>>>,
+    /// Gateway: the exported workloads by the name partners ask for ([`crate::certs::sni_for`]).
+    exported_by_sni: HashMap<String, Arc<Workload>>,
 }
 
 impl DirectoryView {
@@ -119,7 +129,10 @@ impl DirectoryView {
                     ports,
                     probe_ports: Vec::new(),
                 }),
-                tunnel: imp.tunnel,
+                via: match &imp.reach {
+                    Reach::Tunnel(t) => Via::Tunnel(*t),
+                    Reach::Gateways(g) => Via::Gateways(g.as_slice().into()),
+                },
                 imported: true,
             };
             for ip in &imp.addresses {
@@ -151,6 +164,13 @@ impl DirectoryView {
                 .entry(e.partner.clone())
                 .or_default()
                 .extend(&e.ports);
+        }
+        for w in &dir.workloads {
+            if v.exported.contains_key(&w.id) {
+                v.exported_by_sni
+                    .entry(crate::certs::sni_for(&w.id))
+                    .or_insert_with(|| Arc::new(w.clone()));
+            }
         }
         v.raw = dir;
         v
@@ -188,9 +208,34 @@ impl DirectoryView {
         let tunnel = *self.tunnels.get(&workload.node)?;
         Some(Route {
             workload,
-            tunnel,
+            via: Via::Tunnel(tunnel),
             imported: false,
         })
+    }
+
+    /// Gateway: the exported workload partners name `sni` ([`crate::certs::sni_for`]) and its node's
+    /// tunnel listener, if it is exported to someone and its node has one.
+    pub fn exported_by_sni(&self, sni: &str) -> Option<(&Arc<Workload>, SocketAddr)> {
+        let w = self.exported_by_sni.get(sni)?;
+        Some((w, *self.tunnels.get(&w.node)?))
+    }
+
+    /// The address a local workload `id` serves `port` at: a pod's own address, or the node's first for
+    /// a VM workload (a stream through a gateway names the workload and port, not an address).
+    pub fn local_address(
+        &self,
+        id: &strait_ca::SpiffeId,
+        port: u16,
+        node_addrs: &[IpAddr],
+    ) -> Option<SocketAddr> {
+        self.local
+            .iter()
+            .filter(|w| &w.id == id && w.serves(port))
+            .find_map(|w| match &w.selector {
+                Selector::Ips(ips) => ips.first(),
+                Selector::Uid(_) => node_addrs.first(),
+            })
+            .map(|ip| SocketAddr::new(*ip, port))
     }
 
     /// The addresses of the workloads named `<service account>.<namespace>` (all replicas); `None` when
@@ -260,7 +305,7 @@ mod tests {
             id: strait_ca::SpiffeId::parse(id).unwrap(),
             addresses: vec![addr.parse().unwrap()],
             ports: vec![PortSpec::new(port, Protocol::Http)],
-            tunnel: format!("{addr}:15008").parse().unwrap(),
+            reach: strait_proto::api::Reach::Tunnel(format!("{addr}:15008").parse().unwrap()),
             accepts: Vec::new(),
         }
     }
@@ -283,7 +328,7 @@ mod tests {
             r.workload.id.as_str(),
             "spiffe://vfx.example/ns/r/sa/render"
         );
-        assert_eq!(r.tunnel, "10.9.0.4:15008".parse().unwrap());
+        assert_eq!(r.via, Via::Tunnel("10.9.0.4:15008".parse().unwrap()));
         assert!(v.route("10.9.0.4:6001".parse().unwrap()).is_none());
         assert!(v.route("10.9.0.5:6000".parse().unwrap()).is_none());
     }

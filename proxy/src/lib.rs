@@ -8,6 +8,7 @@
 //! - [`dns`]: the DNS proxy: mesh names from the directory, allowed names forwarded, the rest refused.
 //! - [`tunnel`]: outbound capture → HTTP/2 CONNECT over mTLS → inbound → workload; [`h2stream`]: one
 //!   CONNECT stream as a byte stream.
+//! - [`gateway`]: the ingress gateway partners reach this organisation's exports through.
 //! - [`trust`]: open tunnels follow the trust bundle (a peer whose root was withdrawn is cut off).
 //! - [`authz`]: the policy bundle (hot reload), decisions, decision log; [`l7`]: HTTP/TCP enforcement.
 //! - [`admin`], [`metrics`]: `/live`, `/ready`, `/metrics`, `/config_dump`.
@@ -23,6 +24,7 @@ pub mod certs;
 pub mod conntrack;
 pub mod directory;
 pub mod dns;
+pub mod gateway;
 pub mod h2stream;
 pub mod l7;
 pub mod mesh;

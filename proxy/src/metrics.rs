@@ -27,6 +27,31 @@ pub struct Identity {
     pub id: String,
 }
 
+/// Gateway: a partner trust domain and one of the workloads exported to it (both bounded by the exports).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub partner: String,
+    pub workload: String,
+}
+
+impl GatewayLabels {
+    pub fn direction(&self, direction: &'static str) -> GatewayBytes {
+        GatewayBytes {
+            partner: self.partner.clone(),
+            workload: self.workload.clone(),
+            direction,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayBytes {
+    pub partner: String,
+    pub workload: String,
+    /// `to_workload` or `to_partner`.
+    pub direction: &'static str,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub connections: Family<Direction, Counter>,
@@ -43,6 +68,9 @@ pub struct Metrics {
     pub mesh_applied: Counter,
     pub mesh_refused: Counter,
     pub dns_queries: Family<DnsOutcome, Counter>,
+    pub gateway_streams: Family<GatewayLabels, Counter>,
+    pub gateway_active: Family<GatewayLabels, Gauge>,
+    pub gateway_bytes: Family<GatewayBytes, Counter>,
 }
 
 impl Metrics {
@@ -107,6 +135,21 @@ impl Metrics {
             "dns_queries",
             "DNS queries of workloads by outcome: mesh (answered from the directory), mesh_unknown (NXDOMAIN), forwarded (an allowed name), refused (REFUSED: no egress entry names it), failed (SERVFAIL), unsupported, dropped (not DNS)",
             self.dns_queries.clone(),
+        );
+        r.register(
+            "gateway_streams",
+            "Gateway: partners' streams admitted, by partner trust domain and exported workload (refusals are in refused_connections{direction=\"gateway\"})",
+            self.gateway_streams.clone(),
+        );
+        r.register(
+            "gateway_active_streams",
+            "Gateway: partners' streams open now, by partner and exported workload",
+            self.gateway_active.clone(),
+        );
+        r.register(
+            "gateway_bytes",
+            "Gateway: bytes carried (encrypted, end to end), by partner, exported workload and direction",
+            self.gateway_bytes.clone(),
         );
         r.register(
             "certificate_renewals",

@@ -85,6 +85,16 @@ pub struct ProxyOptions {
     pub health: Option<SocketAddr>,
     /// Kubernetes mode: let the node reach its meshed pods' probe ports in plaintext (kubelet).
     pub allow_kubelet_probes: bool,
+    /// Run as the organisation's ingress gateway (`strait gateway`) instead of a node proxy: no capture,
+    /// no workloads, only partners' streams to exported workloads.
+    pub gateway: Option<GatewaySettings>,
+}
+
+/// `strait gateway`: where it listens and the address partners are told.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
 }
 
 impl ProxyOptions {
@@ -163,12 +173,21 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 fn advert(opts: &ProxyOptions) -> Advert {
-    Advert {
-        tunnel_address: opts
-            .addresses
-            .first()
-            .map(|a| SocketAddr::new(*a, opts.tunnel_port).to_string()),
-        addresses: opts.addresses.clone(),
+    match &opts.gateway {
+        // A gateway carries no workload: it is reached by partners only, at the address it advertises.
+        Some(gw) => Advert {
+            tunnel_address: None,
+            addresses: Vec::new(),
+            gateway_address: Some(gw.advertise.to_string()),
+        },
+        None => Advert {
+            tunnel_address: opts
+                .addresses
+                .first()
+                .map(|a| SocketAddr::new(*a, opts.tunnel_port).to_string()),
+            addresses: opts.addresses.clone(),
+            gateway_address: None,
+        },
     }
 }
 
@@ -499,9 +518,11 @@ impl Node {
         );
         // Rules before the view: a newly captured workload's first connections then meet a proxy that
         // does not know it yet and are refused (closed), never the other way round (known but uncaptured).
-        let listening = self.capture.lock().unwrap_or_else(|p| p.into_inner());
-        self.apply_plan(capture_plan(&view, &self.opts, &listening));
-        drop(listening);
+        if self.opts.gateway.is_none() {
+            let listening = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+            self.apply_plan(capture_plan(&view, &self.opts, &listening));
+            drop(listening);
+        }
         self.shared.ctx.dir.store(Arc::new(view));
         self.shared.ctx.dir_epoch.send_modify(|e| *e += 1);
     }
@@ -663,6 +684,11 @@ async fn keep_node_cert(
                     info!(%fingerprint, anchors = id.bundle.certs().len(), federated = ?federated, "trust bundle updated: tunnels are verified against it from now on");
                     crate::trust::replace_bundle(&shared.ctx, id.bundle.clone());
                 }
+                if opts.gateway.is_some() {
+                    if let Err(e) = serve_as_gateway(&shared.ctx, &id) {
+                        warn!(error = %format!("{e:#}"), "the renewed node certificate cannot serve the gateway; the previous one stays");
+                    }
+                }
                 client.store(Arc::new(c));
                 identity.store(Arc::new(id));
                 backoff = Duration::from_millis(250);
@@ -675,6 +701,14 @@ async fn keep_node_cert(
             }
         }
     }
+}
+
+/// Gateway: partners' tunnels are answered with the node certificate (they ask for the node's SNI name).
+fn serve_as_gateway(ctx: &Ctx, id: &NodeIdentity) -> anyhow::Result<()> {
+    let cert = WorkloadCert::new(id.svid.clone(), id.not_after, ctx.certs.next_generation())
+        .context("the node certificate as the gateway's server certificate")?;
+    ctx.certs.insert(cert);
+    Ok(())
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -746,7 +780,7 @@ pub async fn run(
     mut activated: crate::sockets::Activated,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    if opts.addresses.is_empty() {
+    if opts.addresses.is_empty() && opts.gateway.is_none() {
         bail!("give this node's address with --address (repeat for IPv6)");
     }
     let mut identity = node_identity(&opts).await?;
@@ -816,67 +850,84 @@ pub async fn run(
         authz.clone(),
     ));
 
-    // Listeners before the rules, so no captured connection ever meets a closed port while we start.
-    // Handed over by socket activation when the service manager holds them across restarts.
-    let mut take = |name: &str,
-                    v4: SocketAddr,
-                    v6: SocketAddr|
-     -> anyhow::Result<Vec<TcpListener>> {
-        match activated.remove(name) {
-            Some(ls) => {
-                let ls = ls
-                    .into_iter()
-                    .map(TcpListener::from_std)
-                    .collect::<std::io::Result<Vec<_>>>()?;
-                let addrs: Vec<String> = ls
-                    .iter()
-                    .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
-                    .collect();
-                info!(socket = name, addrs = ?addrs, "listening on sockets handed over by the service manager (socket activation)");
-                Ok(ls)
-            }
-            None => bind_pair(v4, v6),
-        }
+    // A gateway serves partners on one port and captures nothing; a node proxy has the capture's
+    // listeners.
+    let gateway_listener = match &opts.gateway {
+        Some(gw) => Some(bind(gw.listen).with_context(|| {
+            format!(
+                "cannot listen on {} for the gateway (in use? pass --listen ADDR)",
+                gw.listen
+            )
+        })?),
+        None => None,
     };
-    let outbound = take(
-        "outbound",
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), opts.outbound_port),
-        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), opts.outbound_port),
-    )?;
-    if opts.mode() == CaptureMode::Kubernetes {
-        // TPROXY hands connections to a loopback listener only if it is transparent; it then accepts them
-        // with their original (pod) addresses.
-        for l in &outbound {
-            set_transparent(l)
-                .context("setting IP_TRANSPARENT on the outbound listener (needs CAP_NET_ADMIN)")?;
+    let (outbound, dns_tcp, dns_udp, inbound, diverted_dns) = if gateway_listener.is_some() {
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), false)
+    } else {
+        // Listeners before the rules, so no captured connection ever meets a closed port while we start.
+        // Handed over by socket activation when the service manager holds them across restarts.
+        let mut take = |name: &str,
+                        v4: SocketAddr,
+                        v6: SocketAddr|
+         -> anyhow::Result<Vec<TcpListener>> {
+            match activated.remove(name) {
+                Some(ls) => {
+                    let ls = ls
+                        .into_iter()
+                        .map(TcpListener::from_std)
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    let addrs: Vec<String> = ls
+                        .iter()
+                        .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
+                        .collect();
+                    info!(socket = name, addrs = ?addrs, "listening on sockets handed over by the service manager (socket activation)");
+                    Ok(ls)
+                }
+                None => bind_pair(v4, v6),
+            }
+        };
+        let outbound = take(
+            "outbound",
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), opts.outbound_port),
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), opts.outbound_port),
+        )?;
+        if opts.mode() == CaptureMode::Kubernetes {
+            // TPROXY hands connections to a loopback listener only if it is transparent; it then accepts them
+            // with their original (pod) addresses.
+            for l in &outbound {
+                set_transparent(l).context(
+                    "setting IP_TRANSPARENT on the outbound listener (needs CAP_NET_ADMIN)",
+                )?;
+            }
+            capture::ensure_tproxy_route().context("installing the TPROXY policy route")?;
         }
-        capture::ensure_tproxy_route().context("installing the TPROXY policy route")?;
-    }
-    let dns_tcp = bind_pair(
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
-        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
-    )?;
-    let dns_udp = bind_udp_pair(
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
-        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
-    )?;
-    // Kubernetes mode diverts pods' DNS with TPROXY, which delivers only to transparent sockets.
-    let diverted_dns = opts.mode() == CaptureMode::Kubernetes;
-    if diverted_dns {
-        for l in &dns_tcp {
-            set_transparent(l).context("setting IP_TRANSPARENT on the DNS listener")?;
+        let dns_tcp = bind_pair(
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+        )?;
+        let dns_udp = bind_udp_pair(
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), crate::dns::DNS_PORT),
+        )?;
+        // Kubernetes mode diverts pods' DNS with TPROXY, which delivers only to transparent sockets.
+        let diverted_dns = opts.mode() == CaptureMode::Kubernetes;
+        if diverted_dns {
+            for l in &dns_tcp {
+                set_transparent(l).context("setting IP_TRANSPARENT on the DNS listener")?;
+            }
+            for s in &dns_udp {
+                crate::tproxy_udp::accept_diverted(s).context(
+                    "making the DNS socket receive diverted datagrams (needs CAP_NET_ADMIN)",
+                )?;
+            }
         }
-        for s in &dns_udp {
-            crate::tproxy_udp::accept_diverted(s).context(
-                "making the DNS socket receive diverted datagrams (needs CAP_NET_ADMIN)",
-            )?;
-        }
-    }
-    let inbound = take(
-        "tunnel",
-        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), opts.tunnel_port),
-        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), opts.tunnel_port),
-    )?;
+        let inbound = take(
+            "tunnel",
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), opts.tunnel_port),
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), opts.tunnel_port),
+        )?;
+        (outbound, dns_tcp, dns_udp, inbound, diverted_dns)
+    };
     for name in activated.keys() {
         warn!(socket = %name, "a socket handed over with a name the proxy does not use (outbound, tunnel); ignored");
     }
@@ -892,9 +943,11 @@ pub async fn run(
     // A previous proxy's rules still in place (it was restarted, or died): they stay until this proxy's
     // first plan replaces them in one transaction, so the workloads are never uncaptured in between; the
     // users they captured are not "newly captured" (their connections went through a proxy, or failed).
-    let inherited = capture::table_exists();
+    let inherited = opts.gateway.is_none() && capture::table_exists();
     let mut initial = plan.clone();
-    if inherited {
+    if opts.gateway.is_some() {
+        info!("gateway: no capture rules (it carries partners' streams, no workload of its own)");
+    } else if inherited {
         initial.workload_uids = captured_uids::load(&opts.data_dir);
         info!(
             workloads = initial.workload_uids.len(),
@@ -969,6 +1022,15 @@ pub async fn run(
             tls.clone(),
         )));
     }
+    if let Some(l) = gateway_listener {
+        serve_as_gateway(&ctx, &identity)?;
+        listeners.push(tokio::spawn(crate::gateway::serve(
+            ctx.clone(),
+            l,
+            crate::gateway::tls(&ctx)?,
+        )));
+        info!(listen = ?opts.gateway.as_ref().map(|g| g.listen), "gateway serving partners");
+    }
     let admin_task = tokio::spawn(crate::admin::serve(shared.clone(), admin));
     let health_task = health.map(|l| tokio::spawn(crate::admin::serve_health(shared.clone(), l)));
 
@@ -981,7 +1043,7 @@ pub async fn run(
             Duration::from_secs(1),
         )));
     }
-    if opts.mode() == CaptureMode::Vm {
+    if opts.mode() == CaptureMode::Vm && opts.gateway.is_none() {
         let node = node.clone();
         background.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(LISTENING_REFRESH);
@@ -1052,7 +1114,9 @@ pub async fn run(
     if let Some(t) = health_task {
         t.abort();
     }
-    if opts.remove_rules_on_exit {
+    if opts.gateway.is_some() {
+        info!("gateway stopped; bye");
+    } else if opts.remove_rules_on_exit {
         capture::uninstall(opts.mode() == CaptureMode::Kubernetes)
             .context("removing the nftables rules")?;
         info!("capture rules removed (--on-exit remove-rules); bye");

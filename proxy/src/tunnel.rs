@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::certs::{sni_for, CertStore, InboundResolver, SourceCert};
-use crate::directory::DirectoryView;
+use crate::directory::{DirectoryView, Via};
 use crate::h2stream::{H2Stream, Refused};
 use crate::metrics::{Direction, Metrics};
 use crate::sockets::{client_uid, connect_marked, original_dst};
@@ -37,10 +37,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 windows sized for throughput on a LAN: the defaults (64 KiB) cap a stream at a few MB/s with
 /// any latency.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONN_WINDOW: u32 = 16 << 20;
+pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
+pub(crate) const CONN_WINDOW: u32 = 16 << 20;
 /// Frames up to 1 MiB: a bulk transfer takes fewer frames (ztunnel uses the same).
-const MAX_FRAME: u32 = 1 << 20;
+pub(crate) const MAX_FRAME: u32 = 1 << 20;
 
 /// Destinations outside the mesh that workloads may reach directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +180,8 @@ pub struct Ctx {
     /// The DNS proxy, and the addresses it resolved for the egress check.
     pub dns: crate::dns::Dns,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// Partners' gateways that failed lately, and when: tried after the others for a while.
+    pub(crate) gateways_failed: Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
 
 /// Streams one pooled tunnel carries at most before another is opened beside it (ztunnel uses 100 too):
@@ -190,7 +192,10 @@ pub const STREAMS_PER_TUNNEL: usize = 100;
 struct PoolKey {
     src: SpiffeId,
     dst: SpiffeId,
-    tunnel: SocketAddr,
+    via: Via,
+    /// Through a gateway: the port the gateway admitted the tunnel's stream for (a partner's gateway
+    /// checks the export per workload and port). 0 for a direct tunnel, which carries every port.
+    port: u16,
 }
 
 struct Pooled {
@@ -285,6 +290,13 @@ impl Ctx {
             max_connections,
             dns: crate::dns::Dns::new(dns),
             pool: Mutex::new(HashMap::new()),
+            gateways_failed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn gateway_failed(&self, gw: SocketAddr) {
+        if let Ok(mut m) = self.gateways_failed.lock() {
+            m.insert(gw, std::time::Instant::now());
         }
     }
 
@@ -369,7 +381,7 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
     ctx.metrics.connections.get_or_create(&dir).inc();
     let active = ctx.metrics.active.get_or_create(&dir).clone();
     active.inc();
-    let result = tunnel(ctx, tcp, &src, &route.workload, route.tunnel, dst).await;
+    let result = tunnel(ctx, tcp, &src, &route.workload, &route.via, dst).await;
     active.dec();
     match result {
         Ok((sent, received)) => {
@@ -492,11 +504,15 @@ impl TunnelError {
     }
 }
 
+/// Opens a tunnel connection from `src` to `dst`: mutual TLS 1.3 and HTTP/2, over TCP to the node's
+/// tunnel listener or, through a partner's gateway, inside a CONNECT stream of an outer tunnel to the
+/// gateway (double HBONE: the gateway carries the inner TLS, it cannot read it).
 async fn open_tunnel(
     ctx: &Ctx,
     src: &SpiffeId,
     dst: &SpiffeId,
-    tunnel: SocketAddr,
+    via: &Via,
+    port: u16,
 ) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -511,18 +527,88 @@ async fn open_tunnel(
             id: src.clone(),
         }));
     tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = Arc::new(tls);
+    match via {
+        Via::Tunnel(addr) => {
+            let tcp = connect_marked(*addr, CONNECT_TIMEOUT)
+                .await
+                .map_err(TunnelError::Connect)?;
+            handshake(ctx, tls, dst, tcp, None).await
+        }
+        Via::Gateways(gateways) => {
+            let mut last = TunnelError::Connect(std::io::Error::other("no gateway"));
+            for gw in crate::gateway::in_order(ctx, gateways) {
+                let opened = match through_gateway(ctx, src, dst, gw, port).await {
+                    Ok((stream, slot)) => {
+                        handshake(ctx, tls.clone(), dst, stream, Some(slot)).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(t) => return Ok(t),
+                    // The partner's answer: another gateway of the same partner gives the same one.
+                    Err(e @ TunnelError::Refused(_)) => return Err(e),
+                    Err(e) => {
+                        ctx.gateway_failed(gw.address);
+                        warn!(gateway = %gw.address, id = %gw.id, error = %e, "partner gateway unusable; trying the next");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
+        }
+    }
+}
+
+/// A CONNECT stream through the partner's gateway `gw` to `dst`'s `port` (named as the tunnel's SNI
+/// name, not an address: the partner's private addresses are not known here), on a pooled outer tunnel
+/// to the gateway that presents `src`'s certificate and must prove exactly the gateway's identity.
+async fn through_gateway(
+    ctx: &Ctx,
+    src: &SpiffeId,
+    dst: &SpiffeId,
+    gw: &strait_proto::api::GatewayRef,
+    port: u16,
+) -> Result<(H2Stream, StreamSlot), TunnelError> {
+    // Boxed: an outer tunnel is opened by the same code as any tunnel (it never goes through a gateway).
+    let (mut outer, slot) =
+        Box::pin(sender_for(ctx, src, &gw.id, &Via::Tunnel(gw.address), 0)).await?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("{}:{port}", sni_for(dst)))
+        .body(())
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
+    let (answer, send) = outer
+        .send_request(req, false)
+        .map_err(|e| TunnelError::Http(e.to_string()))?;
+    Ok((H2Stream::opening(send, answer), slot))
+}
+
+/// TLS and HTTP/2 over `io` with the server `dst`; the connection is driven by a task of its own, which
+/// also holds `outer` (the outer stream's place, through a gateway) for as long as it lives.
+async fn handshake<T>(
+    ctx: &Ctx,
+    tls: Arc<rustls::ClientConfig>,
+    dst: &SpiffeId,
+    io: T,
+    outer: Option<StreamSlot>,
+) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let trust = crate::trust::watch(ctx);
-    let tcp = connect_marked(tunnel, CONNECT_TIMEOUT)
-        .await
-        .map_err(TunnelError::Connect)?;
     let name = ServerName::try_from(sni_for(dst)).map_err(|e| TunnelError::Tls(e.to_string()))?;
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+        tokio_rustls::TlsConnector::from(tls).connect(name, io),
     )
     .await
     .map_err(|_| TunnelError::Tls("handshake timed out".into()))?
-    .map_err(|e| TunnelError::Tls(handshake_failed(ctx, "outbound", &e)))?;
+    .map_err(|e| match Refused::of(&e) {
+        // Through a gateway: the gateway refused the outer stream before the handshake could run.
+        Some(status) => TunnelError::Refused(status),
+        None => TunnelError::Tls(handshake_failed(ctx, "outbound", &e)),
+    })?;
     let chain = crate::trust::PeerChain::of(tls.get_ref().1);
     let (sender, conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -536,6 +622,7 @@ async fn open_tunnel(
     let done = closed.clone();
     let (metrics, peer) = (ctx.metrics.clone(), dst.clone());
     tokio::spawn(async move {
+        let _outer = outer;
         let distrusted = async {
             match chain {
                 Some(chain) => trust.distrusted(chain, PeerRole::Server).await,
@@ -564,7 +651,8 @@ async fn sender_for(
     ctx: &Ctx,
     src: &SpiffeId,
     dst: &SpiffeId,
-    tunnel: SocketAddr,
+    via: &Via,
+    port: u16,
 ) -> Result<(SendRequest<Bytes>, StreamSlot), TunnelError> {
     let generation = ctx
         .certs
@@ -574,7 +662,8 @@ async fn sender_for(
     let key = PoolKey {
         src: src.clone(),
         dst: dst.clone(),
-        tunnel,
+        via: via.clone(),
+        port,
     };
     let cached = ctx.pool.lock().ok().and_then(|mut p| {
         let conns = p.get_mut(&key)?;
@@ -590,7 +679,7 @@ async fn sender_for(
             return Ok((s, slot));
         }
     }
-    let (sender, closed) = open_tunnel(ctx, src, dst, tunnel).await?;
+    let (sender, closed) = open_tunnel(ctx, src, dst, via, port).await?;
     let streams = Arc::new(AtomicUsize::new(0));
     let slot = StreamSlot::take(&streams);
     if let Ok(mut p) = ctx.pool.lock() {
@@ -613,13 +702,22 @@ async fn tunnel(
     mut tcp: TcpStream,
     src: &Workload,
     dst: &Workload,
-    tunnel: SocketAddr,
+    via: &Via,
     target: SocketAddr,
 ) -> Result<(u64, u64), TunnelError> {
-    let (mut sender, _slot) = sender_for(ctx, &src.id, &dst.id, tunnel).await?;
+    // Through a gateway the target is the workload's port: the address dialled here is a local virtual
+    // one, meaningless at the destination, which serves the workload it authenticated as.
+    let (authority, port) = match via {
+        Via::Tunnel(_) => (target.to_string(), 0),
+        Via::Gateways(_) => (
+            format!("{}:{}", sni_for(&dst.id), target.port()),
+            target.port(),
+        ),
+    };
+    let (mut sender, _slot) = sender_for(ctx, &src.id, &dst.id, via, port).await?;
     let req = Request::builder()
         .method(Method::CONNECT)
-        .uri(target.to_string())
+        .uri(authority)
         .body(())
         .map_err(|e| TunnelError::Http(e.to_string()))?;
     let (answer, send) = sender
@@ -644,7 +742,7 @@ async fn tunnel(
 }
 
 /// Counts a failed handshake under a bounded reason label and returns the readable reason.
-fn handshake_failed(ctx: &Ctx, direction: &'static str, err: &std::io::Error) -> String {
+pub(crate) fn handshake_failed(ctx: &Ctx, direction: &'static str, err: &std::io::Error) -> String {
     let reason = explain_io(err);
     // The verifiers' own refusals are labelled by their kind: their messages name peer IDs, which
     // would make the label set unbounded.
@@ -849,7 +947,20 @@ fn inbound_stream(
         ctx.metrics.refuse("inbound", "not_connect");
         return refuse_stream(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
-    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| match a.as_str().parse() {
+            Ok(addr) => Some(addr),
+            // Through a partner's gateway: `<SNI name of the workload>:<port>`, the workload the tunnel is
+            // authenticated for, at the address it serves that port on.
+            Err(_) if a.host() == sni_for(&dst_id) => {
+                ctx.dir
+                    .load()
+                    .local_address(&dst_id, a.port_u16()?, &ctx.node_addrs)
+            }
+            Err(_) => None,
+        });
     let Some(target) = target else {
         ctx.metrics.refuse("inbound", "bad_target");
         return refuse_stream(respond, StatusCode::BAD_REQUEST);

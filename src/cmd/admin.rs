@@ -188,12 +188,14 @@ pub async fn status(output: OutputFormat, conn: ConnArgs) -> anyhow::Result<()> 
                     humantime::format_duration(Duration::from_secs(n.record.cert_not_after - now))
                 )
             };
+            let reached = match (&n.record.tunnel_address, &n.record.gateway_address) {
+                (_, Some(g)) => format!("{g} (gateway)"),
+                (Some(t), None) => t.clone(),
+                (None, None) => "-".into(),
+            };
             vec![
                 n.record.name.to_string(),
-                n.record
-                    .tunnel_address
-                    .clone()
-                    .unwrap_or_else(|| "-".into()),
+                reached,
                 n.last_seen_secs_ago
                     .map(|s| format!("{}s ago", s))
                     .unwrap_or_else(|| "not since restart".into()),

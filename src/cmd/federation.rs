@@ -71,12 +71,21 @@ fn describe(f: &Federation) -> String {
             .map(|p| format!("{}/{:?}", p.port, p.protocol).to_lowercase())
             .collect();
         let a: Vec<String> = w.addresses.iter().map(ToString::to_string).collect();
+        let via = match &w.reach {
+            strait_control::api::Reach::Tunnel(t) => format!("its node's tunnel {t}"),
+            strait_control::api::Reach::Gateways(g) => {
+                let g: Vec<String> = g
+                    .iter()
+                    .map(|g| format!("{} ({})", g.address, g.id))
+                    .collect();
+                format!("gateway {}", g.join(", "))
+            }
+        };
         out.push_str(&format!(
-            "  imported from them: {} at {} ports {} via {}\n",
+            "  imported from them: {} at {} ports {} via {via}\n",
             w.id,
             a.join(","),
             p.join(","),
-            w.tunnel
         ));
     }
     if let Some(e) = &f.imports_error {

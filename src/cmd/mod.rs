@@ -25,6 +25,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Control(c) => control::run(c),
         Command::Policy(c) => policy::run(c),
         Command::Proxy(p) => proxy::run(p),
+        Command::Gateway(g) => proxy::gateway(g),
         Command::Docstore { listen, name } => docstore::run(listen, name),
         Command::Node(c) => block_on(admin::node(c)),
         Command::Workload(c) => block_on(admin::workload(c)),

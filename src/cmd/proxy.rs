@@ -9,7 +9,7 @@ use strait_proxy::dns::HostRule;
 use strait_proxy::run::{run as run_proxy, Bootstrap, ProxyOptions, OUTBOUND_PORT, TUNNEL_PORT};
 use strait_proxy::tunnel::EgressRule;
 
-use crate::cli::{ProxyArgs, ProxyMode};
+use crate::cli::{GatewayArgs, ProxyArgs, ProxyMode};
 
 /// `strait node uninstall`.
 pub fn uninstall() -> anyhow::Result<()> {
@@ -37,12 +37,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     raise_open_files_limit();
     // An empty STRAIT_JOIN_TOKEN (the packaged proxy.env after the first join) means no token.
-    let given = args.token.as_ref().filter(|t| !t.trim().is_empty());
-    let token = match (given, &args.token_file) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(f)) => Some(strait_control::init::read_token_file(f)?),
-        (None, None) => None,
-    };
+    let token = join_token(&args.token, &args.token_file)?;
     let (mut egress, mut egress_hosts) = (Vec::new(), Vec::new());
     for e in &args.egress {
         // An address or CIDR if it parses as one, else a DNS name.
@@ -124,8 +119,66 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         health: args.health_listen,
         allow_kubelet_probes: args.allow_kubelet_probes,
+        gateway: None,
     };
-    let workers = args.worker_threads;
+    start(opts, args.worker_threads)
+}
+
+/// The join token given, if any. An empty STRAIT_JOIN_TOKEN (the packaged env file after the first
+/// join) means none.
+fn join_token(
+    token: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<String>> {
+    let given = token.as_ref().filter(|t| !t.trim().is_empty());
+    Ok(match (given, file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(strait_control::init::read_token_file(f)?),
+        (None, None) => None,
+    })
+}
+
+/// `strait gateway`: the proxy in gateway mode (no capture, so no CAP_NET_ADMIN needed).
+pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    // As the proxy's: no regorus backtraces; sound, no other thread runs yet.
+    #[allow(clippy::disallowed_methods)]
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    raise_open_files_limit();
+    let opts = ProxyOptions {
+        control: args.control,
+        remove_rules_on_exit: false,
+        node: NodeName::new(&args.node).map_err(|e| anyhow!("--node {:?}: {e}", args.node))?,
+        bootstrap: Bootstrap::JoinToken(join_token(&args.token, &args.token_file)?),
+        data_dir: args.data_dir,
+        addresses: Vec::new(),
+        tunnel_port: TUNNEL_PORT,
+        outbound_port: OUTBOUND_PORT,
+        admin: args.admin,
+        dns_resolvers: Vec::new(),
+        dns_cluster_domain: None,
+        dns_zone: HostName::parse(strait_proxy::dns::DEFAULT_ZONE)
+            .map_err(|e| anyhow!("the default zone: {e}"))?,
+        egress: Vec::new(),
+        egress_hosts: Vec::new(),
+        drain_timeout: args.drain_timeout,
+        policy_bundle: None,
+        distributor_tcp_only: args.distributor_tcp_only,
+        decision_log_allow_sample: 0,
+        auto_detect_timeout: strait_proxy::l7::limits::FIRST_BYTES_TIMEOUT,
+        idle_timeout: strait_proxy::l7::limits::IDLE_TIMEOUT,
+        max_connections: args.max_connections,
+        health: args.health_listen,
+        allow_kubelet_probes: false,
+        gateway: Some(strait_proxy::run::GatewaySettings {
+            listen: args.listen,
+            advertise: args.advertise,
+        }),
+    };
+    start(opts, args.worker_threads)
+}
+
+/// Runs the proxy (or gateway) on a runtime of `workers` threads (0: one per CPU) until a signal.
+fn start(opts: ProxyOptions, workers: usize) -> anyhow::Result<()> {
     // Before the runtime's threads exist: taking them clears the activation variables.
     let activated =
         strait_proxy::sockets::activated_listeners().context("taking the activated sockets")?;

@@ -536,23 +536,43 @@ pub fn issue_cert(
     spiffe_id: &str,
     ttl: &str,
 ) -> (String, String) {
-    let (key, csr) = key_and_csr(m, name);
-    let crt = m.p(&format!("{name}.pem"));
+    issue_cert_in(&m.dir, name, ca_dir, spiffe_id, ttl)
+}
+
+/// [`issue_cert`] into the directory `dir`.
+pub fn issue_cert_in(
+    dir: &std::path::Path,
+    name: &str,
+    ca_dir: &str,
+    spiffe_id: &str,
+    ttl: &str,
+) -> (String, String) {
+    let (key, csr) = key_and_csr(dir, name);
+    let crt = dir
+        .join(format!("{name}.pem"))
+        .to_string_lossy()
+        .into_owned();
     let out = std::process::Command::new(bin())
         .args([
-            "ca", "issue", "--dir", ca_dir, "--csr", csr, "--id", spiffe_id, "--ttl", ttl, "--out",
-            crt,
+            "ca", "issue", "--dir", ca_dir, "--csr", &csr, "--id", spiffe_id, "--ttl", ttl,
+            "--out", &crt,
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    (crt.to_owned(), key.to_owned())
+    (crt, key)
 }
 
-/// A new P-256 key and a CSR for it (OpenSSL), as `<name>.key` and `<name>.csr` in the test directory.
-fn key_and_csr<'a>(m: &'a Mesh, name: &str) -> (&'a str, &'a str) {
-    let key = m.p(&format!("{name}.key"));
-    let csr = m.p(&format!("{name}.csr"));
+/// A new P-256 key and a CSR for it (OpenSSL), as `<name>.key` and `<name>.csr` in `dir`.
+fn key_and_csr(dir: &std::path::Path, name: &str) -> (String, String) {
+    let key = dir
+        .join(format!("{name}.key"))
+        .to_string_lossy()
+        .into_owned();
+    let csr = dir
+        .join(format!("{name}.csr"))
+        .to_string_lossy()
+        .into_owned();
     for args in [
         vec![
             "openssl",
@@ -562,10 +582,10 @@ fn key_and_csr<'a>(m: &'a Mesh, name: &str) -> (&'a str, &'a str) {
             "-genkey",
             "-noout",
             "-out",
-            key,
+            &key,
         ],
         vec![
-            "openssl", "req", "-new", "-key", key, "-subj", "/", "-out", csr,
+            "openssl", "req", "-new", "-key", &key, "-subj", "/", "-out", &csr,
         ],
     ] {
         let out = std::process::Command::new(args[0])
@@ -606,7 +626,7 @@ pub fn tunnel_sni(spiffe_id: &str) -> String {
 /// What a partner's CA key could sign whatever Strait's own CA refuses: an SVID-shaped certificate for any
 /// `spiffe_id`, made with OpenSSL from the CA files in `ca_dir` ((certificate, key) paths).
 pub fn forge_cert(m: &Mesh, name: &str, ca_dir: &str, spiffe_id: &str) -> (String, String) {
-    let (key, csr) = key_and_csr(m, name);
+    let (key, csr) = key_and_csr(&m.dir, name);
     let crt = m.p(&format!("{name}.pem"));
     let ext = m.p(&format!("{name}.ext"));
     std::fs::write(
@@ -622,13 +642,13 @@ pub fn forge_cert(m: &Mesh, name: &str, ca_dir: &str, spiffe_id: &str) -> (Strin
     );
     let out = std::process::Command::new("openssl")
         .args([
-            "x509", "-req", "-in", csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-days", "1",
+            "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-days", "1",
             "-extfile", ext, "-out", crt,
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    (crt.to_owned(), key.to_owned())
+    (crt.to_owned(), key)
 }
 
 /// Opens a tunnel to `target` (a proxy's 15008) as the holder of `cert` would, asking for the workload

@@ -24,6 +24,22 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// The environment variable that skips namespace tests when not root. CI never sets it.
 pub const SKIP_VAR: &str = "STRAIT_SKIP_NETNS_TESTS";
 
+/// The third-party peers' scripts (tests/apps).
+pub fn apps() -> String {
+    format!("{}/tests/apps", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of the test virtualenv (grpcio, hypercorn, websockets, h2), made by scripts/test-venv.sh.
+pub fn python() -> String {
+    let py = std::env::var("STRAIT_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/target/test-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    assert!(
+        std::path::Path::new(&py).exists(),
+        "{py} is missing: run `bash scripts/test-venv.sh` (scripts/test.sh does) or set STRAIT_TEST_PYTHON"
+    );
+    py
+}
+
 /// True when the test may run; panics with instructions when it needs root and was not told to skip.
 pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -1,0 +1,288 @@
+//! The ingress gateway (`strait gateway`): the one address an organisation exposes to its partners for
+//! the workloads it exports (docs/gateway.md).
+//!
+//! A partner's proxy opens an outer mTLS tunnel to the gateway with its *source workload's* SVID (the
+//! gateway proves its own node identity, which the partner learnt from this organisation's exports) and
+//! asks, per exported workload and port, for a CONNECT stream named `<SNI name of the workload>:<port>`.
+//! The gateway admits a stream only from a workload of a federated trust domain (never its own), to a
+//! workload exported to that trust domain on that port, and then splices the stream's bytes to the
+//! exporting node's tunnel listener. What travels in the stream is the partner's inner mTLS tunnel,
+//! end to end with the destination workload's proxy, which verifies and authorizes the real source:
+//! the gateway holds no key that could read it (it has none but its own node key). Like Istio ambient's
+//! double HBONE for multi-network meshes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use strait_ca::spiffe::IdKind;
+use strait_ca::verify::{peer_id, PeerIdMatcher, PeerRole, SvidClientVerifier};
+use strait_ca::SpiffeId;
+use strait_proto::api::GatewayRef;
+use strait_proto::registry::Workload;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::certs::InboundResolver;
+use crate::h2stream::H2Stream;
+use crate::metrics::GatewayLabels;
+use crate::tunnel::Ctx;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A gateway that failed is tried after the others for this long.
+const FAILED_FOR: Duration = Duration::from_secs(10);
+/// Outer tunnels carry one stream per inner tunnel, each long-lived: fewer than a node's tunnel port.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1000;
+
+/// The partner's gateways in the order to try them: those that have not failed lately first, starting
+/// at a rotating position so that new tunnels spread over the replicas; then the ones that failed.
+pub(crate) fn in_order<'a>(ctx: &Ctx, gateways: &'a [GatewayRef]) -> Vec<&'a GatewayRef> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let start = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let failed = ctx
+        .gateways_failed
+        .lock()
+        .map(|mut m| {
+            m.retain(|_, at| at.elapsed() < FAILED_FOR);
+            m.keys().copied().collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let n = gateways.len().max(1);
+    let mut order: Vec<&GatewayRef> = (0..gateways.len())
+        .map(|i| &gateways[(start + i) % n])
+        .collect();
+    // Stable: the rotation stays among the healthy ones and among the failed ones.
+    order.sort_by_key(|g| failed.contains(&g.address));
+    order
+}
+
+/// The gateway's TLS: its node certificate (chosen by SNI from the certificate store), and client
+/// certificates of workloads of federated trust domains only.
+pub fn tls(ctx: &Ctx) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let own = ctx.bundle.load().trust_domain().clone();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(SvidClientVerifier::shared(
+            ctx.bundle.clone(),
+            PeerIdMatcher::predicate(
+                "a workload of a federated trust domain (a gateway serves partners only)",
+                move |id| !id.is_member_of(&own) && matches!(id.kind(), IdKind::Workload { .. }),
+            ),
+            true,
+        )))
+        .with_cert_resolver(Arc::new(InboundResolver(ctx.certs.clone())));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts partners' outer tunnels until the task is dropped.
+pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "gateway accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let trust = crate::trust::watch(&ctx);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    let reason = crate::tunnel::handshake_failed(&ctx, "gateway", &e);
+                    warn!(%peer, %reason, "gateway mTLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    ctx.metrics.refuse("gateway", "handshake_timeout");
+                    return;
+                }
+            };
+            let (_, conn) = tls.get_ref();
+            let Some(src) = peer_id(conn) else {
+                ctx.metrics.refuse("gateway", "no_identity");
+                return;
+            };
+            let chain = crate::trust::PeerChain::of(conn);
+            let mut conn = match h2::server::Builder::new()
+                .initial_window_size(crate::tunnel::STREAM_WINDOW)
+                .initial_connection_window_size(crate::tunnel::CONN_WINDOW)
+                .max_frame_size(crate::tunnel::MAX_FRAME)
+                .max_send_buffer_size(crate::tunnel::STREAM_WINDOW as usize)
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .handshake::<_, Bytes>(tls)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%peer, error = %e, "gateway HTTP/2 handshake failed");
+                    return;
+                }
+            };
+            let distrusted = async {
+                match chain {
+                    Some(chain) => trust.distrusted(chain, PeerRole::Client).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(distrusted);
+            loop {
+                let next = tokio::select! {
+                    next = conn.accept() => next,
+                    why = &mut distrusted => {
+                        ctx.metrics.refuse("gateway", "peer_no_longer_trusted");
+                        warn!(%peer, %src, reason = %why, "gateway connection closed: its peer's certificate no longer verifies against the trust bundle");
+                        return;
+                    }
+                };
+                match next {
+                    Some(Ok((req, respond))) => {
+                        stream(ctx.clone(), src.clone(), peer, req, respond)
+                    }
+                    Some(Err(e)) => {
+                        debug!(%peer, error = %e, "gateway connection ended with an error");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+    }
+}
+
+fn refuse(
+    ctx: &Ctx,
+    mut respond: h2::server::SendResponse<Bytes>,
+    code: StatusCode,
+    reason: &'static str,
+) {
+    ctx.metrics.refuse("gateway", reason);
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    let _ = respond.send_response(r, true);
+}
+
+/// The exported workload a stream names and the node tunnel it is forwarded to, if `partner` may reach
+/// it on `port` now.
+fn admitted(ctx: &Ctx, partner: &str, sni: &str, port: u16) -> Option<(Arc<Workload>, SocketAddr)> {
+    let view = ctx.dir.load();
+    let (w, tunnel) = view.exported_by_sni(sni)?;
+    view.exported_to(w, partner, port)
+        .then(|| (w.clone(), tunnel))
+}
+
+/// One CONNECT stream from a partner: checked, then spliced to the exporting node's tunnel port.
+fn stream(
+    ctx: Arc<Ctx>,
+    src: SpiffeId,
+    peer: SocketAddr,
+    req: Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+) {
+    if req.method() != Method::CONNECT {
+        return refuse(&ctx, respond, StatusCode::METHOD_NOT_ALLOWED, "not_connect");
+    }
+    let Some((sni, port)) = req
+        .uri()
+        .authority()
+        .and_then(|a| Some((a.host().to_owned(), a.port_u16()?)))
+    else {
+        return refuse(&ctx, respond, StatusCode::BAD_REQUEST, "bad_target");
+    };
+    let partner = src.trust_domain_str().to_owned();
+    // Only a workload exported to this partner, on a port exported to it: the gateway is no relay into
+    // the private network (an address, or a workload not exported, names nothing here).
+    let Some((dst, tunnel)) = admitted(&ctx, &partner, &sni, port) else {
+        warn!(%src, target = %format!("{sni}:{port}"), "a partner asked the gateway for a workload or port not exported to it; refused (strait federation export)");
+        return refuse(&ctx, respond, StatusCode::FORBIDDEN, "not_exported");
+    };
+    if !ctx.inflight.try_reserve(ctx.max_connections) {
+        return refuse(
+            &ctx,
+            respond,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "over_capacity",
+        );
+    }
+    tokio::spawn(async move {
+        let _guard = ctx.inflight.adopt(); // reserved above
+        let labels = GatewayLabels {
+            partner: partner.clone(),
+            workload: dst.id.to_string(),
+        };
+        // A plain connection: a gateway captures nothing, so there is no capture to bypass.
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(tunnel)).await;
+        let mut node = match connected.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(%src, dst = %dst.id, %tunnel, error = %e, "the exporting node's tunnel port is unreachable from the gateway");
+                return refuse(&ctx, respond, StatusCode::BAD_GATEWAY, "node_unreachable");
+            }
+        };
+        let _ = node.set_nodelay(true);
+        let mut respond = respond;
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, error = %e, "stream reset before it was answered");
+                return;
+            }
+        };
+        let mut outer = H2Stream::new(send, req.into_body());
+        ctx.metrics.gateway_streams.get_or_create(&labels).inc();
+        let active = ctx.metrics.gateway_active.get_or_create(&labels).clone();
+        active.inc();
+        let started = Instant::now();
+        info!(%src, dst = %dst.id, port, %tunnel, "gateway stream opened");
+        let (sent, received) = tokio::select! {
+            copied = splice(&mut outer, &mut node) => copied,
+            () = withdrawn(&ctx, &partner, &sni, port) => {
+                info!(%src, dst = %dst.id, port, "gateway stream closed: the export it used was withdrawn");
+                (0, 0)
+            }
+        };
+        active.dec();
+        ctx.metrics
+            .gateway_bytes
+            .get_or_create(&labels.direction("to_workload"))
+            .inc_by(sent);
+        ctx.metrics
+            .gateway_bytes
+            .get_or_create(&labels.direction("to_partner"))
+            .inc_by(received);
+        info!(%src, dst = %dst.id, port, sent, received, seconds = started.elapsed().as_secs_f64(), "gateway stream closed");
+    });
+}
+
+/// Copies both ways until both sides are done; the byte counts (towards the node, towards the partner).
+async fn splice(outer: &mut H2Stream, node: &mut TcpStream) -> (u64, u64) {
+    match tokio::io::copy_bidirectional(outer, node).await {
+        Ok(counts) => counts,
+        Err(e) => {
+            debug!(error = %e, "gateway stream ended with an error");
+            (0, 0)
+        }
+    }
+}
+
+/// Resolves once a directory in force no longer exports the stream's workload and port to `partner`.
+async fn withdrawn(ctx: &Ctx, partner: &str, sni: &str, port: u16) {
+    let mut epoch = ctx.dir_epoch.subscribe();
+    loop {
+        if epoch.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if admitted(ctx, partner, sni, port).is_none() {
+            return;
+        }
+    }
+}
