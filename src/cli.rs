@@ -132,8 +132,13 @@ pub enum Command {
     /// curl and setpriv. Cleans up after itself, also on Ctrl-C.
     Demo {
         /// Workflow to run (default: the built-in film-production workflow, deploy/examples/movie-workflow.yaml).
-        #[arg(short = 'f', long = "file")]
+        #[arg(short = 'f', long = "file", conflicts_with = "federated")]
         file: Option<PathBuf>,
+        /// The study's deployment instead: each actor of the film workflow an organisation with its own
+        /// trust domain, CA, control plane, private network (the same range in each) and gateway, in two
+        /// regions 25 ms apart, joined only through their gateways (docs/gateway.md).
+        #[arg(long)]
+        federated: bool,
         /// Where to write the workflow graph (SVG), the capture and the logs.
         #[arg(long, default_value = "strait-demo")]
         out_dir: PathBuf,

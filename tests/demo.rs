@@ -138,6 +138,47 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
         "{plot}"
     );
     assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+    // The study's deployment: five organisations, each its own trust domain, CA, control plane, private
+    // network (the same range everywhere) and gateway, in two regions, joined only through their
+    // gateways (`strait demo --federated`).
+    let fed = out_dir.path().join("federated");
+    let out = Command::new(bin())
+        .args(["demo", "--federated", "--out-dir", fed.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(
+            "8 of 84 requests allowed, 8 expected by the workflow (8 steps, 6 across organisations); mismatches: 0"
+        ),
+        "{text}"
+    );
+    // Seven captures (both regions' networks, every gateway's host), each with traffic, none with the
+    // marker.
+    assert_eq!(text.matches("marker found: no").count(), 7, "{text}");
+    assert!(!text.contains(" 0 packets"), "{text}");
+    // Each organisation's consent is shown: what it exports, imports, and the steps' state.
+    assert!(
+        text.contains("step spiffe://owner.example/ns/movie/sa/owner → spiffe://vfx.example/ns/movie/sa/vfx-1 (movie): accepted by the partner"),
+        "{text}"
+    );
+    let csv = std::fs::read_to_string(fed.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 85, "header + 84 requests");
+    assert_eq!(
+        csv.lines()
+            .filter(|l| l.contains(",inter,allowed,allowed,"))
+            .count(),
+        4,
+        "the four steps that cross the regions pass: {csv}"
+    );
+    assert!(text.contains("PASS"), "{text}");
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
 }
 
 #[test]

@@ -30,7 +30,12 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(c) => block_on(admin::node(c)),
         Command::Workload(c) => block_on(admin::workload(c)),
         Command::Apply { file, conn } => block_on(admin::apply(file, conn)),
-        Command::Demo { file, out_dir } => crate::demo::run(file, out_dir),
+        Command::Demo {
+            federated: true,
+            out_dir,
+            ..
+        } => crate::demo::federated::run(out_dir),
+        Command::Demo { file, out_dir, .. } => crate::demo::run(file, out_dir),
         Command::Workflow(c) => block_on(admin::workflow(c)),
         Command::DistributionKey(c) => block_on(admin::distribution_key(c)),
         Command::Federation(c) => block_on(federation::run(c)),

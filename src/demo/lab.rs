@@ -16,6 +16,8 @@ pub const PREFIX: &str = "sdemo-";
 
 pub struct Lab {
     hosts: Vec<String>,
+    /// Hosts on a border host's private network (see [`Lab::with_hosts`]): their index there.
+    private: std::collections::HashMap<String, u8>,
     children: Mutex<Vec<(String, Child)>>,
     wan: Mutex<WanLink>,
 }
@@ -109,9 +111,31 @@ impl Lab {
     /// Hosts listed in `remote` sit on a second bridge (`br1`), joined to the first by a veth pair
     /// (`wan0`–`wan1`): the "WAN" where [`Lab::set_wan_delay`] adds latency between the two regions
     /// only, with one queueing discipline per direction and no packet filters.
-    pub fn with_regions(hosts: &[&str], remote: &[&str]) -> anyhow::Result<Self> {
+    ///
+    /// Hosts on private networks: each `(host, border)` of `behind` sits
+    /// behind `border` at `10.9.0.(2 + k)` (k counts the hosts behind that border), the same addresses
+    /// behind every border, as organisations' private ranges overlap. A private host's default route
+    /// leads to its border, which forwards and masquerades its IPv4 traffic to the bridge (an
+    /// organisation's NAT); nothing on the bridge can route to a private host.
+    pub fn with_hosts(
+        hosts: &[&str],
+        remote: &[&str],
+        behind: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut private = std::collections::HashMap::new();
+        let mut all: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        for (host, border) in behind {
+            let k = behind
+                .iter()
+                .take_while(|(h, _)| h != host)
+                .filter(|(_, b)| b == border)
+                .count();
+            private.insert(host.to_string(), k as u8);
+            all.push(host.to_string());
+        }
         let lab = Self {
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            hosts: all,
+            private,
             children: Mutex::new(Vec::new()),
             wan: Mutex::new(if remote.is_empty() {
                 WanLink::Absent
@@ -156,7 +180,72 @@ impl Lab {
             sh(&["ip", "-n", &ns, "addr", "add", &v6, "dev", "e0", "nodad"])?;
             sh(&["ip", "-n", &ns, "link", "set", "e0", "up"])?;
         }
+        let mut natted = Vec::new();
+        for (i, (host, border)) in behind.iter().enumerate() {
+            lab.put_behind(host, border, &format!("sdp{i}"))?;
+            if !natted.contains(border) {
+                natted.push(*border);
+                let rules = "table ip sdemo_nat { chain post { type nat hook postrouting priority srcnat; policy accept; ip saddr 10.9.0.0/24 oifname \"e0\" masquerade; }; }";
+                let out = lab.run(border, None, &["nft", rules])?;
+                if !out.status.success() {
+                    bail!(
+                        "the NAT of {border}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+        }
         Ok(lab)
+    }
+
+    /// `host`'s namespace behind `border` on a veth pair (`link` on the border's side), routed as
+    /// [`Lab::with_hosts`] says.
+    fn put_behind(&self, host: &str, border: &str, link: &str) -> anyhow::Result<()> {
+        let (ns, bns) = (self.ns(host), self.ns(border));
+        let (v4, v6) = (self.v4(host), self.v6(host));
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&[
+            "ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        sh(&["ip", "link", "set", link, "netns", &bns])?;
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["addr", "add", &format!("{v4}/32"), "dev", "eth0"],
+            vec!["addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"],
+            vec!["route", "add", "169.254.1.1", "dev", "eth0"],
+            vec![
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
+        ] {
+            let mut a = vec!["ip", "-n", &ns];
+            a.extend(args);
+            sh(&a)?;
+        }
+        for args in [
+            vec!["link", "set", link, "up"],
+            vec!["addr", "add", "169.254.1.1/32", "dev", link],
+            vec!["route", "add", &format!("{v4}/32"), "dev", link],
+        ] {
+            let mut a = vec!["ip", "-n", &bns];
+            a.extend(args);
+            sh(&a)?;
+        }
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &bns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
     }
 
     /// Adds `delay` each way between the two regions, or removes it (`None`): `tc netem` on both ends of
@@ -294,11 +383,17 @@ impl Lab {
     }
 
     pub fn v4(&self, host: &str) -> Ipv4Addr {
-        Ipv4Addr::new(10, 78, 0, self.index(host) as u8 + 1)
+        match self.private.get(host) {
+            Some(k) => Ipv4Addr::new(10, 9, 0, k + 2),
+            None => Ipv4Addr::new(10, 78, 0, self.index(host) as u8 + 1),
+        }
     }
 
     pub fn v6(&self, host: &str) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, self.index(host) as u16 + 1)
+        match self.private.get(host) {
+            Some(k) => Ipv6Addr::new(0xfd09, 0, 0, 0, 0, 0, 0, u16::from(*k) + 2),
+            None => Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, self.index(host) as u16 + 1),
+        }
     }
 
     fn command(&self, host: &str, uid: Option<u32>, args: &[&str]) -> Command {

@@ -29,22 +29,26 @@ pub struct Mesh<'a> {
     exe: String,
     state: PathBuf,
     out: PathBuf,
+    /// The control plane's host and address.
+    host: String,
     cp: Ipv4Addr,
     config: String,
     services: Vec<String>,
 }
 
 impl<'a> Mesh<'a> {
-    /// Creates the control plane's data directory for `trust_domain` and starts it on host `cp`.
+    /// Creates the control plane's data directory for `trust_domain` (in `state`) and starts it on
+    /// host `host` (its log `control.log` on host `cp`, else `control-<host>.log`).
     pub fn start_control(
         lab: &'a Lab,
+        host: &str,
         exe: &str,
         state: &Path,
         out: &Path,
         trust_domain: &str,
         services: &[String],
     ) -> anyhow::Result<Self> {
-        let cp = lab.v4("cp");
+        let cp = lab.v4(host);
         let cp_dir = state.join("cp");
         let cp_dir_s = cp_dir.to_string_lossy().into_owned();
         let init = std::process::Command::new(exe)
@@ -62,8 +66,13 @@ impl<'a> Mesh<'a> {
         if !init.status.success() {
             bail!("control plane init: {}", text(&init));
         }
+        let log = match host {
+            "cp" => "control.log".to_owned(),
+            h => format!("control-{h}.log"),
+        };
+        std::fs::create_dir_all(state)?;
         lab.spawn(
-            "cp",
+            host,
             None,
             &[
                 exe,
@@ -73,11 +82,11 @@ impl<'a> Mesh<'a> {
                 "--listen",
                 &format!("{cp}:15012"),
             ],
-            &out.join("control.log"),
+            &out.join(log),
         )?;
         lab.eventually(Duration::from_secs(15), "the control plane", || {
             lab.run(
-                "cp",
+                host,
                 None,
                 &["curl", "-sk", &format!("https://{cp}:15012/v1/ready")],
             )
@@ -88,6 +97,7 @@ impl<'a> Mesh<'a> {
             exe: exe.to_owned(),
             state: state.to_owned(),
             out: out.to_owned(),
+            host: host.to_owned(),
             cp,
             config: format!("STRAIT_CONFIG={}", cp_dir.join("admin.yaml").display()),
             services: services.to_vec(),
@@ -100,13 +110,22 @@ impl<'a> Mesh<'a> {
 
     /// Runs `strait ARGS` as the administrator on the control plane's host; its stdout.
     pub fn admin(&self, args: &[&str]) -> anyhow::Result<String> {
+        Ok(String::from_utf8_lossy(&self.admin_output(args)?.stdout).into_owned())
+    }
+
+    /// [`Mesh::admin`], with its standard error too.
+    pub fn admin_output(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let mut full = vec!["env", self.config.as_str(), self.exe.as_str()];
         full.extend_from_slice(args);
-        let out = self.lab.run("cp", None, &full)?;
+        let out = self.lab.run(&self.host, None, &full)?;
         if !out.status.success() {
             bail!("strait {}: {}", args.join(" "), text(&out).trim());
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(out)
+    }
+
+    pub fn state(&self) -> &Path {
+        &self.state
     }
 
     /// The Unix user the service runs as (how its node proxy recognises it).

@@ -4,6 +4,7 @@
 //! and the verdict checks the table against the workflow and a packet capture of the links against the
 //! requests' marker.
 
+pub mod federated;
 mod lab;
 mod mesh;
 pub mod study;
@@ -75,6 +76,56 @@ impl Row {
     }
 }
 
+/// A random marker every request carries: the captures must never show it.
+fn marker() -> anyhow::Result<String> {
+    let mut rnd = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+        .map_err(|_| anyhow!("no randomness"))?;
+    Ok(format!(
+        "STRAIT-DEMO-{}",
+        rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// curl on `host` as `uid`: `method` to `url` with `marker` as the body, a new connection, at most 5 s;
+/// the HTTP status ("000": no answer) and the seconds it took.
+fn curl(
+    lab: &Lab,
+    host: &str,
+    uid: u32,
+    method: &str,
+    url: &str,
+    marker: &str,
+) -> anyhow::Result<(String, f64)> {
+    let out = lab.run(
+        host,
+        Some(uid),
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_total}",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-H",
+            "content-type: text/plain",
+            "--data-binary",
+            marker,
+            url,
+        ],
+    )?;
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut parts = answer.split_whitespace();
+    Ok((
+        parts.next().unwrap_or("000").to_owned(),
+        parts.next().and_then(|t| t.parse().ok()).unwrap_or(0.0),
+    ))
+}
+
 /// Does a step allow `method` on `/api/<dst>` from `src` to `dst`?
 fn expected(wf: &Workflow, src: &str, dst: &str, method: &str) -> bool {
     let path = format!("/api/{dst}");
@@ -129,6 +180,25 @@ pub fn in_lab<T>(
     remote: &[String],
     f: impl FnOnce(&Lab, &Path, &str) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
+    let mut hosts = vec!["cp"];
+    hosts.extend(services.iter().map(String::as_str));
+    println!(
+        "building the mesh: a control plane host and {} service hosts (network namespaces {}*)",
+        services.len(),
+        lab::PREFIX
+    );
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+    in_hosts(&hosts, &remote, &[], f)
+}
+
+/// Builds the hosts of [`Lab::with_hosts`], runs `f` in them (with a private state directory and this
+/// executable's path), and takes everything down afterwards — also on Ctrl-C or SIGTERM.
+fn in_hosts<T>(
+    hosts: &[&str],
+    remote: &[&str],
+    behind: &[(&str, &str)],
+    f: impl FnOnce(&Lab, &Path, &str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let stale = lab::stale();
     if !stale.is_empty() {
         eprintln!(
@@ -140,15 +210,7 @@ pub fn in_lab<T>(
     // State (CA, keys, stores) lives in a private temporary directory and goes with the lab.
     let state = tempfile::Builder::new().prefix("strait-demo").tempdir()?;
     let exe = std::env::current_exe()?.to_string_lossy().into_owned();
-    let mut hosts = vec!["cp"];
-    hosts.extend(services.iter().map(String::as_str));
-    println!(
-        "building the mesh: a control plane host and {} service hosts (network namespaces {}*)",
-        services.len(),
-        lab::PREFIX
-    );
-    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
-    let lab = Arc::new(Lab::with_regions(&hosts, &remote)?);
+    let lab = Arc::new(Lab::with_hosts(hosts, remote, behind)?);
     {
         // Ctrl-C or SIGTERM: take everything down, then leave.
         let lab = lab.clone();
@@ -164,9 +226,15 @@ pub fn in_lab<T>(
             }
         });
     }
-    let result = f(&lab, state.path(), &exe);
-    lab.teardown();
-    result
+    // Also when `f` panics (the Ctrl-C thread holds the lab too, so it would never be dropped).
+    struct TearDown<'a>(&'a Lab);
+    impl Drop for TearDown<'_> {
+        fn drop(&mut self) {
+            self.0.teardown();
+        }
+    }
+    let _down = TearDown(&lab);
+    f(&lab, state.path(), &exe)
 }
 
 pub fn run(file: Option<PathBuf>, out_dir: PathBuf) -> anyhow::Result<()> {
@@ -199,7 +267,7 @@ fn demo(
     out: &Path,
     exe: &str,
 ) -> anyhow::Result<()> {
-    let mesh = Mesh::start_control(lab, exe, state, out, &wf.trust_domain, services)?;
+    let mesh = Mesh::start_control(lab, "cp", exe, state, out, &wf.trust_domain, services)?;
     println!("control plane up at {}", mesh.url());
     mesh.register(ids)?;
     mesh.start_docstores()?;
@@ -241,13 +309,7 @@ fn demo(
         std::fs::read_to_string(&tcpdump_log).is_ok_and(|l| l.contains("listening on"))
     })?;
 
-    let mut rnd = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
-        .map_err(|_| anyhow!("no randomness"))?;
-    let marker = format!(
-        "STRAIT-DEMO-{}",
-        rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let marker = marker()?;
     println!("\nsending a POST and a GET from every service to every other ({} requests), each carrying {marker}", services.len() * (services.len() - 1) * 2);
     let mut rows = Vec::new();
     for src in services {
@@ -257,36 +319,14 @@ fn demo(
             }
             for method in ["POST", "GET"] {
                 let url = mesh.service_url(dst, &format!("/api/{dst}"));
-                let out = lab.run(
-                    src,
-                    Some(mesh.uid(src)),
-                    &[
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code} %{time_total}",
-                        "--max-time",
-                        "5",
-                        "-X",
-                        method,
-                        "-H",
-                        "content-type: text/plain",
-                        "--data-binary",
-                        &marker,
-                        &url,
-                    ],
-                )?;
-                let answer = String::from_utf8_lossy(&out.stdout).into_owned();
-                let mut parts = answer.split_whitespace();
+                let (code, seconds) = curl(lab, src, mesh.uid(src), method, &url, &marker)?;
                 rows.push(Row {
                     src: src.clone(),
                     dst: dst.clone(),
                     method,
                     expected: expected(wf, src, dst, method),
-                    code: parts.next().unwrap_or("000").to_owned(),
-                    seconds: parts.next().and_then(|t| t.parse().ok()).unwrap_or(0.0),
+                    code,
+                    seconds,
                 });
             }
         }

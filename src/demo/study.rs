@@ -189,7 +189,15 @@ pub fn run(file: Option<PathBuf>, samples: usize, out_dir: PathBuf) -> anyhow::R
     // The second half of the services is the other region (behind the WAN link).
     let (local, remote) = l.services.split_at(l.services.len().div_ceil(2));
     super::in_lab(&l.services, remote, |lab, state, exe| {
-        let mesh = Mesh::start_control(lab, exe, state, &out_dir, &l.wf.trust_domain, &l.services)?;
+        let mesh = Mesh::start_control(
+            lab,
+            "cp",
+            exe,
+            state,
+            &out_dir,
+            &l.wf.trust_domain,
+            &l.services,
+        )?;
         study(&mesh, &l, (local, remote), samples, &out_dir)
     })
 }
