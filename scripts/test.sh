@@ -20,9 +20,10 @@ cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component 
 # and iproute2 (capture and namespaces), curl (a real HTTP client), tcpdump (what crosses the wire),
 # util-linux (setpriv: workloads as other users), socat (half-closes and raw requests), nghttp2-client
 # (nghttp: an HTTP/2 client that shows trailers), systemd (systemd-socket-activate stands in for the
-# proxy's socket units in the restart test; installing it starts no service here). scripts/check-package.sh
-# adds adduser and binutils, and installs cargo-deb.
-ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++ dnsmasq-base bind9-dnsutils systemd
+# proxy's socket units in the restart test; installing it starts no service here), hey (the load
+# generator `strait bench gateway` drives). scripts/check-package.sh adds adduser and binutils, and
+# installs cargo-deb.
+ensure_packages openssl nftables iproute2 curl ca-certificates tcpdump util-linux socat nghttp2-client g++ dnsmasq-base bind9-dnsutils systemd hey
 
 # What runs now is not the suite's: everything started after this must be gone at the end.
 LEFTOVERS=$(mktemp)

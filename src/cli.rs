@@ -933,6 +933,17 @@ pub enum BenchCommand {
         #[arg(short = 'o', long = "out")]
         out: PathBuf,
     },
+    /// What a gateway costs (as root; needs `hey`): two organisations, owner calling vfx, first federated
+    /// directly on one network, then through vfx's gateway, in the same run. For each path: requests per
+    /// second and latency over 16 kept-alive connections, latency with a new connection per request, and
+    /// the gateway's CPU per request. Prints a table and writes gateway.csv.
+    Gateway {
+        /// How long each keep-alive run lasts.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value = "strait-bench-gateway")]
+        out_dir: PathBuf,
+    },
     /// A WAN link with a fixed one-way delay where the kernel has no sch_netem (as root, in the network
     /// namespace that holds both interfaces).
     ///

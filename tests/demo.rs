@@ -179,6 +179,29 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
     );
     assert!(text.contains("PASS"), "{text}");
     assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+    // The gateway benchmark (`strait bench gateway`, with hey) runs both paths, every request answered
+    // 201 (it fails otherwise); how fast is for the benchmark's own table, not checked here.
+    let bench = out_dir.path().join("gateway-bench");
+    let out = Command::new(bin())
+        .args(["bench", "gateway", "--seconds", "1", "--out-dir"])
+        .arg(&bench)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(bench.join("gateway.csv")).unwrap();
+    let paths: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(paths, ["direct", "gateway"], "{csv}");
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
 }
 
 #[test]

@@ -39,6 +39,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Workflow(c) => block_on(admin::workflow(c)),
         Command::DistributionKey(c) => block_on(admin::distribution_key(c)),
         Command::Federation(c) => block_on(federation::run(c)),
+        Command::Bench(BenchCommand::Gateway { seconds, out_dir }) => {
+            crate::demo::gateway_bench::run(seconds, out_dir)
+        }
         Command::Bench(BenchCommand::Study {
             file,
             samples,

@@ -24,22 +24,22 @@ const WAN_DELAY: Duration = Duration::from_millis(25);
 const GATEWAY_PORT: u16 = 15009;
 
 /// An organisation: one actor of the workflow.
-struct Org {
-    name: String,
-    services: Vec<String>,
+pub(super) struct Org {
+    pub(super) name: String,
+    pub(super) services: Vec<String>,
 }
 
 impl Org {
-    fn trust_domain(&self) -> String {
+    pub(super) fn trust_domain(&self) -> String {
         format!("{}.example", self.name)
     }
 
     /// The organisation's border host: its control plane and gateway, on the shared network.
-    fn border(&self) -> String {
+    pub(super) fn border(&self) -> String {
         format!("{}-gw", self.name)
     }
 
-    fn id(&self, service: &str) -> String {
+    pub(super) fn id(&self, service: &str) -> String {
         format!("spiffe://{}/ns/movie/sa/{service}", self.trust_domain())
     }
 }
@@ -125,7 +125,7 @@ fn workflow_of(wf: &Workflow, orgs: &[Org], org: &Org) -> anyhow::Result<String>
 
 /// Where `src`'s organisation reaches each service: its own at their private addresses, each imported
 /// one at the virtual address its control plane gave it (`strait federation list`).
-fn addresses(
+pub(super) fn addresses(
     mesh: &Mesh,
     lab: &Lab,
     org: &Org,
@@ -199,19 +199,7 @@ fn demo(
         REMOTE.join(", "),
         WAN_DELAY.as_millis()
     );
-    let mut meshes: BTreeMap<&str, Mesh> = BTreeMap::new();
-    for org in orgs {
-        let mesh = Mesh::start_control(
-            lab,
-            &org.border(),
-            exe,
-            &state.join(&org.name),
-            out,
-            &org.trust_domain(),
-            &org.services,
-        )?;
-        meshes.insert(org.name.as_str(), mesh);
-    }
+    let meshes = start_controls(lab, orgs, exe, state, out)?;
     let mesh = |org: &str| {
         meshes
             .get(org)
@@ -232,30 +220,7 @@ fn demo(
         }
     }
     for &(org, partner) in &pairs {
-        let p = org_of_name(orgs, partner)?;
-        let bundle = mesh(partner)?.admin_output(&["federation", "bundle"])?;
-        let file = state.join(format!("{partner}-bundle-for-{org}.json"));
-        std::fs::write(&file, &bundle.stdout)?;
-        let fingerprint = String::from_utf8_lossy(&bundle.stderr)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("fingerprint: ")
-                    .map(str::trim)
-                    .map(str::to_owned)
-            })
-            .ok_or_else(|| anyhow!("`strait federation bundle` printed no fingerprint"))?;
-        mesh(org)?.admin(&[
-            "federation",
-            "add",
-            "--trust-domain",
-            &p.trust_domain(),
-            "--endpoint",
-            &format!("{}:15012", lab.v4(&p.border())),
-            "--bootstrap-bundle",
-            &file.to_string_lossy(),
-            "--fingerprint",
-            &fingerprint,
-        ])?;
+        federate(lab, state, &meshes, orgs, org, partner)?;
     }
     println!(
         "{} federation relationships (each pair that shares a step, both ways)",
@@ -601,6 +566,72 @@ fn demo(
     )
 }
 
+/// Each organisation's control plane (its own CA and trust domain) on its border host.
+pub(super) fn start_controls<'a, 'o>(
+    lab: &'a Lab,
+    orgs: &'o [Org],
+    exe: &str,
+    state: &Path,
+    out: &Path,
+) -> anyhow::Result<BTreeMap<&'o str, Mesh<'a>>> {
+    let mut meshes = BTreeMap::new();
+    for org in orgs {
+        let mesh = Mesh::start_control(
+            lab,
+            &org.border(),
+            exe,
+            &state.join(&org.name),
+            out,
+            &org.trust_domain(),
+            &org.services,
+        )?;
+        meshes.insert(org.name.as_str(), mesh);
+    }
+    Ok(meshes)
+}
+
+/// `org` federates with `partner`: the partner's bundle handed over out of band (a file and the
+/// fingerprint read out), then `strait federation add` at `org`.
+pub(super) fn federate(
+    lab: &Lab,
+    state: &Path,
+    meshes: &BTreeMap<&str, Mesh>,
+    orgs: &[Org],
+    org: &str,
+    partner: &str,
+) -> anyhow::Result<()> {
+    let mesh = |org: &str| {
+        meshes
+            .get(org)
+            .ok_or_else(|| anyhow!("no organisation {org}"))
+    };
+    let p = org_of_name(orgs, partner)?;
+    let bundle = mesh(partner)?.admin_output(&["federation", "bundle"])?;
+    let file = state.join(format!("{partner}-bundle-for-{org}.json"));
+    std::fs::write(&file, &bundle.stdout)?;
+    let fingerprint = String::from_utf8_lossy(&bundle.stderr)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fingerprint: ")
+                .map(str::trim)
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| anyhow!("`strait federation bundle` printed no fingerprint"))?;
+    mesh(org)?.admin(&[
+        "federation",
+        "add",
+        "--trust-domain",
+        &p.trust_domain(),
+        "--endpoint",
+        &format!("{}:15012", lab.v4(&p.border())),
+        "--bootstrap-bundle",
+        &file.to_string_lossy(),
+        "--fingerprint",
+        &fingerprint,
+    ])?;
+    Ok(())
+}
+
 fn org_of_name<'a>(orgs: &'a [Org], name: &str) -> anyhow::Result<&'a Org> {
     orgs.iter()
         .find(|o| o.name == name)
@@ -609,12 +640,19 @@ fn org_of_name<'a>(orgs: &'a [Org], name: &str) -> anyhow::Result<&'a Org> {
 
 /// `strait gateway` on `org`'s border host, joined with a one-time token, advertising the border's
 /// public address; waits until it enforces a mesh version.
-fn start_gateway(lab: &Lab, mesh: &Mesh, org: &Org, exe: &str, out: &Path) -> anyhow::Result<()> {
+/// Its pid.
+pub(super) fn start_gateway(
+    lab: &Lab,
+    mesh: &Mesh,
+    org: &Org,
+    exe: &str,
+    out: &Path,
+) -> anyhow::Result<u32> {
     let token = mesh.admin(&["node", "token", "create", "--node", "gateway"])?;
     let data = mesh.state().join("gateway");
     let border = org.border();
     let addr = format!("{}:{GATEWAY_PORT}", lab.v4(&border));
-    lab.spawn(
+    let pid = lab.spawn(
         &border,
         None,
         &[
@@ -646,7 +684,8 @@ fn start_gateway(lab: &Lab, mesh: &Mesh, org: &Org, exe: &str, out: &Path) -> an
             )
             .is_ok_and(|o| o.stdout.starts_with(b"ready"))
         },
-    )
+    )?;
+    Ok(pid)
 }
 
 /// What each organisation exported, imported and accepted: the federation part of its `strait status`.
