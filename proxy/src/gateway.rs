@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use strait_ca::spiffe::IdKind;
-use strait_ca::verify::{peer_id, PeerIdMatcher, PeerRole, SvidClientVerifier};
+use strait_ca::verify::{peer_id, PeerIdMatcher, SvidClientVerifier};
 use strait_ca::SpiffeId;
 use strait_proto::api::GatewayRef;
 use strait_proto::registry::Workload;
@@ -28,9 +28,8 @@ use tracing::{debug, info, warn};
 use crate::certs::InboundResolver;
 use crate::h2stream::H2Stream;
 use crate::metrics::GatewayLabels;
-use crate::tunnel::Ctx;
+use crate::tunnel::{Ctx, TunnelPort};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A gateway that failed is tried after the others for this long.
 const FAILED_FOR: Duration = Duration::from_secs(10);
@@ -80,82 +79,21 @@ pub fn tls(ctx: &Ctx) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
 
 /// Accepts partners' outer tunnels until the task is dropped.
 pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "gateway accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let trust = crate::trust::watch(&ctx);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    let reason = crate::tunnel::handshake_failed(&ctx, "gateway", &e);
-                    warn!(%peer, %reason, "gateway mTLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    ctx.metrics.refuse("gateway", "handshake_timeout");
-                    return;
-                }
-            };
-            let (_, conn) = tls.get_ref();
-            let Some(src) = peer_id(conn) else {
-                ctx.metrics.refuse("gateway", "no_identity");
-                return;
-            };
-            let chain = crate::trust::PeerChain::of(conn);
-            let mut conn = match h2::server::Builder::new()
-                .initial_window_size(crate::tunnel::STREAM_WINDOW)
-                .initial_connection_window_size(crate::tunnel::CONN_WINDOW)
-                .max_frame_size(crate::tunnel::MAX_FRAME)
-                .max_send_buffer_size(crate::tunnel::STREAM_WINDOW as usize)
-                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-                .handshake::<_, Bytes>(tls)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(%peer, error = %e, "gateway HTTP/2 handshake failed");
-                    return;
-                }
-            };
-            let distrusted = async {
-                match chain {
-                    Some(chain) => trust.distrusted(chain, PeerRole::Client).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(distrusted);
-            loop {
-                let next = tokio::select! {
-                    next = conn.accept() => next,
-                    why = &mut distrusted => {
-                        ctx.metrics.refuse("gateway", "peer_no_longer_trusted");
-                        warn!(%peer, %src, reason = %why, "gateway connection closed: its peer's certificate no longer verifies against the trust bundle");
-                        return;
-                    }
-                };
-                match next {
-                    Some(Ok((req, respond))) => {
-                        stream(ctx.clone(), src.clone(), peer, req, respond)
-                    }
-                    Some(Err(e)) => {
-                        debug!(%peer, error = %e, "gateway connection ended with an error");
-                        return;
-                    }
-                    None => return,
-                }
-            }
-        });
-    }
+    let admit = |ctx: &Ctx, conn: &rustls::ServerConnection| {
+        let id = peer_id(conn);
+        if id.is_none() {
+            ctx.metrics.refuse("gateway", "no_identity");
+        }
+        id
+    };
+    let port = TunnelPort {
+        direction: "gateway",
+        max_streams: MAX_STREAMS_PER_CONNECTION,
+    };
+    let each = |ctx: &Arc<Ctx>, src: &SpiffeId, peer, req, respond| {
+        stream(ctx.clone(), src.clone(), peer, req, respond)
+    };
+    crate::tunnel::serve_tunnels(ctx, listener, tls, port, admit, each).await
 }
 
 fn refuse(

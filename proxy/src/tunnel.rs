@@ -796,61 +796,108 @@ pub fn inbound_tls(ctx: &Ctx) -> Result<Arc<rustls::ServerConfig>, rustls::Error
 
 /// Accepts tunnel connections until the task is dropped.
 pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let admit = |ctx: &Ctx, conn: &rustls::ServerConnection| {
+        let (Some(src), Some(dst)) = (
+            peer_id(conn),
+            conn.server_name()
+                .and_then(|sni| ctx.certs.by_sni(sni))
+                .map(|c| c.svid.id.clone()),
+        ) else {
+            ctx.metrics.refuse("inbound", "no_identity");
+            return None;
+        };
+        if !ctx.dir.load().local.iter().any(|w| w.id == dst) {
+            ctx.metrics.refuse("inbound", "unknown_destination");
+            return None;
+        }
+        Some((src, dst))
+    };
+    let stream = |ctx: &Arc<Ctx>, (src, dst): &(SpiffeId, SpiffeId), peer, req, respond| {
+        inbound_stream(ctx.clone(), src.clone(), dst.clone(), peer, req, respond)
+    };
+    let port = TunnelPort {
+        direction: "inbound",
+        max_streams: 4 * STREAMS_PER_TUNNEL as u32,
+    };
+    serve_tunnels(ctx, listener, tls, port, admit, stream).await
+}
+
+/// A port where tunnels are accepted: the node's, or a gateway's.
+pub(crate) struct TunnelPort {
+    /// The metrics' and logs' name for it.
+    pub direction: &'static str,
+    /// Streams one connection may have open at once.
+    pub max_streams: u32,
+}
+
+/// The server side of every tunnel port. Accepts TCP connections until the task is dropped, runs the
+/// mTLS handshake, lets `admit` decide on the verified connection (and derive what its streams need from
+/// the peer's identity and SNI), then serves HTTP/2 and hands each stream to `stream` until the peer goes
+/// away or its certificate no longer verifies against the trust bundle. Pooled tunnel connections stay
+/// open while idle, so they are not counted for draining; their streams are.
+pub(crate) async fn serve_tunnels<T, A, S>(
+    ctx: Arc<Ctx>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    port: TunnelPort,
+    admit: A,
+    stream: S,
+) where
+    T: Send + 'static,
+    A: Fn(&Ctx, &rustls::ServerConnection) -> Option<T> + Copy + Send + 'static,
+    S: Fn(&Arc<Ctx>, &T, SocketAddr, Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)
+        + Copy
+        + Send
+        + 'static,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let TunnelPort {
+        direction,
+        max_streams,
+    } = port;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
-                warn!(error = %e, "inbound accept failed");
+                warn!(error = %e, direction, "tunnel accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
         let (ctx, acceptor) = (ctx.clone(), acceptor.clone());
-        // Pooled tunnel connections stay open while idle, so they are not counted for draining; their
-        // streams are.
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let trust = crate::trust::watch(&ctx);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
-                    let reason = handshake_failed(&ctx, "inbound", &e);
-                    warn!(%peer, %reason, "inbound mTLS handshake refused");
+                    let reason = handshake_failed(&ctx, direction, &e);
+                    warn!(%peer, %reason, direction, "mTLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    ctx.metrics.refuse("inbound", "handshake_timeout");
+                    ctx.metrics.refuse(direction, "handshake_timeout");
                     return;
                 }
             };
             let (_, conn) = tls.get_ref();
-            let (Some(src), Some(dst)) = (
-                peer_id(conn),
-                conn.server_name()
-                    .and_then(|sni| ctx.certs.by_sni(sni))
-                    .map(|c| c.svid.id.clone()),
-            ) else {
-                ctx.metrics.refuse("inbound", "no_identity");
+            let Some(admitted) = admit(&ctx, conn) else {
                 return;
             };
-            if !ctx.dir.load().local.iter().any(|w| w.id == dst) {
-                ctx.metrics.refuse("inbound", "unknown_destination");
-                return;
-            }
+            let src = peer_id(conn);
             let chain = crate::trust::PeerChain::of(conn);
             let mut conn = match h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
                 .max_frame_size(MAX_FRAME)
                 .max_send_buffer_size(STREAM_WINDOW as usize)
-                .max_concurrent_streams(4 * STREAMS_PER_TUNNEL as u32)
+                .max_concurrent_streams(max_streams)
                 .handshake::<_, Bytes>(tls)
                 .await
             {
                 Ok(c) => c,
                 Err(e) => {
-                    debug!(%peer, error = %e, "tunnel HTTP/2 handshake failed");
+                    debug!(%peer, error = %e, direction, "tunnel HTTP/2 handshake failed");
                     return;
                 }
             };
@@ -867,17 +914,15 @@ pub async fn serve_inbound(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls
                     next = conn.accept() => next,
                     why = &mut distrusted => {
                         // Dropping the connection ends its streams: nothing more passes on that trust.
-                        ctx.metrics.refuse("inbound", "peer_no_longer_trusted");
-                        warn!(%peer, %src, reason = %why, "tunnel closed: its peer's certificate no longer verifies against the trust bundle");
+                        ctx.metrics.refuse(direction, "peer_no_longer_trusted");
+                        warn!(%peer, src = ?src.as_ref().map(SpiffeId::as_str), reason = %why, direction, "tunnel closed: its peer's certificate no longer verifies against the trust bundle");
                         return;
                     }
                 };
                 match next {
-                    Some(Ok((req, respond))) => {
-                        inbound_stream(ctx.clone(), src.clone(), dst.clone(), peer, req, respond)
-                    }
+                    Some(Ok((req, respond))) => stream(&ctx, &admitted, peer, req, respond),
                     Some(Err(e)) => {
-                        debug!(%peer, error = %e, "tunnel connection ended with an error");
+                        debug!(%peer, error = %e, direction, "tunnel connection ended with an error");
                         return;
                     }
                     None => return,
