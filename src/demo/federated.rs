@@ -304,26 +304,8 @@ fn demo(
                     from.name, to.name
                 ),
                 || {
-                    lab.run(
-                        src,
-                        Some(m.uid(src)),
-                        &[
-                            "curl",
-                            "-s",
-                            "-o",
-                            "/dev/null",
-                            "-w",
-                            "%{http_code}",
-                            "--max-time",
-                            "5",
-                            "-X",
-                            "POST",
-                            "-d",
-                            "warm-up",
-                            &url,
-                        ],
-                    )
-                    .is_ok_and(|o| o.stdout == b"201")
+                    super::curl(lab, src, m.uid(src), "POST", &url, "warm-up")
+                        .is_ok_and(|(code, _)| code == "201")
                 },
             )?;
         }

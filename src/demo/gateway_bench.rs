@@ -209,26 +209,8 @@ fn bench(
             Duration::from_secs(30),
             &format!("owner → vfx-1 ({path_name})"),
             || {
-                lab.run(
-                    "owner",
-                    Some(uid),
-                    &[
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "--max-time",
-                        "5",
-                        "-X",
-                        "POST",
-                        "-d",
-                        "x",
-                        &url,
-                    ],
-                )
-                .is_ok_and(|o| o.stdout == b"201")
+                super::curl(lab, "owner", uid, "POST", &url, "x")
+                    .is_ok_and(|(code, _)| code == "201")
             },
         )?;
         let hey = |args: &[&str]| -> anyhow::Result<Load> {
