@@ -245,6 +245,7 @@ async fn bench(n: usize) {
                         &api::TokenRequest {
                             node: NodeName::new(&format!("sim-{i}")).unwrap(),
                             ttl_secs: None,
+                            gateway: false,
                         },
                     )
                     .await

@@ -306,6 +306,10 @@ pub enum TokenCommand {
         /// How long the token stays valid.
         #[arg(long, value_parser = parse_duration, default_value = "1h")]
         ttl: Duration,
+        /// The node joins as an ingress gateway (`strait gateway`, docs/gateway.md): the only kind of node
+        /// whose address partners are given.
+        #[arg(long)]
+        gateway: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },

@@ -1808,7 +1808,10 @@ fn organisations_on_separate_networks_meet_only_through_gateways() {
     let vfx = o.net.v4("vfx");
     let gateway = |o: &Orgs, n: u16| {
         let name = format!("vfx-gw{n}");
-        let token = o.ok("vfx", &["node", "token", "create", "--node", &name]);
+        let token = o.ok(
+            "vfx",
+            &["node", "token", "create", "--node", &name, "--gateway"],
+        );
         let data = o.dir.join(&name);
         let addr = format!("{vfx}:{}", 15008 + n);
         o.net.spawn(
@@ -1837,6 +1840,37 @@ fn organisations_on_separate_networks_meet_only_through_gateways() {
     };
     let gw1 = gateway(&o, 1);
     let gw2 = gateway(&o, 2);
+    // Only a node the operator made a gateway can be one: with a node proxy's token, `strait gateway` is
+    // refused at its join (a node that could announce itself would pull every partner's tunnels through it).
+    let token = o.ok("vfx", &["node", "token", "create", "--node", "vfx-rogue"]);
+    let rogue_log = o.dir.join("vfx-rogue.log");
+    let rogue = o.net.spawn(
+        "vfx",
+        None,
+        &[
+            bin(),
+            "gateway",
+            "--control",
+            &format!("https://{}", endpoint(&o, "vfx")),
+            "--node",
+            "vfx-rogue",
+            "--token",
+            token.trim(),
+            "--data-dir",
+            o.dir.join("vfx-rogue").to_str().unwrap(),
+            "--listen",
+            &format!("{vfx}:15011"),
+            "--advertise",
+            &format!("{vfx}:15011"),
+            "--admin",
+            "127.0.0.1:15103",
+        ],
+        &rogue_log,
+    );
+    let exit = o.net.wait(rogue, Duration::from_secs(20));
+    assert!(exit.is_some_and(|e| !e.success()), "{exit:?}");
+    let said = std::fs::read_to_string(&rogue_log).unwrap();
+    assert!(said.contains("did not join as a gateway"), "{said}");
     let ready = |o: &Orgs, host: &str, admin: &str| {
         o.net
             .eventually(Duration::from_secs(20), &format!("{host} ready"), || {

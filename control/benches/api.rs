@@ -114,6 +114,7 @@ fn main() {
                     &api::TokenRequest {
                         node: NodeName::new(&format!("n{i}")).unwrap(),
                         ttl_secs: None,
+                        gateway: false,
                     },
                 )
                 .await
@@ -158,6 +159,7 @@ fn main() {
                         &api::TokenRequest {
                             node: NodeName::new("svid-node").unwrap(),
                             ttl_secs: None,
+                            gateway: false,
                         },
                     )
                     .await

@@ -172,6 +172,9 @@ pub struct TokenRequest {
     /// Lifetime in seconds (default one hour, at most a week).
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// The node joins as an ingress gateway (docs/gateway.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

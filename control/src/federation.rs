@@ -599,6 +599,19 @@ pub fn exports_for(
                     .map(|p| crate::registry::PortSpec::new(p.port, p.protocol))
                     .collect()
             };
+            // Through gateways the replicas of one identity are one import (the gateway picks the node):
+            // their ports are merged into the first.
+            if let Some(first) = workloads
+                .iter_mut()
+                .find(|e: &&mut ExportedWorkload| !gateways.is_empty() && e.id == w.id)
+            {
+                for p in ports {
+                    if !first.ports.iter().any(|q| q.port == p.port) {
+                        first.ports.push(p);
+                    }
+                }
+                continue;
+            }
             if !ports.is_empty() && (!addresses.is_empty() || !gateways.is_empty()) {
                 let mut accepts: Vec<SpiffeId> = steps
                     .iter()
@@ -785,7 +798,7 @@ fn check_imports(
         ));
         return (ok, refused);
     }
-    for w in list.workloads {
+    for mut w in list.workloads {
         let why = if !w.id.is_member_of(partner) {
             Some(format!("{} is not of {partner}", w.id))
         } else if !matches!(w.id.kind(), strait_ca::spiffe::IdKind::Workload { .. }) {
@@ -802,7 +815,7 @@ fn check_imports(
                 "{}: more than {MAX_ADDRESSES} addresses, {MAX_PORTS} ports or {MAX_ACCEPTS} accepted callers",
                 w.id
             ))
-        } else if let Some(why) = check_reach(partner, &w, &ours) {
+        } else if let Some(why) = check_reach(partner, &mut w, &ours) {
             Some(why)
         } else if ok.len() >= MAX_IMPORTS {
             Some(format!("more than {MAX_IMPORTS} workloads"))
@@ -817,51 +830,71 @@ fn check_imports(
     (ok, refused)
 }
 
-/// Where a partner's workload is reached, checked: directly, at its own addresses and its node's tunnel,
-/// none of which may be this mesh's or unroutable; or through the partner's gateways, each a node of the
-/// partner at a routable address that is not this mesh's, and then with no address of the partner's
-/// private network (the importer gives it virtual ones).
+/// Where a partner's workload is reached, checked (and, through gateways, narrowed): directly, at its
+/// own addresses and its node's tunnel, none of which may be this mesh's, unroutable or in
+/// [`VIRTUAL_RANGE`] (a partner must not claim the addresses this mesh gives imports); or through the
+/// partner's gateways, with no address of the partner's private network (the importer gives it virtual
+/// ones). Gateways that are not a node of the partner, or are at an address of this mesh or an unroutable
+/// one, are dropped (the others still serve); with none left, or too many, the workload is refused.
 fn check_reach(
     partner: &TrustDomain,
-    w: &ExportedWorkload,
+    w: &mut ExportedWorkload,
     ours: &std::collections::HashSet<std::net::IpAddr>,
 ) -> Option<String> {
-    let reached: Vec<std::net::IpAddr> = match &w.reach {
-        Reach::Tunnel(_) if w.addresses.is_empty() => {
-            return Some(format!("{} has no address", w.id));
-        }
-        Reach::Tunnel(t) => w.addresses.iter().copied().chain([t.ip()]).collect(),
-        Reach::Gateways(_) if !w.addresses.is_empty() => {
-            return Some(format!(
-                "{}: a gateway export names no address of the partner's network",
-                w.id
-            ));
-        }
-        Reach::Gateways(g) if g.len() > MAX_GATEWAYS => {
-            return Some(format!("{}: more than {MAX_GATEWAYS} gateways", w.id));
-        }
-        Reach::Gateways(g) => {
-            if let Some(bad) = g.iter().find(|g| {
-                !g.id.is_member_of(partner)
-                    || !matches!(g.id.kind(), strait_ca::spiffe::IdKind::Node { .. })
-            }) {
-                return Some(format!(
-                    "{}: gateway {} is not a node of {partner}",
-                    w.id, bad.id
-                ));
-            }
-            g.iter().map(|g| g.address.ip()).collect()
-        }
-    };
-    if let Some(a) = reached.iter().find(|a| ours.contains(a)) {
-        Some(format!("{}: {a} is an address of this mesh", w.id))
-    } else {
-        reached.iter().find(|a| !routable(a)).map(|a| {
-            format!(
+    let unusable = |a: &std::net::IpAddr| {
+        if ours.contains(a) {
+            Some(format!("{}: {a} is an address of this mesh", w.id))
+        } else if !routable(a) {
+            Some(format!(
                 "{}: {a} is not a unicast address a workload can have (loopback, link-local, multicast, broadcast or unspecified)",
                 w.id
-            )
-        })
+            ))
+        } else {
+            None
+        }
+    };
+    match &mut w.reach {
+        Reach::Tunnel(_) if w.addresses.is_empty() => Some(format!("{} has no address", w.id)),
+        Reach::Tunnel(t) => w.addresses.iter().chain([&t.ip()]).find_map(|a| match a {
+            std::net::IpAddr::V4(v4) if in_virtual_range(*v4) => Some(format!(
+                "{}: {a} is in {}/16, where this mesh gives imports their addresses",
+                w.id, VIRTUAL_RANGE.0
+            )),
+            a => unusable(a),
+        }),
+        Reach::Gateways(_) if !w.addresses.is_empty() => Some(format!(
+            "{}: a gateway export names no address of the partner's network",
+            w.id
+        )),
+        Reach::Gateways(g) if g.len() > MAX_GATEWAYS => {
+            Some(format!("{}: more than {MAX_GATEWAYS} gateways", w.id))
+        }
+        Reach::Gateways(g) => {
+            let mut dropped = Vec::new();
+            g.retain(|gw| {
+                let why = if !gw.id.is_member_of(partner)
+                    || !matches!(gw.id.kind(), strait_ca::spiffe::IdKind::Node { .. })
+                {
+                    Some(format!("gateway {} is not a node of {partner}", gw.id))
+                } else {
+                    unusable(&gw.address.ip())
+                };
+                dropped.extend(why.clone());
+                why.is_none()
+            });
+            if g.is_empty() {
+                Some(format!(
+                    "{}: no usable gateway ({})",
+                    w.id,
+                    dropped.join("; ")
+                ))
+            } else {
+                for why in &dropped {
+                    warn!(workload = %w.id, reason = %why, "a partner's gateway was left out");
+                }
+                None
+            }
+        }
     }
 }
 
@@ -875,16 +908,22 @@ fn assign_virtual_addresses(
     taken: &mut std::collections::HashSet<std::net::IpAddr>,
 ) {
     let (base, size) = VIRTUAL_RANGE;
-    for w in imports
-        .iter_mut()
-        .filter(|w| matches!(w.reach, Reach::Gateways(_)))
-    {
-        let kept = before
+    let through_gateways = |w: &ExportedWorkload| matches!(w.reach, Reach::Gateways(_));
+    // First every import keeps the address it had (so a new import never takes an existing one's), then
+    // the new ones get theirs.
+    let mut kept = std::collections::HashMap::new();
+    for w in imports.iter().filter(|w| through_gateways(w)) {
+        let had = before
             .iter()
-            .find(|b| b.id == w.id && matches!(b.reach, Reach::Gateways(_)))
-            .and_then(|b| b.addresses.first().copied())
-            .filter(|a| !taken.contains(a));
-        let addr = kept.or_else(|| {
+            .find(|b| b.id == w.id && through_gateways(b))
+            .and_then(|b| b.addresses.first().copied());
+        if let Some(a) = had.filter(|a| !taken.contains(a)) {
+            taken.insert(a);
+            kept.insert(w.id.clone(), a);
+        }
+    }
+    for w in imports.iter_mut().filter(|w| through_gateways(w)) {
+        let addr = kept.get(&w.id).copied().or_else(|| {
             let digest = ring::digest::digest(&ring::digest::SHA256, w.id.as_str().as_bytes());
             let start = u32::from_be_bytes([0, 0, digest.as_ref()[0], digest.as_ref()[1]]);
             (0..size)
@@ -899,6 +938,11 @@ fn assign_virtual_addresses(
             w.addresses = vec![a];
         }
     }
+}
+
+fn in_virtual_range(a: std::net::Ipv4Addr) -> bool {
+    let (base, size) = VIRTUAL_RANGE;
+    (u32::from(a).wrapping_sub(u32::from(base))) < size
 }
 
 /// Fetches what `td` exports to this organisation, presenting `identity` (this control plane's SVID),
@@ -1136,6 +1180,39 @@ mod tests {
         let (mut imported, refused) = check_imports(&partner, list, &own);
         assert_eq!(imported, vec![ok.clone()], "{refused:?}");
         assert_eq!(refused.len(), 4, "{refused:?}");
+        // One bad gateway among good ones is left out; the workload is still imported through the rest.
+        let mut two = ok.clone();
+        if let Reach::Gateways(g) = &mut two.reach {
+            g.push(GatewayRef {
+                address: "127.0.0.1:15009".parse().unwrap(),
+                id: SpiffeId::parse("spiffe://vfx.example/node/gw-2").unwrap(),
+            });
+        }
+        let (kept, refused) = check_imports(
+            &partner,
+            ExportList {
+                trust_domain: "vfx.example".into(),
+                workloads: vec![two],
+            },
+            &own,
+        );
+        assert_eq!(kept, vec![ok.clone()], "{refused:?}");
+        // A partner cannot claim the addresses imports are given.
+        let squatter = exported(
+            "spiffe://vfx.example/ns/r/sa/squat",
+            "240.240.1.1",
+            80,
+            Protocol::Http,
+        );
+        let (kept, refused) = check_imports(
+            &partner,
+            ExportList {
+                trust_domain: "vfx.example".into(),
+                workloads: vec![squatter],
+            },
+            &own,
+        );
+        assert!(kept.is_empty() && refused.len() == 1, "{refused:?}");
 
         // Virtual addresses: in 240.240.0.0/16, never one already taken, and the same at the next refresh.
         let mut taken = std::collections::HashSet::new();

@@ -755,7 +755,7 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
             .store
             .consume_token(&token.id, &token.secret_hash(), secs(now))?
         {
-            Ok(node) => node,
+            Ok(t) => t,
             Err(refusal) => {
                 // The token id is a lookup key, not a secret; the secret is never logged.
                 warn!(%remote, token_id = %token.id, reason = %refusal, "join refused");
@@ -767,8 +767,12 @@ async fn join(state: &Arc<State>, caller: &Caller, req: Request<Incoming>) -> Re
             addresses: r.addresses,
             gateway_address: r.gateway_address,
         };
-        let resp = issue_node_cert(&st, &node, &csr, advert, now, Issuance::JoinToken)?;
-        info!(%remote, node = %node, token_id = %token.id, "node joined");
+        let (node, token_gateway) = (node.node, node.gateway);
+        let how = Issuance::JoinToken {
+            gateway: token_gateway,
+        };
+        let resp = issue_node_cert(&st, &node, &csr, advert, now, how)?;
+        info!(%remote, node = %node, token_id = %token.id, gateway = token_gateway, "node joined");
         Ok(resp)
     })
     .await?;
@@ -836,7 +840,10 @@ struct Advert {
 /// Why a node certificate is being issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Issuance {
-    JoinToken,
+    /// With a one-time token, made for a gateway or a node proxy.
+    JoinToken {
+        gateway: bool,
+    },
     JoinKubernetes,
     Renew,
 }
@@ -851,10 +858,25 @@ fn issue_node_cert(
 ) -> Result<api::NodeCertResponse, ApiError> {
     let old = st.store.node(node.as_str())?;
     let via_kubernetes = match how {
-        Issuance::JoinToken => false,
+        Issuance::JoinToken { .. } => false,
         Issuance::JoinKubernetes => true,
         Issuance::Renew => old.as_ref().is_some_and(|o| o.via_kubernetes),
     };
+    // A gateway is what the operator made with a gateway token; nothing else may tell partners where to
+    // reach the organisation (any node could otherwise pull every partner's tunnels through itself).
+    let gateway = match how {
+        Issuance::JoinToken { gateway } => gateway,
+        Issuance::JoinKubernetes => false,
+        Issuance::Renew => old.as_ref().is_some_and(|o| o.gateway),
+    };
+    if advert.gateway_address.is_some() && !gateway {
+        warn!(node = %node, "a node that was not made a gateway announced a gateway address; refused");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_a_gateway",
+            "this node did not join as a gateway: create its token with `strait node token create --gateway`",
+        ));
+    }
     // A node vouched for by Kubernetes stays a node only while its proxy pod exists: a token or key copied
     // out of a deleted pod must not renew itself forever.
     if how == Issuance::Renew
@@ -874,21 +896,28 @@ fn issue_node_cert(
         .active()
         .issue(csr, &id, st.svid_ttl, now)
         .map_err(ApiError::internal)?;
-    let rec = NodeRecord {
-        name: node.clone(),
-        tunnel_address: advert
-            .tunnel_address
-            .or_else(|| old.as_ref().and_then(|o| o.tunnel_address.clone())),
-        addresses: if advert.addresses.is_empty() {
+    // What the node announces is authoritative for its kind: a gateway has no tunnel and no workload
+    // addresses, a node proxy no gateway address (so a host that changes role leaves nothing behind).
+    let (tunnel_address, addresses, gateway_address) = if gateway {
+        let kept = old.as_ref().and_then(|o| o.gateway_address.clone());
+        (None, Vec::new(), advert.gateway_address.or(kept))
+    } else {
+        let addresses = if advert.addresses.is_empty() {
             old.as_ref()
                 .map(|o| o.addresses.clone())
                 .unwrap_or_default()
         } else {
             advert.addresses
-        },
-        gateway_address: advert
-            .gateway_address
-            .or_else(|| old.as_ref().and_then(|o| o.gateway_address.clone())),
+        };
+        let kept = old.as_ref().and_then(|o| o.tunnel_address.clone());
+        (advert.tunnel_address.or(kept), addresses, None)
+    };
+    let rec = NodeRecord {
+        name: node.clone(),
+        tunnel_address,
+        addresses,
+        gateway_address,
+        gateway,
         joined_at: match (&old, how) {
             (Some(o), Issuance::Renew) => o.joined_at,
             _ => secs(now),
@@ -1025,10 +1054,11 @@ async fn create_token(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             created_at: now,
             expires_at: now + ttl,
             used_at: None,
+            gateway: r.gateway,
         };
         st.store.put_token(&token.id, &rec)?;
         let purged = st.store.purge_expired_tokens(now)?;
-        info!(node = %r.node, token_id = %token.id, ttl, purged, "join token created");
+        info!(node = %r.node, token_id = %token.id, ttl, purged, gateway = r.gateway, "join token created");
         Ok(api::TokenResponse {
             token: token.reveal(),
             node: r.node,

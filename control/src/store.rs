@@ -56,13 +56,17 @@ from_redb!(
 );
 
 /// A join token as stored: the secret's hash, never the secret.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenRecord {
     pub node: NodeName,
     pub secret_sha256: Sha256,
     pub created_at: u64,
     pub expires_at: u64,
     pub used_at: Option<u64>,
+    /// The node joins as an ingress gateway (`strait node token create --gateway`): only such a node may
+    /// tell partners where to reach the organisation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 /// Why a join token was refused. Each case is logged; the caller sees one generic refusal so that a
@@ -97,6 +101,10 @@ pub struct NodeRecord {
     /// An ingress gateway (`strait gateway`): where partners reach it (host:port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_address: Option<String>,
+    /// Joined with a gateway token: the one kind of node that may set `gateway_address` (and that has no
+    /// tunnel or workload addresses).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 impl NodeRecord {
@@ -205,7 +213,7 @@ impl Store {
         id: &str,
         secret_hash: &Sha256,
         now: u64,
-    ) -> Result<Result<NodeName, TokenRefusal>, StoreError> {
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
         let txn = self.db.begin_write()?;
         let outcome = {
             let mut t = txn.open_table(TOKENS)?;
@@ -222,7 +230,7 @@ impl Store {
                     // Keep the used record until it would have expired, so a replay is reported as a
                     // replay (not as an unknown token) while the token is still fresh.
                     t.insert(id, encode(&r).as_slice())?;
-                    Ok(r.node)
+                    Ok(r)
                 }
             }
         };
@@ -606,6 +614,7 @@ mod tests {
             created_at: 0,
             expires_at: 100,
             used_at: None,
+            gateway: false,
         };
         s.put_token("t1", &rec).unwrap();
         s.put_token("t2", &rec).unwrap();
@@ -614,7 +623,11 @@ mod tests {
             Err(TokenRefusal::WrongSecret)
         );
         assert_eq!(
-            s.consume_token("t1", &h, 10).unwrap().unwrap().as_str(),
+            s.consume_token("t1", &h, 10)
+                .unwrap()
+                .unwrap()
+                .node
+                .as_str(),
             "n1"
         );
         assert_eq!(

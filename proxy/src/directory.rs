@@ -47,8 +47,9 @@ pub struct DirectoryView {
     /// Federation: local workload → partner trust domain → the exported ports (empty: all it declares).
     /// Nested so that the check on every foreign stream and request looks up by reference, unallocated.
     exported: HashMap<strait_ca::SpiffeId, HashMap<String, Vec<u16>>>,
-    /// Gateway: the exported workloads by the name partners ask for ([`crate::certs::sni_for`]).
-    exported_by_sni: HashMap<String, Arc<Workload>>,
+    /// Gateway: the exported workloads by the name partners ask for ([`crate::certs::sni_for`]), every
+    /// replica (one entry per node running the identity).
+    exported_by_sni: HashMap<String, Vec<Arc<Workload>>>,
 }
 
 impl DirectoryView {
@@ -169,7 +170,8 @@ impl DirectoryView {
             if v.exported.contains_key(&w.id) {
                 v.exported_by_sni
                     .entry(crate::certs::sni_for(&w.id))
-                    .or_insert_with(|| Arc::new(w.clone()));
+                    .or_default()
+                    .push(Arc::new(w.clone()));
             }
         }
         v.raw = dir;
@@ -213,11 +215,15 @@ impl DirectoryView {
         })
     }
 
-    /// Gateway: the exported workload partners name `sni` ([`crate::certs::sni_for`]) and its node's
-    /// tunnel listener, if it is exported to someone and its node has one.
-    pub fn exported_by_sni(&self, sni: &str) -> Option<(&Arc<Workload>, SocketAddr)> {
-        let w = self.exported_by_sni.get(sni)?;
-        Some((w, *self.tunnels.get(&w.node)?))
+    /// Gateway: the replicas of the exported workload partners name `sni` ([`crate::certs::sni_for`]),
+    /// each with its node's tunnel listener (replicas whose node has none are left out).
+    pub fn exported_by_sni(&self, sni: &str) -> Vec<(&Arc<Workload>, SocketAddr)> {
+        self.exported_by_sni
+            .get(sni)
+            .into_iter()
+            .flatten()
+            .filter_map(|w| Some((w, *self.tunnels.get(&w.node)?)))
+            .collect()
     }
 
     /// The address a local workload `id` serves `port` at: a pod's own address, or the node's first for

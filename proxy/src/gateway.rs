@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::certs::InboundResolver;
 use crate::h2stream::H2Stream;
+use crate::l7::idle::{Activity, Watched};
 use crate::metrics::GatewayLabels;
 use crate::tunnel::{Ctx, TunnelPort};
 
@@ -108,13 +109,15 @@ fn refuse(
     let _ = respond.send_response(r, true);
 }
 
-/// The exported workload a stream names and the node tunnel it is forwarded to, if `partner` may reach
-/// it on `port` now.
-fn admitted(ctx: &Ctx, partner: &str, sni: &str, port: u16) -> Option<(Arc<Workload>, SocketAddr)> {
+/// The replicas of the exported workload a stream names, each with the node tunnel it is forwarded to,
+/// that `partner` may reach on `port` now (none: refused).
+fn admitted(ctx: &Ctx, partner: &str, sni: &str, port: u16) -> Vec<(Arc<Workload>, SocketAddr)> {
     let view = ctx.dir.load();
-    let (w, tunnel) = view.exported_by_sni(sni)?;
-    view.exported_to(w, partner, port)
-        .then(|| (w.clone(), tunnel))
+    view.exported_by_sni(sni)
+        .into_iter()
+        .filter(|(w, _)| view.exported_to(w, partner, port))
+        .map(|(w, tunnel)| (w.clone(), tunnel))
+        .collect()
 }
 
 /// One CONNECT stream from a partner: checked, then spliced to the exporting node's tunnel port.
@@ -135,10 +138,18 @@ fn stream(
     else {
         return refuse(&ctx, respond, StatusCode::BAD_REQUEST, "bad_target");
     };
+    // Until its first directory is in force a gateway knows no export: it says so (503, another replica
+    // may know), rather than refusing what it will admit a moment later.
+    if ctx.dir.load().revision == 0 {
+        return refuse(&ctx, respond, StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+    }
     let partner = src.trust_domain_str().to_owned();
+    // Watched from before the check, so that a withdrawal racing the stream's opening is not missed.
+    let epoch = ctx.dir_epoch.subscribe();
     // Only a workload exported to this partner, on a port exported to it: the gateway is no relay into
     // the private network (an address, or a workload not exported, names nothing here).
-    let Some((dst, tunnel)) = admitted(&ctx, &partner, &sni, port) else {
+    let replicas = admitted(&ctx, &partner, &sni, port);
+    let Some((dst, _)) = replicas.first().cloned() else {
         warn!(%src, target = %format!("{sni}:{port}"), "a partner asked the gateway for a workload or port not exported to it; refused (strait federation export)");
         return refuse(&ctx, respond, StatusCode::FORBIDDEN, "not_exported");
     };
@@ -156,15 +167,24 @@ fn stream(
             partner: partner.clone(),
             workload: dst.id.to_string(),
         };
-        // A plain connection: a gateway captures nothing, so there is no capture to bypass.
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(tunnel)).await;
-        let mut node = match connected.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(%src, dst = %dst.id, %tunnel, error = %e, "the exporting node's tunnel port is unreachable from the gateway");
-                return refuse(&ctx, respond, StatusCode::BAD_GATEWAY, "node_unreachable");
+        // The first replica's node that answers. A plain connection: a gateway captures nothing, so
+        // there is no capture to bypass.
+        let mut reached = None;
+        for (_, tunnel) in &replicas {
+            let connected =
+                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(*tunnel)).await;
+            match connected.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+                Ok(t) => {
+                    reached = Some((t, *tunnel));
+                    break;
+                }
+                Err(e) => {
+                    warn!(%src, dst = %dst.id, %tunnel, error = %e, "the exporting node's tunnel port is unreachable from the gateway")
+                }
             }
+        }
+        let Some((node, tunnel)) = reached else {
+            return refuse(&ctx, respond, StatusCode::BAD_GATEWAY, "node_unreachable");
         };
         let _ = node.set_nodelay(true);
         let mut respond = respond;
@@ -181,10 +201,18 @@ fn stream(
         active.inc();
         let started = Instant::now();
         info!(%src, dst = %dst.id, port, %tunnel, "gateway stream opened");
+        // A stream that moves no byte for --idle-timeout is closed (a partner's idle pooled tunnel too;
+        // its proxy opens another when it needs one).
+        let activity = Activity::new();
+        let mut node = Watched::new(node, activity.clone());
         let (sent, received) = tokio::select! {
             copied = splice(&mut outer, &mut node) => copied,
-            () = withdrawn(&ctx, &partner, &sni, port) => {
+            () = withdrawn(&ctx, epoch, &partner, &sni, port) => {
                 info!(%src, dst = %dst.id, port, "gateway stream closed: the export it used was withdrawn");
+                (0, 0)
+            }
+            () = activity.idle_for(ctx.idle_timeout) => {
+                debug!(%src, dst = %dst.id, port, "gateway stream closed: idle");
                 (0, 0)
             }
         };
@@ -202,7 +230,7 @@ fn stream(
 }
 
 /// Copies both ways until both sides are done; the byte counts (towards the node, towards the partner).
-async fn splice(outer: &mut H2Stream, node: &mut TcpStream) -> (u64, u64) {
+async fn splice(outer: &mut H2Stream, node: &mut Watched<TcpStream>) -> (u64, u64) {
     match tokio::io::copy_bidirectional(outer, node).await {
         Ok(counts) => counts,
         Err(e) => {
@@ -212,14 +240,20 @@ async fn splice(outer: &mut H2Stream, node: &mut TcpStream) -> (u64, u64) {
     }
 }
 
-/// Resolves once a directory in force no longer exports the stream's workload and port to `partner`.
-async fn withdrawn(ctx: &Ctx, partner: &str, sni: &str, port: u16) {
-    let mut epoch = ctx.dir_epoch.subscribe();
+/// Resolves once a directory in force (after `epoch` was taken) no longer exports the stream's workload
+/// and port to `partner`.
+async fn withdrawn(
+    ctx: &Ctx,
+    mut epoch: tokio::sync::watch::Receiver<u64>,
+    partner: &str,
+    sni: &str,
+    port: u16,
+) {
     loop {
         if epoch.changed().await.is_err() {
             return std::future::pending().await;
         }
-        if admitted(ctx, partner, sni, port).is_none() {
+        if admitted(ctx, partner, sni, port).is_empty() {
             return;
         }
     }

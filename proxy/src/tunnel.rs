@@ -192,7 +192,9 @@ pub const STREAMS_PER_TUNNEL: usize = 100;
 struct PoolKey {
     src: SpiffeId,
     dst: SpiffeId,
-    via: Via,
+    /// The node tunnel dialled, or `None` through the partner's gateways (whichever: a change of the
+    /// partner's gateway list must not orphan the tunnels open through them).
+    tunnel: Option<SocketAddr>,
     /// Through a gateway: the port the gateway admitted the tunnel's stream for (a partner's gateway
     /// checks the export per workload and port). 0 for a direct tunnel, which carries every port.
     port: u16,
@@ -538,22 +540,26 @@ async fn open_tunnel(
         Via::Gateways(gateways) => {
             let mut last = TunnelError::Connect(std::io::Error::other("no gateway"));
             for gw in crate::gateway::in_order(ctx, gateways) {
-                let opened = match through_gateway(ctx, src, dst, gw, port).await {
+                let failed = match through_gateway(ctx, src, dst, gw, port).await {
+                    // The outer tunnel: that gateway is down, or not the one the partner named.
+                    Err(e) => e,
                     Ok((stream, slot)) => {
-                        handshake(ctx, tls.clone(), dst, stream, Some(slot)).await
+                        match handshake(ctx, tls.clone(), dst, stream, Some(slot)).await {
+                            Ok(t) => return Ok(t),
+                            // That replica cannot carry it now (not ready, overloaded, its path to the
+                            // node down): another may.
+                            Err(TunnelError::Refused(status)) if status.is_server_error() => {
+                                TunnelError::Refused(status)
+                            }
+                            // The partner's answer (not exported) or the destination's (its
+                            // certificate, its refusal): the same through any gateway.
+                            Err(e) => return Err(e),
+                        }
                     }
-                    Err(e) => Err(e),
                 };
-                match opened {
-                    Ok(t) => return Ok(t),
-                    // The partner's answer: another gateway of the same partner gives the same one.
-                    Err(e @ TunnelError::Refused(_)) => return Err(e),
-                    Err(e) => {
-                        ctx.gateway_failed(gw.address);
-                        warn!(gateway = %gw.address, id = %gw.id, error = %e, "partner gateway unusable; trying the next");
-                        last = e;
-                    }
-                }
+                ctx.gateway_failed(gw.address);
+                warn!(gateway = %gw.address, id = %gw.id, error = %failed, "partner gateway unusable; trying the next");
+                last = failed;
             }
             Err(last)
         }
@@ -662,7 +668,10 @@ async fn sender_for(
     let key = PoolKey {
         src: src.clone(),
         dst: dst.clone(),
-        via: via.clone(),
+        tunnel: match via {
+            Via::Tunnel(t) => Some(*t),
+            Via::Gateways(_) => None,
+        },
         port,
     };
     let cached = ctx.pool.lock().ok().and_then(|mut p| {
@@ -886,18 +895,21 @@ pub(crate) async fn serve_tunnels<T, A, S>(
             };
             let src = peer_id(conn);
             let chain = crate::trust::PeerChain::of(conn);
-            let mut conn = match h2::server::Builder::new()
+            let handshake = h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
                 .max_frame_size(MAX_FRAME)
                 .max_send_buffer_size(STREAM_WINDOW as usize)
                 .max_concurrent_streams(max_streams)
-                .handshake::<_, Bytes>(tls)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
+                .handshake::<_, Bytes>(tls);
+            let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     debug!(%peer, error = %e, direction, "tunnel HTTP/2 handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    ctx.metrics.refuse(direction, "handshake_timeout");
                     return;
                 }
             };

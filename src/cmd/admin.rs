@@ -25,7 +25,12 @@ use crate::cli::{
 pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Uninstall => super::proxy::uninstall(),
-        NodeCommand::Token(TokenCommand::Create { node, ttl, conn }) => {
+        NodeCommand::Token(TokenCommand::Create {
+            node,
+            ttl,
+            gateway,
+            conn,
+        }) => {
             let node = NodeName::new(&node).map_err(|e| anyhow!("--node {node:?}: {e}"))?;
             let client = admin_client(&conn)?;
             let resp: api::TokenResponse = client
@@ -34,11 +39,13 @@ pub async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
                     &api::TokenRequest {
                         node: node.clone(),
                         ttl_secs: Some(ttl.as_secs().max(1)),
+                        gateway,
                     },
                 )
                 .await?;
             eprintln!(
-                "one-time join token for node {node}, valid until {}:",
+                "one-time join token for {} {node}, valid until {}:",
+                if gateway { "gateway" } else { "node" },
                 fmt_time(resp.expires_at)
             );
             println!("{}", resp.token);

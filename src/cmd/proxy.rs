@@ -140,6 +140,12 @@ fn join_token(
 
 /// `strait gateway`: the proxy in gateway mode (no capture, so no CAP_NET_ADMIN needed).
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    if args.advertise.ip().is_unspecified() || args.advertise.ip().is_loopback() {
+        return Err(anyhow!(
+            "--advertise {} is not an address partners can dial: give the organisation's public address (or the load balancer's) and port",
+            args.advertise
+        ));
+    }
     // As the proxy's: no regorus backtraces; sound, no other thread runs yet.
     #[allow(clippy::disallowed_methods)]
     std::env::set_var("RUST_LIB_BACKTRACE", "0");

@@ -630,7 +630,7 @@ pub(super) fn start_gateway(
     exe: &str,
     out: &Path,
 ) -> anyhow::Result<u32> {
-    let token = mesh.admin(&["node", "token", "create", "--node", "gateway"])?;
+    let token = mesh.admin(&["node", "token", "create", "--node", "gateway", "--gateway"])?;
     let data = mesh.state().join("gateway");
     let border = org.border();
     let addr = format!("{}:{GATEWAY_PORT}", lab.v4(&border));
