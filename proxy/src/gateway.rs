@@ -97,6 +97,18 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls::Server
     crate::tunnel::serve_tunnels(ctx, listener, tls, port, admit, each).await
 }
 
+/// At most one refusal line per second: a partner must not be able to flood the gateway's log (the
+/// metric counts every refusal).
+fn log_this_refusal() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    LAST.swap(second, Ordering::Relaxed) != second
+}
+
 fn refuse(
     ctx: &Ctx,
     mut respond: h2::server::SendResponse<Bytes>,
@@ -150,7 +162,9 @@ fn stream(
     // the private network (an address, or a workload not exported, names nothing here).
     let replicas = admitted(&ctx, &partner, &sni, port);
     let Some((dst, _)) = replicas.first().cloned() else {
-        warn!(%src, target = %format!("{sni}:{port}"), "a partner asked the gateway for a workload or port not exported to it; refused (strait federation export)");
+        if log_this_refusal() {
+            warn!(%src, target = %format!("{sni}:{port}"), "a partner asked the gateway for a workload or port not exported to it; refused (strait federation export; further refusals this second are only counted)");
+        }
         return refuse(&ctx, respond, StatusCode::FORBIDDEN, "not_exported");
     };
     if !ctx.inflight.try_reserve(ctx.max_connections) {
