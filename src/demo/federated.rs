@@ -229,14 +229,7 @@ fn demo(
 
     for org in orgs {
         let m = mesh(&org.name)?;
-        let ids: BTreeMap<String, String> = org
-            .services
-            .iter()
-            .map(|s| (s.clone(), org.id(s)))
-            .collect();
-        m.register(&ids)?;
-        m.start_docstores()?;
-        m.start_proxies()?;
+        start_services(m, org)?;
         start_gateway(lab, m, org, exe, out)?;
     }
     println!(
@@ -546,6 +539,18 @@ fn demo(
         wrong.len(),
         out.display()
     )
+}
+
+/// `org`'s services: registered under its trust domain, their document stores, and a node proxy each.
+pub(super) fn start_services(mesh: &Mesh, org: &Org) -> anyhow::Result<()> {
+    let ids: BTreeMap<String, String> = org
+        .services
+        .iter()
+        .map(|s| (s.clone(), org.id(s)))
+        .collect();
+    mesh.register(&ids)?;
+    mesh.start_docstores()?;
+    mesh.start_proxies()
 }
 
 /// Each organisation's control plane (its own CA and trust domain) on its border host.

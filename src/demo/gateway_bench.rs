@@ -5,7 +5,6 @@
 //! connections, then a new connection per request (the study's method), and the gateway's CPU per
 //! request.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -134,15 +133,7 @@ fn bench(
     federated::federate(lab, state, &meshes, orgs, "owner", "vfx")?;
     federated::federate(lab, state, &meshes, orgs, "vfx", "owner")?;
     for org in orgs {
-        let m = mesh(&org.name)?;
-        let ids: BTreeMap<String, String> = org
-            .services
-            .iter()
-            .map(|s| (s.clone(), org.id(s)))
-            .collect();
-        m.register(&ids)?;
-        m.start_docstores()?;
-        m.start_proxies()?;
+        federated::start_services(mesh(&org.name)?, org)?;
     }
     mesh("vfx")?.admin(&[
         "federation",
