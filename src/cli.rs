@@ -910,9 +910,27 @@ pub enum BenchCommand {
         /// Requests per permitted step, per scenario and placement (the study used 40 or more).
         #[arg(long, default_value_t = 40)]
         samples: usize,
-        /// Where to write study.csv, study-pairs.csv, study-samples.csv, the plots and the logs.
-        #[arg(long, default_value = "bench/results/study")]
-        out_dir: PathBuf,
+        /// The policy scenarios to measure through the mesh, comma-separated (direct is always
+        /// measured first): allow-all (every pair), minimal (the workflow), +100, +1000 and +10000
+        /// (the workflow padded with that many steps between other services).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "allow-all,minimal,+100,+1000,+10000",
+            value_parser = ["allow-all", "minimal", "+100", "+1000", "+10000"]
+        )]
+        scenarios: Vec<String>,
+        /// The study's deployment instead (`strait demo --federated`): every actor an organisation with
+        /// its own control plane, CA and private network, joined only through their gateways; owner, vfx
+        /// and color in one region, sound and hdr in the other. Direct is then each organisation
+        /// publishing its services with a port forward on its border (no mesh, no gateway); the mesh
+        /// scenarios are applied by every organisation to its own part of the workflow.
+        #[arg(long, conflicts_with = "file")]
+        federated: bool,
+        /// Where to write study.csv, study-pairs.csv, study-samples.csv, the plots and the logs
+        /// (default bench/results/study, or bench/results/study-federated).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
     /// Draw a CSV of benchmark results as a grouped bar chart (SVG): one group per row, one bar per value
     /// column. The bench/ scripts call it for their tables.

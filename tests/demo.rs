@@ -202,6 +202,47 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
         .collect();
     assert_eq!(paths, ["direct", "gateway"], "{csv}");
     assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+    // The study's experiment on the study's deployment (`strait bench study --federated`): direct through
+    // the borders' port forwards, then every scenario applied by every organisation to its own part, both
+    // placements. Two samples per step: every step must be answered (a refusal fails the run).
+    let fstudy = out_dir.path().join("study-federated");
+    let out = Command::new(bin())
+        .args(["bench", "study", "--federated", "--samples", "2", "--out-dir"])
+        .arg(&fstudy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = std::fs::read_to_string(fstudy.join("study.csv")).unwrap();
+    for placement in ["intra", "inter"] {
+        let scenarios: Vec<&str> = summary
+            .lines()
+            .filter(|l| l.starts_with(&format!("{placement},")))
+            .map(|l| l.split(',').nth(1).unwrap())
+            .collect();
+        assert_eq!(
+            scenarios,
+            ["direct", "allow-all", "minimal", "+100", "+1000", "+10000"],
+            "{summary}"
+        );
+    }
+    let samples = std::fs::read_to_string(fstudy.join("study-samples.csv")).unwrap();
+    assert_eq!(
+        samples.lines().count(),
+        1 + 6 * 8 * 2 + 6 * 4 * 2,
+        "2 samples per step: 8 steps per intra cell, the 4 crossing steps per inter cell"
+    );
+    assert!(
+        text.contains("five organisations, through their gateways")
+            && text.contains("ms over one round trip"),
+        "{text}"
+    );
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
 }
 
 #[test]

@@ -43,10 +43,28 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             crate::demo::gateway_bench::run(seconds, out_dir)
         }
         Command::Bench(BenchCommand::Study {
+            federated: true,
+            samples,
+            scenarios,
+            out_dir,
+            ..
+        }) => crate::demo::federated_study::run(
+            samples,
+            &scenarios,
+            out_dir.unwrap_or_else(|| "bench/results/study-federated".into()),
+        ),
+        Command::Bench(BenchCommand::Study {
             file,
             samples,
+            scenarios,
             out_dir,
-        }) => crate::demo::study::run(file, samples, out_dir),
+            ..
+        }) => crate::demo::study::run(
+            file,
+            samples,
+            &scenarios,
+            out_dir.unwrap_or_else(|| "bench/results/study".into()),
+        ),
         Command::Bench(BenchCommand::Plot {
             csv,
             category,

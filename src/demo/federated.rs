@@ -46,9 +46,23 @@ impl Org {
 
 pub fn run(out_dir: PathBuf) -> anyhow::Result<()> {
     super::preflight("demo --federated", &[])?;
+    let out_dir = out_dir_at(out_dir)?;
+    in_deployment(|lab, wf, orgs, state, exe| demo(lab, wf, orgs, state, &out_dir, exe))
+}
+
+/// `dir`, created, as an absolute path.
+pub(super) fn out_dir_at(dir: PathBuf) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.canonicalize()?)
+}
+
+/// Builds the hosts of the study's deployment (the built-in workflow's actors as organisations: a border
+/// host each, their services' hosts behind it; the second region's borders behind the WAN link), runs
+/// `f` in them, and takes everything down afterwards (also on Ctrl-C).
+pub(super) fn in_deployment<T>(
+    f: impl FnOnce(&Lab, &Workflow, &[Org], &Path, &str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let l = super::load(None)?;
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out_dir = out_dir.canonicalize()?;
     let orgs: Vec<Org> =
         l.wf.actors
             .iter()
@@ -72,19 +86,24 @@ pub fn run(out_dir: PathBuf) -> anyhow::Result<()> {
         super::lab::PREFIX
     );
     super::in_hosts(&borders, &remote, &behind, |lab, state, exe| {
-        demo(lab, &l.wf, &orgs, state, &out_dir, exe)
+        f(lab, &l.wf, &orgs, state, exe)
     })
 }
 
+/// Whether `org` is in the second region.
+pub(super) fn remote(org: &Org) -> bool {
+    REMOTE.contains(&org.name.as_str())
+}
+
 /// The organisation of a service.
-fn org_of<'a>(orgs: &'a [Org], service: &str) -> anyhow::Result<&'a Org> {
+pub(super) fn org_of<'a>(orgs: &'a [Org], service: &str) -> anyhow::Result<&'a Org> {
     orgs.iter()
         .find(|o| o.services.iter().any(|s| s == service))
         .ok_or_else(|| anyhow!("no organisation runs {service}"))
 }
 
 /// `org`'s own workflow: the steps that touch it, its actors by their full SPIFFE IDs.
-fn workflow_of(wf: &Workflow, orgs: &[Org], org: &Org) -> anyhow::Result<String> {
+pub(super) fn workflow_of(wf: &Workflow, orgs: &[Org], org: &Org) -> anyhow::Result<String> {
     let mut steps = String::new();
     let mut actors: BTreeSet<&str> = BTreeSet::from([org.name.as_str()]);
     for s in &wf.steps {
@@ -192,119 +211,21 @@ fn demo(
     println!(
         "regions: {} | {} ({} ms each way between them, by {method})",
         orgs.iter()
-            .filter(|o| !REMOTE.contains(&o.name.as_str()))
+            .filter(|o| !remote(o))
             .map(|o| o.name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         REMOTE.join(", "),
         WAN_DELAY.as_millis()
     );
-    let meshes = start_controls(lab, orgs, exe, state, out)?;
-    let mesh = |org: &str| {
-        meshes
-            .get(org)
-            .ok_or_else(|| anyhow!("no organisation {org}"))
-    };
-    println!("{} control planes up, each with its own CA", orgs.len());
-
-    // Federation: each pair of organisations that share a step exchanges bundles (out of band here: a
-    // file and the fingerprint read out), and nobody else.
-    let mut pairs: BTreeSet<(&str, &str)> = BTreeSet::new();
-    let mut crossing = Vec::new();
-    for s in &wf.steps {
-        let (from, to) = (org_of(orgs, &s.from)?, org_of(orgs, &s.to)?);
-        if from.name != to.name {
-            pairs.insert((from.name.as_str(), to.name.as_str()));
-            pairs.insert((to.name.as_str(), from.name.as_str()));
-            crossing.push((from, to, s.to.as_str()));
-        }
-    }
-    for &(org, partner) in &pairs {
-        federate(lab, state, &meshes, orgs, org, partner)?;
-    }
-    println!(
-        "{} federation relationships (each pair that shares a step, both ways)",
-        pairs.len()
-    );
-
-    for org in orgs {
-        let m = mesh(&org.name)?;
-        start_services(m, org)?;
-        start_gateway(lab, m, org, exe, out)?;
-    }
-    println!(
-        "{} services behind their organisations' NAT, each with its node proxy; a gateway per organisation",
-        orgs.iter().map(|o| o.services.len()).sum::<usize>()
-    );
-
-    // Exports: the destination organisation lets the source's reach the service its step calls.
-    let mut exported: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
-    for &(from, to, service) in &crossing {
-        if exported.insert((to.name.as_str(), from.name.as_str(), service)) {
-            mesh(&to.name)?.admin(&[
-                "federation",
-                "export",
-                "--trust-domain",
-                &from.trust_domain(),
-                "--workload",
-                &to.id(service),
-                "--port",
-                &PORT.to_string(),
-            ])?;
-        }
-    }
-    for org in orgs {
-        let yaml = workflow_of(wf, orgs, org)?;
-        let file = state.join(format!("{}-workflow.yaml", org.name));
-        std::fs::write(&file, &yaml)?;
-        mesh(&org.name)?.admin(&[
-            "workflow",
-            "apply",
-            "-f",
-            &file.to_string_lossy(),
-            "--wait",
-            "30s",
-        ])?;
-    }
-    for org in orgs {
-        mesh(&org.name)?.admin(&["federation", "refresh"])?;
-    }
-    let mut reach: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
-    for org in orgs {
-        reach.insert(&org.name, addresses(mesh(&org.name)?, lab, org, orgs)?);
-    }
-    // The imports reach the proxies with the next mesh version: wait until every crossing step passes.
-    for &(from, to, service) in &crossing {
-        for src in wf
-            .steps
-            .iter()
-            .filter(|s| s.to == service)
-            .map(|s| s.from.as_str())
-        {
-            if org_of(orgs, src)?.name != from.name {
-                continue;
-            }
-            let addr = reach
-                .get(from.name.as_str())
-                .and_then(|r| r.get(service))
-                .ok_or_else(|| anyhow!("{} did not import {service}", from.name))?;
-            let url = format!("http://{addr}:{PORT}/api/{service}");
-            let m = mesh(&from.name)?;
-            lab.eventually(
-                Duration::from_secs(30),
-                &format!(
-                    "{src} → {service} across organisations ({} → {})",
-                    from.name, to.name
-                ),
-                || {
-                    super::curl(lab, src, m.uid(src), "POST", &url, "warm-up")
-                        .is_ok_and(|(code, _)| code == "201")
-                },
-            )?;
-        }
-    }
+    let dep = Deployment::federate(lab, wf, orgs, exe, state, out)?;
+    dep.start_workloads()?;
+    let reach = dep.enforce(wf, exe, state, out)?;
+    let meshes = &dep.meshes;
+    let mesh = |org: &str| dep.mesh(org);
+    let crossing = &dep.crossing;
     println!("every organisation enforces its part of the workflow; imports in force\n");
-    print!("{}", federation_summary(orgs, &meshes)?);
+    print!("{}", federation_summary(orgs, meshes)?);
 
     // Captures: both regions' shared networks, and every interface of every gateway's host (the side
     // towards the private network included).
@@ -381,8 +302,7 @@ fn demo(
                     src: src.to_owned(),
                     dst: dst.to_owned(),
                     method,
-                    inter_region: REMOTE.contains(&from.name.as_str())
-                        != REMOTE.contains(&to.name.as_str()),
+                    inter_region: remote(from) != remote(to),
                     expected: super::expected(wf, src, dst, method),
                     code,
                     seconds,
@@ -541,14 +461,190 @@ fn demo(
     )
 }
 
-/// `org`'s services: registered under its trust domain, their document stores, and a node proxy each.
-pub(super) fn start_services(mesh: &Mesh, org: &Org) -> anyhow::Result<()> {
-    let ids: BTreeMap<String, String> = org
-        .services
+/// A step from one organisation to another.
+pub(super) struct Crossing<'o> {
+    pub(super) from: &'o Org,
+    pub(super) to: &'o Org,
+    /// The destination service.
+    pub(super) service: String,
+}
+
+/// The study's deployment, built in the phases the demo and the study share: control planes federated
+/// ([`Deployment::federate`]), the services running without the mesh ([`Deployment::start_workloads`]; the
+/// study measures its direct baseline here), then every organisation enforcing its part
+/// ([`Deployment::enforce`]).
+pub(super) struct Deployment<'a, 'o> {
+    pub(super) lab: &'a Lab,
+    pub(super) orgs: &'o [Org],
+    pub(super) meshes: BTreeMap<&'o str, Mesh<'a>>,
+    pub(super) crossing: Vec<Crossing<'o>>,
+}
+
+impl<'a, 'o> Deployment<'a, 'o> {
+    /// Each organisation's control plane (its own CA) on its border host; then each pair of organisations
+    /// that share a step exchanges bundles (out of band here: a file and the fingerprint read out), and
+    /// nobody else.
+    pub(super) fn federate(
+        lab: &'a Lab,
+        wf: &Workflow,
+        orgs: &'o [Org],
+        exe: &str,
+        state: &Path,
+        out: &Path,
+    ) -> anyhow::Result<Self> {
+        let meshes = start_controls(lab, orgs, exe, state, out)?;
+        println!("{} control planes up, each with its own CA", orgs.len());
+        let mut pairs: BTreeSet<(&str, &str)> = BTreeSet::new();
+        let mut crossing = Vec::new();
+        for s in &wf.steps {
+            let (from, to) = (org_of(orgs, &s.from)?, org_of(orgs, &s.to)?);
+            if from.name != to.name {
+                pairs.insert((from.name.as_str(), to.name.as_str()));
+                pairs.insert((to.name.as_str(), from.name.as_str()));
+                crossing.push(Crossing {
+                    from,
+                    to,
+                    service: s.to.clone(),
+                });
+            }
+        }
+        for &(org, partner) in &pairs {
+            federate(lab, state, &meshes, orgs, org, partner)?;
+        }
+        println!(
+            "{} federation relationships (each pair that shares a step, both ways)",
+            pairs.len()
+        );
+        Ok(Self {
+            lab,
+            orgs,
+            meshes,
+            crossing,
+        })
+    }
+
+    pub(super) fn mesh(&self, org: &str) -> anyhow::Result<&Mesh<'a>> {
+        self.meshes
+            .get(org)
+            .ok_or_else(|| anyhow!("no organisation {org}"))
+    }
+
+    /// Every organisation's services registered under its trust domain and running (document stores),
+    /// with no proxy yet.
+    pub(super) fn start_workloads(&self) -> anyhow::Result<()> {
+        for org in self.orgs {
+            let m = self.mesh(&org.name)?;
+            m.register(&ids(org))?;
+            m.start_docstores()?;
+        }
+        Ok(())
+    }
+
+    /// A node proxy per service and a gateway per organisation; each destination organisation exports
+    /// to the source's what its steps reach; each organisation applies its own part of the workflow and
+    /// refreshes its imports. Returns, per organisation, where it reaches each service (its own at their
+    /// private addresses, the imported ones at their virtual addresses), once every crossing step passes.
+    pub(super) fn enforce(
+        &self,
+        wf: &Workflow,
+        exe: &str,
+        state: &Path,
+        out: &Path,
+    ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
+        let (lab, orgs) = (self.lab, self.orgs);
+        for org in orgs {
+            let m = self.mesh(&org.name)?;
+            m.start_proxies()?;
+            start_gateway(lab, m, org, exe, out)?;
+        }
+        println!(
+            "{} services behind their organisations' NAT, each with its node proxy; a gateway per organisation",
+            orgs.iter().map(|o| o.services.len()).sum::<usize>()
+        );
+        // Exports: the destination organisation lets the source's reach the service its step calls.
+        let mut exported: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+        for c in &self.crossing {
+            if exported.insert((&c.to.name, &c.from.name, &c.service)) {
+                self.mesh(&c.to.name)?.admin(&[
+                    "federation",
+                    "export",
+                    "--trust-domain",
+                    &c.from.trust_domain(),
+                    "--workload",
+                    &c.to.id(&c.service),
+                    "--port",
+                    &PORT.to_string(),
+                ])?;
+            }
+        }
+        for org in orgs {
+            let yaml = workflow_of(wf, orgs, org)?;
+            let file = state.join(format!("{}-workflow.yaml", org.name));
+            std::fs::write(&file, &yaml)?;
+            self.mesh(&org.name)?.admin(&[
+                "workflow",
+                "apply",
+                "-f",
+                &file.to_string_lossy(),
+                "--wait",
+                "30s",
+            ])?;
+        }
+        for org in orgs {
+            self.mesh(&org.name)?.admin(&["federation", "refresh"])?;
+        }
+        let mut reach = BTreeMap::new();
+        for org in orgs {
+            reach.insert(
+                org.name.clone(),
+                addresses(self.mesh(&org.name)?, lab, org, orgs)?,
+            );
+        }
+        // The imports reach the proxies with the next mesh version: wait until every crossing step passes.
+        for c in &self.crossing {
+            for src in wf
+                .steps
+                .iter()
+                .filter(|s| s.to == c.service)
+                .map(|s| s.from.as_str())
+            {
+                if org_of(orgs, src)?.name != c.from.name {
+                    continue;
+                }
+                let addr = reach
+                    .get(&c.from.name)
+                    .and_then(|r| r.get(&c.service))
+                    .ok_or_else(|| anyhow!("{} did not import {}", c.from.name, c.service))?;
+                let url = format!("http://{addr}:{PORT}/api/{}", c.service);
+                let m = self.mesh(&c.from.name)?;
+                lab.eventually(
+                    Duration::from_secs(30),
+                    &format!(
+                        "{src} → {} across organisations ({} → {})",
+                        c.service, c.from.name, c.to.name
+                    ),
+                    || {
+                        super::curl(lab, src, m.uid(src), "POST", &url, "warm-up")
+                            .is_ok_and(|(code, _)| code == "201")
+                    },
+                )?;
+            }
+        }
+        Ok(reach)
+    }
+}
+
+/// `org`'s services' SPIFFE IDs.
+fn ids(org: &Org) -> BTreeMap<String, String> {
+    org.services
         .iter()
         .map(|s| (s.clone(), org.id(s)))
-        .collect();
-    mesh.register(&ids)?;
+        .collect()
+}
+
+/// `org`'s services: registered under its trust domain, their document stores, and a node proxy each.
+pub(super) fn start_services(mesh: &Mesh, org: &Org) -> anyhow::Result<()> {
+    mesh.register(&ids(org))?;
     mesh.start_docstores()?;
     mesh.start_proxies()
 }

@@ -5,6 +5,7 @@
 //! requests' marker.
 
 pub mod federated;
+pub mod federated_study;
 pub mod gateway_bench;
 mod lab;
 mod mesh;

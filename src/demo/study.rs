@@ -40,15 +40,28 @@ fn study_median(scenario: &str, inter: bool) -> Option<f64> {
         .map(|(_, a, b)| if inter { *b } else { *a })
 }
 
-/// One permitted step, as a request.
-struct Pair {
-    src: String,
-    dst: String,
-    method: String,
-    path: String,
+/// Every ordered pair of distinct services.
+pub(super) fn every_pair(services: &[String]) -> Vec<(String, String)> {
+    services
+        .iter()
+        .flat_map(|a| {
+            services
+                .iter()
+                .filter(move |b| *b != a)
+                .map(move |b| (a.clone(), b.clone()))
+        })
+        .collect()
 }
 
-fn pairs(wf: &Workflow) -> Vec<Pair> {
+/// One permitted step, as a request.
+pub(super) struct Pair {
+    pub(super) src: String,
+    pub(super) dst: String,
+    method: String,
+    pub(super) path: String,
+}
+
+pub(super) fn pairs(wf: &Workflow) -> Vec<Pair> {
     wf.steps
         .iter()
         .filter(|s| s.tcp.is_empty())
@@ -67,21 +80,20 @@ fn pairs(wf: &Workflow) -> Vec<Pair> {
 }
 
 /// The scenarios' workflows, as documents for `strait workflow apply` (JSON is YAML). All carry the
-/// workflow's name, so each apply replaces the previous one.
-fn variant(wf: &Workflow, services: &[String], scenario: &str) -> anyhow::Result<String> {
+/// workflow's name, so each apply replaces the previous one. `allow_all` lists the steps of the
+/// allow-all scenario (source, destination; any method and path).
+pub(super) fn variant(
+    wf: &Workflow,
+    allow_all: &[(String, String)],
+    scenario: &str,
+) -> anyhow::Result<String> {
     let mut doc = serde_json::to_value(wf)?;
     let extra: usize = match scenario {
         "minimal" => 0,
         "allow-all" => {
-            // Every ordered pair, any method and path.
-            let steps: Vec<_> = services
+            let steps: Vec<_> = allow_all
                 .iter()
-                .flat_map(|a| {
-                    services
-                        .iter()
-                        .filter(move |b| *b != a)
-                        .map(move |b| json!({"from": a, "to": b}))
-                })
+                .map(|(a, b)| json!({"from": a, "to": b}))
                 .collect();
             doc["steps"] = json!(steps);
             return Ok(doc.to_string());
@@ -116,11 +128,24 @@ fn variant(wf: &Workflow, services: &[String], scenario: &str) -> anyhow::Result
     Ok(doc.to_string())
 }
 
-struct Cell {
+pub(super) struct Cell {
     placement: &'static str,
     scenario: &'static str,
     /// Per pair: its samples in ms.
     samples: Vec<(usize, Vec<f64>)>,
+}
+
+/// The median of every sample of one cell.
+pub(super) fn median(cells: &[Cell], placement: &str, scenario: &str) -> Option<f64> {
+    cells
+        .iter()
+        .find(|c| c.placement == placement && c.scenario == scenario)
+        .map(|c| {
+            quantile(
+                &sorted(c.samples.iter().flat_map(|(_, v)| v.clone()).collect()),
+                0.5,
+            )
+        })
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -135,19 +160,23 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// `samples` new-connection requests for one pair, from its source host as its source user; the latencies
-/// in ms. Every answer must come from the service: a refusal means the scenario is not what it claims.
-fn measure(mesh: &Mesh, pair: &Pair, samples: usize) -> anyhow::Result<Vec<f64>> {
-    let url = mesh.service_url(&pair.dst, &pair.path);
+/// `samples` new-connection requests for one pair to `url`, from its source host as its source user
+/// (`uid`); the latencies in ms. Every answer must come from the service: a refusal means the scenario is
+/// not what it claims.
+pub(super) fn measure(
+    lab: &super::lab::Lab,
+    uid: u32,
+    url: &str,
+    pair: &Pair,
+    samples: usize,
+) -> anyhow::Result<Vec<f64>> {
     // Two warm-up requests (not counted); then one curl process per request, as the study's loop did.
     let script = format!(
         "for i in $(seq {}); do curl -s -o /dev/null -w '%{{http_code}} %{{time_total}}\\n' --max-time 5 -X {} -H 'content-type: text/plain' --data-binary doc '{url}'; done",
         samples + 2,
         pair.method
     );
-    let out = mesh
-        .lab
-        .run(&pair.src, Some(mesh.uid(&pair.src)), &["sh", "-c", &script])?;
+    let out = lab.run(&pair.src, Some(uid), &["sh", "-c", &script])?;
     let mut ms = Vec::with_capacity(samples);
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(2) {
         let mut parts = line.split_whitespace();
@@ -178,88 +207,94 @@ fn measure(mesh: &Mesh, pair: &Pair, samples: usize) -> anyhow::Result<Vec<f64>>
     Ok(ms)
 }
 
-pub fn run(file: Option<PathBuf>, samples: usize, out_dir: PathBuf) -> anyhow::Result<()> {
-    if samples == 0 {
-        bail!("--samples must be at least 1 (the study used 40 or more)");
-    }
-    super::preflight("bench study", &[("tc", "iproute2")])?;
-    let l = super::load(file.as_deref())?;
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out_dir = out_dir.canonicalize()?;
-    // The second half of the services is the other region (behind the WAN link).
-    let (local, remote) = l.services.split_at(l.services.len().div_ceil(2));
-    super::in_lab(&l.services, remote, |lab, state, exe| {
-        let mesh = Mesh::start_control(
-            lab,
-            "cp",
-            exe,
-            state,
-            &out_dir,
-            &l.wf.trust_domain,
-            &l.services,
-        )?;
-        study(&mesh, &l, (local, remote), samples, &out_dir)
-    })
+/// The scenarios through the mesh, in the order they are measured (after "direct").
+pub const SCENARIOS: [&str; 5] = ["allow-all", "minimal", "+100", "+1000", "+10000"];
+
+/// What one run measures.
+pub(super) struct Plan {
+    pub(super) pairs: Vec<Pair>,
+    /// Services of the second region.
+    pub(super) remote: Vec<String>,
+    /// The placements measured: intra, and inter when a step crosses the regions.
+    placements: Vec<&'static str>,
+    /// Mesh scenarios (a subset of [`SCENARIOS`], in its order).
+    pub(super) scenarios: Vec<&'static str>,
+    pub(super) samples: usize,
 }
 
-fn study(
-    mesh: &Mesh,
-    l: &super::Loaded,
-    (local, remote): (&[String], &[String]),
-    samples: usize,
-    out: &Path,
-) -> anyhow::Result<()> {
-    let wf = &l.wf;
-    let pairs = pairs(wf);
-    if pairs.is_empty() {
-        bail!("the workflow has no HTTP step to measure");
-    }
-    // The WAN link: tc netem where the kernel has it, else the userspace relay. What it adds is measured
-    // (before any proxy runs, a refused TCP connection takes one round trip) and printed beside what was
-    // asked.
-    let method = mesh
-        .lab
-        .set_wan_delay(Some(WAN_DELAY))
-        .context("setting up the WAN link between the regions")?;
-    let one_way = wan_one_way(mesh.lab, "cp", &remote[0])?;
-    println!(
-        "WAN link between the regions: {method}; asked {} ms one way, measured {one_way:.1} ms (half the median round trip of 7 refused TCP connections)",
-        WAN_DELAY.as_millis()
-    );
-    mesh.lab.set_wan_delay(None)?;
-    // A step crosses the regions when exactly one of its ends is remote.
-    let crosses = |p: &Pair| remote.contains(&p.src) != remote.contains(&p.dst);
-    let crossing = pairs.iter().filter(|p| crosses(p)).count();
-    let placements: &[&'static str] = if crossing > 0 {
-        &["intra", "inter"]
-    } else {
+impl Plan {
+    /// Checks the options and the workflow, and prints what will be measured.
+    pub(super) fn new(
+        wf: &Workflow,
+        remote: Vec<String>,
+        scenarios: &[String],
+        samples: usize,
+    ) -> anyhow::Result<Self> {
+        if samples == 0 {
+            bail!("--samples must be at least 1 (the study used 40 or more)");
+        }
+        let pairs = pairs(wf);
+        if pairs.is_empty() {
+            bail!("the workflow has no HTTP step to measure");
+        }
+        if let Some(unknown) = scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+            bail!(
+                "unknown scenario {unknown} (known: {})",
+                SCENARIOS.join(", ")
+            );
+        }
+        let scenarios: Vec<&'static str> = SCENARIOS
+            .into_iter()
+            .filter(|s| scenarios.iter().any(|w| w == s))
+            .collect();
+        let mut plan = Self {
+            pairs,
+            remote,
+            placements: vec!["intra"],
+            scenarios,
+            samples,
+        };
+        let crossing = plan.pairs.iter().filter(|p| plan.crosses(p)).count();
+        if crossing > 0 {
+            plan.placements.push("inter");
+        } else {
+            println!(
+                "no step of the workflow crosses the regions: the inter-region placement is skipped"
+            );
+        }
         println!(
-            "no step of the workflow crosses the regions: the inter-region placement is skipped"
+            "{} permitted steps × {samples} new-connection requests per scenario and placement (the inter-region placement measures the {crossing} steps that cross the regions); scenarios: direct, {}",
+            plan.pairs.len(),
+            plan.scenarios.join(", ")
         );
-        &["intra"]
-    };
-    println!(
-        "{} permitted steps × {samples} new-connection requests per scenario and placement; regions: [cp, {}] and [{}] (the inter-region placement measures the {} steps that cross them)",
-        pairs.len(),
-        local.join(", "),
-        remote.join(", "),
-        crossing
-    );
-    mesh.register(&l.ids)?;
-    mesh.start_docstores()?;
-    let mut cells = Vec::new();
-    let measure_all = |scenario: &'static str, cells: &mut Vec<Cell>| -> anyhow::Result<()> {
-        for &placement in placements {
-            mesh.lab
-                .set_wan_delay((placement == "inter").then_some(WAN_DELAY))?;
+        Ok(plan)
+    }
+
+    /// A step crosses the regions when exactly one of its ends is remote.
+    fn crosses(&self, p: &Pair) -> bool {
+        self.remote.contains(&p.src) != self.remote.contains(&p.dst)
+    }
+
+    /// Measures `scenario` in every placement (the WAN delay set for the inter-region one, and removed
+    /// afterwards); `target` says, per step, as which user its source sends and to which URL.
+    pub(super) fn measure(
+        &self,
+        lab: &super::lab::Lab,
+        scenario: &'static str,
+        target: &dyn Fn(&Pair) -> anyhow::Result<(u32, String)>,
+        cells: &mut Vec<Cell>,
+    ) -> anyhow::Result<()> {
+        for &placement in &self.placements {
+            lab.set_wan_delay((placement == "inter").then_some(WAN_DELAY))?;
             let mut per_pair = Vec::new();
-            for (i, p) in pairs.iter().enumerate() {
-                // The inter-region placement is about the steps that cross the WAN; the others are measured
-                // in the intra placement already (and would only dilute the median).
-                if placement == "inter" && !crosses(p) {
+            for (i, p) in self.pairs.iter().enumerate() {
+                // The inter-region placement is about the steps that cross the WAN; the others are
+                // measured in the intra placement already (and would only dilute the median).
+                if placement == "inter" && !self.crosses(p) {
                     continue;
                 }
-                per_pair.push((i, measure(mesh, p, samples)?));
+                let (uid, url) = target(p)?;
+                per_pair.push((i, measure(lab, uid, &url, p, self.samples)?));
             }
             let all = sorted(per_pair.iter().flat_map(|(_, v)| v.clone()).collect());
             println!(
@@ -272,18 +307,93 @@ fn study(
                 samples: per_pair,
             });
         }
-        mesh.lab.set_wan_delay(None).map(|_| ())
-    };
-    // Direct first: once the proxies run, plaintext into a workload from another host is dropped.
-    measure_all("direct", &mut cells)?;
-    mesh.start_proxies()?;
-    for scenario in ["allow-all", "minimal", "+100", "+1000", "+10000"] {
-        let doc = variant(wf, &l.services, scenario)?;
-        mesh.apply_workflow(&doc, "120s")
-            .with_context(|| format!("applying the {scenario} workflow"))?;
-        measure_all(scenario, &mut cells)?;
+        lab.set_wan_delay(None).map(|_| ())
     }
-    report(&cells, &pairs, placements, samples, out)
+
+    /// Sets up the WAN link between the regions (tc netem where the kernel has it, else the userspace
+    /// relay), measures what it adds between `from` and `to` (before any proxy runs, a refused TCP
+    /// connection takes one round trip) and prints it beside what was asked. The measured one-way delay
+    /// (ms).
+    pub(super) fn measure_wan(
+        &self,
+        lab: &super::lab::Lab,
+        from: &str,
+        to: &str,
+    ) -> anyhow::Result<f64> {
+        let method = lab
+            .set_wan_delay(Some(WAN_DELAY))
+            .context("setting up the WAN link between the regions")?;
+        let one_way = wan_one_way(lab, from, to)?;
+        println!(
+            "WAN link between the regions: {method}; asked {} ms one way, measured {one_way:.1} ms (half the median round trip of 7 refused TCP connections)",
+            WAN_DELAY.as_millis()
+        );
+        lab.set_wan_delay(None)?;
+        Ok(one_way)
+    }
+
+    /// Prints the table and writes the CSVs and plots; `deployment` names what was measured.
+    pub(super) fn report(
+        &self,
+        cells: &[Cell],
+        deployment: &str,
+        out: &Path,
+    ) -> anyhow::Result<()> {
+        report(
+            cells,
+            &self.pairs,
+            &self.placements,
+            self.samples,
+            deployment,
+            out,
+        )
+    }
+}
+
+pub fn run(
+    file: Option<PathBuf>,
+    samples: usize,
+    scenarios: &[String],
+    out_dir: PathBuf,
+) -> anyhow::Result<()> {
+    super::preflight("bench study", &[("tc", "iproute2")])?;
+    let l = super::load(file.as_deref())?;
+    // The second half of the services is the other region (behind the WAN link).
+    let (local, remote) = l.services.split_at(l.services.len().div_ceil(2));
+    let plan = Plan::new(&l.wf, remote.to_vec(), scenarios, samples)?;
+    let out_dir = super::federated::out_dir_at(out_dir)?;
+    println!(
+        "regions: [cp, {}] and [{}]",
+        local.join(", "),
+        remote.join(", ")
+    );
+    super::in_lab(&l.services, remote, |lab, state, exe| {
+        let mesh = Mesh::start_control(
+            lab,
+            "cp",
+            exe,
+            state,
+            &out_dir,
+            &l.wf.trust_domain,
+            &l.services,
+        )?;
+        let _ = plan.measure_wan(lab, "cp", &remote[0])?;
+        mesh.register(&l.ids)?;
+        mesh.start_docstores()?;
+        let target = |p: &Pair| Ok((mesh.uid(&p.src), mesh.service_url(&p.dst, &p.path)));
+        let mut cells = Vec::new();
+        // Direct first: once the proxies run, plaintext into a workload from another host is dropped.
+        plan.measure(lab, "direct", &target, &mut cells)?;
+        mesh.start_proxies()?;
+        let allow_all = every_pair(&l.services);
+        for &scenario in &plan.scenarios {
+            let doc = variant(&l.wf, &allow_all, scenario)?;
+            mesh.apply_workflow(&doc, "120s")
+                .with_context(|| format!("applying the {scenario} workflow"))?;
+            plan.measure(lab, scenario, &target, &mut cells)?;
+        }
+        plan.report(&cells, "one organisation", &out_dir)
+    })
 }
 
 fn report(
@@ -291,6 +401,7 @@ fn report(
     pairs: &[Pair],
     placements: &[&str],
     samples: usize,
+    deployment: &str,
     out: &Path,
 ) -> anyhow::Result<()> {
     let summary = |c: &Cell| {
@@ -341,7 +452,7 @@ fn report(
         );
     }
     println!(
-        "\n{samples} new-connection requests (curl time_total) per permitted step, {} steps, per scenario and placement; all hosts share this machine's cores\n",
+        "\n{deployment}: {samples} new-connection requests (curl time_total) per permitted step, {} steps, per scenario and placement; all hosts share this machine's cores\n",
         pairs.len()
     );
     print!(
@@ -394,7 +505,7 @@ fn report(
         let mine: Vec<&Cell> = cells.iter().filter(|c| c.placement == placement).collect();
         let chart = Chart {
             title: format!(
-                "Request duration, a new connection each ({placement}): Strait vs the study"
+                "Request duration, a new connection each ({deployment}, {placement}): Strait vs the study"
             ),
             unit: "median ms".into(),
             categories: mine.iter().map(|c| c.scenario.to_owned()).collect(),
@@ -471,7 +582,7 @@ mod tests {
     #[test]
     fn every_scenario_is_a_valid_workflow_of_the_right_size() {
         let wf = movie();
-        let services = super::super::load(None).unwrap().services;
+        let services = every_pair(&super::super::load(None).unwrap().services);
         for (scenario, steps) in [
             ("minimal", 8),
             ("allow-all", 42),
