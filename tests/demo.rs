@@ -208,7 +208,14 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
     // placements. Two samples per step: every step must be answered (a refusal fails the run).
     let fstudy = out_dir.path().join("study-federated");
     let out = Command::new(bin())
-        .args(["bench", "study", "--federated", "--samples", "2", "--out-dir"])
+        .args([
+            "bench",
+            "study",
+            "--federated",
+            "--samples",
+            "2",
+            "--out-dir",
+        ])
         .arg(&fstudy)
         .output()
         .unwrap();

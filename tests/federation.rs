@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
+use support::kube_api::{FakePod, FakeReview};
 use support::kube_cluster::{self, Cluster};
 use support::mesh::{
     bin, capture, contains, end_capture_with_plaintext_control, forge_cert, hold_tunnel, id,
@@ -1068,6 +1069,230 @@ fn a_cross_organisation_step_needs_both_sides() {
 }
 
 /// `strait ARGS` as vfx.example's administrator, on the `vfx` host beside the Kubernetes cluster.
+/// The gateways' service account in the test cluster.
+const GATEWAY_SA: &str = "system:serviceaccount:strait-system:strait-gateway";
+
+/// A Kubernetes join from host `from` as `node` with the service-account `token`, announcing
+/// `gateway_address`; Err(message) when refused.
+fn kube_join(
+    c: &Cluster,
+    from: &str,
+    node: &str,
+    token: &str,
+    gateway_address: Option<&str>,
+) -> Result<(), String> {
+    let bundle_pem = std::fs::read_to_string(c.dir.join("bundle.pem")).unwrap();
+    let control = format!("https://{}:15012", c.net.v4("ctl"));
+    let node = strait_control::registry::NodeName::new(node).unwrap();
+    let advert = strait_control::node::Advert {
+        gateway_address: gateway_address.map(str::to_owned),
+        ..Default::default()
+    };
+    kube_cluster::in_netns(&c.net.ns(from), || {
+        let bundle = std::sync::Arc::new(
+            strait_ca::TrustBundle::from_pem_self_described(&bundle_pem).unwrap(),
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(strait_control::node::join_kubernetes(
+                &control, bundle, token, &node, advert,
+            ))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A pod with the gateways' service account, controlled by ReplicaSet `rs`, and a token bound to it.
+fn gateway_pod(c: &Cluster, name: &str, rs: &str, token: &str) {
+    let ip = c.net.v4("gw").to_string();
+    let mut pod = FakePod::running("strait-system", name, "node1", "strait-gateway", &[&ip]);
+    pod.owners = vec![("ReplicaSet".into(), rs.into())];
+    c.api.add_token(
+        token,
+        FakeReview {
+            username: GATEWAY_SA.into(),
+            ..kube_cluster::review(&pod)
+        },
+    );
+    c.api.put_pod(pod);
+}
+
+/// The cluster's gateway in Kubernetes mode, on host `gw` (its pod, behind the LoadBalancer): forged
+/// joins are refused, the real `strait gateway --mode kubernetes` joins as a pod of the Deployment
+/// strait-gateway, vfx then imports `db` through it at a virtual address, and render reaches db there.
+/// Returns db's URL for vfx (through the gateway).
+fn kube_gateway(c: &mut Cluster, db: &str) -> String {
+    let advertise = format!("{}:15009", c.net.v4("gw"));
+    c.api.put_replicaset(
+        "strait-system",
+        "strait-gateway-6d5f8",
+        Some(("Deployment", "strait-gateway")),
+    );
+    c.api.put_replicaset(
+        "strait-system",
+        "lookalike-7c9",
+        Some(("Deployment", "lookalike")),
+    );
+    gateway_pod(
+        c,
+        "strait-gateway-6d5f8-x2k4q",
+        "strait-gateway-6d5f8",
+        "gw-token",
+    );
+    gateway_pod(c, "lookalike-7c9-abcde", "lookalike-7c9", "lookalike-token");
+    // Names a ReplicaSet with the Deployment's prefix that the API server does not have.
+    gateway_pod(
+        c,
+        "strait-gateway-0000-zzzzz",
+        "strait-gateway-0000",
+        "ghost-token",
+    );
+    for (what, node, token, announce, reason) in [
+        (
+            "the gateway's token claiming a node",
+            "node1",
+            "gw-token",
+            Some(advertise.as_str()),
+            "a gateway joins as node strait-gateway",
+        ),
+        (
+            "the gateways' account in a pod of another Deployment",
+            "strait-gateway",
+            "lookalike-token",
+            Some(advertise.as_str()),
+            "is not a pod of the gateway Deployment strait-gateway",
+        ),
+        (
+            "the gateways' account under a ReplicaSet the API does not know",
+            "strait-gateway",
+            "ghost-token",
+            Some(advertise.as_str()),
+            "ReplicaSet strait-system/strait-gateway-0000 cannot be read",
+        ),
+        (
+            "a node proxy's token announcing a gateway address",
+            "node1",
+            "sa-token-node1",
+            Some(advertise.as_str()),
+            "announced a gateway address; refused",
+        ),
+    ] {
+        let r = kube_join(c, "gw", node, token, announce);
+        assert!(
+            r.is_err(),
+            "{what} must be refused\n{}",
+            c.log("control.log")
+        );
+        assert!(
+            c.log("control.log").contains(reason),
+            "the control plane says why {what} was refused ({reason}):\n{}",
+            c.log("control.log")
+        );
+    }
+
+    // The real gateway, as the Deployment runs it.
+    let token_file = c.dir.join("gateway.token");
+    std::fs::write(&token_file, "gw-token").unwrap();
+    let control = format!("https://{}:15012", c.net.v4("ctl"));
+    let gateway = c.net.spawn(
+        "gw",
+        None,
+        &[
+            bin(),
+            "gateway",
+            "--mode",
+            "kubernetes",
+            "--node",
+            "strait-gateway",
+            "--control",
+            &control,
+            "--trust-bundle",
+            &c.p("bundle.pem"),
+            "--service-account-token-file",
+            token_file.to_str().unwrap(),
+            "--data-dir",
+            &c.p("gateway-data"),
+            "--listen",
+            &advertise,
+            "--advertise",
+            &advertise,
+        ],
+        &c.dir.join("gateway.log"),
+    );
+    c.proxies.push(("gateway", gateway));
+    c.net
+        .eventually(Duration::from_secs(20), "the gateway pod ready", || {
+            c.net
+                .http_code("gw", None, "http://127.0.0.1:15000/ready", &[], 3)
+                == "200"
+        });
+    let status = c.admin(&["status"]);
+    assert!(
+        status.contains(&format!("{advertise} (gateway)")),
+        "the gateway is the cluster's, at the address partners dial: {status}"
+    );
+    // The export now names the gateway, not the pod: vfx imports db at a virtual address.
+    let out = vfx_admin(
+        c,
+        &["federation", "refresh", "--trust-domain", "cluster.local"],
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&format!("imported from them: {db} at ")))
+        .unwrap_or_else(|| panic!("db imported: {listed}"));
+    assert!(
+        line.contains(&format!(
+            "via gateway {advertise} (spiffe://cluster.local/node/strait-gateway)"
+        )),
+        "{line}"
+    );
+    let vip = line
+        .split(" at ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .to_owned();
+    assert!(vip.starts_with("240.240."), "{line}");
+    assert!(
+        !listed.contains(&kube_cluster::pod("db").v4.to_string()),
+        "the pod's address is no longer told: {listed}"
+    );
+    // A connect() needs a route for the capture to see it (vfx's host has no default route).
+    let route = c.net.run(
+        "vfx",
+        None,
+        &["ip", "route", "add", "240.240.0.0/16", "dev", "e0"],
+    );
+    assert!(route.status.success(), "{}", text(&route));
+    let url = format!("http://{vip}:8080/api/db");
+    c.net.eventually(
+        Duration::from_secs(20),
+        "render → db through the cluster's gateway",
+        || {
+            c.net
+                .http_code("vfx", Some(VFX_UID), &url, &["-d", "via the gateway"], 3)
+                == "201"
+        },
+    );
+    let metrics = text(&c.net.run(
+        "gw",
+        None,
+        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+    ));
+    assert!(
+        metric(
+            &metrics,
+            "strait_proxy_gateway_streams_total",
+            "partner=\"vfx.example\""
+        ) >= 1,
+        "the gateway carried vfx's stream: {metrics}"
+    );
+    url
+}
+
 fn vfx_admin(c: &Cluster, args: &[&str]) -> Output {
     let config = format!("STRAIT_CONFIG={}/admin.yaml", c.p("vfx-cp"));
     let mut all = vec!["env", config.as_str(), bin()];
@@ -1102,7 +1327,8 @@ fn a_kubernetes_cluster_federates_its_pods_by_namespace_and_service_account() {
     // cluster.local: the Kubernetes test cluster (its control plane follows the API server; pods web on
     // node1 and db on node2, meshed by their namespace's label). vfx.example: a VM organisation on the
     // host `vfx` beside it (control plane, one node proxy, the render workload), on the same network.
-    let mut c = kube_cluster::setup_with(&["vfx"]);
+    // Host `gw` stands for the cluster's gateway pod behind its LoadBalancer (started late in the test).
+    let mut c = kube_cluster::setup_with(&["vfx", "gw"]);
     c.start_proxies();
     let vfx = c.net.v4("vfx").to_string();
     let vfx_cp = format!("{vfx}:15012");
@@ -1335,6 +1561,11 @@ fn a_kubernetes_cluster_federates_its_pods_by_namespace_and_service_account() {
     assert!(status.contains("vfx.example"), "{status}");
     assert!(status.contains("accepted"), "{status}");
 
+    // --- The cluster's gateway (deploy/kubernetes/gateway): a pod of the Deployment strait-gateway joins
+    // with its service-account token, and from then on the export names it instead of the pod. ---
+    let db_url = kube_gateway(&mut c, db);
+    let from_render = |extra: &[&str]| c.net.http_code("vfx", Some(VFX_UID), &db_url, extra, 3);
+
     // The cluster withdraws the export: node2's proxy refuses render at once (the directory it enforces
     // no longer exports db), before vfx's next refresh removes the route there.
     let t0 = std::time::Instant::now();
@@ -1351,10 +1582,12 @@ fn a_kubernetes_cluster_federates_its_pods_by_namespace_and_service_account() {
             from_render(&["-d", "after the unexport"]) != "201"
         });
     eprintln!("export withdrawn → refused in {:?}", t0.elapsed());
+    // Through the gateway, the gateway is the first to refuse (its directory no longer exports db).
     assert!(
-        c.log("node2.log")
-            .contains("the workload is not exported to the caller's trust domain"),
-        "node2 says why"
+        c.log("gateway.log")
+            .contains("a partner asked the gateway for a workload or port not exported to it"),
+        "the gateway says why:\n{}",
+        c.log("gateway.log")
     );
 }
 

@@ -349,7 +349,7 @@ fn pods_are_meshed_by_namespace_label_and_captured_with_tproxy() {
         "runs on node node2, but the proxy asked for node node1",
         "is invalid for the target audiences",
         "not bound to a pod",
-        "not to the proxies' service account",
+        "not to the proxies' or the gateways' service account",
         "not a pod of the DaemonSet",
     ] {
         assert!(

@@ -185,6 +185,7 @@ pub async fn join_kubernetes(
                 csr_pem,
                 tunnel_address: advert.tunnel_address,
                 addresses: advert.addresses,
+                gateway_address: advert.gateway_address,
             },
         )
         .await?;

@@ -800,20 +800,24 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
             "too many joins are being checked; retry in a few seconds",
         ));
     };
-    if let Err(refusal) = crate::kube::join::authenticate_proxy(&kube, &r.token, &r.node).await {
-        warn!(remote = %caller.remote, node = %r.node, reason = %refusal, "Kubernetes join refused");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "join_refused",
-            "the service-account token was not accepted for this node (the control plane log says why)",
-        ));
-    }
+    let role = match crate::kube::join::authenticate(&kube, &r.token, &r.node).await {
+        Ok(role) => role,
+        Err(refusal) => {
+            warn!(remote = %caller.remote, node = %r.node, reason = %refusal, "Kubernetes join refused");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "join_refused",
+                "the service-account token was not accepted for this node (the control plane log says why)",
+            ));
+        }
+    };
+    let gateway = role == crate::kube::join::Role::Gateway;
     let (st, remote, node) = (state.clone(), caller.remote, r.node);
     let resp = blocking(move || {
         let advert = Advert {
             tunnel_address: r.tunnel_address,
             addresses: r.addresses,
-            gateway_address: None,
+            gateway_address: r.gateway_address,
         };
         let resp = issue_node_cert(
             &st,
@@ -821,9 +825,9 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
             &csr,
             advert,
             SystemTime::now(),
-            Issuance::JoinKubernetes,
+            Issuance::JoinKubernetes { gateway },
         )?;
-        info!(%remote, node = %node, "node joined with its Kubernetes service-account token");
+        info!(%remote, node = %node, gateway, "node joined with its Kubernetes service-account token");
         Ok(resp)
     })
     .await?;
@@ -844,7 +848,10 @@ enum Issuance {
     JoinToken {
         gateway: bool,
     },
-    JoinKubernetes,
+    /// With a service-account token: of a proxy pod, or of a gateway pod.
+    JoinKubernetes {
+        gateway: bool,
+    },
     Renew,
 }
 
@@ -859,14 +866,13 @@ fn issue_node_cert(
     let old = st.store.node(node.as_str())?;
     let via_kubernetes = match how {
         Issuance::JoinToken { .. } => false,
-        Issuance::JoinKubernetes => true,
+        Issuance::JoinKubernetes { .. } => true,
         Issuance::Renew => old.as_ref().is_some_and(|o| o.via_kubernetes),
     };
     // A gateway is what the operator made with a gateway token; nothing else may tell partners where to
     // reach the organisation (any node could otherwise pull every partner's tunnels through itself).
     let gateway = match how {
-        Issuance::JoinToken { gateway } => gateway,
-        Issuance::JoinKubernetes => false,
+        Issuance::JoinToken { gateway } | Issuance::JoinKubernetes { gateway } => gateway,
         Issuance::Renew => old.as_ref().is_some_and(|o| o.gateway),
     };
     if advert.gateway_address.is_some() && !gateway {
@@ -874,21 +880,29 @@ fn issue_node_cert(
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "not_a_gateway",
-            "this node did not join as a gateway: create its token with `strait node token create --gateway`",
+            "this node did not join as a gateway: create its token with `strait node token create --gateway` (in Kubernetes, run it as a pod of the gateway Deployment)",
         ));
     }
-    // A node vouched for by Kubernetes stays a node only while its proxy pod exists: a token or key copied
-    // out of a deleted pod must not renew itself forever.
-    if how == Issuance::Renew
-        && via_kubernetes
-        && !st.kube.as_ref().is_some_and(|k| k.proxy_pod_on(node))
-    {
-        warn!(node = %node, "renewal refused: no running pod of the proxy DaemonSet on this node");
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "no_proxy_pod",
-            "this node joined through Kubernetes and no pod of the proxy DaemonSet runs on it now",
-        ));
+    // A node vouched for by Kubernetes stays a node only while its pod exists: a token or key copied out
+    // of a deleted pod must not renew itself forever.
+    if how == Issuance::Renew && via_kubernetes {
+        let kube = st.kube.as_ref();
+        if gateway && !kube.is_some_and(|k| k.gateway_pod_running()) {
+            warn!(node = %node, "renewal refused: no running pod of the gateway Deployment");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "no_gateway_pod",
+                "this gateway joined through Kubernetes and no pod of the gateway Deployment runs now",
+            ));
+        }
+        if !gateway && !kube.is_some_and(|k| k.proxy_pod_on(node)) {
+            warn!(node = %node, "renewal refused: no running pod of the proxy DaemonSet on this node");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "no_proxy_pod",
+                "this node joined through Kubernetes and no pod of the proxy DaemonSet runs on it now",
+            ));
+        }
     }
     let id = SpiffeId::node(st.trust_domain(), node.as_str()).map_err(ApiError::internal)?;
     let svid = st

@@ -198,6 +198,9 @@ pub struct KubeJoinRequest {
     pub tunnel_address: Option<String>,
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
+    /// A gateway's public address (host:port); only a pod of the gateway Deployment may send one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_address: Option<String>,
 }
 
 /// The token is a credential: never in logs, not even at debug level.
@@ -208,6 +211,7 @@ impl std::fmt::Debug for KubeJoinRequest {
             .field("node", &self.node)
             .field("tunnel_address", &self.tunnel_address)
             .field("addresses", &self.addresses)
+            .field("gateway_address", &self.gateway_address)
             .finish_non_exhaustive()
     }
 }

@@ -138,6 +138,8 @@ fn kubernetes_parts(
             namespace,
             proxy_service_account: args.proxy_service_account.clone(),
             proxy_daemonset: args.proxy_daemonset.clone(),
+            gateway_service_account: args.gateway_service_account.clone(),
+            gateway_deployment: args.gateway_deployment.clone(),
             list_page_size: args.kube_list_page_size,
         },
     }))

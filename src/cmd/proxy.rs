@@ -9,7 +9,7 @@ use strait_proxy::dns::HostRule;
 use strait_proxy::run::{run as run_proxy, Bootstrap, ProxyOptions, OUTBOUND_PORT, TUNNEL_PORT};
 use strait_proxy::tunnel::EgressRule;
 
-use crate::cli::{GatewayArgs, ProxyArgs, ProxyMode};
+use crate::cli::{GatewayArgs, JoinArgs, ProxyArgs, ProxyMode};
 
 /// `strait node uninstall`.
 pub fn uninstall() -> anyhow::Result<()> {
@@ -30,14 +30,12 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
             "strait proxy needs CAP_NET_ADMIN (nftables rules, socket marks, conntrack): run it as root, or as the strait-proxy systemd unit (user strait with ambient CAP_NET_ADMIN and CAP_NET_RAW)"
         ));
     }
-    let control = args.control.clone();
     // regorus captures backtraces on internal errors under a global lock; never pay that in the proxy.
     // Sound here: no other thread runs yet (the runtime starts below).
     #[allow(clippy::disallowed_methods)]
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     raise_open_files_limit();
-    // An empty STRAIT_JOIN_TOKEN (the packaged proxy.env after the first join) means no token.
-    let token = join_token(&args.token, &args.token_file)?;
+    let (control, node, bootstrap, data_dir) = joining(args.join, args.mode)?;
     let (mut egress, mut egress_hosts) = (Vec::new(), Vec::new());
     for e in &args.egress {
         // An address or CIDR if it parses as one, else a DNS name.
@@ -67,18 +65,6 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
             "--allow-kubelet-probes is for --mode kubernetes (VM workloads declare PERMISSIVE ports instead)"
         ));
     }
-    let bootstrap = match args.mode {
-        ProxyMode::Vm => Bootstrap::JoinToken(token),
-        ProxyMode::Kubernetes if token.is_some() => {
-            return Err(anyhow!(
-                "--mode kubernetes joins with the service-account token (--service-account-token-file); drop --token/--token-file"
-            ))
-        }
-        ProxyMode::Kubernetes => Bootstrap::ServiceAccount {
-            token_file: args.service_account_token_file,
-            trust_bundle: args.trust_bundle,
-        },
-    };
     let mut dns_resolvers = args.dns_resolvers;
     if dns_resolvers.is_empty() {
         // In Kubernetes mode the DaemonSet runs with dnsPolicy ClusterFirstWithHostNet, so this file
@@ -98,9 +84,9 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let opts = ProxyOptions {
         control,
         remove_rules_on_exit: args.on_exit == crate::cli::OnExit::RemoveRules,
-        node: NodeName::new(&args.node).map_err(|e| anyhow!("--node {:?}: {e}", args.node))?,
+        node,
         bootstrap,
-        data_dir: args.data_dir,
+        data_dir,
         addresses: args.addresses,
         tunnel_port: TUNNEL_PORT,
         outbound_port: OUTBOUND_PORT,
@@ -126,16 +112,32 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
 /// The join token given, if any. An empty STRAIT_JOIN_TOKEN (the packaged env file after the first
 /// join) means none.
-fn join_token(
-    token: &Option<String>,
-    file: &Option<std::path::PathBuf>,
-) -> anyhow::Result<Option<String>> {
-    let given = token.as_ref().filter(|t| !t.trim().is_empty());
-    Ok(match (given, file) {
+/// The control plane, node name, way of joining and data directory of a proxy or gateway.
+fn joining(
+    join: JoinArgs,
+    mode: ProxyMode,
+) -> anyhow::Result<(String, NodeName, Bootstrap, std::path::PathBuf)> {
+    // An empty STRAIT_JOIN_TOKEN (the packaged proxy.env after the first join) means no token.
+    let given = join.token.as_ref().filter(|t| !t.trim().is_empty());
+    let token = match (given, &join.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => Some(strait_control::init::read_token_file(f)?),
         (None, None) => None,
-    })
+    };
+    let bootstrap = match mode {
+        ProxyMode::Vm => Bootstrap::JoinToken(token),
+        ProxyMode::Kubernetes if token.is_some() => {
+            return Err(anyhow!(
+                "--mode kubernetes joins with the service-account token (--service-account-token-file); drop --token/--token-file"
+            ))
+        }
+        ProxyMode::Kubernetes => Bootstrap::ServiceAccount {
+            token_file: join.service_account_token_file,
+            trust_bundle: join.trust_bundle,
+        },
+    };
+    let node = NodeName::new(&join.node).map_err(|e| anyhow!("--node {:?}: {e}", join.node))?;
+    Ok((join.control, node, bootstrap, join.data_dir))
 }
 
 /// `strait gateway`: the proxy in gateway mode (no capture, so no CAP_NET_ADMIN needed).
@@ -150,12 +152,13 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     #[allow(clippy::disallowed_methods)]
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     raise_open_files_limit();
+    let (control, node, bootstrap, data_dir) = joining(args.join, args.mode)?;
     let opts = ProxyOptions {
-        control: args.control,
+        control,
         remove_rules_on_exit: false,
-        node: NodeName::new(&args.node).map_err(|e| anyhow!("--node {:?}: {e}", args.node))?,
-        bootstrap: Bootstrap::JoinToken(join_token(&args.token, &args.token_file)?),
-        data_dir: args.data_dir,
+        node,
+        bootstrap,
+        data_dir,
         addresses: Vec::new(),
         tunnel_port: TUNNEL_PORT,
         outbound_port: OUTBOUND_PORT,

@@ -310,6 +310,22 @@ impl KubeApi {
     }
 
     /// Registers a token that TokenReview will recognise.
+    /// A ReplicaSet controlled by `owner` (kind, name), e.g. ("Deployment", "strait-gateway").
+    pub fn put_replicaset(&self, namespace: &str, name: &str, owner: Option<(&str, &str)>) {
+        let owners: Vec<Value> = owner
+            .into_iter()
+            .map(|(kind, n)| json!({"apiVersion": "apps/v1", "kind": kind, "name": n, "uid": new_uid(), "controller": true}))
+            .collect();
+        let rs = json!({
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {"name": name, "namespace": namespace, "uid": new_uid(), "ownerReferences": owners},
+        });
+        self.state()
+            .replicasets
+            .insert((namespace.to_string(), name.to_string()), rs);
+    }
+
     pub fn add_token(&self, token: &str, review: FakeReview) {
         self.state()
             .tokens
@@ -584,6 +600,8 @@ struct State {
     /// Keyed by (namespace, name).
     pods: BTreeMap<(String, String), Value>,
     configmaps: BTreeMap<(String, String), Value>,
+    /// Read with get only (a gateway pod's owner); keyed by (namespace, name).
+    replicasets: BTreeMap<(String, String), Value>,
     history: Vec<Change>,
     watches: Vec<Watch>,
     next_watch: u64,
@@ -614,6 +632,7 @@ impl State {
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             configmaps: BTreeMap::new(),
+            replicasets: BTreeMap::new(),
             history: Vec::new(),
             watches: Vec::new(),
             next_watch: 0,
@@ -1110,6 +1129,7 @@ enum Route<'a> {
     Pod(&'a str, &'a str),
     ConfigMaps(&'a str),
     ConfigMap(&'a str, &'a str),
+    ReplicaSet(&'a str, &'a str),
     TokenReviews,
 }
 
@@ -1124,6 +1144,9 @@ fn route(path: &str) -> Option<Route<'_>> {
         ["api", "v1", "namespaces", ns, "configmaps"] => Route::ConfigMaps(ns),
         ["api", "v1", "namespaces", ns, "configmaps", name] => Route::ConfigMap(ns, name),
         ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => Route::TokenReviews,
+        ["apis", "apps", "v1", "namespaces", ns, "replicasets", name] => {
+            Route::ReplicaSet(ns, name)
+        }
         _ => return None,
     })
 }
@@ -1171,6 +1194,13 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         (Route::Namespace(name), Method::GET) => get_object(state, Resource::Namespaces, "", name),
         (Route::Pod(ns, name), Method::GET) => get_object(state, Resource::Pods, ns, name),
         (Route::ConfigMap(ns, name), Method::GET) => get_configmap(state, ns, name),
+        (Route::ReplicaSet(ns, name), Method::GET) => {
+            let s = lock(state);
+            match s.replicasets.get(&(ns.to_string(), name.to_string())) {
+                Some(rs) => json_response(StatusCode::OK, rs),
+                None => not_found("replicasets", name),
+            }
+        }
         (Route::ConfigMaps(ns), Method::POST) => match read_json(req).await {
             Ok(body) => create_configmap(state, ns, body),
             Err(response) => response,
@@ -1200,6 +1230,7 @@ fn verb(
         (Route::Namespace(_), &Method::GET) => ("get", "namespaces"),
         (Route::Pod(..), &Method::GET) => ("get", "pods"),
         (Route::ConfigMap(..), &Method::GET) => ("get", "configmaps"),
+        (Route::ReplicaSet(..), &Method::GET) => ("get", "replicasets"),
         (Route::ConfigMaps(_), &Method::POST) => ("create", "configmaps"),
         (Route::ConfigMap(..), &Method::PUT) => ("update", "configmaps"),
         (Route::TokenReviews, &Method::POST) => ("tokenreview", ""),

@@ -18,8 +18,8 @@ use tracing::{info, warn};
 
 use super::client::KubeError;
 use super::model::{
-    ConfigMap, ObjectMeta, Pod, TokenReview, TokenReviewSpec, EXTRA_NODE_NAME, EXTRA_POD_NAME,
-    EXTRA_POD_UID,
+    ConfigMap, ObjectMeta, Pod, ReplicaSet, TokenReview, TokenReviewSpec, EXTRA_NODE_NAME,
+    EXTRA_POD_NAME, EXTRA_POD_UID,
 };
 use super::{Kube, AUDIENCE, BUNDLE_CONFIGMAP, BUNDLE_KEY};
 use crate::registry::NodeName;
@@ -33,7 +33,9 @@ pub enum Refusal {
     NotAuthenticated(String),
     #[error("the token was not issued for the audience {AUDIENCE:?} (audiences: {0:?})")]
     Audience(Vec<String>),
-    #[error("the token belongs to {0}, not to the proxies' service account {1}")]
+    #[error(
+        "the token belongs to {0}, not to the proxies' or the gateways' service account ({1})"
+    )]
     WrongAccount(String, String),
     #[error("the token is not bound to a pod (use a projected service-account token)")]
     NotPodBound,
@@ -51,10 +53,27 @@ pub enum Refusal {
         actual: String,
         claimed: String,
     },
+    #[error("a gateway joins as node {expected} (its Deployment), not {claimed}")]
+    GatewayNode { expected: String, claimed: String },
+    #[error("pod {0} is not a pod of the gateway Deployment {1} ({2})")]
+    NotGatewayPod(String, String, String),
+    #[error("node {0} is the name the gateways join as; a proxy cannot take it")]
+    GatewaysName(String),
+    #[error("ReplicaSet {0} cannot be read: {1}")]
+    ReplicaSetLookup(String, KubeError),
 }
 
-/// Checks a proxy's token for `node`; Ok means the node SVID may be issued.
-pub async fn authenticate_proxy(kube: &Kube, token: &str, node: &NodeName) -> Result<(), Refusal> {
+/// What a service-account token proved its pod to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A pod of the proxy DaemonSet on the node it claims.
+    Proxy,
+    /// A pod of the gateway Deployment, joining as the Deployment's node.
+    Gateway,
+}
+
+/// Checks a proxy's or a gateway's token for `node`; Ok says which, and that the node SVID may be issued.
+pub async fn authenticate(kube: &Kube, token: &str, node: &NodeName) -> Result<Role, Refusal> {
     let review = TokenReview {
         api_version: "authentication.k8s.io/v1".into(),
         kind: "TokenReview".into(),
@@ -80,13 +99,21 @@ pub async fn authenticate_proxy(kube: &Kube, token: &str, node: &NodeName) -> Re
     }
     let user = status.user.unwrap_or_default();
     let s = &kube.settings;
-    let expected = format!(
-        "system:serviceaccount:{}:{}",
-        s.namespace, s.proxy_service_account
-    );
-    if user.username != expected {
-        return Err(Refusal::WrongAccount(user.username, expected));
-    }
+    let account = |sa: &str| format!("system:serviceaccount:{}:{sa}", s.namespace);
+    let role = if user.username == account(&s.proxy_service_account) {
+        Role::Proxy
+    } else if user.username == account(&s.gateway_service_account) {
+        Role::Gateway
+    } else {
+        return Err(Refusal::WrongAccount(
+            user.username,
+            format!(
+                "{} or {}",
+                account(&s.proxy_service_account),
+                account(&s.gateway_service_account)
+            ),
+        ));
+    };
     let (Some(pod_name), Some(pod_uid)) = (
         user.extra_one(EXTRA_POD_NAME),
         user.extra_one(EXTRA_POD_UID),
@@ -114,6 +141,12 @@ pub async fn authenticate_proxy(kube: &Kube, token: &str, node: &NodeName) -> Re
     if pod.metadata.deletion_timestamp.is_some() {
         return Err(Refusal::PodDeleting(full));
     }
+    if role == Role::Gateway {
+        return gateway_pod(kube, &pod, &full, node).await.map(|()| role);
+    }
+    if node.as_str() == s.gateway_deployment {
+        return Err(Refusal::GatewaysName(node.to_string()));
+    }
     match pod.controller() {
         Some(("DaemonSet", name)) if name == s.proxy_daemonset => {}
         other => {
@@ -130,7 +163,48 @@ pub async fn authenticate_proxy(kube: &Kube, token: &str, node: &NodeName) -> Re
             claimed: node.to_string(),
         });
     }
-    Ok(())
+    Ok(role)
+}
+
+/// A gateway's pod: controlled by a ReplicaSet that the gateway Deployment controls (read from the API,
+/// so a pod that merely names a ReplicaSet with the right prefix is not enough), and joining as the
+/// Deployment's node. Every replica shares that one node identity: partners dial the load balancer in
+/// front of the replicas and must find, whichever answers, the identity the export names.
+async fn gateway_pod(kube: &Kube, pod: &Pod, full: &str, node: &NodeName) -> Result<(), Refusal> {
+    let s = &kube.settings;
+    if node.as_str() != s.gateway_deployment {
+        return Err(Refusal::GatewayNode {
+            expected: s.gateway_deployment.clone(),
+            claimed: node.to_string(),
+        });
+    }
+    let not_ours =
+        |why: String| Refusal::NotGatewayPod(full.to_owned(), s.gateway_deployment.clone(), why);
+    let rs_name = match pod.controller() {
+        Some(("ReplicaSet", name)) => name.to_owned(),
+        other => {
+            let c = other.map_or("none".to_owned(), |(k, n)| format!("{k}/{n}"));
+            return Err(not_ours(format!("controller: {c}")));
+        }
+    };
+    let rs: ReplicaSet = kube
+        .client
+        .get(&format!(
+            "/apis/apps/v1/namespaces/{}/replicasets/{}",
+            s.namespace,
+            path_segment(&rs_name)
+        ))
+        .await
+        .map_err(|e| Refusal::ReplicaSetLookup(format!("{}/{rs_name}", s.namespace), e))?;
+    match rs.controller() {
+        Some(("Deployment", name)) if name == s.gateway_deployment => Ok(()),
+        other => {
+            let c = other.map_or("none".to_owned(), |(k, n)| format!("{k}/{n}"));
+            Err(not_ours(format!(
+                "ReplicaSet {rs_name} is controlled by {c}"
+            )))
+        }
+    }
 }
 
 /// A pod name is a DNS label; anything else cannot name a pod and must not reach the URL unescaped.

@@ -44,6 +44,10 @@ pub struct KubeSettings {
     pub proxy_service_account: String,
     /// The DaemonSet whose pods are the proxies.
     pub proxy_daemonset: String,
+    /// The gateways' service account (in `namespace`).
+    pub gateway_service_account: String,
+    /// The Deployment whose pods are the gateways; also the node name every replica joins as.
+    pub gateway_deployment: String,
     /// Objects per page when listing (`limit`), so a large cluster's pods arrive in bounded answers.
     pub list_page_size: u32,
 }
@@ -216,6 +220,21 @@ impl Kube {
         })
     }
 
+    /// A pod of the gateway Deployment runs (its ReplicaSet's name starts with the Deployment's; the join
+    /// checked the ReplicaSet's owner): the gateway node may renew while one does.
+    pub fn gateway_pod_running(&self) -> bool {
+        let s = &self.settings;
+        let prefix = format!("{}-", s.gateway_deployment);
+        self.cache().pods.values().any(|p| {
+            p.metadata.namespace.as_deref() == Some(s.namespace.as_str())
+                && p.spec.service_account_name.as_deref()
+                    == Some(s.gateway_service_account.as_str())
+                && p.metadata.deletion_timestamp.is_none()
+                && !p.finished()
+                && matches!(p.controller(), Some(("ReplicaSet", name)) if name.starts_with(&prefix))
+        })
+    }
+
     pub(crate) fn replace_namespaces(&self, items: Vec<Namespace>) {
         let mut c = self.cache();
         c.namespaces = items
@@ -303,6 +322,8 @@ pub(crate) mod tests_support {
                 namespace: "strait-system".into(),
                 proxy_service_account: "strait-proxy".into(),
                 proxy_daemonset: "strait-proxy".into(),
+                gateway_service_account: "strait-gateway".into(),
+                gateway_deployment: "strait-gateway".into(),
                 list_page_size: 500,
             },
             TrustDomain::new("cluster.local").unwrap(),

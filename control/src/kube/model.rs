@@ -25,6 +25,16 @@ pub struct ObjectMeta {
     pub deletion_timestamp: Option<String>,
 }
 
+impl ObjectMeta {
+    /// The owner that controls the object, `(kind, name)`.
+    pub fn controller(&self) -> Option<(&str, &str)> {
+        self.owner_references
+            .iter()
+            .find(|o| o.controller == Some(true))
+            .map(|o| (o.kind.as_str(), o.name.as_str()))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnerReference {
@@ -203,11 +213,20 @@ impl Pod {
 
     /// The controller that owns the pod, `(kind, name)`.
     pub fn controller(&self) -> Option<(&str, &str)> {
-        self.metadata
-            .owner_references
-            .iter()
-            .find(|o| o.controller == Some(true))
-            .map(|o| (o.kind.as_str(), o.name.as_str()))
+        self.metadata.controller()
+    }
+}
+
+/// The fields of a ReplicaSet read: who controls it (a gateway pod's ReplicaSet must be the gateway
+/// Deployment's).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ReplicaSet {
+    pub metadata: ObjectMeta,
+}
+
+impl ReplicaSet {
+    pub fn controller(&self) -> Option<(&str, &str)> {
+        self.metadata.controller()
     }
 }
 
