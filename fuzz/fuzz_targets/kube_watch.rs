@@ -30,12 +30,7 @@ fn kube() -> Kube {
     .expect("client");
     Kube::new(
         client,
-        KubeSettings {
-            namespace: "strait-system".into(),
-            proxy_service_account: "strait-proxy".into(),
-            proxy_daemonset: "strait-proxy".into(),
-            list_page_size: 500,
-        },
+        KubeSettings::default(),
         TrustDomain::new("cluster.local").expect("td"),
     )
 }

@@ -52,6 +52,20 @@ pub struct KubeSettings {
     pub list_page_size: u32,
 }
 
+/// The names `deploy/kubernetes` uses (the control plane's flags default to them).
+impl Default for KubeSettings {
+    fn default() -> Self {
+        Self {
+            namespace: "strait-system".into(),
+            proxy_service_account: "strait-proxy".into(),
+            proxy_daemonset: "strait-proxy".into(),
+            gateway_service_account: "strait-gateway".into(),
+            gateway_deployment: "strait-gateway".into(),
+            list_page_size: 500,
+        }
+    }
+}
+
 /// What `State::open_with` needs to run in Kubernetes mode.
 #[derive(Debug)]
 pub struct KubeParts {
@@ -318,14 +332,7 @@ pub(crate) mod tests_support {
         .unwrap();
         Kube::new(
             client,
-            KubeSettings {
-                namespace: "strait-system".into(),
-                proxy_service_account: "strait-proxy".into(),
-                proxy_daemonset: "strait-proxy".into(),
-                gateway_service_account: "strait-gateway".into(),
-                gateway_deployment: "strait-gateway".into(),
-                list_page_size: 500,
-            },
+            KubeSettings::default(),
             TrustDomain::new("cluster.local").unwrap(),
         )
     }
