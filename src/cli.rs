@@ -65,6 +65,9 @@ pub enum Command {
     /// instead of private addresses. A partner's request travels as its own
     /// end-to-end mTLS tunnel inside a stream through the gateway, which checks that the partner's trust
     /// domain is federated and the workload exported to it, and cannot read what it carries.
+    ///
+    /// With `strait federation egress on` the same gateways also carry this organisation's own
+    /// connections to partners out (egress): its proxies then never dial a partner themselves.
     Gateway(GatewayArgs),
     /// Run a small HTTP document store (a workload for tests, benchmarks and the demo).
     ///
@@ -454,6 +457,17 @@ pub enum FederationCommand {
         trust_domain: String,
         #[arg(long)]
         workload: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Egress gateways: `on` makes every connection this organisation's proxies open to a partner leave
+    /// through one of its own gateways (`strait gateway`), so that all cross-organisation traffic leaves
+    /// from the addresses it controls and is seen in one place; never directly, and refused while no
+    /// gateway is up. `off` (the default) lets proxies dial partners themselves. The gateway relays the
+    /// encrypted tunnel without a key for it, only to addresses of what partners export here.
+    Egress {
+        #[arg(value_parser = ["on", "off"])]
+        through_gateways: String,
         #[command(flatten)]
         conn: ConnArgs,
     },

@@ -1901,6 +1901,169 @@ fn behind(o: &mut Orgs, border: &str, host: &str) {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// owner turns egress on (`strait federation egress on`) with a gateway on its border: its proxy's
+/// connections to vfx leave through that gateway, and still pass once the border drops everything its
+/// private network sends out directly; the egress gateway relays only to where a partner's import is
+/// reached; with the gateway gone, owner's proxy refuses rather than dialling directly. Egress is off
+/// again at the end. `call` sends one request from owner's workload to vfx's; `vfx_gw` is vfx's first
+/// gateway.
+fn egress_through_owners_gateway(
+    o: &Orgs,
+    call: &dyn Fn(&Orgs, &str) -> String,
+    owner_cert: &(String, String),
+    vfx_gw: &str,
+) {
+    let owner_gw = format!("{}:15009", o.net.v4("owner"));
+    let token = o.ok(
+        "owner",
+        &[
+            "node",
+            "token",
+            "create",
+            "--node",
+            "owner-gw1",
+            "--gateway",
+        ],
+    );
+    let egress_gw = o.net.spawn(
+        "owner",
+        None,
+        &[
+            bin(),
+            "gateway",
+            "--control",
+            &format!("https://{}:15012", o.net.v4("owner")),
+            "--node",
+            "owner-gw1",
+            "--token",
+            token.trim(),
+            "--data-dir",
+            o.dir.join("owner-gw1").to_str().unwrap(),
+            "--listen",
+            &owner_gw,
+            "--advertise",
+            &owner_gw,
+            "--admin",
+            "127.0.0.1:15104",
+        ],
+        &o.dir.join("owner-gw1.log"),
+    );
+    let egress_metrics = || {
+        text(&o.net.run(
+            "owner",
+            None,
+            &["curl", "-s", "http://127.0.0.1:15104/metrics"],
+        ))
+    };
+    o.net
+        .eventually(Duration::from_secs(20), "owner's gateway ready", || {
+            egress_metrics().contains("strait_proxy_")
+        });
+    let said = o.ok("owner", &["federation", "egress", "on"]);
+    assert!(said.contains("1 gateway(s)"), "{said}");
+    assert!(o
+        .ok("owner", &["federation", "list"])
+        .contains("leave through this organisation's gateways"));
+    let egress_streams = || {
+        metric(
+            &egress_metrics(),
+            "strait_proxy_gateway_streams_total",
+            "way=\"egress\",partner=\"vfx.example\"",
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(call(o, "via egress") == "201" && egress_streams() >= 1) {
+        if std::time::Instant::now() > deadline {
+            for log in ["owner-proxy.log", "owner-gw1.log"] {
+                let text = std::fs::read_to_string(o.dir.join(log)).unwrap_or_default();
+                let tail: Vec<_> = text.lines().rev().take(30).collect();
+                eprintln!("--- {log} (last lines, newest first)\n{}", tail.join("\n"));
+            }
+            panic!("owner → vfx does not pass through owner's egress gateway");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // owner's border now drops whatever its private network sends out directly: only the gateway (on
+    // the border itself) reaches partners, and the requests still pass.
+    let fw = o.dir.join("owner-egress-fw.nft");
+    std::fs::write(
+        &fw,
+        "table ip owner_egress_fw {\n  chain leave {\n    type filter hook forward priority filter; policy accept;\n    ip saddr 10.9.0.0/24 oifname \"e0\" counter drop\n  }\n}\n",
+    )
+    .unwrap();
+    let out = o
+        .net
+        .run("owner", None, &["nft", "-f", fw.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    for i in 0..5 {
+        assert_eq!(
+            call(o, "x"),
+            "201",
+            "request {i} with direct egress dropped"
+        );
+    }
+    // The control: the same host, outside the mesh (root is not captured), cannot reach vfx directly.
+    assert_eq!(
+        o.net
+            .http_code("own1", None, &format!("http://{vfx_gw}/"), &[], 2),
+        "000"
+    );
+    let rules = text(&o.net.run(
+        "owner",
+        None,
+        &["nft", "list", "table", "ip", "owner_egress_fw"],
+    ));
+    assert!(
+        !rules.contains("packets 0 "),
+        "the border dropped the direct attempt: {rules}"
+    );
+    let log = std::fs::read_to_string(o.dir.join("owner-gw1.log")).unwrap();
+    assert!(
+        log.contains("egress stream opened") && log.contains(&film_id("owner")),
+        "the egress gateway names who called which partner: {log}"
+    );
+    // No open relay outwards: only addresses where a partner's import is reached.
+    let own = "spiffe://owner.example/node/owner-gw1";
+    assert_eq!(
+        ask_gateway_named(o, "owner", &owner_gw, own, owner_cert, vfx_gw),
+        "200",
+        "the control: vfx's gateway is where owner's import is reached"
+    );
+    for target in [
+        format!("{}:15012", o.net.v4("vfx")),
+        format!("{}:22", o.net.v4("vfx")),
+        "vfx.example:15009".to_owned(),
+    ] {
+        let answer = ask_gateway_named(o, "owner", &owner_gw, own, owner_cert, &target);
+        assert!(answer == "403" || answer == "400", "{target}: {answer}");
+    }
+    // Fail closed: with the firewall gone and the egress gateway killed, owner's proxy refuses rather
+    // than dialling vfx itself.
+    let out = o.net.run(
+        "owner",
+        None,
+        &["nft", "delete", "table", "ip", "owner_egress_fw"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    o.net.signal(egress_gw, libc::SIGKILL);
+    o.net.wait(egress_gw, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        call(o, "x"),
+        "000",
+        "no egress gateway: refused, not direct"
+    );
+    let log = std::fs::read_to_string(o.dir.join("owner-proxy.log")).unwrap();
+    assert!(log.contains("egress gateway unusable"), "{log}");
+    // Off again: owner's proxy dials vfx's gateways itself.
+    o.ok("owner", &["federation", "egress", "off"]);
+    o.net.eventually(
+        Duration::from_secs(20),
+        "owner → vfx direct again",
+        || call(o, "direct") == "201",
+    );
+}
+
 /// Each organisation's node on its private network (short: interface names are made from it).
 fn node_of(org: &str) -> String {
     format!("{}1", &org[..3])
@@ -1919,6 +2082,25 @@ fn ask_gateway(
     cert: &(String, String),
     authority: &str,
 ) -> String {
+    ask_gateway_named(
+        o,
+        from,
+        gateway,
+        "spiffe://vfx.example/node/vfx-gw1",
+        cert,
+        authority,
+    )
+}
+
+/// [`ask_gateway`] of the gateway whose node identity is `id`.
+fn ask_gateway_named(
+    o: &Orgs,
+    from: &str,
+    gateway: &str,
+    id: &str,
+    cert: &(String, String),
+    authority: &str,
+) -> String {
     let script = format!("{}/h2_connect.py", support::apps());
     let out = o.net.run(
         from,
@@ -1927,7 +2109,7 @@ fn ask_gateway(
             &support::python(),
             &script,
             gateway,
-            &tunnel_sni("spiffe://vfx.example/node/vfx-gw1"),
+            &tunnel_sni(id),
             &cert.0,
             &cert.1,
             authority,
@@ -2341,6 +2523,8 @@ fn organisations_on_separate_networks_meet_only_through_gateways() {
     }
     let gw1_log = std::fs::read_to_string(o.dir.join("vfx-gw1.log")).unwrap();
     assert!(gw1_log.contains("mTLS handshake refused"), "{gw1_log}");
+
+    egress_through_owners_gateway(&o, &call, &owner_cert, &gw);
 
     // Either replica can go: with one killed, every new request passes through the other.
     o.net.signal(gw1, libc::SIGKILL);

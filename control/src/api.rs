@@ -131,6 +131,16 @@ pub struct FederationList {
     pub sequence: u64,
     pub fingerprint: String,
     pub partners: Vec<Federation>,
+    /// Connections to partners leave through this organisation's gateways only.
+    #[serde(default)]
+    pub egress_through_gateways: bool,
+}
+
+/// `strait federation egress on|off`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationEgress {
+    pub through_gateways: bool,
 }
 
 /// A step of the CA root rotation.

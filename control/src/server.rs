@@ -627,6 +627,9 @@ async fn dispatch(
                 (&Method::POST, paths::ADMIN_FEDERATION_EXPORT) => {
                     export_federation(state, req).await
                 }
+                (&Method::POST, paths::ADMIN_FEDERATION_EGRESS) => {
+                    egress_federation(state, req).await
+                }
                 (&Method::GET, p) if p.starts_with(paths::ADMIN_WORKFLOW_PREFIX) => {
                     show_workflow(state, &p[paths::ADMIN_WORKFLOW_PREFIX.len()..]).await
                 }
@@ -1353,6 +1356,31 @@ async fn export_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply 
     Ok(json(StatusCode::OK, &f))
 }
 
+/// `strait federation egress on|off`: the next mesh version tells the proxies whether connections to
+/// partners must leave through this organisation's gateways.
+async fn egress_federation(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let r: api::FederationEgress = json_body(req).await?;
+    let st = state.clone();
+    let on = r.through_gateways;
+    let gateways = blocking(move || {
+        if st.store.set_egress_through_gateways(on)? {
+            st.hub.changed(&st.store);
+        }
+        Ok(st
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.gateway_address.is_some())
+            .count())
+    })
+    .await?;
+    info!(through_gateways = on, gateways, "federation egress changed");
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "through_gateways": on, "gateways": gateways }),
+    ))
+}
+
 /// What this organisation exports to the calling partner: only to a federated partner's control plane
 /// (its SVID verified against its roots in the TLS handshake), only its own exports.
 async fn federation_exports(state: &Arc<State>, caller: &Caller) -> Reply {
@@ -1412,7 +1440,13 @@ async fn federation_bundle(state: &Arc<State>) -> Reply {
 async fn list_federations(state: &Arc<State>) -> Reply {
     let (bundle, sequence) = local_bundle(state).await?;
     let st = state.clone();
-    let partners = blocking(move || Ok(st.store.federations()?)).await?;
+    let (partners, egress) = blocking(move || {
+        Ok((
+            st.store.federations()?,
+            st.store.directory()?.egress_through_gateways,
+        ))
+    })
+    .await?;
     Ok(json(
         StatusCode::OK,
         &api::FederationList {
@@ -1420,6 +1454,7 @@ async fn list_federations(state: &Arc<State>) -> Reply {
             sequence,
             fingerprint: bundle.fingerprint(),
             partners: partners.iter().map(crate::federation::describe).collect(),
+            egress_through_gateways: egress,
         },
     ))
 }

@@ -31,6 +31,8 @@ const KEY_ADMIN_HASH: &str = "admin_token_sha256";
 const KEY_BUNDLE_SEQUENCE: &str = "bundle_sequence";
 /// Bumped by every change to the directory (workloads, node addresses): the version proxies compare.
 const KEY_REVISION: &str = "registry_revision";
+/// Whether connections to partners must leave through this organisation's gateways (a bool).
+const KEY_EGRESS: &str = "egress_through_gateways";
 /// The newest signed mesh version (directory + policy), as the distributor pushes it.
 const KEY_MESH_VERSION: &str = "mesh_version";
 
@@ -362,6 +364,29 @@ impl Store {
         Ok(out)
     }
 
+    /// Turns egress through the gateways on or off; whether it changed (then the directory's revision
+    /// moves in the same transaction).
+    pub fn set_egress_through_gateways(&self, on: bool) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let changed = {
+            let mut meta = txn.open_table(META)?;
+            let was: bool = meta
+                .get(KEY_EGRESS)?
+                .map(|v| decode(KEY_EGRESS, v.value()))
+                .transpose()?
+                .unwrap_or(false);
+            if was != on {
+                meta.insert(KEY_EGRESS, encode(&on).as_slice())?;
+            }
+            was != on
+        };
+        if changed {
+            bump_revision(&txn)?;
+        }
+        txn.commit()?;
+        Ok(changed)
+    }
+
     pub fn federation(&self, td: &str) -> Result<Option<crate::federation::Record>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(FEDERATION)?;
@@ -475,12 +500,19 @@ impl Store {
             }));
             imports.extend(rec.imports);
         }
+        let egress_through_gateways = txn
+            .open_table(META)?
+            .get(KEY_EGRESS)?
+            .map(|v| decode(KEY_EGRESS, v.value()))
+            .transpose()?
+            .unwrap_or(false);
         Ok(crate::api::Directory {
             revision,
             workloads,
             nodes,
             exports,
             imports,
+            egress_through_gateways,
         })
     }
 

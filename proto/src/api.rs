@@ -62,6 +62,8 @@ pub mod paths {
     pub const ADMIN_FEDERATION_REFRESH: &str = "/v1/admin/federation/refresh";
     pub const ADMIN_FEDERATION_REMOVE: &str = "/v1/admin/federation/remove";
     pub const ADMIN_FEDERATION_EXPORT: &str = "/v1/admin/federation/export";
+    /// Whether traffic to partners leaves through this organisation's own gateways (egress).
+    pub const ADMIN_FEDERATION_EGRESS: &str = "/v1/admin/federation/egress";
     /// What this organisation exports to the calling partner (the partner's control plane SVID as
     /// TLS client certificate; nobody else).
     pub const FEDERATION_EXPORTS: &str = "/v1/federation/exports";
@@ -300,6 +302,11 @@ pub struct Directory {
     pub exports: Vec<DirectoryExport>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub imports: Vec<ExportedWorkload>,
+    /// Egress (`strait federation egress on`): every connection to a partner leaves through one of this
+    /// organisation's gateways (the nodes with a `gateway_address`), never directly; with none up, such
+    /// connections are refused. Absent (false) unless turned on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub egress_through_gateways: bool,
 }
 
 /// A local workload exported to a partner trust domain, as proxies receive it.

@@ -111,6 +111,11 @@ impl VersionPayload {
             ctx.update(&serde_json::to_vec(&directory.imports).unwrap_or_default());
             ctx.update(&[0]);
         }
+        // Egress through the gateways, only when on (versions without it hash as they always did).
+        if directory.egress_through_gateways {
+            ctx.update(b"egress-through-gateways");
+            ctx.update(&[0]);
+        }
         ctx.update(bundle.content_hash().as_bytes());
         if let Some(k) = next_key {
             ctx.update(&[0]);
@@ -502,6 +507,14 @@ mod tests {
         // Signed, but the hash does not match the content.
         let mut p = payload(7);
         p.content_hash = "0".repeat(64);
+        assert_eq!(
+            v.check(&key.sign(&p), None).unwrap_err(),
+            Refusal::HashMismatch { number: 7 }
+        );
+
+        // Signed with egress through the gateways turned on after the hash was taken (the hash covers it).
+        let mut p = payload(7);
+        p.directory.egress_through_gateways = true;
         assert_eq!(
             v.check(&key.sign(&p), None).unwrap_err(),
             Refusal::HashMismatch { number: 7 }

@@ -50,6 +50,13 @@ pub struct DirectoryView {
     /// Gateway: the exported workloads by the name partners ask for ([`crate::certs::sni_for`]), every
     /// replica (one entry per node running the identity).
     exported_by_sni: HashMap<String, Vec<Arc<Workload>>>,
+    /// Egress through the gateways (`strait federation egress on`): this organisation's gateways, by
+    /// address and node name. `None`: off, proxies dial partners themselves; `Some(empty)`: on, and
+    /// connections to partners are refused until a gateway is up.
+    pub egress: Option<Vec<(SocketAddr, NodeName)>>,
+    /// Egress gateway: where partners' imports are reached (their gateways, or their nodes' tunnels) →
+    /// the partner's trust domain. The only places an egress stream may go.
+    import_reach: HashMap<SocketAddr, String>,
 }
 
 impl DirectoryView {
@@ -158,6 +165,30 @@ impl DirectoryView {
                 tracing::warn!(address = %key.0, port = key.1, first = %r.workload.id, "an address and port imported from more than one identity; routed to none");
             }
         }
+        for imp in &dir.imports {
+            let partner = imp.id.trust_domain_str();
+            match &imp.reach {
+                Reach::Tunnel(t) => {
+                    v.import_reach.insert(*t, partner.to_owned());
+                }
+                Reach::Gateways(g) => {
+                    for gw in g {
+                        v.import_reach.insert(gw.address, partner.to_owned());
+                    }
+                }
+            }
+        }
+        if dir.egress_through_gateways {
+            v.egress = Some(
+                dir.nodes
+                    .iter()
+                    .filter_map(|n| {
+                        let a = n.gateway_address.as_deref()?.parse::<SocketAddr>().ok()?;
+                        Some((a, n.name.clone()))
+                    })
+                    .collect(),
+            );
+        }
         for e in &dir.exports {
             v.exported
                 .entry(e.workload.clone())
@@ -176,6 +207,11 @@ impl DirectoryView {
         }
         v.raw = dir;
         v
+    }
+
+    /// Egress gateway: the partner whose import is reached at `target`, if any.
+    pub fn import_reach(&self, target: SocketAddr) -> Option<&str> {
+        self.import_reach.get(&target).map(String::as_str)
     }
 
     /// Whether the local workload `dst` is exported to trust domain `partner` on `port` (federation:

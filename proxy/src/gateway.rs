@@ -60,16 +60,21 @@ pub(crate) fn in_order<'a>(ctx: &Ctx, gateways: &'a [GatewayRef]) -> Vec<&'a Gat
 }
 
 /// The gateway's TLS: its node certificate (chosen by SNI from the certificate store), and client
-/// certificates of workloads of federated trust domains only.
-pub fn tls(ctx: &Ctx) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+/// certificates of workloads of federated trust domains, or of this organisation's own workloads while
+/// egress through the gateways is on (read at each handshake).
+pub fn tls(ctx: &Arc<Ctx>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let own = ctx.bundle.load().trust_domain().clone();
+    let view = ctx.clone();
     let mut cfg = rustls::ServerConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(SvidClientVerifier::shared(
             ctx.bundle.clone(),
             PeerIdMatcher::predicate(
-                "a workload of a federated trust domain (a gateway serves partners only)",
-                move |id| !id.is_member_of(&own) && matches!(id.kind(), IdKind::Workload { .. }),
+                "a workload of a federated trust domain, or of this one when egress is on",
+                move |id| {
+                    matches!(id.kind(), IdKind::Workload { .. })
+                        && (!id.is_member_of(&own) || view.dir.load().egress.is_some())
+                },
             ),
             true,
         )))
@@ -99,7 +104,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<rustls::Server
 
 /// At most one refusal line per second: a partner must not be able to flood the gateway's log (the
 /// metric counts every refusal).
-fn log_this_refusal() -> bool {
+pub(crate) fn log_this_refusal() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
     let second = std::time::SystemTime::now()
@@ -109,7 +114,7 @@ fn log_this_refusal() -> bool {
     LAST.swap(second, Ordering::Relaxed) != second
 }
 
-fn refuse(
+pub(crate) fn refuse(
     ctx: &Ctx,
     mut respond: h2::server::SendResponse<Bytes>,
     code: StatusCode,
@@ -142,6 +147,9 @@ fn stream(
 ) {
     if req.method() != Method::CONNECT {
         return refuse(&ctx, respond, StatusCode::METHOD_NOT_ALLOWED, "not_connect");
+    }
+    if src.is_member_of(ctx.bundle.load().trust_domain()) {
+        return crate::egress::stream(ctx, src, peer, req, respond);
     }
     let Some((sni, port)) = req
         .uri()
@@ -178,6 +186,7 @@ fn stream(
     tokio::spawn(async move {
         let _guard = ctx.inflight.adopt(); // reserved above
         let labels = GatewayLabels {
+            way: "ingress",
             partner: partner.clone(),
             workload: dst.id.to_string(),
         };
@@ -244,7 +253,7 @@ fn stream(
 }
 
 /// Copies both ways until both sides are done; the byte counts (towards the node, towards the partner).
-async fn splice(outer: &mut H2Stream, node: &mut Watched<TcpStream>) -> (u64, u64) {
+pub(crate) async fn splice(outer: &mut H2Stream, node: &mut Watched<TcpStream>) -> (u64, u64) {
     match tokio::io::copy_bidirectional(outer, node).await {
         Ok(counts) => counts,
         Err(e) => {

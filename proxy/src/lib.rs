@@ -24,6 +24,7 @@ pub mod certs;
 pub mod conntrack;
 pub mod directory;
 pub mod dns;
+pub mod egress;
 pub mod gateway;
 pub mod h2stream;
 pub mod l7;

@@ -27,9 +27,12 @@ pub struct Identity {
     pub id: String,
 }
 
-/// Gateway: a partner trust domain and one of the workloads exported to it (both bounded by the exports).
+/// Gateway: a partner trust domain and one of the workloads exported to it (ingress), or one of this
+/// organisation's workloads calling it (egress); bounded by the exports and the registry.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GatewayLabels {
+    /// `ingress` (a partner's stream in) or `egress` (this organisation's stream out).
+    pub way: &'static str,
     pub partner: String,
     pub workload: String,
 }
@@ -37,6 +40,7 @@ pub struct GatewayLabels {
 impl GatewayLabels {
     pub fn direction(&self, direction: &'static str) -> GatewayBytes {
         GatewayBytes {
+            way: self.way,
             partner: self.partner.clone(),
             workload: self.workload.clone(),
             direction,
@@ -46,6 +50,7 @@ impl GatewayLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GatewayBytes {
+    pub way: &'static str,
     pub partner: String,
     pub workload: String,
     /// `to_workload` or `to_partner`.

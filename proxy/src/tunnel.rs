@@ -198,6 +198,9 @@ struct PoolKey {
     /// Through a gateway: the port the gateway admitted the tunnel's stream for (a partner's gateway
     /// checks the export per workload and port). 0 for a direct tunnel, which carries every port.
     port: u16,
+    /// Opened through this organisation's egress gateways: once egress is turned on (or off), new
+    /// streams stop using the tunnels opened the other way.
+    egress: bool,
 }
 
 struct Pooled {
@@ -532,6 +535,9 @@ async fn open_tunnel(
     let tls = Arc::new(tls);
     match via {
         Via::Tunnel(addr) => {
+            if let Some(egress) = egress_gateways(ctx, dst) {
+                return through_egress(ctx, src, dst, tls, *addr, &egress).await;
+            }
             let tcp = connect_marked(*addr, CONNECT_TIMEOUT)
                 .await
                 .map_err(TunnelError::Connect)?;
@@ -564,6 +570,84 @@ async fn open_tunnel(
             Err(last)
         }
     }
+}
+
+/// Whether a tunnel to `dst` must go through this organisation's egress gateways (egress is on and
+/// `dst` is a partner's).
+fn egress_on(ctx: &Ctx, dst: &SpiffeId) -> bool {
+    ctx.dir.load().egress.is_some() && !dst.is_member_of(ctx.bundle.load().trust_domain())
+}
+
+/// With egress through the gateways on, this organisation's gateways for a tunnel to `dst` when `dst`
+/// is a partner's (its node, or its gateway); `None` when the tunnel may be dialled directly.
+fn egress_gateways(ctx: &Ctx, dst: &SpiffeId) -> Option<Vec<strait_proto::api::GatewayRef>> {
+    let own = ctx.bundle.load().trust_domain().clone();
+    if dst.is_member_of(&own) {
+        return None;
+    }
+    let view = ctx.dir.load();
+    let gateways = view.egress.as_ref()?;
+    Some(
+        gateways
+            .iter()
+            .filter_map(|(address, name)| {
+                Some(strait_proto::api::GatewayRef {
+                    address: *address,
+                    id: SpiffeId::node(&own, name.as_str()).ok()?,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The tunnel to the partner's `dst` at `target`, inside a CONNECT stream through one of this
+/// organisation's egress gateways (the next one when a gateway cannot be reached or answers 5xx). The
+/// gateway relays the TLS below without a key for it; with no gateway up the connection is refused,
+/// never dialled directly.
+async fn through_egress(
+    ctx: &Ctx,
+    src: &SpiffeId,
+    dst: &SpiffeId,
+    tls: Arc<rustls::ClientConfig>,
+    target: SocketAddr,
+    gateways: &[strait_proto::api::GatewayRef],
+) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError> {
+    let mut last = TunnelError::Connect(std::io::Error::other(
+        "connections to partners leave through this organisation's gateways (strait federation egress), and none is up",
+    ));
+    for gw in crate::gateway::in_order(ctx, gateways) {
+        let opened = async {
+            // Boxed: the tunnel to the egress gateway is opened by the same code (it is this
+            // organisation's own node, so it never goes through a gateway itself).
+            let (mut outer, slot) =
+                Box::pin(sender_for(ctx, src, &gw.id, &Via::Tunnel(gw.address), 0)).await?;
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .body(())
+                .map_err(|e| TunnelError::Http(e.to_string()))?;
+            let (answer, send) = outer
+                .send_request(req, false)
+                .map_err(|e| TunnelError::Http(e.to_string()))?;
+            Ok::<_, TunnelError>((H2Stream::opening(send, answer), slot))
+        };
+        let failed = match opened.await {
+            Err(e) => e,
+            Ok((stream, slot)) => {
+                match handshake(ctx, tls.clone(), dst, stream, Some(slot)).await {
+                    Ok(t) => return Ok(t),
+                    Err(TunnelError::Refused(status)) if status.is_server_error() => {
+                        TunnelError::Refused(status)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        ctx.gateway_failed(gw.address);
+        warn!(gateway = %gw.address, id = %gw.id, error = %failed, "egress gateway unusable; trying the next");
+        last = failed;
+    }
+    Err(last)
 }
 
 /// A CONNECT stream through the partner's gateway `gw` to `dst`'s `port` (named as the tunnel's SNI
@@ -673,6 +757,7 @@ async fn sender_for(
             Via::Gateways(_) => None,
         },
         port,
+        egress: egress_on(ctx, dst),
     };
     let cached = ctx.pool.lock().ok().and_then(|mut p| {
         let conns = p.get_mut(&key)?;

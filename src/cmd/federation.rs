@@ -157,6 +157,9 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
                 "this trust domain: {} (bundle sequence {}, fingerprint {})\n",
                 list.trust_domain, list.sequence, list.fingerprint
             );
+            if list.egress_through_gateways {
+                println!("connections to partners leave through this organisation's gateways (strait federation egress)\n");
+            }
             if list.partners.is_empty() {
                 println!("no federation: add one with `strait federation add`");
                 return Ok(());
@@ -256,6 +259,29 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let f = change_export(&conn, trust_domain, &workload, Vec::new(), true).await?;
             print!("{workload} no longer exported\n{}", describe(&f));
         }
+        FederationCommand::Egress {
+            through_gateways,
+            conn,
+        } => egress(&conn, through_gateways == "on").await?,
+    }
+    Ok(())
+}
+
+/// `strait federation egress on|off`.
+async fn egress(conn: &crate::cli::ConnArgs, on: bool) -> anyhow::Result<()> {
+    let answer: serde_json::Value = admin_client(conn)?
+        .post(
+            paths::ADMIN_FEDERATION_EGRESS,
+            &api::FederationEgress {
+                through_gateways: on,
+            },
+        )
+        .await?;
+    let gateways = answer["gateways"].as_u64().unwrap_or(0);
+    match (on, gateways) {
+        (false, _) => println!("proxies dial partners themselves (egress through the gateways is off)"),
+        (true, 0) => println!("connections to partners must leave through this organisation's gateways, and there is none: they are refused until one joins (strait node token create --gateway)"),
+        (true, n) => println!("connections to partners leave through this organisation's {n} gateway(s) from the next mesh version on"),
     }
     Ok(())
 }
