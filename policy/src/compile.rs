@@ -138,6 +138,14 @@ allow := {{"allowed": true, "reason": "allowed by the workflow"}} if {{
 
 /// Compiles a workflow into the data document.
 pub fn compile(wf: &Workflow) -> Result<Value, WorkflowError> {
+    // Until the proxies enforce order per instance, an ordered workflow would be enforced as a static
+    // graph: less than it says. Refused rather than enforced as less (fail closed).
+    if wf.instances.is_some() {
+        return Err(WorkflowError {
+            at: "instances".into(),
+            message: "ordered workflow instances are validated but not enforced by the proxies of this release: apply it without `instances:` (and the steps' id, after and max) for the static graph".into(),
+        });
+    }
     let ids = wf.service_ids()?;
     let mut flows: Map<String, Value> = Map::new();
     for s in &wf.steps {

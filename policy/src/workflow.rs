@@ -44,6 +44,17 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     #[serde(default)]
     pub egress: Vec<Egress>,
+    /// The workflow runs as ordered instances ([`crate::ordering`]); absent: a static graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Instances>,
+}
+
+/// `instances: {lifetime: 24h}`: steps then have ids, `after` and `max` (docs/workflows.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Instances {
+    /// How long an instance lives from its first step: a whole number and s, m, h or d (at most 30d).
+    pub lifetime: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +102,14 @@ pub struct Step {
     pub tcp: Vec<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<Conditions>,
+    /// Ordered workflows: the step's id, the steps it comes after, and how often it may complete per
+    /// instance ([`crate::ordering`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
 }
 
 /// `tcp: [5432, 6379]`. The old `tcp: true` opened raw TCP to every port of the destination, HTTP ports
@@ -392,7 +411,7 @@ impl Workflow {
                 }
             }
         }
-        Ok(())
+        crate::ordering::validate(self)
     }
 }
 
