@@ -2022,6 +2022,35 @@ fn egress_through_owners_gateway(
         log.contains("egress stream opened") && log.contains(&film_id("owner")),
         "the egress gateway names who called which partner: {log}"
     );
+    // A plain egress rule covering vfx's gateway does not open a way around the egress gateway.
+    let film = o.dir.join("owner-film.yaml");
+    let mut yaml = std::fs::read_to_string(&film).unwrap();
+    let vfx_ip = vfx_gw.split(':').next().unwrap();
+    yaml.push_str(&format!(
+        "egress:\n  - {{from: owner, cidr: {vfx_ip}/32, port: 15009}}\n"
+    ));
+    std::fs::write(&film, yaml).unwrap();
+    o.ok(
+        "owner",
+        &[
+            "workflow",
+            "apply",
+            "-f",
+            film.to_str().unwrap(),
+            "--wait",
+            "20s",
+        ],
+    );
+    assert_eq!(
+        o.net
+            .http_code("own1", Some(1001), &format!("http://{vfx_gw}/"), &[], 2),
+        "000"
+    );
+    let log = std::fs::read_to_string(o.dir.join("owner-proxy.log")).unwrap();
+    assert!(
+        log.contains("a partner's address outside a tunnel while egress goes through the gateways"),
+        "{log}"
+    );
     // No open relay outwards: only addresses where a partner's import is reached.
     let own = "spiffe://owner.example/node/owner-gw1";
     assert_eq!(

@@ -794,6 +794,7 @@ async fn join_kubernetes(state: &Arc<State>, caller: &Caller, req: Request<Incom
     };
     let r: api::KubeJoinRequest = json_body(req).await?;
     check_tunnel_address(&r.tunnel_address)?;
+    check_address("gateway_address", &r.gateway_address)?;
     let csr = check_csr(&r.csr_pem)?;
     let Ok(_permit) = kube.joins.try_acquire() else {
         warn!(remote = %caller.remote, node = %r.node, "Kubernetes join refused: too many joins in progress");

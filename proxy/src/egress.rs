@@ -45,6 +45,8 @@ pub(crate) fn stream(
     let Some(target) = target(&req) else {
         return refuse(&ctx, respond, StatusCode::BAD_REQUEST, "bad_target");
     };
+    // Watched from before the check, so that a change racing the stream's opening is not missed.
+    let epoch = ctx.dir_epoch.subscribe();
     let view = ctx.dir.load();
     if view.revision == 0 {
         return refuse(&ctx, respond, StatusCode::SERVICE_UNAVAILABLE, "not_ready");
@@ -105,8 +107,18 @@ pub(crate) fn stream(
         info!(%src, %partner, %target, "egress stream opened");
         let activity = Activity::new();
         let mut far = Watched::new(far, activity.clone());
+        // Egress turned off, or the partner no longer reached there (removed, import withdrawn): the
+        // stream ends with the directory that says so.
+        let gone = || {
+            let v = ctx.dir.load();
+            v.egress.is_none() || v.import_reach(target).is_none()
+        };
         let (sent, received) = tokio::select! {
             copied = splice(&mut inner, &mut far) => copied,
+            () = crate::gateway::until(epoch, gone) => {
+                info!(%src, %partner, %target, "egress stream closed: egress is off or the partner is no longer reached there");
+                (0, 0)
+            }
             () = activity.idle_for(ctx.idle_timeout) => {
                 debug!(%src, %partner, "egress stream closed: idle");
                 (0, 0)

@@ -267,16 +267,21 @@ pub(crate) async fn splice(outer: &mut H2Stream, node: &mut Watched<TcpStream>) 
 /// and port to `partner`.
 async fn withdrawn(
     ctx: &Ctx,
-    mut epoch: tokio::sync::watch::Receiver<u64>,
+    epoch: tokio::sync::watch::Receiver<u64>,
     partner: &str,
     sni: &str,
     port: u16,
 ) {
+    until(epoch, || admitted(ctx, partner, sni, port).is_empty()).await
+}
+
+/// Resolves once a directory put in force after `epoch` was taken makes `gone` true.
+pub(crate) async fn until(mut epoch: tokio::sync::watch::Receiver<u64>, gone: impl Fn() -> bool) {
     loop {
         if epoch.changed().await.is_err() {
             return std::future::pending().await;
         }
-        if admitted(ctx, partner, sni, port).is_empty() {
+        if gone() {
             return;
         }
     }

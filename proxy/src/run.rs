@@ -523,7 +523,12 @@ impl Node {
             self.apply_plan(capture_plan(&view, &self.opts, &listening));
             drop(listening);
         }
-        self.shared.ctx.dir.store(Arc::new(view));
+        let egress = view.egress.is_some();
+        let was = self.shared.ctx.dir.swap(Arc::new(view)).egress.is_some();
+        if egress != was {
+            // Tunnels to partners opened the other way are no longer handed out; idle ones close.
+            self.shared.ctx.forget_partner_tunnels(egress);
+        }
         self.shared.ctx.dir_epoch.send_modify(|e| *e += 1);
     }
 

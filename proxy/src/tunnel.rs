@@ -359,6 +359,14 @@ async fn outbound(ctx: &Ctx, tcp: TcpStream, peer: SocketAddr) {
         .map(|r| r.workload.id.clone());
     let route = route.filter(|_| unreached_import.is_none());
     let Some(route) = route else {
+        // With egress through the gateways on, nothing reaches a partner around them: not an import's
+        // address, nor where a partner's import is reached, even if a plain egress rule covers it.
+        if view.egress.is_some() && (unreached_import.is_some() || view.import_reach(dst).is_some())
+        {
+            ctx.metrics.refuse("outbound", "egress_through_gateways");
+            warn!(src = %src.id, %dst, "a partner's address outside a tunnel while egress goes through the gateways; refused");
+            return;
+        }
         if ctx.egress.iter().any(|r| r.allows(dst))
             || ctx.authz.egress_allowed(src.id.as_str(), dst)
             || ctx.dns.egress_allowed(&ctx.authz, src.id.as_str(), dst)
@@ -518,6 +526,7 @@ async fn open_tunnel(
     dst: &SpiffeId,
     via: &Via,
     port: u16,
+    through_egress_gateways: bool,
 ) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(strait_ca::tls::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -535,7 +544,9 @@ async fn open_tunnel(
     let tls = Arc::new(tls);
     match via {
         Via::Tunnel(addr) => {
-            if let Some(egress) = egress_gateways(ctx, dst) {
+            // Decided once with the pool key, so a tunnel pooled as "through egress" never went direct.
+            if through_egress_gateways {
+                let egress = egress_gateways(ctx).unwrap_or_default();
                 return through_egress(ctx, src, dst, tls, *addr, &egress).await;
             }
             let tcp = connect_marked(*addr, CONNECT_TIMEOUT)
@@ -572,19 +583,33 @@ async fn open_tunnel(
     }
 }
 
+impl Ctx {
+    /// Egress through the gateways was turned on (`egress`) or off: the pooled tunnels to partners
+    /// opened the other way leave the pool (their open streams finish; an idle one closes once no sender
+    /// is left).
+    pub(crate) fn forget_partner_tunnels(&self, egress: bool) {
+        let own = self.bundle.load().trust_domain().clone();
+        if let Ok(mut p) = self.pool.lock() {
+            let before = p.len();
+            p.retain(|k, _| k.dst.is_member_of(&own) || k.egress == egress);
+            info!(
+                egress_through_gateways = egress,
+                forgotten = before - p.len(),
+                "egress changed: pooled tunnels to partners opened the other way are no longer used"
+            );
+        }
+    }
+}
+
 /// Whether a tunnel to `dst` must go through this organisation's egress gateways (egress is on and
 /// `dst` is a partner's).
 fn egress_on(ctx: &Ctx, dst: &SpiffeId) -> bool {
     ctx.dir.load().egress.is_some() && !dst.is_member_of(ctx.bundle.load().trust_domain())
 }
 
-/// With egress through the gateways on, this organisation's gateways for a tunnel to `dst` when `dst`
-/// is a partner's (its node, or its gateway); `None` when the tunnel may be dialled directly.
-fn egress_gateways(ctx: &Ctx, dst: &SpiffeId) -> Option<Vec<strait_proto::api::GatewayRef>> {
+/// This organisation's gateways while egress through them is on (`None`: off).
+fn egress_gateways(ctx: &Ctx) -> Option<Vec<strait_proto::api::GatewayRef>> {
     let own = ctx.bundle.load().trust_domain().clone();
-    if dst.is_member_of(&own) {
-        return None;
-    }
     let view = ctx.dir.load();
     let gateways = view.egress.as_ref()?;
     Some(
@@ -759,6 +784,7 @@ async fn sender_for(
         port,
         egress: egress_on(ctx, dst),
     };
+    let through_egress_gateways = key.egress;
     let cached = ctx.pool.lock().ok().and_then(|mut p| {
         let conns = p.get_mut(&key)?;
         // Closed tunnels and those of an older certificate leave the pool.
@@ -773,7 +799,7 @@ async fn sender_for(
             return Ok((s, slot));
         }
     }
-    let (sender, closed) = open_tunnel(ctx, src, dst, via, port).await?;
+    let (sender, closed) = open_tunnel(ctx, src, dst, via, port, through_egress_gateways).await?;
     let streams = Arc::new(AtomicUsize::new(0));
     let slot = StreamSlot::take(&streams);
     if let Ok(mut p) = ctx.pool.lock() {

@@ -234,18 +234,24 @@ impl Kube {
         })
     }
 
-    /// A pod of the gateway Deployment runs (its ReplicaSet's name starts with the Deployment's; the join
-    /// checked the ReplicaSet's owner): the gateway node may renew while one does.
+    /// A pod of the gateway Deployment runs (its ReplicaSet is named `<Deployment>-<pod template hash>`;
+    /// the join checked the ReplicaSet's owner): the gateway node may renew while one does.
     pub fn gateway_pod_running(&self) -> bool {
         let s = &self.settings;
         let prefix = format!("{}-", s.gateway_deployment);
+        // The hash has no '-': `strait-gateway-canary-<hash>` is another Deployment's.
+        let of_deployment = |rs: &str| {
+            rs.strip_prefix(&prefix).is_some_and(|hash| {
+                !hash.is_empty() && hash.chars().all(|c| c.is_ascii_alphanumeric())
+            })
+        };
         self.cache().pods.values().any(|p| {
             p.metadata.namespace.as_deref() == Some(s.namespace.as_str())
                 && p.spec.service_account_name.as_deref()
                     == Some(s.gateway_service_account.as_str())
                 && p.metadata.deletion_timestamp.is_none()
                 && !p.finished()
-                && matches!(p.controller(), Some(("ReplicaSet", name)) if name.starts_with(&prefix))
+                && matches!(p.controller(), Some(("ReplicaSet", name)) if of_deployment(name))
         })
     }
 
