@@ -12,21 +12,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use strait_ca::SpiffeId;
-use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::gateway::{log_this_refusal, refuse, splice};
-use crate::h2stream::H2Stream;
-use crate::l7::idle::{Activity, Watched};
+use crate::gateway::{log_this_refusal, refuse, relay};
 use crate::metrics::GatewayLabels;
 use crate::tunnel::Ctx;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where an egress stream asks to go: `IP:PORT`, nothing else (a name would be resolved here, and the
 /// check is against the addresses partners' imports are reached at).
@@ -72,8 +66,7 @@ pub(crate) fn stream(
     }
     tokio::spawn(async move {
         let _guard = ctx.inflight.adopt(); // reserved above
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
-        let far = match connected.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+        let far = match crate::gateway::dial(target).await {
             Ok(t) => t,
             Err(e) => {
                 warn!(%src, %partner, %target, error = %e, "the partner is unreachable from the egress gateway");
@@ -85,54 +78,25 @@ pub(crate) fn stream(
                 );
             }
         };
-        let _ = far.set_nodelay(true);
-        let mut respond = respond;
-        let send = match respond.send_response(Response::new(()), false) {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(%peer, error = %e, "stream reset before it was answered");
-                return;
-            }
-        };
         let labels = GatewayLabels {
             way: "egress",
             partner: partner.clone(),
             workload: src.to_string(),
         };
-        let mut inner = H2Stream::new(send, req.into_body());
-        ctx.metrics.gateway_streams.get_or_create(&labels).inc();
-        let active = ctx.metrics.gateway_active.get_or_create(&labels).clone();
-        active.inc();
-        let started = Instant::now();
         info!(%src, %partner, %target, "egress stream opened");
-        let activity = Activity::new();
-        let mut far = Watched::new(far, activity.clone());
         // Egress turned off, or the partner no longer reached there (removed, import withdrawn): the
         // stream ends with the directory that says so.
-        let gone = || {
+        let gone = crate::gateway::until(epoch, || {
             let v = ctx.dir.load();
             v.egress.is_none() || v.import_reach(target).is_none()
+        });
+        let Some(r) = relay(&ctx, respond, req, peer, far, &labels, "to_partner", gone).await
+        else {
+            return;
         };
-        let (sent, received) = tokio::select! {
-            copied = splice(&mut inner, &mut far) => copied,
-            () = crate::gateway::until(epoch, gone) => {
-                info!(%src, %partner, %target, "egress stream closed: egress is off or the partner is no longer reached there");
-                (0, 0)
-            }
-            () = activity.idle_for(ctx.idle_timeout) => {
-                debug!(%src, %partner, "egress stream closed: idle");
-                (0, 0)
-            }
-        };
-        active.dec();
-        ctx.metrics
-            .gateway_bytes
-            .get_or_create(&labels.direction("to_partner"))
-            .inc_by(sent);
-        ctx.metrics
-            .gateway_bytes
-            .get_or_create(&labels.direction("to_workload"))
-            .inc_by(received);
-        info!(%src, %partner, %target, sent, received, seconds = started.elapsed().as_secs_f64(), "egress stream closed");
+        if r.gone {
+            info!(%src, %partner, %target, "egress stream closed: egress is off or the partner is no longer reached there");
+        }
+        info!(%src, %partner, %target, sent = r.sent, received = r.received, seconds = r.seconds, "egress stream closed");
     });
 }

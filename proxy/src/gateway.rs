@@ -194,9 +194,7 @@ fn stream(
         // there is no capture to bypass.
         let mut reached = None;
         for (_, tunnel) in &replicas {
-            let connected =
-                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(*tunnel)).await;
-            match connected.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+            match dial(*tunnel).await {
                 Ok(t) => {
                     reached = Some((t, *tunnel));
                     break;
@@ -209,51 +207,101 @@ fn stream(
         let Some((node, tunnel)) = reached else {
             return refuse(&ctx, respond, StatusCode::BAD_GATEWAY, "node_unreachable");
         };
-        let _ = node.set_nodelay(true);
-        let mut respond = respond;
-        let send = match respond.send_response(Response::new(()), false) {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(%peer, error = %e, "stream reset before it was answered");
-                return;
-            }
-        };
-        let mut outer = H2Stream::new(send, req.into_body());
-        ctx.metrics.gateway_streams.get_or_create(&labels).inc();
-        let active = ctx.metrics.gateway_active.get_or_create(&labels).clone();
-        active.inc();
-        let started = Instant::now();
         info!(%src, dst = %dst.id, port, %tunnel, "gateway stream opened");
-        // A stream that moves no byte for --idle-timeout is closed (a partner's idle pooled tunnel too;
-        // its proxy opens another when it needs one).
-        let activity = Activity::new();
-        let mut node = Watched::new(node, activity.clone());
-        let (sent, received) = tokio::select! {
-            copied = splice(&mut outer, &mut node) => copied,
-            () = withdrawn(&ctx, epoch, &partner, &sni, port) => {
-                info!(%src, dst = %dst.id, port, "gateway stream closed: the export it used was withdrawn");
-                (0, 0)
-            }
-            () = activity.idle_for(ctx.idle_timeout) => {
-                debug!(%src, dst = %dst.id, port, "gateway stream closed: idle");
-                (0, 0)
-            }
+        let gone = withdrawn(&ctx, epoch, &partner, &sni, port);
+        let Some(r) = relay(&ctx, respond, req, peer, node, &labels, "to_workload", gone).await
+        else {
+            return;
         };
-        active.dec();
-        ctx.metrics
-            .gateway_bytes
-            .get_or_create(&labels.direction("to_workload"))
-            .inc_by(sent);
-        ctx.metrics
-            .gateway_bytes
-            .get_or_create(&labels.direction("to_partner"))
-            .inc_by(received);
-        info!(%src, dst = %dst.id, port, sent, received, seconds = started.elapsed().as_secs_f64(), "gateway stream closed");
+        if r.gone {
+            info!(%src, dst = %dst.id, port, "gateway stream closed: the export it used was withdrawn");
+        }
+        info!(%src, dst = %dst.id, port, sent = r.sent, received = r.received, seconds = r.seconds, "gateway stream closed");
     });
 }
 
-/// Copies both ways until both sides are done; the byte counts (towards the node, towards the partner).
-pub(crate) async fn splice(outer: &mut H2Stream, node: &mut Watched<TcpStream>) -> (u64, u64) {
+/// A plain connection (a gateway captures nothing, so there is no capture to bypass), given up after
+/// a few seconds.
+pub(crate) async fn dial(to: SocketAddr) -> std::io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// What [`relay`] carried.
+pub(crate) struct Relayed {
+    /// Bytes towards the far side, and back.
+    pub sent: u64,
+    pub received: u64,
+    /// Cut because `gone` resolved (the directory no longer allows the stream).
+    pub gone: bool,
+    pub seconds: f64,
+}
+
+/// Answers an admitted stream (200), splices it with `far` until both sides are done, `gone` resolves
+/// or no byte moves for --idle-timeout (an idle pooled tunnel too: its proxy opens another when it needs
+/// one), and counts it under `labels`; `towards_far` names the direction of the bytes sent to `far`
+/// (`to_workload` on ingress, `to_partner` on egress). `None` when the caller reset the stream first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn relay(
+    ctx: &Ctx,
+    mut respond: h2::server::SendResponse<Bytes>,
+    req: Request<h2::RecvStream>,
+    peer: SocketAddr,
+    far: TcpStream,
+    labels: &GatewayLabels,
+    towards_far: &'static str,
+    gone: impl std::future::Future<Output = ()>,
+) -> Option<Relayed> {
+    let _ = far.set_nodelay(true);
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, error = %e, "stream reset before it was answered");
+            return None;
+        }
+    };
+    let mut near = H2Stream::new(send, req.into_body());
+    ctx.metrics.gateway_streams.get_or_create(labels).inc();
+    let active = ctx.metrics.gateway_active.get_or_create(labels).clone();
+    active.inc();
+    let started = Instant::now();
+    let activity = Activity::new();
+    let mut far = Watched::new(far, activity.clone());
+    let mut cut = false;
+    let (sent, received) = tokio::select! {
+        copied = splice(&mut near, &mut far) => copied,
+        () = gone => {
+            cut = true;
+            (0, 0)
+        }
+        () = activity.idle_for(ctx.idle_timeout) => {
+            debug!(%peer, "gateway stream closed: idle");
+            (0, 0)
+        }
+    };
+    active.dec();
+    let back = if towards_far == "to_workload" {
+        "to_partner"
+    } else {
+        "to_workload"
+    };
+    for (direction, n) in [(towards_far, sent), (back, received)] {
+        ctx.metrics
+            .gateway_bytes
+            .get_or_create(&labels.direction(direction))
+            .inc_by(n);
+    }
+    Some(Relayed {
+        sent,
+        received,
+        gone: cut,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Copies both ways until both sides are done; the byte counts (towards the far side, back).
+async fn splice(outer: &mut H2Stream, node: &mut Watched<TcpStream>) -> (u64, u64) {
     match tokio::io::copy_bidirectional(outer, node).await {
         Ok(counts) => counts,
         Err(e) => {

@@ -546,8 +546,14 @@ async fn open_tunnel(
         Via::Tunnel(addr) => {
             // Decided once with the pool key, so a tunnel pooled as "through egress" never went direct.
             if through_egress_gateways {
+                // The tunnel to the partner inside a stream through this organisation's gateway; none
+                // up: refused, never dialled directly.
                 let egress = egress_gateways(ctx).unwrap_or_default();
-                return through_egress(ctx, src, dst, tls, *addr, &egress).await;
+                let target = addr.to_string();
+                return through_gateways(ctx, dst, &tls, &egress, "egress", |gw| {
+                    connect_stream(ctx, src, gw, target.clone())
+                })
+                .await;
             }
             let tcp = connect_marked(*addr, CONNECT_TIMEOUT)
                 .await
@@ -555,32 +561,55 @@ async fn open_tunnel(
             handshake(ctx, tls, dst, tcp, None).await
         }
         Via::Gateways(gateways) => {
-            let mut last = TunnelError::Connect(std::io::Error::other("no gateway"));
-            for gw in crate::gateway::in_order(ctx, gateways) {
-                let failed = match through_gateway(ctx, src, dst, gw, port).await {
-                    // The outer tunnel: that gateway is down, or not the one the partner named.
-                    Err(e) => e,
-                    Ok((stream, slot)) => {
-                        match handshake(ctx, tls.clone(), dst, stream, Some(slot)).await {
-                            Ok(t) => return Ok(t),
-                            // That replica cannot carry it now (not ready, overloaded, its path to the
-                            // node down): another may.
-                            Err(TunnelError::Refused(status)) if status.is_server_error() => {
-                                TunnelError::Refused(status)
-                            }
-                            // The partner's answer (not exported) or the destination's (its
-                            // certificate, its refusal): the same through any gateway.
-                            Err(e) => return Err(e),
-                        }
-                    }
-                };
-                ctx.gateway_failed(gw.address);
-                warn!(gateway = %gw.address, id = %gw.id, error = %failed, "partner gateway unusable; trying the next");
-                last = failed;
-            }
-            Err(last)
+            // Named as the tunnel's SNI name, not an address: the partner's private addresses are not
+            // known here.
+            let target = format!("{}:{port}", sni_for(dst));
+            through_gateways(ctx, dst, &tls, gateways, "partner", |gw| {
+                connect_stream(ctx, src, gw, target.clone())
+            })
+            .await
         }
     }
+}
+
+/// The tunnel to `dst` inside a CONNECT stream that `stream` opens through one of `gateways`, tried in
+/// [`crate::gateway::in_order`]: the next one when a gateway cannot be reached, is not the identity
+/// named, or answers 5xx (not ready, overloaded, its path onwards down). Any other answer is final: the
+/// partner's (not exported) or the destination's (its certificate, its refusal) would be the same
+/// through any gateway. `which` names them in the log ("partner", "egress").
+async fn through_gateways<'g, F, Fut>(
+    ctx: &Ctx,
+    dst: &SpiffeId,
+    tls: &Arc<rustls::ClientConfig>,
+    gateways: &'g [strait_proto::api::GatewayRef],
+    which: &str,
+    mut stream: F,
+) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError>
+where
+    F: FnMut(&'g strait_proto::api::GatewayRef) -> Fut,
+    Fut: std::future::Future<Output = Result<(H2Stream, StreamSlot), TunnelError>>,
+{
+    let mut last = TunnelError::Connect(std::io::Error::other(if which == "egress" {
+        "connections to partners leave through this organisation's gateways (strait federation egress), and none is up".to_owned()
+    } else {
+        format!("the partner named no {which} gateway")
+    }));
+    for gw in crate::gateway::in_order(ctx, gateways) {
+        let failed = match stream(gw).await {
+            Err(e) => e,
+            Ok((s, slot)) => match handshake(ctx, tls.clone(), dst, s, Some(slot)).await {
+                Ok(t) => return Ok(t),
+                Err(TunnelError::Refused(status)) if status.is_server_error() => {
+                    TunnelError::Refused(status)
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        ctx.gateway_failed(gw.address);
+        warn!(gateway = %gw.address, id = %gw.id, error = %failed, "{which} gateway unusable; trying the next");
+        last = failed;
+    }
+    Err(last)
 }
 
 impl Ctx {
@@ -625,72 +654,21 @@ fn egress_gateways(ctx: &Ctx) -> Option<Vec<strait_proto::api::GatewayRef>> {
     )
 }
 
-/// The tunnel to the partner's `dst` at `target`, inside a CONNECT stream through one of this
-/// organisation's egress gateways (the next one when a gateway cannot be reached or answers 5xx). The
-/// gateway relays the TLS below without a key for it; with no gateway up the connection is refused,
-/// never dialled directly.
-async fn through_egress(
+/// A CONNECT stream for `authority` through the gateway `gw`, on a pooled tunnel to it that presents
+/// `src`'s certificate and must prove exactly the gateway's identity (the same code opens that tunnel
+/// as any other; a gateway is never reached through a gateway of its own kind).
+async fn connect_stream(
     ctx: &Ctx,
     src: &SpiffeId,
-    dst: &SpiffeId,
-    tls: Arc<rustls::ClientConfig>,
-    target: SocketAddr,
-    gateways: &[strait_proto::api::GatewayRef],
-) -> Result<(SendRequest<Bytes>, Arc<std::sync::atomic::AtomicBool>), TunnelError> {
-    let mut last = TunnelError::Connect(std::io::Error::other(
-        "connections to partners leave through this organisation's gateways (strait federation egress), and none is up",
-    ));
-    for gw in crate::gateway::in_order(ctx, gateways) {
-        let opened = async {
-            // Boxed: the tunnel to the egress gateway is opened by the same code (it is this
-            // organisation's own node, so it never goes through a gateway itself).
-            let (mut outer, slot) =
-                Box::pin(sender_for(ctx, src, &gw.id, &Via::Tunnel(gw.address), 0)).await?;
-            let req = Request::builder()
-                .method(Method::CONNECT)
-                .uri(target.to_string())
-                .body(())
-                .map_err(|e| TunnelError::Http(e.to_string()))?;
-            let (answer, send) = outer
-                .send_request(req, false)
-                .map_err(|e| TunnelError::Http(e.to_string()))?;
-            Ok::<_, TunnelError>((H2Stream::opening(send, answer), slot))
-        };
-        let failed = match opened.await {
-            Err(e) => e,
-            Ok((stream, slot)) => {
-                match handshake(ctx, tls.clone(), dst, stream, Some(slot)).await {
-                    Ok(t) => return Ok(t),
-                    Err(TunnelError::Refused(status)) if status.is_server_error() => {
-                        TunnelError::Refused(status)
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        ctx.gateway_failed(gw.address);
-        warn!(gateway = %gw.address, id = %gw.id, error = %failed, "egress gateway unusable; trying the next");
-        last = failed;
-    }
-    Err(last)
-}
-
-/// A CONNECT stream through the partner's gateway `gw` to `dst`'s `port` (named as the tunnel's SNI
-/// name, not an address: the partner's private addresses are not known here), on a pooled outer tunnel
-/// to the gateway that presents `src`'s certificate and must prove exactly the gateway's identity.
-async fn through_gateway(
-    ctx: &Ctx,
-    src: &SpiffeId,
-    dst: &SpiffeId,
     gw: &strait_proto::api::GatewayRef,
-    port: u16,
+    authority: String,
 ) -> Result<(H2Stream, StreamSlot), TunnelError> {
-    // Boxed: an outer tunnel is opened by the same code as any tunnel (it never goes through a gateway).
+    // Boxed: the tunnel to the gateway is opened by the same (recursive) code.
     let (mut outer, slot) =
         Box::pin(sender_for(ctx, src, &gw.id, &Via::Tunnel(gw.address), 0)).await?;
     let req = Request::builder()
         .method(Method::CONNECT)
-        .uri(format!("{}:{port}", sni_for(dst)))
+        .uri(authority)
         .body(())
         .map_err(|e| TunnelError::Http(e.to_string()))?;
     let (answer, send) = outer
