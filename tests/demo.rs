@@ -87,37 +87,12 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
     // this test). Three samples per step: this checks that every scenario runs and lets each step through
     // (a refused request fails the run), not how fast it is.
     let study = out_dir.path().join("study");
-    let out = Command::new(bin())
-        .args([
-            "bench",
-            "study",
-            "--samples",
-            "3",
-            "--out-dir",
-            study.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary = std::fs::read_to_string(study.join("study.csv")).unwrap();
-    let intra: Vec<&str> = summary
-        .lines()
-        .filter(|l| l.starts_with("intra,"))
-        .map(|l| l.split(',').nth(1).unwrap())
-        .collect();
-    assert_eq!(
-        intra,
-        ["direct", "allow-all", "minimal", "+100", "+1000", "+10000"],
-        "{summary}"
-    );
+    let (text, summary) = bench_study(&["--samples", "3"], &study);
+    let intra = scenarios(&summary, "intra");
+    assert_eq!(intra, EVERY_SCENARIO, "{summary}");
     // The inter-region placement runs everywhere (tc netem, or the WAN relay where the kernel has no
     // sch_netem) and measures the 4 steps that cross the regions.
-    let inter = summary.lines().filter(|l| l.starts_with("inter,")).count();
+    let inter = scenarios(&summary, "inter").len();
     assert_eq!(inter, intra.len(), "{summary}");
     assert!(
         text.contains("asked 25 ms one way, measured"),
@@ -207,36 +182,9 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
     // the borders' port forwards, then every scenario applied by every organisation to its own part, both
     // placements. Two samples per step: every step must be answered (a refusal fails the run).
     let fstudy = out_dir.path().join("study-federated");
-    let out = Command::new(bin())
-        .args([
-            "bench",
-            "study",
-            "--federated",
-            "--samples",
-            "2",
-            "--out-dir",
-        ])
-        .arg(&fstudy)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary = std::fs::read_to_string(fstudy.join("study.csv")).unwrap();
+    let (text, summary) = bench_study(&["--federated", "--samples", "2"], &fstudy);
     for placement in ["intra", "inter"] {
-        let scenarios: Vec<&str> = summary
-            .lines()
-            .filter(|l| l.starts_with(&format!("{placement},")))
-            .map(|l| l.split(',').nth(1).unwrap())
-            .collect();
-        assert_eq!(
-            scenarios,
-            ["direct", "allow-all", "minimal", "+100", "+1000", "+10000"],
-            "{summary}"
-        );
+        assert_eq!(scenarios(&summary, placement), EVERY_SCENARIO, "{summary}");
     }
     let samples = std::fs::read_to_string(fstudy.join("study-samples.csv")).unwrap();
     assert_eq!(
@@ -250,6 +198,39 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
         "{text}"
     );
     assert!(leftovers().is_empty(), "{:?}", leftovers());
+}
+
+/// The scenarios of `strait bench study`, in the order they are measured.
+const EVERY_SCENARIO: [&str; 6] = ["direct", "allow-all", "minimal", "+100", "+1000", "+10000"];
+
+/// `strait bench study ARGS --out-dir DIR`, which must succeed: what it printed, and study.csv.
+fn bench_study(args: &[&str], dir: &std::path::Path) -> (String, String) {
+    let out = Command::new(bin())
+        .args(["bench", "study"])
+        .args(args)
+        .arg("--out-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        text,
+        std::fs::read_to_string(dir.join("study.csv")).unwrap(),
+    )
+}
+
+/// The scenarios study.csv has for `placement`, in its order.
+fn scenarios<'a>(summary: &'a str, placement: &str) -> Vec<&'a str> {
+    summary
+        .lines()
+        .filter(|l| l.split(',').next() == Some(placement))
+        .filter_map(|l| l.split(',').nth(1))
+        .collect()
 }
 
 #[test]

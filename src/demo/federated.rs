@@ -220,7 +220,7 @@ fn demo(
     );
     let dep = Deployment::federate(lab, wf, orgs, exe, state, out)?;
     dep.start_workloads()?;
-    let reach = dep.enforce(wf, exe, state, out)?;
+    let reach = dep.enforce(wf, exe, out)?;
     let meshes = &dep.meshes;
     let mesh = |org: &str| dep.mesh(org);
     let crossing = &dep.crossing;
@@ -548,7 +548,6 @@ impl<'a, 'o> Deployment<'a, 'o> {
         &self,
         wf: &Workflow,
         exe: &str,
-        state: &Path,
         out: &Path,
     ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
         let (lab, orgs) = (self.lab, self.orgs);
@@ -578,17 +577,8 @@ impl<'a, 'o> Deployment<'a, 'o> {
             }
         }
         for org in orgs {
-            let yaml = workflow_of(wf, orgs, org)?;
-            let file = state.join(format!("{}-workflow.yaml", org.name));
-            std::fs::write(&file, &yaml)?;
-            self.mesh(&org.name)?.admin(&[
-                "workflow",
-                "apply",
-                "-f",
-                &file.to_string_lossy(),
-                "--wait",
-                "30s",
-            ])?;
+            self.mesh(&org.name)?
+                .apply_workflow(&workflow_of(wf, orgs, org)?, "30s")?;
         }
         for org in orgs {
             self.mesh(&org.name)?.admin(&["federation", "refresh"])?;

@@ -69,7 +69,7 @@ pub fn run(samples: usize, scenarios: &[String], out_dir: PathBuf) -> anyhow::Re
         // The mesh replaces the forwards: nothing of an organisation is published but its gateway.
         publish_directly(lab, orgs, false)?;
 
-        let reach = dep.enforce(wf, exe, state, &out_dir)?;
+        let reach = dep.enforce(wf, exe, &out_dir)?;
         let through_mesh = |p: &Pair| -> anyhow::Result<(u32, String)> {
             let from = federated::org_of(orgs, &p.src)?;
             let addr = reach

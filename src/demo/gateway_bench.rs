@@ -153,16 +153,7 @@ fn bench(
         )
     };
     for org in orgs {
-        let file = state.join(format!("{}-bench.yaml", org.name));
-        std::fs::write(&file, wf(org))?;
-        mesh(&org.name)?.admin(&[
-            "workflow",
-            "apply",
-            "-f",
-            &file.to_string_lossy(),
-            "--wait",
-            "30s",
-        ])?;
+        mesh(&org.name)?.apply_workflow(&wf(org), "30s")?;
     }
 
     // Imports through a gateway get virtual addresses (240.240.0.0/16): a node needs a route to them for a
