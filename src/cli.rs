@@ -990,9 +990,10 @@ pub enum BenchCommand {
         out: PathBuf,
     },
     /// What a gateway costs (as root; needs `hey`): two organisations, owner calling vfx, first federated
-    /// directly on one network, then through vfx's gateway, in the same run. For each path: requests per
-    /// second and latency over 16 kept-alive connections, latency with a new connection per request, and
-    /// the gateway's CPU per request. Prints a table and writes gateway.csv.
+    /// directly on one network, then through vfx's gateway, then also through owner's own gateway
+    /// (egress), in the same run. For each path: requests per second and latency over 16 kept-alive
+    /// connections, latency with a new connection per request, and the gateways' CPU per request. Prints
+    /// a table and writes gateway.csv.
     Gateway {
         /// How long each keep-alive run lasts.
         #[arg(long, default_value_t = 5)]

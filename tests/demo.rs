@@ -175,7 +175,7 @@ fn the_demo_passes_on_the_reference_workflow_and_cleans_up() {
         .skip(1)
         .map(|l| l.split(',').next().unwrap())
         .collect();
-    assert_eq!(paths, ["direct", "gateway"], "{csv}");
+    assert_eq!(paths, ["direct", "gateway", "egress"], "{csv}");
     assert!(leftovers().is_empty(), "{:?}", leftovers());
 
     // The study's experiment on the study's deployment (`strait bench study --federated`): direct through

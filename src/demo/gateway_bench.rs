@@ -1,9 +1,9 @@
 //! `strait bench gateway`: what a gateway costs, measured with `hey` in one run on one topology. Two
 //! organisations (owner calls vfx's `vfx-1`), both nodes on one shared network, first federated directly
 //! (owner's proxy reaches vfx's node tunnel), then through vfx's gateway (the same export, now naming the
-//! gateway, imported at a virtual address). Each path: keep-alive throughput and latency with 16
-//! connections, then a new connection per request (the study's method), and the gateway's CPU per
-//! request.
+//! gateway, imported at a virtual address), then also through owner's own gateway (egress: `strait
+//! federation egress on`). Each path: keep-alive throughput and latency with 16 connections, then a new
+//! connection per request (the study's method), and the gateways' CPU per request.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -171,28 +171,56 @@ fn bench(
         );
     }
     let mut rows = Vec::new();
-    let mut gateway = None;
-    for path_name in ["direct", "gateway"] {
+    // The gateways in the path, whose CPU is counted.
+    let mut gateways = Vec::new();
+    for path_name in ["direct", "gateway", "egress"] {
         if path_name == "gateway" {
-            gateway = Some(federated::start_gateway(lab, mesh("vfx")?, vfx, exe, out)?);
+            gateways.push(federated::start_gateway(lab, mesh("vfx")?, vfx, exe, out)?);
+        }
+        if path_name == "egress" {
+            gateways.push(federated::start_gateway(
+                lab,
+                mesh("owner")?,
+                owner,
+                exe,
+                out,
+            )?);
+            mesh("owner")?.admin(&["federation", "egress", "on"])?;
         }
         mesh("owner")?.admin(&["federation", "refresh"])?;
         let addr = federated::addresses(mesh("owner")?, lab, owner, orgs)?
             .remove("vfx-1")
             .ok_or_else(|| anyhow!("owner did not import vfx-1"))?;
         let through_gateway = addr.starts_with("240.");
-        if through_gateway != (path_name == "gateway") {
+        if through_gateway != (path_name != "direct") {
             // The new export reaches owner's control plane with the refresh above; wait for it.
             bail!("owner imports vfx-1 at {addr}, expected the {path_name} path");
         }
         let url = format!("http://{addr}:{PORT}{path}");
         let uid = mesh("owner")?.uid("owner");
+        // Through egress: until owner's proxy enforces the version that turned it on, its requests
+        // still go straight to vfx's gateway; owner's gateway counts the first egress stream.
+        let egress_counted = || {
+            path_name != "egress"
+                || lab
+                    .run(
+                        &owner.border(),
+                        None,
+                        &["curl", "-s", "http://127.0.0.1:15000/metrics"],
+                    )
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                            l.starts_with("strait_proxy_gateway_streams_total{way=\"egress\"")
+                        })
+                    })
+        };
         lab.eventually(
             Duration::from_secs(30),
             &format!("owner → vfx-1 ({path_name})"),
             || {
                 super::curl(lab, "owner", uid, "POST", &url, "x")
                     .is_ok_and(|(code, _)| code == "201")
+                    && egress_counted()
             },
         )?;
         let hey = |args: &[&str]| -> anyhow::Result<Load> {
@@ -202,16 +230,14 @@ fn bench(
             let o = lab.run("owner", Some(uid), &all)?;
             parse_hey(&String::from_utf8_lossy(&o.stdout))
         };
-        let before = gateway.map(cpu_seconds).transpose()?;
+        let gateways_cpu =
+            || -> anyhow::Result<f64> { gateways.iter().map(|&pid| cpu_seconds(pid)).sum() };
+        let before = gateways_cpu()?;
         let c = CONNECTIONS.to_string();
         let z = format!("{seconds}s");
         let keep_alive = hey(&["-z", &z, "-c", &c])?;
-        let gateway_cpu_us = match (gateway, before) {
-            (Some(pid), Some(b)) => {
-                Some((cpu_seconds(pid)? - b) * 1e6 / keep_alive.requests.max(1) as f64)
-            }
-            _ => None,
-        };
+        let gateway_cpu_us = (!gateways.is_empty())
+            .then_some((gateways_cpu()? - before) * 1e6 / keep_alive.requests.max(1) as f64);
         let n = NEW_CONNECTIONS.to_string();
         let new_conn = hey(&["-n", &n, "-c", "1", "-disable-keepalive"])?;
         println!(
@@ -251,18 +277,23 @@ fn bench(
                 "P99 MS",
                 "NEW CONN P50 MS",
                 "NEW CONN P99 MS",
-                "GATEWAY CPU µs/REQ",
+                "GATEWAYS CPU µs/REQ",
             ],
             &table
         )
     );
-    if let [direct, gw] = rows.as_slice() {
-        println!(
-            "\nthrough the gateway: {:.2}× the direct path's throughput; +{:.2} ms per request on a new connection (median), +{:.2} ms on a kept-alive one",
-            gw.keep_alive.rps / direct.keep_alive.rps.max(1e-9),
-            gw.new_conn.p50_ms - direct.new_conn.p50_ms,
-            gw.keep_alive.p50_ms - direct.keep_alive.p50_ms
-        );
+    if let [direct, paths @ ..] = rows.as_slice() {
+        for (gw, what) in paths.iter().zip([
+            "through vfx's gateway",
+            "through owner's egress gateway and vfx's gateway",
+        ]) {
+            println!(
+                "\n{what}: {:.2}× the direct path's throughput; +{:.2} ms per request on a new connection (median), +{:.2} ms on a kept-alive one",
+                gw.keep_alive.rps / direct.keep_alive.rps.max(1e-9),
+                gw.new_conn.p50_ms - direct.new_conn.p50_ms,
+                gw.keep_alive.p50_ms - direct.keep_alive.p50_ms
+            );
+        }
     }
     let mut csv = String::from(
         "path,rps,p50_ms,p99_ms,new_conn_p50_ms,new_conn_p99_ms,gateway_cpu_us_per_request\n",
